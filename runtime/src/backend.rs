@@ -1,0 +1,114 @@
+//! Celery's Redis result backend: `celery-task-meta-<id>` keys holding JSON result metas.
+//!
+//! Every write is a SET with the configured expiry plus a PUBLISH of the same text on the key's
+//! channel, in one server-side script, so a Python `AsyncResult.get()` subscribed to the channel
+//! wakes at once and a late reader still finds the value. A stored SUCCESS is never overwritten,
+//! as Celery guarantees: a slow PROGRESS write cannot undo a finished task.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+
+use crate::error::{Error, Result};
+use crate::protocol::result::{state, ResultMeta};
+
+/// Sets and publishes ARGV[1] under KEYS[1] (expiring after ARGV[2] seconds when > 0), unless
+/// the key already holds a SUCCESS. Returns 1 when written.
+const STORE_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// The key (and pub/sub channel) of a task's result.
+pub fn result_key(task_id: &str) -> String {
+    format!("celery-task-meta-{task_id}")
+}
+
+/// A connection to the result backend.
+#[derive(Clone)]
+pub struct RedisBackend {
+    client: redis::Client,
+    connection: MultiplexedConnection,
+    store: redis::Script,
+    expires: u64,
+}
+
+impl RedisBackend {
+    /// Connects to `url`; results expire after `expires` seconds (0: never).
+    pub async fn connect(url: &str, expires: u64) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let connection = client.get_multiplexed_async_connection().await?;
+        Ok(Self {
+            client,
+            connection,
+            store: redis::Script::new(STORE_SCRIPT),
+            expires,
+        })
+    }
+
+    /// Writes and publishes `meta`; `false` when the task already holds SUCCESS.
+    pub async fn store(&self, meta: &ResultMeta) -> Result<bool> {
+        let text = serde_json::to_string(meta)?;
+        let written: i64 = self
+            .store
+            .key(result_key(&meta.task_id))
+            .arg(text)
+            .arg(self.expires)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// The stored meta, or `None` while the task is PENDING (nothing stored).
+    pub async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>> {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(result_key(task_id))
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(match text {
+            Some(text) => Some(serde_json::from_str(&text)?),
+            None => None,
+        })
+    }
+
+    /// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) and returns its meta. Subscribes
+    /// first, then reads once, so a result stored in between is not missed.
+    pub async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta> {
+        let key = result_key(task_id);
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(&key).await?;
+        if let Some(meta) = self
+            .get(task_id)
+            .await?
+            .filter(|m| state::is_ready(&m.status))
+        {
+            return Ok(meta);
+        }
+        let mut messages = pubsub.on_message();
+        let ready = async {
+            while let Some(message) = messages.next().await {
+                let payload: String = message.get_payload()?;
+                let meta: ResultMeta = serde_json::from_str(&payload)?;
+                if state::is_ready(&meta.status) {
+                    return Ok(meta);
+                }
+            }
+            Err(Error::Timeout(task_id.to_string()))
+        };
+        tokio::time::timeout(timeout, ready)
+            .await
+            .map_err(|_| Error::Timeout(task_id.to_string()))?
+    }
+}

@@ -1,0 +1,306 @@
+//! RabbitMQ through lapin, with Celery's topology: durable queues, each bound to a direct exchange
+//! of its own name, tasks published to the default exchange with the queue as routing key.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{Map, Number, Value};
+use tokio::sync::{mpsc, Mutex};
+
+use super::{Acker, Broker, Delivery, Settle};
+use crate::error::{Error, Result};
+use crate::protocol::{Message, Properties};
+
+/// A connection to RabbitMQ with one confirming channel for publishing.
+pub struct AmqpBroker {
+    connection: Connection,
+    publisher: Channel,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl AmqpBroker {
+    /// Connects to `url` (`pyamqp://` is read as `amqp://`, as kombu does).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let url = url.strip_prefix("py").unwrap_or(url);
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let connection = Connection::connect(url, properties).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            connection,
+            publisher,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Makes sure `queue` exists the way Celery declares it (durable, bound to a direct
+    /// exchange of its own name). A queue Python declared with other arguments (`x-max-priority`,
+    /// quorum) refuses that declaration; it exists, which is all we need, so we use it as it is.
+    async fn ensure_queue(&self, queue: &str) -> Result<()> {
+        if self.declared.lock().await.contains(queue) {
+            return Ok(());
+        }
+        // A refused declaration closes its channel, so each attempt gets a channel of its own.
+        let channel = self.connection.create_channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue, durable, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let exchange = ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(queue, ExchangeKind::Direct, exchange, FieldTable::default())
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue,
+                        queue,
+                        queue,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let _ = channel.close(200, "declared").await;
+            }
+            Err(error) => {
+                let probe = self.connection.create_channel().await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                probe
+                    .queue_declare(queue, passive, FieldTable::default())
+                    .await?;
+                tracing::info!(%queue, %error, "queue exists with other arguments; using it as declared");
+                let _ = probe.close(200, "checked").await;
+            }
+        }
+        self.declared.lock().await.insert(queue.to_string());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.ensure_queue(queue).await?;
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "",
+                queue,
+                BasicPublishOptions::default(),
+                &message.body,
+                properties_of(message),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            let id = message
+                .properties
+                .correlation_id
+                .clone()
+                .unwrap_or_default();
+            return Err(Error::NotConfirmed(id));
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>> {
+        let channel = self.connection.create_channel().await?;
+        // Global QoS bounds what the worker holds across all its queues, as Celery's does.
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: true })
+            .await?;
+        let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
+        for queue in queues {
+            self.ensure_queue(queue).await?;
+            let mut consumer = channel
+                .basic_consume(
+                    queue,
+                    "",
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let sender = sender.clone();
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                while let Some(next) = consumer.next().await {
+                    let delivery = match next {
+                        Ok(delivery) => delivery,
+                        Err(error) => {
+                            tracing::error!(%queue, %error, "AMQP consumer failed");
+                            break;
+                        }
+                    };
+                    let tag = delivery.delivery_tag.to_string();
+                    let message = Ok(message_of(&delivery.properties, delivery.data));
+                    let settle = Settle::new(AmqpAcker(delivery.acker));
+                    let delivery = Delivery {
+                        message,
+                        queue: queue.clone(),
+                        tag,
+                        settle,
+                    };
+                    if sender.send(delivery).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(receiver)
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(self.connection.close(200, "bye").await?)
+    }
+}
+
+struct AmqpAcker(lapin::acker::Acker);
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(self.0.ack(BasicAckOptions::default()).await?)
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        Ok(self.0.reject(BasicRejectOptions { requeue }).await?)
+    }
+}
+
+fn properties_of(message: &Message) -> BasicProperties {
+    let headers = match json_to_amqp(&Value::Object(message.headers.clone())) {
+        AMQPValue::FieldTable(table) => table,
+        _ => FieldTable::default(),
+    };
+    let p = &message.properties;
+    let mut properties = BasicProperties::default()
+        .with_content_type(message.content_type.as_str().into())
+        .with_content_encoding(message.content_encoding.as_str().into())
+        .with_headers(headers)
+        .with_delivery_mode(p.delivery_mode)
+        .with_priority(p.priority);
+    if let Some(id) = &p.correlation_id {
+        properties = properties.with_correlation_id(id.as_str().into());
+    }
+    if let Some(reply_to) = &p.reply_to {
+        properties = properties.with_reply_to(reply_to.as_str().into());
+    }
+    properties
+}
+
+fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(table_to_json)
+        .unwrap_or_default();
+    Message {
+        content_type: text(properties.content_type()).unwrap_or_default(),
+        content_encoding: text(properties.content_encoding()).unwrap_or_default(),
+        headers,
+        properties: Properties {
+            correlation_id: text(properties.correlation_id()),
+            reply_to: text(properties.reply_to()),
+            delivery_mode: properties.delivery_mode().unwrap_or(2),
+            priority: properties.priority().unwrap_or(0),
+        },
+        body,
+    }
+}
+
+fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+        .collect()
+}
+
+/// AMQP field values as the JSON Celery meant by them.
+fn amqp_to_json(value: &AMQPValue) -> Value {
+    let float = |f: f64| Number::from_f64(f).map_or(Value::Null, Value::Number);
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Timestamp(n) => (*n).into(),
+        AMQPValue::Float(f) => float(f64::from(*f)),
+        AMQPValue::Double(f) => float(*f),
+        AMQPValue::DecimalValue(d) => float(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_string()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::ByteArray(b) => {
+            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
+        }
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(amqp_to_json).collect())
+        }
+        AMQPValue::FieldTable(table) => Value::Object(table_to_json(table)),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// JSON as the AMQP field values py-amqp would send for it.
+fn json_to_amqp(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(json_to_amqp).collect::<Vec<_>>(),
+        )),
+        Value::Object(map) => {
+            let mut table = FieldTable::default();
+            for (k, v) in map {
+                table.insert(ShortString::from(k.as_str()), json_to_amqp(v));
+            }
+            AMQPValue::FieldTable(table)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn headers_survive_the_amqp_field_table() {
+        let headers = json!({"task": "tasks.add", "retries": 0, "timelimit": [null, 20.5],
+            "ignore_result": false, "stamps": {}, "group": null, "big": 12345678901_i64});
+        assert_eq!(amqp_to_json(&json_to_amqp(&headers)), headers);
+    }
+}

@@ -1,0 +1,100 @@
+//! One interface over the brokers Celery speaks: RabbitMQ ([`amqp`]) and Redis ([`redis`]).
+//!
+//! A [`Broker`] publishes a [`Message`] to a queue (returning only once the broker has it) and
+//! hands out [`Delivery`]s from a set of queues, at most `prefetch` unsettled at a time. Each
+//! delivery is settled exactly once, by [`Settle::ack`] or [`Settle::reject`].
+
+pub mod amqp;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::protocol::{DecodeError, Message};
+
+/// Which transport a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// `amqp://`, `amqps://`, `pyamqp://`.
+    Amqp,
+    /// `redis://`, `rediss://`.
+    Redis,
+}
+
+impl BrokerKind {
+    /// The transport for `url`, or an error naming the (redacted) URL.
+    pub fn of(url: &str) -> Result<Self> {
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        match scheme {
+            "amqp" | "amqps" | "pyamqp" => Ok(Self::Amqp),
+            "redis" | "rediss" => Ok(Self::Redis),
+            _ => Err(Error::UnsupportedUrl(crate::config::redact_url(url))),
+        }
+    }
+}
+
+/// A message taken from a queue and not yet settled.
+pub struct Delivery {
+    /// The message, or why it could not be read.
+    pub message: std::result::Result<Message, DecodeError>,
+    /// The queue it came from.
+    pub queue: String,
+    /// The broker's handle for it, for logs.
+    pub tag: String,
+    /// Settles it with the broker.
+    pub settle: Settle,
+}
+
+/// Broker-specific settlement of one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message is done with; the broker forgets it.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// The message is refused; with `requeue` it goes back to its queue.
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+}
+
+/// Settles one delivery; consumed by use so a delivery cannot be settled twice.
+pub struct Settle(Box<dyn Acker>);
+
+impl Settle {
+    /// Wraps a broker's acker.
+    pub fn new(acker: impl Acker + 'static) -> Self {
+        Self(Box::new(acker))
+    }
+
+    /// Acknowledges the delivery.
+    pub async fn ack(self) -> Result<()> {
+        self.0.ack().await
+    }
+
+    /// Rejects the delivery, putting it back on its queue when `requeue`.
+    pub async fn reject(self, requeue: bool) -> Result<()> {
+        self.0.reject(requeue).await
+    }
+}
+
+/// A message broker as Celery uses it.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Publishes `message` to `queue` and returns once the broker has taken it.
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()>;
+
+    /// Starts consuming `queues`; deliveries arrive on the channel, at most `prefetch` unsettled.
+    /// The channel closes when the connection is lost.
+    async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>>;
+
+    /// Closes the connection cleanly; unsettled deliveries go back to their queues.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Connects to the broker `url` names.
+pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
+    Ok(match BrokerKind::of(url)? {
+        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url).await?),
+        BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url).await?),
+    })
+}

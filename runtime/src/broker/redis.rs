@@ -1,0 +1,267 @@
+//! Redis as kombu uses it: each queue a list (plus priority sub-lists), messages as JSON
+//! envelopes, acks emulated with the `unacked` hash and `unacked_index` sorted set so Python
+//! and Rust workers share queues and recovery state.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+
+use super::{Acker, Broker, Delivery, Settle};
+use crate::error::Result;
+use crate::protocol::envelope::{self, DeliveryInfo};
+use crate::protocol::Message;
+
+/// kombu's separator inside key names.
+const SEP: &str = "\x06\x16";
+/// kombu's priority steps; a message goes to the list of the largest step not above its priority.
+const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+const UNACKED: &str = "unacked";
+const UNACKED_INDEX: &str = "unacked_index";
+/// Seconds one BRPOP waits before the consumer loop looks around again.
+const BRPOP_TIMEOUT: f64 = 1.0;
+
+/// The list holding messages of `priority` for `queue`.
+fn list_for(queue: &str, priority: u8) -> String {
+    let step = PRIORITY_STEPS
+        .iter()
+        .rev()
+        .find(|&&s| s <= priority)
+        .copied()
+        .unwrap_or(0);
+    if step == 0 {
+        queue.to_string()
+    } else {
+        format!("{queue}{SEP}{step}")
+    }
+}
+
+/// The BRPOP key order kombu uses: every queue's top-priority list first.
+fn brpop_keys(queues: &[String]) -> Vec<String> {
+    PRIORITY_STEPS
+        .iter()
+        .flat_map(|&step| queues.iter().map(move |q| list_for(q, step)))
+        .collect()
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A Redis broker connection.
+pub struct RedisBroker {
+    client: redis::Client,
+    connection: MultiplexedConnection,
+    bound: Mutex<HashSet<String>>,
+}
+
+impl RedisBroker {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let connection = client.get_multiplexed_async_connection().await?;
+        Ok(Self {
+            client,
+            connection,
+            bound: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Records the queue's binding to its direct exchange, as Celery's declare does, so
+    /// publishers that route through the exchange (not `""`) find the queue.
+    async fn bind(&self, queue: &str) -> Result<()> {
+        if self.bound.lock().await.contains(queue) {
+            return Ok(());
+        }
+        let member = format!("{queue}{SEP}{SEP}{queue}");
+        redis::pipe()
+            .sadd(format!("_kombu.binding.{queue}"), &member)
+            .sadd(format!("_kombu.binding_permanent.{queue}"), &member)
+            .query_async::<()>(&mut self.connection.clone())
+            .await?;
+        self.bound.lock().await.insert(queue.to_string());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.bind(queue).await?;
+        let info = DeliveryInfo {
+            exchange: String::new(),
+            routing_key: queue.to_string(),
+        };
+        let (_, text) = envelope::encode(message, info);
+        let list = list_for(queue, message.properties.priority);
+        self.connection
+            .clone()
+            .lpush::<_, _, ()>(list, text)
+            .await?;
+        Ok(())
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>> {
+        for queue in queues {
+            self.bind(queue).await?;
+        }
+        // BRPOP blocks its connection, so the consumer gets one of its own.
+        let mut blocking = self.client.get_multiplexed_async_connection().await?;
+        let acks = self.connection.clone();
+        let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
+        let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
+        let mut queues = queues.to_vec();
+        tokio::spawn(async move {
+            loop {
+                // A held slot is an unsettled message: stop fetching while all are taken.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let popped: Option<(String, Vec<u8>)> =
+                    match blocking.brpop(brpop_keys(&queues), BRPOP_TIMEOUT).await {
+                        Ok(popped) => popped,
+                        Err(error) => {
+                            tracing::error!(%error, "Redis consumer failed");
+                            break;
+                        }
+                    };
+                // Rotate so a busy queue cannot starve the others.
+                queues.rotate_left(1);
+                let Some((list, raw)) = popped else { continue };
+                let queue = list.split(SEP).next().unwrap_or(&list).to_string();
+                let delivery = match envelope::decode(&raw) {
+                    Ok(received) => {
+                        if let Err(error) = mark_unacked(&acks, &received, &raw).await {
+                            tracing::error!(%error, "cannot record unacked message");
+                        }
+                        let acker = RedisAcker {
+                            connection: acks.clone(),
+                            tag: received.delivery_tag.clone(),
+                            list,
+                            raw,
+                            _slot: slot,
+                        };
+                        Delivery {
+                            message: Ok(received.message),
+                            queue,
+                            tag: received.delivery_tag,
+                            settle: Settle::new(acker),
+                        }
+                    }
+                    // Nothing to ack for an unreadable envelope: BRPOP already removed it.
+                    Err(error) => Delivery {
+                        message: Err(error),
+                        queue,
+                        tag: "(no delivery tag)".into(),
+                        settle: Settle::new(Dropped { _slot: slot }),
+                    },
+                };
+                if sender.send(delivery).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Connections close when dropped; nothing is held server-side per connection.
+        Ok(())
+    }
+}
+
+/// Records a delivered message the way kombu does, so a crashed consumer's work can be restored.
+async fn mark_unacked(
+    connection: &MultiplexedConnection,
+    received: &envelope::Received,
+    raw: &[u8],
+) -> Result<()> {
+    let envelope: serde_json::Value = serde_json::from_slice(raw)?;
+    let info = &received.delivery_info;
+    let entry = serde_json::json!([envelope, info.exchange, info.routing_key]).to_string();
+    redis::pipe()
+        .atomic()
+        .zadd(UNACKED_INDEX, &received.delivery_tag, now_seconds())
+        .hset(UNACKED, &received.delivery_tag, entry)
+        .query_async::<()>(&mut connection.clone())
+        .await?;
+    Ok(())
+}
+
+struct RedisAcker {
+    connection: MultiplexedConnection,
+    tag: String,
+    list: String,
+    raw: Vec<u8>,
+    /// Held until settled: the consumer fetches no more than its prefetch.
+    _slot: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        forget(&self.connection, &self.tag, None).await
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        let back = requeue.then_some((self.list.as_str(), self.raw.as_slice()));
+        forget(&self.connection, &self.tag, back).await
+    }
+}
+
+/// Drops the unacked record of `tag`, pushing the message back to the tail of `list` if asked.
+async fn forget(
+    connection: &MultiplexedConnection,
+    tag: &str,
+    back: Option<(&str, &[u8])>,
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag);
+    if let Some((list, raw)) = back {
+        pipe.lpush(list, raw);
+    }
+    pipe.query_async::<()>(&mut connection.clone()).await?;
+    Ok(())
+}
+
+/// The settlement of a message that was never recorded: only its prefetch slot is given back.
+struct Dropped {
+    _slot: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for Dropped {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_map_to_kombus_lists() {
+        assert_eq!(list_for("celery", 0), "celery");
+        assert_eq!(list_for("celery", 2), "celery");
+        assert_eq!(list_for("celery", 5), "celery\x06\x163");
+        assert_eq!(list_for("celery", 9), "celery\x06\x169");
+        assert_eq!(list_for("celery", 255), "celery\x06\x169");
+        let keys = brpop_keys(&["a".into(), "b".into()]);
+        assert_eq!(
+            keys[..3],
+            ["a".to_string(), "b".into(), "a\x06\x163".into()]
+        );
+        assert_eq!(keys.len(), 8);
+    }
+}

@@ -1,0 +1,140 @@
+//! Sending tasks by name to any Celery worker (Python or ours) and reading their results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::backend::RedisBackend;
+use crate::broker::{self, Broker};
+use crate::config::CeleryConfig;
+use crate::error::{Error, Result};
+use crate::protocol::result::{state, ResultMeta};
+use crate::protocol::TaskRequest;
+
+/// Per-call options, named as `apply_async` names them.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Queue to publish to; default: `task_routes`, then `task_default_queue`.
+    pub queue: Option<String>,
+    /// Run no earlier than this many seconds from now.
+    pub countdown: Option<f64>,
+    /// Run no earlier than this time (wins over `countdown`).
+    pub eta: Option<DateTime<Utc>>,
+    /// Discard if not started within this many seconds from now.
+    pub expires: Option<f64>,
+    /// Use this id instead of a new UUID.
+    pub task_id: Option<String>,
+    /// Message priority (0-9).
+    pub priority: Option<u8>,
+    /// Ask the worker to store no result.
+    pub ignore_result: bool,
+}
+
+/// A connection for sending tasks.
+#[derive(Clone)]
+pub struct Client {
+    config: Arc<CeleryConfig>,
+    broker: Arc<dyn Broker>,
+    backend: Option<RedisBackend>,
+    origin: String,
+}
+
+impl Client {
+    /// Connects to the broker and result backend of `config`.
+    pub async fn connect(config: CeleryConfig) -> Result<Self> {
+        let broker = broker::connect(&config.broker_url).await?;
+        let backend = match &config.result_backend {
+            Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
+            None => None,
+        };
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let origin = format!("gen{}@{host}", std::process::id());
+        Ok(Self {
+            config: Arc::new(config),
+            broker,
+            backend,
+            origin,
+        })
+    }
+
+    /// Publishes task `name` with `args` and `kwargs`; returns once the broker has it.
+    pub async fn send_task(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+    ) -> Result<AsyncResult> {
+        let mut request = TaskRequest::new(name, args, kwargs);
+        if let Some(id) = options.task_id {
+            request.root_id = Some(id.clone());
+            request.id = id;
+        }
+        let now = Utc::now();
+        let after = |seconds: f64| now + chrono::Duration::microseconds((seconds * 1e6) as i64);
+        request.eta = options.eta.or(options.countdown.map(after));
+        request.expires = options.expires.map(after);
+        request.origin = Some(self.origin.clone());
+        request.ignore_result = options.ignore_result;
+        request.properties.priority = options.priority.unwrap_or(0);
+        let queue = options
+            .queue
+            .unwrap_or_else(|| self.config.queue_for(name).to_string());
+        self.broker.publish(&queue, &request.encode()).await?;
+        Ok(self.result(&request.id))
+    }
+
+    /// Closes the broker connection cleanly.
+    pub async fn close(&self) -> Result<()> {
+        self.broker.close().await
+    }
+
+    /// The result handle of a task sent earlier, by id.
+    pub fn result(&self, task_id: &str) -> AsyncResult {
+        AsyncResult {
+            id: task_id.to_string(),
+            backend: self.backend.clone(),
+        }
+    }
+}
+
+/// A task's result in the backend, as Python's `AsyncResult`.
+#[derive(Clone)]
+pub struct AsyncResult {
+    /// The task id.
+    pub id: String,
+    backend: Option<RedisBackend>,
+}
+
+impl AsyncResult {
+    fn backend(&self) -> Result<&RedisBackend> {
+        self.backend.as_ref().ok_or(Error::NoBackend)
+    }
+
+    /// The stored meta; `None` while PENDING.
+    pub async fn meta(&self) -> Result<Option<ResultMeta>> {
+        self.backend()?.get(&self.id).await
+    }
+
+    /// The current state name (`PENDING` when nothing is stored).
+    pub async fn state(&self) -> Result<String> {
+        Ok(self
+            .meta()
+            .await?
+            .map_or_else(|| state::PENDING.to_string(), |meta| meta.status))
+    }
+
+    /// Waits up to `timeout` for the task to finish: its value, or its exception as an error.
+    pub async fn get(&self, timeout: Duration) -> Result<Value> {
+        let meta = self.backend()?.wait(&self.id, timeout).await?;
+        match meta.exception() {
+            Some(exc) => Err(Error::TaskFailed {
+                message: exc.message(),
+                exc_type: exc.exc_type,
+            }),
+            None => Ok(meta.result),
+        }
+    }
+}

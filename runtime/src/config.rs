@@ -1,0 +1,290 @@
+//! The one typed configuration, loaded from `celeryconfig.toml` with `CELERY_*` overrides.
+//!
+//! Settings carry Celery's own names so a Python team reads them without a glossary. Every
+//! key of the struct can be overridden by the environment variable of the same name upper-cased
+//! and prefixed with `CELERY_` (`broker_url` ← `CELERY_BROKER_URL`). Unknown keys in the file and
+//! values of the wrong type are errors at start, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Where a task goes when the sender names no queue: `"queue"` or `{ queue = "..." }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Route {
+    /// The plain queue name form.
+    Queue(String),
+    /// The table form Celery also accepts.
+    Table {
+        /// Name of the queue the task is published to.
+        queue: String,
+    },
+}
+
+impl Route {
+    /// The queue this route sends to.
+    pub fn queue(&self) -> &str {
+        match self {
+            Route::Queue(queue) | Route::Table { queue } => queue,
+        }
+    }
+}
+
+/// Every setting the worker, the client and the web app read.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CeleryConfig {
+    /// `amqp://`, `amqps://`, `pyamqp://`, `redis://` or `rediss://`.
+    pub broker_url: String,
+    /// `redis://...`; `None` stores no results.
+    pub result_backend: Option<String>,
+    /// Queue used when a task has no route and the sender names none.
+    pub task_default_queue: String,
+    /// Task name (exact or glob with `*`) to route.
+    pub task_routes: BTreeMap<String, Route>,
+    /// Ack after the task ends instead of when it starts.
+    pub task_acks_late: bool,
+    /// Store STARTED when a task begins.
+    pub task_track_started: bool,
+    /// Store no result for any task.
+    pub task_ignore_result: bool,
+    /// Messages a worker holds per unit of concurrency.
+    pub worker_prefetch_multiplier: u16,
+    /// Tasks run at once by one worker process; 0 means the number of CPUs.
+    pub worker_concurrency: usize,
+    /// Seconds a result is kept; 0 keeps it forever.
+    pub result_expires: u64,
+    /// Also store name, args, kwargs, worker, retries and queue with each result.
+    pub result_extended: bool,
+}
+
+impl Default for CeleryConfig {
+    fn default() -> Self {
+        Self {
+            broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
+            result_backend: None,
+            task_default_queue: "celery".into(),
+            task_routes: BTreeMap::new(),
+            task_acks_late: false,
+            task_track_started: false,
+            task_ignore_result: false,
+            worker_prefetch_multiplier: 4,
+            worker_concurrency: 0,
+            result_expires: 86_400,
+            result_extended: false,
+        }
+    }
+}
+
+impl CeleryConfig {
+    /// Reads `path` (if it exists), applies the process environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?,
+            None => String::new(),
+        };
+        Self::from_sources(&text, std::env::vars())
+    }
+
+    /// Builds the config from TOML text and `(name, value)` environment pairs.
+    pub fn from_sources(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let table: toml::Table =
+            toml::from_str(toml_text).map_err(|e| Error::Config(e.message().to_string()))?;
+        let mut settings: Map<String, Value> = serde_json::to_value(table)?
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        // The known keys come from the struct itself, so a new field is overridable at once.
+        let defaults = serde_json::to_value(Self::default())?;
+        let defaults = defaults.as_object().expect("config serializes to a map");
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix("CELERY_").map(str::to_ascii_lowercase) else {
+                continue;
+            };
+            if let Some(default) = defaults.get(&key) {
+                settings.insert(key, env_value(default, &raw));
+            }
+        }
+        let config: Self = serde_json::from_value(Value::Object(settings))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        crate::broker::BrokerKind::of(&self.broker_url)?;
+        if let Some(url) = &self.result_backend {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(Error::Config(format!(
+                    "result_backend {} is not supported: use redis://",
+                    redact_url(url)
+                )));
+            }
+        }
+        if self.worker_prefetch_multiplier == 0 {
+            return Err(Error::Config(
+                "worker_prefetch_multiplier must be at least 1".into(),
+            ));
+        }
+        if self.task_default_queue.is_empty() {
+            return Err(Error::Config("task_default_queue must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// Concurrency with 0 resolved to the number of CPUs.
+    pub fn concurrency(&self) -> usize {
+        match self.worker_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// The queue a task is sent to when the caller names none: first matching route, else default.
+    pub fn queue_for(&self, task_name: &str) -> &str {
+        self.task_routes
+            .iter()
+            .find(|(pattern, _)| glob_match(pattern, task_name))
+            .map_or(self.task_default_queue.as_str(), |(_, route)| route.queue())
+    }
+
+    /// The settings as Celery's `conf` shows them: every URL with its password masked.
+    pub fn redacted(&self) -> Self {
+        Self {
+            broker_url: redact_url(&self.broker_url),
+            result_backend: self.result_backend.as_deref().map(redact_url),
+            ..self.clone()
+        }
+    }
+}
+
+/// An override's value typed after the setting's default: strings stay strings, others are JSON.
+fn env_value(default: &Value, raw: &str) -> Value {
+    match default {
+        Value::String(_) => Value::String(raw.to_string()),
+        _ => match raw.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" => Value::Bool(true),
+            "false" | "no" | "off" => Value::Bool(false),
+            _ => serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())),
+        },
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:********@host`; other URLs unchanged.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("********"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_values_and_env_overrides_combine() {
+        let text = r#"
+            broker_url = "redis://127.0.0.1:6379/0"
+            worker_concurrency = 4
+            task_routes = { "tasks.*" = "rust", "py.mul" = { queue = "python" } }
+        "#;
+        let config = CeleryConfig::from_sources(
+            text,
+            env(&[
+                ("CELERY_WORKER_CONCURRENCY", "16"),
+                ("CELERY_TASK_ACKS_LATE", "true"),
+                ("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1"),
+                ("CELERY_NOT_A_SETTING", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.worker_concurrency, 16);
+        assert!(config.task_acks_late);
+        assert_eq!(
+            config.result_backend.as_deref(),
+            Some("redis://127.0.0.1:6379/1")
+        );
+        assert_eq!(config.queue_for("tasks.add"), "rust");
+        assert_eq!(config.queue_for("py.mul"), "python");
+        assert_eq!(config.queue_for("other"), "celery");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let err = CeleryConfig::from_sources("broker_urll = \"x\"", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("broker_urll"), "{err}");
+        let err = CeleryConfig::from_sources("", env(&[("CELERY_WORKER_CONCURRENCY", "many")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+        let err = CeleryConfig::from_sources("broker_url = \"kafka://x\"", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("kafka"), "{err}");
+        let err = CeleryConfig::from_sources("result_backend = \"rpc://\"", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@127.0.0.1:5672//"),
+            "amqp://guest:********@127.0.0.1:5672//"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        let config = CeleryConfig {
+            result_backend: Some("redis://:pw@127.0.0.1/1".into()),
+            ..CeleryConfig::default()
+        };
+        let shown = format!("{:?}", config.redacted());
+        assert!(
+            !shown.contains("pw@") && !shown.contains(":guest@"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn globs_match_like_celery_routes() {
+        assert!(glob_match("tasks.*", "tasks.add"));
+        assert!(glob_match("*.add", "tasks.add"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("tasks.*", "py.add"));
+        assert!(!glob_match("tasks.add", "tasks.add2"));
+    }
+}

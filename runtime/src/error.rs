@@ -1,0 +1,59 @@
+//! The runtime's one error type.
+
+use crate::protocol::DecodeError;
+
+/// Everything that can go wrong in the runtime outside a task's own code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `celeryconfig.toml` or an environment override is unreadable or invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// A broker or backend URL names a scheme we do not speak.
+    #[error("unsupported URL scheme in {0}")]
+    UnsupportedUrl(String),
+
+    /// An AMQP operation failed.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+
+    /// A Redis operation failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+
+    /// A message could not be decoded.
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
+
+    /// JSON (de)serialization failed outside message decoding.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// The broker did not confirm a publish.
+    #[error("broker did not confirm the publish of task {0}")]
+    NotConfirmed(String),
+
+    /// No result backend is configured but an operation needs one.
+    #[error("no result_backend is configured")]
+    NoBackend,
+
+    /// Waiting for a result took longer than allowed.
+    #[error("timed out waiting for the result of task {0}")]
+    Timeout(String),
+
+    /// Progress was reported from code the dispatcher is not running as a task.
+    #[error("update_state called outside a running task")]
+    NotInTask,
+
+    /// The task ended in a failure state; carries Celery's exception fields.
+    #[error("{exc_type}: {message}")]
+    TaskFailed {
+        /// The exception class name (`exc_type`).
+        exc_type: String,
+        /// The exception message, joined from `exc_message`.
+        message: String,
+    },
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,25 @@
+//! The Celery-compatible layers that rusty-celery lacks, for tasks written with its macro.
+//!
+//! - [`config`]: `celeryconfig.toml` with `CELERY_*` overrides, one typed struct.
+//! - [`protocol`]: Celery's message, envelope and result formats as pure data.
+//! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
+//! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
+//! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`progress`]: the handle a running task reports custom states through.
+//! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks.
+//! - [`logging`]: the tracing set-up every binary shares.
+//! - [`client`]: sending tasks by name to any Celery worker and reading their results.
+
+pub mod backend;
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod progress;
+pub mod protocol;
+pub mod registry;
+pub mod worker;
+
+pub use config::CeleryConfig;
+pub use error::{Error, Result};

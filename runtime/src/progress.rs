@@ -1,0 +1,113 @@
+//! How a running task reports custom states such as `PROGRESS {current, total}`.
+//!
+//! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
+//! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
+//! [`report`] thousands of times a second, and the backend sees the newest state at the pace it
+//! can write, never an old one after a newer one.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::protocol::result::state;
+
+tokio::task_local! {
+    static CURRENT: TaskContext;
+}
+
+/// A state a task asked to store while running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    /// State name, e.g. `PROGRESS`.
+    pub state: String,
+    /// The meta stored as the result while in that state.
+    pub meta: Value,
+}
+
+/// The running task's identity and its channel to the dispatcher.
+#[derive(Clone)]
+pub struct TaskContext {
+    task_id: Arc<str>,
+    updates: Arc<watch::Sender<Option<StateUpdate>>>,
+}
+
+/// What the dispatcher reads a task's reports from.
+pub type Updates = watch::Receiver<Option<StateUpdate>>;
+
+impl TaskContext {
+    /// A context for task `task_id` and the receiver of its reports.
+    pub fn new(task_id: &str) -> (Self, Updates) {
+        let (sender, receiver) = watch::channel(None);
+        (
+            Self {
+                task_id: task_id.into(),
+                updates: Arc::new(sender),
+            },
+            receiver,
+        )
+    }
+
+    /// Runs `future` with this context as the current task's.
+    pub async fn scope<F: Future>(self, future: F) -> F::Output {
+        CURRENT.scope(self, future).await
+    }
+}
+
+/// Stores custom `state` with `meta` for the calling task, as Celery's `update_state` does.
+/// Fails only when called outside a task the dispatcher runs.
+pub fn update_state(state: &str, meta: Value) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            context.updates.send_replace(Some(StateUpdate {
+                state: state.to_string(),
+                meta,
+            }));
+        })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// Reports `PROGRESS` with meta `{current, total}`.
+pub fn report(current: u64, total: u64) -> Result<()> {
+    update_state(state::PROGRESS, json!({"current": current, "total": total}))
+}
+
+/// The id of the task running on this task-local scope, if any.
+pub fn task_id() -> Option<String> {
+    CURRENT.try_with(|context| context.task_id.to_string()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reports_reach_the_receiver_newest_last() {
+        let (context, mut updates) = TaskContext::new("t1");
+        context
+            .scope(async {
+                assert_eq!(task_id().as_deref(), Some("t1"));
+                for i in 1..=1000 {
+                    report(i, 1000).unwrap();
+                }
+            })
+            .await;
+        assert!(updates.has_changed().unwrap_or(true));
+        let last = updates.borrow_and_update().clone().unwrap();
+        assert_eq!(
+            last,
+            StateUpdate {
+                state: "PROGRESS".into(),
+                meta: json!({"current": 1000, "total": 1000})
+            }
+        );
+    }
+
+    #[test]
+    fn reporting_outside_a_task_is_an_error() {
+        assert!(matches!(report(1, 2), Err(Error::NotInTask)));
+        assert_eq!(task_id(), None);
+    }
+}

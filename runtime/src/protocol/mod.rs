@@ -1,0 +1,14 @@
+//! Celery's wire formats as pure data: no sockets here, so every codec is tested on bytes alone.
+//!
+//! - [`message`]: the transport-neutral message and the task request it carries (protocol v2,
+//!   and v1 on receipt).
+//! - [`envelope`]: kombu's JSON envelope, the form a message takes inside a Redis list.
+//! - [`result`]: the result meta stored in the backend, states, and encoded exceptions.
+//! - [`repr`]: Python `repr()` of JSON values, for `argsrepr`/`kwargsrepr`.
+
+pub mod envelope;
+pub mod message;
+pub mod repr;
+pub mod result;
+
+pub use message::{DecodeError, Message, Properties, TaskRequest};

@@ -1,0 +1,321 @@
+//! The tasks a worker can run, each defined with rusty-celery's `#[celery::task]` macro.
+//!
+//! The crate gives us the task type (`Task`, its `ARGS` and `Params`); this module adds what its
+//! own worker lacks: Celery's argument binding (positional and keyword, with Python's
+//! `TypeError`s for too many, duplicate, unknown or missing arguments), running blocking task
+//! code off the async threads, and turning every outcome into what the backend stores.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use celery::error::TaskError;
+use celery::protocol::{Message as CrateMessage, MessageHeaders, MessageProperties};
+use celery::task::{Request, Task};
+use celery::Celery;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::progress::TaskContext;
+use crate::protocol::result::ExceptionInfo;
+use crate::protocol::TaskRequest;
+
+/// How a task run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Returned this value.
+    Success(Value),
+    /// Raised this exception.
+    Failure(ExceptionInfo),
+}
+
+/// One registered task, its type erased.
+#[async_trait]
+pub trait Handler: Send + Sync {
+    /// Runs the task for `request` on this worker node, within `context`.
+    async fn run(
+        &self,
+        app: Arc<Celery>,
+        request: &TaskRequest,
+        hostname: &str,
+        context: TaskContext,
+    ) -> Outcome;
+}
+
+/// Where a task's code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Execution {
+    /// On the async runtime: the task awaits and never blocks.
+    Async,
+    /// On the blocking thread pool: the task may compute or block for long.
+    Blocking,
+}
+
+struct TaskHandler<T> {
+    execution: Execution,
+    task: PhantomData<fn() -> T>,
+}
+
+/// Task name to handler.
+#[derive(Default, Clone)]
+pub struct Registry {
+    tasks: BTreeMap<&'static str, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers an async task under its `name`; it runs on the async threads.
+    pub fn task<T>(self) -> Self
+    where
+        T: Task + 'static,
+        T::Returns: Serialize,
+    {
+        self.with::<T>(Execution::Async)
+    }
+
+    /// Registers a task whose code blocks or computes; it runs on the blocking thread pool.
+    pub fn blocking_task<T>(self) -> Self
+    where
+        T: Task + 'static,
+        T::Returns: Serialize,
+    {
+        self.with::<T>(Execution::Blocking)
+    }
+
+    fn with<T>(mut self, execution: Execution) -> Self
+    where
+        T: Task + 'static,
+        T::Returns: Serialize,
+    {
+        self.tasks.insert(
+            T::NAME,
+            Arc::new(TaskHandler::<T> {
+                execution,
+                task: PhantomData,
+            }),
+        );
+        self
+    }
+
+    /// The handler of `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
+        self.tasks.get(name).cloned()
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.tasks.keys().copied()
+    }
+}
+
+#[async_trait]
+impl<T> Handler for TaskHandler<T>
+where
+    T: Task + 'static,
+    T::Returns: Serialize,
+{
+    async fn run(
+        &self,
+        app: Arc<Celery>,
+        request: &TaskRequest,
+        hostname: &str,
+        context: TaskContext,
+    ) -> Outcome {
+        let params = match bind::<T::Params>(T::NAME, T::ARGS, &request.args, &request.kwargs) {
+            Ok(params) => params,
+            Err(exc) => return Outcome::Failure(exc),
+        };
+        let mut crate_request = Request::<T>::new(app, crate_message(request), params.clone());
+        crate_request.hostname = Some(hostname.to_string());
+        let task = T::from_request(crate_request, T::DEFAULTS);
+        let run = context.scope(async move {
+            let result = task.run(params).await;
+            match &result {
+                Ok(value) => task.on_success(value).await,
+                Err(error) => task.on_failure(error).await,
+            }
+            result.map(|value| serde_json::to_value(&value))
+        });
+        let joined = match self.execution {
+            Execution::Async => tokio::spawn(run).await,
+            Execution::Blocking => {
+                let runtime = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || runtime.block_on(run)).await
+            }
+        };
+        match joined {
+            Ok(Ok(Ok(value))) => Outcome::Success(value),
+            Ok(Ok(Err(error))) => Outcome::Failure(ExceptionInfo::builtin(
+                "TypeError",
+                format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
+            )),
+            Ok(Err(error)) => Outcome::Failure(exception_of(&error)),
+            Err(join) => Outcome::Failure(ExceptionInfo::new(
+                "rcelery.exceptions",
+                "TaskPanicked",
+                format!("{}() panicked: {}", T::NAME, panic_message(join)),
+            )),
+        }
+    }
+}
+
+/// Binds Celery's positional and keyword arguments to the task's parameters, the way Python
+/// binds a call, then lets serde check the types.
+fn bind<P: serde::de::DeserializeOwned>(
+    name: &str,
+    arg_names: &[&str],
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+) -> Result<P, ExceptionInfo> {
+    let type_error =
+        |message: String| ExceptionInfo::builtin("TypeError", format!("{name}() {message}"));
+    if args.len() > arg_names.len() {
+        return Err(type_error(format!(
+            "takes {} positional arguments but {} were given",
+            arg_names.len(),
+            args.len()
+        )));
+    }
+    let mut params = Map::new();
+    for (arg_name, value) in arg_names.iter().zip(args) {
+        params.insert((*arg_name).to_string(), value.clone());
+    }
+    for (key, value) in kwargs {
+        if !arg_names.contains(&key.as_str()) {
+            return Err(type_error(format!(
+                "got an unexpected keyword argument '{key}'"
+            )));
+        }
+        if params.insert(key.clone(), value.clone()).is_some() {
+            return Err(type_error(format!(
+                "got multiple values for argument '{key}'"
+            )));
+        }
+    }
+    serde_json::from_value(Value::Object(params)).map_err(|error| {
+        let text = error.to_string();
+        match text
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+        {
+            Some((field, _)) => type_error(format!("missing 1 required argument: '{field}'")),
+            None => type_error(format!("got an argument of the wrong type: {text}")),
+        }
+    })
+}
+
+/// The crate's message for `Request::new`: only the fields its `Request` reads.
+fn crate_message(request: &TaskRequest) -> CrateMessage {
+    let seconds = |limit: Option<f64>| limit.map(|s| s.ceil() as u32);
+    CrateMessage {
+        properties: MessageProperties {
+            correlation_id: request.id.clone(),
+            content_type: crate::protocol::message::JSON.into(),
+            content_encoding: "utf-8".into(),
+            reply_to: request.properties.reply_to.clone(),
+        },
+        headers: MessageHeaders {
+            id: request.id.clone(),
+            task: request.task.clone(),
+            root_id: request.root_id.clone(),
+            parent_id: request.parent_id.clone(),
+            group: request.group.clone(),
+            eta: request.eta,
+            expires: request.expires,
+            retries: Some(request.retries),
+            timelimit: (seconds(request.timelimit.1), seconds(request.timelimit.0)),
+            origin: request.origin.clone(),
+            ..MessageHeaders::default()
+        },
+        raw_body: Vec::new(),
+    }
+}
+
+/// A task's error as the Python exception Celery users expect to catch.
+fn exception_of(error: &TaskError) -> ExceptionInfo {
+    match error {
+        TaskError::ExpectedError(message) | TaskError::UnexpectedError(message) => {
+            ExceptionInfo::builtin("RuntimeError", message.clone())
+        }
+        TaskError::TimeoutError => ExceptionInfo::celery("TimeLimitExceeded", "task timed out"),
+        TaskError::Retry(_) => {
+            ExceptionInfo::celery("Retry", "retries are not supported by this worker yet")
+        }
+    }
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(join) => join.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct AddParams {
+        x: i64,
+        y: i64,
+    }
+
+    fn call(args: Value, kwargs: Value) -> Result<AddParams, String> {
+        let args = args.as_array().unwrap().clone();
+        let kwargs = kwargs.as_object().unwrap().clone();
+        bind::<AddParams>("tasks.add", &["x", "y"], &args, &kwargs).map_err(|e| {
+            assert_eq!(
+                (e.exc_type.as_str(), e.exc_module.as_str()),
+                ("TypeError", "builtins")
+            );
+            e.message()
+        })
+    }
+
+    #[test]
+    fn binds_positional_keyword_and_mixed() {
+        let expected = Ok(AddParams { x: 1, y: 2 });
+        assert_eq!(call(json!([1, 2]), json!({})), expected);
+        assert_eq!(call(json!([]), json!({"x": 1, "y": 2})), expected);
+        assert_eq!(call(json!([1]), json!({"y": 2})), expected);
+    }
+
+    #[test]
+    fn bad_calls_are_type_errors_like_pythons() {
+        assert_eq!(
+            call(json!([1, 2, 3]), json!({})).unwrap_err(),
+            "tasks.add() takes 2 positional arguments but 3 were given"
+        );
+        assert_eq!(
+            call(json!([1]), json!({})).unwrap_err(),
+            "tasks.add() missing 1 required argument: 'y'"
+        );
+        assert_eq!(
+            call(json!([1]), json!({"x": 2})).unwrap_err(),
+            "tasks.add() got multiple values for argument 'x'"
+        );
+        assert_eq!(
+            call(json!([1, 2]), json!({"z": 3})).unwrap_err(),
+            "tasks.add() got an unexpected keyword argument 'z'"
+        );
+        let wrong = call(json!(["a", 2]), json!({})).unwrap_err();
+        assert!(
+            wrong.starts_with(
+                "tasks.add() got an argument of the wrong type: invalid type: string \"a\""
+            ),
+            "{wrong}"
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! `call`: sends a task by name, like `celery call`, and optionally waits for its result.
+//!
+//! Prints the task id; with `--wait`, then the result as JSON. Exit status 1 when the task
+//! failed (its exception on stderr), 2 when waiting timed out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use runtime::client::{Client, SendOptions};
+use runtime::{CeleryConfig, Error};
+use serde_json::{Map, Value};
+
+#[derive(Parser)]
+#[command(about = "Send a Celery task by name")]
+struct Args {
+    /// Task name, e.g. tasks.add or proj.tasks.mul.
+    name: String,
+    /// Positional arguments as a JSON list.
+    #[arg(short = 'a', long, default_value = "[]")]
+    args: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(short = 'k', long, default_value = "{}")]
+    kwargs: String,
+    /// Queue (default: task_routes, then task_default_queue).
+    #[arg(long)]
+    queue: Option<String>,
+    /// Seconds to wait before the task may run.
+    #[arg(long)]
+    countdown: Option<f64>,
+    /// Earliest run time, ISO-8601.
+    #[arg(long)]
+    eta: Option<DateTime<Utc>>,
+    /// Seconds after which the task is discarded if not started.
+    #[arg(long)]
+    expires: Option<f64>,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait for the result.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Settings file.
+    #[arg(long, default_value = "celeryconfig.toml")]
+    config: PathBuf,
+    /// debug, info, warning, error or critical.
+    #[arg(short = 'l', long, default_value = "warning")]
+    loglevel: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    runtime::logging::init(&args.loglevel);
+    let positional: Vec<Value> =
+        serde_json::from_str(&args.args).context("--args must be a JSON list")?;
+    let keyword: Map<String, Value> =
+        serde_json::from_str(&args.kwargs).context("--kwargs must be a JSON object")?;
+    let config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
+    let client = Client::connect(config).await.context("connecting")?;
+    let options = SendOptions {
+        queue: args.queue,
+        countdown: args.countdown,
+        eta: args.eta,
+        expires: args.expires,
+        ..SendOptions::default()
+    };
+    let result = client
+        .send_task(&args.name, positional, keyword, options)
+        .await?;
+    println!("{}", result.id);
+    let outcome = match args.wait {
+        true => Some(result.get(Duration::from_secs_f64(args.timeout)).await),
+        false => None,
+    };
+    client.close().await?;
+    let Some(outcome) = outcome else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    match outcome {
+        Ok(value) => {
+            println!("{value}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error @ Error::TaskFailed { .. }) => {
+            eprintln!("{error}");
+            Ok(ExitCode::from(1))
+        }
+        Err(error @ Error::Timeout(_)) => {
+            eprintln!("{error}");
+            Ok(ExitCode::from(2))
+        }
+        Err(error) => Err(error.into()),
+    }
+}

@@ -1,0 +1,84 @@
+//! The Rust tasks, defined with rusty-celery's `#[celery::task]` and named as Celery names them.
+//!
+//! Adding a task: write the function here with `#[celery::task(name = "tasks.<name>")]`, then add
+//! one line to [`registry`] (`.task::<name>()`, or `.blocking_task::<name>()` when its code blocks
+//! or computes for long).
+
+// The crate's macro implements `Task` inside a const block, which this lint flags.
+#![allow(non_local_definitions)]
+
+use celery::error::TaskError;
+use celery::task::TaskResult;
+use runtime::registry::Registry;
+use serde_json::{Number, Value};
+use std::time::Duration;
+
+/// Every task this crate defines.
+pub fn registry() -> Registry {
+    Registry::new()
+        .task::<add>()
+        .task::<mul>()
+        .blocking_task::<xsum>()
+        .task::<echo>()
+        .task::<sleep>()
+        .task::<fail>()
+        .task::<progress>()
+}
+
+/// `x + y`.
+#[celery::task(name = "tasks.add")]
+pub fn add(x: i64, y: i64) -> TaskResult<i64> {
+    x.checked_add(y)
+        .ok_or_else(|| TaskError::UnexpectedError("integer overflow".into()))
+}
+
+/// `x * y`.
+#[celery::task(name = "tasks.mul")]
+pub fn mul(x: i64, y: i64) -> TaskResult<i64> {
+    x.checked_mul(y)
+        .ok_or_else(|| TaskError::UnexpectedError("integer overflow".into()))
+}
+
+/// The sum of a list, an integer when every element is one (as Python's `sum`).
+#[celery::task(name = "tasks.xsum")]
+pub fn xsum(numbers: Vec<Number>) -> TaskResult<Value> {
+    let integers: Option<Vec<i64>> = numbers.iter().map(Number::as_i64).collect();
+    if let Some(total) = integers.and_then(|ints| ints.into_iter().try_fold(0i64, i64::checked_add))
+    {
+        return Ok(total.into());
+    }
+    let total: f64 = numbers.iter().filter_map(Number::as_f64).sum();
+    Ok(Number::from_f64(total).map_or(Value::Null, Value::Number))
+}
+
+/// Returns its argument unchanged.
+#[celery::task(name = "tasks.echo")]
+pub fn echo(value: Value) -> TaskResult<Value> {
+    Ok(value)
+}
+
+/// Waits `seconds` without holding a thread, then returns them.
+#[celery::task(name = "tasks.sleep")]
+pub async fn sleep(seconds: f64) -> TaskResult<f64> {
+    let wait = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| TaskError::UnexpectedError(format!("invalid sleep duration: {seconds}")))?;
+    tokio::time::sleep(wait).await;
+    Ok(seconds)
+}
+
+/// Always fails with `message`; Python's `get()` raises `RuntimeError(message)`.
+#[celery::task(name = "tasks.fail")]
+pub fn fail(message: String) -> TaskResult<()> {
+    Err(TaskError::UnexpectedError(message))
+}
+
+/// Reports `PROGRESS {current, total}` after each of `total` steps of `step_ms`; returns `total`.
+#[celery::task(name = "tasks.progress")]
+pub async fn progress(total: u64, step_ms: u64) -> TaskResult<u64> {
+    for current in 1..=total {
+        tokio::time::sleep(Duration::from_millis(step_ms)).await;
+        runtime::progress::report(current, total)
+            .map_err(|e| TaskError::UnexpectedError(e.to_string()))?;
+    }
+    Ok(total)
+}
