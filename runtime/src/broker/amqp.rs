@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -168,6 +169,19 @@ impl Broker for AmqpBroker {
             });
         }
         Ok(receiver)
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_delete(queue, QueueDeleteOptions::default())
+            .await?;
+        channel
+            .exchange_delete(queue, ExchangeDeleteOptions::default())
+            .await?;
+        self.declared.lock().await.remove(queue);
+        let _ = channel.close(200, "deleted").await;
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {

@@ -170,6 +170,18 @@ impl Broker for RedisBroker {
         Ok(receiver)
     }
 
+    async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let mut keys: Vec<String> = PRIORITY_STEPS
+            .iter()
+            .map(|&step| list_for(queue, step))
+            .collect();
+        keys.push(format!("_kombu.binding.{queue}"));
+        keys.push(format!("_kombu.binding_permanent.{queue}"));
+        self.connection.clone().del::<_, ()>(keys).await?;
+        self.bound.lock().await.remove(queue);
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         // Connections close when dropped; nothing is held server-side per connection.
         Ok(())

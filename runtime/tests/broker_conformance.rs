@@ -1,0 +1,128 @@
+//! One behaviour, both transports: every test here runs against RabbitMQ and Redis, so the
+//! brokers cannot drift apart.
+
+mod common;
+
+use common::{broker_urls, unique_queue, within};
+use runtime::broker::{self, Delivery};
+use runtime::protocol::TaskRequest;
+use serde_json::{json, Map};
+
+fn request(n: i64) -> TaskRequest {
+    TaskRequest::new("tasks.add", vec![json!(n), json!(1)], Map::new())
+}
+
+async fn next(deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>) -> Delivery {
+    within(10, "a delivery", deliveries.recv())
+        .await
+        .expect("consumer stopped")
+}
+
+#[tokio::test]
+async fn published_messages_arrive_intact_and_acks_remove_them() {
+    for url in broker_urls() {
+        let queue = unique_queue("roundtrip");
+        let broker = broker::connect(&url).await.unwrap();
+        let sent = request(1);
+        broker.publish(&queue, &sent.encode()).await.unwrap();
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 4)
+            .await
+            .unwrap();
+        let delivery = next(&mut deliveries).await;
+        assert_eq!(delivery.queue, queue, "{url}");
+        let received = TaskRequest::decode(&delivery.message.unwrap()).unwrap();
+        assert_eq!(
+            (&received.id, &received.args),
+            (&sent.id, &sent.args),
+            "{url}"
+        );
+        delivery.settle.ack().await.unwrap();
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_requeued_message_is_delivered_again() {
+    for url in broker_urls() {
+        let queue = unique_queue("requeue");
+        let broker = broker::connect(&url).await.unwrap();
+        let sent = request(2);
+        broker.publish(&queue, &sent.encode()).await.unwrap();
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 1)
+            .await
+            .unwrap();
+        next(&mut deliveries)
+            .await
+            .settle
+            .reject(true)
+            .await
+            .unwrap();
+        let again = next(&mut deliveries).await;
+        let received = TaskRequest::decode(&again.message.unwrap()).unwrap();
+        assert_eq!(received.id, sent.id, "{url}");
+        again.settle.ack().await.unwrap();
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn prefetch_bounds_what_is_held_unsettled() {
+    for url in broker_urls() {
+        let queue = unique_queue("prefetch");
+        let broker = broker::connect(&url).await.unwrap();
+        for n in 0..3 {
+            broker.publish(&queue, &request(n).encode()).await.unwrap();
+        }
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 2)
+            .await
+            .unwrap();
+        let first = next(&mut deliveries).await;
+        let second = next(&mut deliveries).await;
+        // With two unsettled, the third must wait; settling one lets it through.
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(1500), deliveries.recv()).await;
+        assert!(
+            early.is_err(),
+            "{url}: a third message arrived past prefetch 2"
+        );
+        first.settle.ack().await.unwrap();
+        let third = next(&mut deliveries).await;
+        second.settle.ack().await.unwrap();
+        third.settle.ack().await.unwrap();
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn messages_are_consumed_from_every_named_queue() {
+    for url in broker_urls() {
+        let queues = [unique_queue("multi-a"), unique_queue("multi-b")];
+        let broker = broker::connect(&url).await.unwrap();
+        for queue in &queues {
+            broker.publish(queue, &request(3).encode()).await.unwrap();
+        }
+        let mut deliveries = broker.consume(&queues, 4).await.unwrap();
+        let mut seen = vec![next(&mut deliveries).await, next(&mut deliveries).await];
+        seen.sort_by(|a, b| a.queue.cmp(&b.queue));
+        let mut expected = queues.to_vec();
+        expected.sort();
+        assert_eq!(
+            seen.iter().map(|d| d.queue.clone()).collect::<Vec<_>>(),
+            expected,
+            "{url}"
+        );
+        for delivery in seen {
+            delivery.settle.ack().await.unwrap();
+        }
+        for queue in &queues {
+            broker.delete_queue(queue).await.unwrap();
+        }
+        broker.close().await.unwrap();
+    }
+}

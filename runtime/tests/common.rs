@@ -1,0 +1,33 @@
+//! Shared by the integration tests: the local services, and names no other run uses.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+/// RabbitMQ of the local machine (override with `TEST_AMQP_URL`).
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672//".into())
+}
+
+/// Redis of the local machine (override with `TEST_REDIS_URL`).
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// Both broker URLs, so each behaviour is checked on each transport.
+pub fn broker_urls() -> [String; 2] {
+    [amqp_url(), redis_url()]
+}
+
+/// A queue name of this test run alone.
+pub fn unique_queue(prefix: &str) -> String {
+    format!("test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Awaits `future` for at most `seconds`, failing the test with `what` on timeout.
+pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(seconds), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
+}

@@ -1,0 +1,184 @@
+//! The worker end to end on both brokers: our client sends, our worker runs the Rust tasks, and
+//! results come back through the Redis backend.
+
+use std::time::Duration;
+
+use runtime::client::{Client, SendOptions};
+use runtime::protocol::result::state;
+use runtime::worker::Worker;
+use runtime::{CeleryConfig, Error};
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+const BROKERS: [&str; 2] = [
+    "amqp://guest:guest@127.0.0.1:5672//",
+    "redis://127.0.0.1:6379/0",
+];
+
+struct Running {
+    client: Client,
+    broker_url: String,
+    queue: String,
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<runtime::Result<()>>,
+}
+
+async fn start(broker_url: &str, acks_late: bool) -> Running {
+    let queue = format!("test-worker-{}", uuid::Uuid::new_v4().simple());
+    let config = CeleryConfig {
+        broker_url: broker_url.into(),
+        result_backend: Some("redis://127.0.0.1:6379/0".into()),
+        task_default_queue: queue.clone(),
+        task_track_started: true,
+        task_acks_late: acks_late,
+        result_extended: true,
+        result_expires: 600,
+        worker_concurrency: 4,
+        ..CeleryConfig::default()
+    };
+    let worker = Worker::new(
+        config.clone(),
+        tasks::registry(),
+        "test@host".into(),
+        vec![queue.clone()],
+    )
+    .await
+    .unwrap();
+    let (stop, stopped) = oneshot::channel();
+    let done = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let client = Client::connect(config).await.unwrap();
+    Running {
+        client,
+        broker_url: broker_url.into(),
+        queue,
+        stop,
+        done,
+    }
+}
+
+impl Running {
+    async fn call(&self, name: &str, args: Value, kwargs: Value) -> runtime::Result<Value> {
+        let args = args.as_array().cloned().unwrap_or_default();
+        let kwargs: Map<String, Value> = kwargs.as_object().cloned().unwrap_or_default();
+        let result = self
+            .client
+            .send_task(name, args, kwargs, SendOptions::default())
+            .await?;
+        result.get(Duration::from_secs(20)).await
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.done.await.unwrap().unwrap();
+        self.client.close().await.unwrap();
+        let broker = runtime::broker::connect(&self.broker_url).await.unwrap();
+        broker.delete_queue(&self.queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+fn failure(result: runtime::Result<Value>) -> (String, String) {
+    match result {
+        Err(Error::TaskFailed { exc_type, message }) => (exc_type, message),
+        other => panic!("expected a task failure, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_every_task_and_reports_failures_on_both_brokers() {
+    for url in BROKERS {
+        let worker = start(url, false).await;
+        assert_eq!(
+            worker
+                .call("tasks.add", json!([1, 2]), json!({}))
+                .await
+                .unwrap(),
+            json!(3),
+            "{url}"
+        );
+        assert_eq!(
+            worker
+                .call("tasks.mul", json!([]), json!({"x": 6, "y": 7}))
+                .await
+                .unwrap(),
+            json!(42)
+        );
+        assert_eq!(
+            worker
+                .call("tasks.xsum", json!([[1, 2, 3]]), json!({}))
+                .await
+                .unwrap(),
+            json!(6)
+        );
+        let nested = json!({"a": [1, 2.5, null, "é"], "b": {"c": true}});
+        assert_eq!(
+            worker
+                .call("tasks.echo", json!([nested.clone()]), json!({}))
+                .await
+                .unwrap(),
+            nested
+        );
+        assert_eq!(
+            worker
+                .call("tasks.progress", json!([3, 10]), json!({}))
+                .await
+                .unwrap(),
+            json!(3)
+        );
+        assert_eq!(
+            failure(worker.call("tasks.fail", json!(["boom"]), json!({})).await),
+            ("RuntimeError".into(), "boom".into())
+        );
+        assert_eq!(
+            failure(worker.call("tasks.nope", json!([]), json!({})).await),
+            ("NotRegistered".into(), "tasks.nope".into())
+        );
+        let (exc_type, message) =
+            failure(worker.call("tasks.add", json!([1, 2, 3]), json!({})).await);
+        assert_eq!(
+            (exc_type.as_str(), message.as_str()),
+            (
+                "TypeError",
+                "tasks.add() takes 2 positional arguments but 3 were given"
+            )
+        );
+        // The worker is still serving after every failure above.
+        assert_eq!(
+            worker
+                .call("tasks.add", json!([2]), json!({"y": 2}))
+                .await
+                .unwrap(),
+            json!(4)
+        );
+        worker.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_result_stores_nothing_and_acks_late_still_runs() {
+    for url in BROKERS {
+        let worker = start(url, true).await;
+        let options = SendOptions {
+            ignore_result: true,
+            ..SendOptions::default()
+        };
+        let ignored = worker
+            .client
+            .send_task("tasks.add", vec![json!(1), json!(1)], Map::new(), options)
+            .await
+            .unwrap();
+        // Tasks on one queue with concurrency run in any order, so wait on a later task that
+        // also had to pass through: when it is done, the ignored one has been taken too.
+        assert_eq!(
+            worker
+                .call("tasks.sleep", json!([0.2]), json!({}))
+                .await
+                .unwrap(),
+            json!(0.2)
+        );
+        worker.stop().await;
+        assert_eq!(ignored.state().await.unwrap(), state::PENDING, "{url}");
+    }
+}
