@@ -126,3 +126,43 @@ async fn messages_are_consumed_from_every_named_queue() {
         broker.close().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_queue_python_declared_with_other_arguments_is_used_as_it_is() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let url = common::amqp_url();
+    let queue = unique_queue("priority");
+    // What a Python app with `task_queue_max_priority = 10` declares.
+    let python = lapin::Connection::connect(&url, Default::default())
+        .await
+        .unwrap();
+    let channel = python.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(&queue, durable, arguments)
+        .await
+        .unwrap();
+
+    let broker = broker::connect(&url).await.unwrap();
+    let sent = request(4);
+    broker.publish(&queue, &sent.encode()).await.unwrap();
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let delivery = next(&mut deliveries).await;
+    assert_eq!(
+        TaskRequest::decode(&delivery.message.unwrap()).unwrap().id,
+        sent.id
+    );
+    delivery.settle.ack().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+    let _ = python.close(200, "done").await;
+}
