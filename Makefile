@@ -1,0 +1,34 @@
+CARGO ?= cargo
+PYTHON ?= python3
+export PYTHON
+
+BIN_DIR := $(CURDIR)/target/debug
+
+.PHONY: services venv build run test fmt lint clean
+
+services:
+	bash scripts/services.sh
+
+venv:
+	bash scripts/venv.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+run: services build
+	$(BIN_DIR)/worker --config celeryconfig.toml --loglevel info
+
+test: services venv
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf .venv .pytest_cache interop/.pytest_cache interop/artifacts
