@@ -33,6 +33,10 @@ pub enum Error {
     #[error("broker did not confirm the publish of task {0}")]
     NotConfirmed(String),
 
+    /// The broker closed the consumer's connection.
+    #[error("the broker connection was lost")]
+    ConnectionLost,
+
     /// No result backend is configured but an operation needs one.
     #[error("no result_backend is configured")]
     NoBackend,

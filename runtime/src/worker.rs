@@ -134,7 +134,7 @@ impl Worker {
             warn!(%error, "closing the broker connection");
         }
         if lost {
-            return Err(Error::Config("the broker connection was lost".into()));
+            return Err(Error::ConnectionLost);
         }
         Ok(())
     }
