@@ -83,6 +83,25 @@ impl RedisBackend {
         })
     }
 
+    /// Every result meta written from now on, by any worker, as (task id, meta). Celery publishes
+    /// each state write on the key's channel, so this follows Python workers too.
+    pub async fn watch_all(&self) -> Result<impl futures::Stream<Item = (String, ResultMeta)>> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.psubscribe(result_key("*")).await?;
+        let prefix = result_key("");
+        Ok(pubsub.into_on_message().filter_map(move |message| {
+            let id = message
+                .get_channel_name()
+                .strip_prefix(&prefix)
+                .map(str::to_owned);
+            let meta = message
+                .get_payload::<String>()
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            futures::future::ready(id.zip(meta))
+        }))
+    }
+
     /// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) and returns its meta. Subscribes
     /// first, then reads once, so a result stored in between is not missed.
     pub async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta> {

@@ -86,6 +86,16 @@ impl Client {
         Ok(self.result(&request.id))
     }
 
+    /// The queue a task goes to when the caller names none.
+    pub fn queue_for(&self, name: &str) -> &str {
+        self.config.queue_for(name)
+    }
+
+    /// Whether the broker connection is usable.
+    pub async fn check(&self) -> Result<()> {
+        self.broker.check().await
+    }
+
     /// Closes the broker connection cleanly.
     pub async fn close(&self) -> Result<()> {
         self.broker.close().await

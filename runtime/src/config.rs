@@ -61,6 +61,17 @@ pub struct CeleryConfig {
     pub result_expires: u64,
     /// Also store name, args, kwargs, worker, retries and queue with each result.
     pub result_extended: bool,
+    /// PostgreSQL URL of the web app's jobs table.
+    pub database_url: String,
+    /// Task that `POST /receive` runs for a payload that names no task (the payload is its
+    /// one argument).
+    pub web_default_task: String,
+    /// Task names `POST /receive` accepts besides the Rust registry's (e.g. Python tasks).
+    pub web_allowed_tasks: Vec<String>,
+    /// Largest request body the web app reads, in bytes.
+    pub web_body_limit: u64,
+    /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
+    pub web_sweep_interval: u64,
 }
 
 impl Default for CeleryConfig {
@@ -77,6 +88,11 @@ impl Default for CeleryConfig {
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,
+            database_url: "postgres://postgres@127.0.0.1:5432/rcelery".into(),
+            web_default_task: "tasks.echo".into(),
+            web_allowed_tasks: Vec::new(),
+            web_body_limit: 1 << 20,
+            web_sweep_interval: 5,
         }
     }
 }
@@ -135,6 +151,11 @@ impl CeleryConfig {
                 "worker_prefetch_multiplier must be at least 1".into(),
             ));
         }
+        if self.web_sweep_interval == 0 {
+            return Err(Error::Config(
+                "web_sweep_interval must be at least 1 second".into(),
+            ));
+        }
         if self.task_default_queue.is_empty() {
             return Err(Error::Config("task_default_queue must not be empty".into()));
         }
@@ -162,6 +183,7 @@ impl CeleryConfig {
         Self {
             broker_url: redact_url(&self.broker_url),
             result_backend: self.result_backend.as_deref().map(redact_url),
+            database_url: redact_url(&self.database_url),
             ..self.clone()
         }
     }
@@ -171,6 +193,14 @@ impl CeleryConfig {
 fn env_value(default: &Value, raw: &str) -> Value {
     match default {
         Value::String(_) => Value::String(raw.to_string()),
+        // A list: JSON, or the comma-separated form shells make easy.
+        Value::Array(_) => serde_json::from_str(raw).unwrap_or_else(|_| {
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Value::from)
+                .collect()
+        }),
         _ => match raw.to_ascii_lowercase().as_str() {
             "true" | "yes" | "on" => Value::Bool(true),
             "false" | "no" | "off" => Value::Bool(false),
@@ -229,6 +259,7 @@ mod tests {
                 ("CELERY_WORKER_CONCURRENCY", "16"),
                 ("CELERY_TASK_ACKS_LATE", "true"),
                 ("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1"),
+                ("CELERY_WEB_ALLOWED_TASKS", "py.mul, py.concat"),
                 ("CELERY_NOT_A_SETTING", "ignored"),
                 ("PATH", "/bin"),
             ]),
@@ -240,6 +271,7 @@ mod tests {
             config.result_backend.as_deref(),
             Some("redis://127.0.0.1:6379/1")
         );
+        assert_eq!(config.web_allowed_tasks, ["py.mul", "py.concat"]);
         assert_eq!(config.queue_for("tasks.add"), "rust");
         assert_eq!(config.queue_for("py.mul"), "python");
         assert_eq!(config.queue_for("other"), "celery");

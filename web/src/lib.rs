@@ -1,1 +1,64 @@
+//! The web app: jobs in over HTTP, out to Celery workers, tracked in PostgreSQL.
+//!
+//! - [`routes`]: `POST /receive`, `GET /status/<uuid>`, `GET /tasks`, `GET /health`.
+//! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
+//! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
+//! - [`db`]: the async connection pool and embedded migrations.
+//! - [`error`]: the one error type and its JSON answers.
 
+pub mod db;
+pub mod error;
+pub mod routes;
+pub mod schema;
+pub mod store;
+pub mod tracking;
+
+use std::time::Duration;
+
+use rocket::fairing::AdHoc;
+use rocket::{Build, Rocket};
+use runtime::backend::RedisBackend;
+use runtime::client::Client;
+use runtime::CeleryConfig;
+
+use crate::error::Error;
+use crate::routes::receive::Accepts;
+
+/// Connects everything the app needs and builds it. Migrations are applied first.
+pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
+    db::migrate(&config.database_url).await?;
+    let pool = db::pool(&config.database_url, 16)?;
+    let backend = match &config.result_backend {
+        Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
+        None => None,
+    };
+    let accepts = Accepts {
+        tasks: tasks::registry()
+            .names()
+            .map(str::to_owned)
+            .chain(config.web_allowed_tasks.iter().cloned())
+            .collect(),
+        default_task: config.web_default_task.clone(),
+        body_limit: config.web_body_limit,
+    };
+    let sweep_interval = Duration::from_secs(config.web_sweep_interval);
+    let client = Client::connect(config).await?;
+    let tracker_pool = pool.clone();
+    Ok(rocket::build()
+        .manage(pool)
+        .manage(client)
+        .manage(accepts)
+        .mount("/", routes::all())
+        .register("/", rocket::catchers![error::catch_all])
+        .attach(AdHoc::on_liftoff("tracking", move |_| {
+            Box::pin(async move {
+                match backend {
+                    Some(backend) => {
+                        tokio::spawn(tracking::follow(tracker_pool.clone(), backend.clone()));
+                        tokio::spawn(tracking::sweep(tracker_pool, backend, sweep_interval));
+                    }
+                    None => tracing::warn!("no result_backend: job states will stay PENDING"),
+                }
+            })
+        })))
+}

@@ -171,6 +171,13 @@ impl Broker for AmqpBroker {
         Ok(receiver)
     }
 
+    async fn check(&self) -> Result<()> {
+        match self.connection.status().connected() {
+            true => Ok(()),
+            false => Err(Error::ConnectionLost),
+        }
+    }
+
     async fn delete_queue(&self, queue: &str) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         channel

@@ -87,6 +87,9 @@ pub trait Broker: Send + Sync {
     /// The channel closes when the connection is lost.
     async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>>;
 
+    /// Whether the connection is usable (for health checks).
+    async fn check(&self) -> Result<()>;
+
     /// Removes `queue` with its messages and its binding (tests, and retiring a queue).
     async fn delete_queue(&self, queue: &str) -> Result<()>;
 

@@ -170,6 +170,13 @@ impl Broker for RedisBroker {
         Ok(receiver)
     }
 
+    async fn check(&self) -> Result<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.connection.clone())
+            .await?;
+        Ok(())
+    }
+
     async fn delete_queue(&self, queue: &str) -> Result<()> {
         let mut keys: Vec<String> = PRIORITY_STEPS
             .iter()

@@ -1,0 +1,90 @@
+//! The web app's one error type, and how each error answers a client: JSON `{"error": "..."}`
+//! with the status that names the problem. Internal details are logged, never sent.
+
+use rocket::http::Status;
+use rocket::response::{self, Responder};
+use rocket::serde::json::Json;
+use rocket::Request;
+use serde_json::json;
+
+/// Everything a request or the app's start-up can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed (e.g. not JSON, not a UUID).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is well-formed but its fields are wrong.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The body is over the configured limit.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The body is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// No job has that id.
+    #[error("no job with task id {0}")]
+    NotFound(String),
+    /// The broker did not take the message.
+    #[error("the broker did not accept the job; it is recorded and was not sent: {0}")]
+    Publish(String),
+    /// The database could not be reached.
+    #[error("the database is unavailable")]
+    DatabaseUnavailable(String),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// Migrations could not be applied.
+    #[error("migrations: {0}")]
+    Migration(String),
+    /// The Celery runtime failed (config, broker, backend).
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
+}
+
+impl From<deadpool::managed::PoolError<diesel_async::pooled_connection::PoolError>> for Error {
+    fn from(
+        error: deadpool::managed::PoolError<diesel_async::pooled_connection::PoolError>,
+    ) -> Self {
+        Error::DatabaseUnavailable(error.to_string())
+    }
+}
+
+impl Error {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> Status {
+        match self {
+            Error::BadRequest(_) => Status::BadRequest,
+            Error::Unprocessable(_) => Status::UnprocessableEntity,
+            Error::TooLarge(_) => Status::PayloadTooLarge,
+            Error::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
+            Error::NotFound(_) => Status::NotFound,
+            Error::Publish(_) | Error::DatabaseUnavailable(_) => Status::ServiceUnavailable,
+            Error::Database(_) | Error::Migration(_) | Error::Runtime(_) => {
+                Status::InternalServerError
+            }
+        }
+    }
+}
+
+impl<'r> Responder<'r, 'static> for Error {
+    fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
+        let status = self.status();
+        let message = if status == Status::InternalServerError {
+            tracing::error!(error = %self, uri = %request.uri(), "request failed");
+            "internal error".to_string()
+        } else {
+            if status.code >= 500 {
+                tracing::warn!(error = ?self, uri = %request.uri(), "request could not be served");
+            }
+            self.to_string()
+        };
+        (status, Json(json!({ "error": message }))).respond_to(request)
+    }
+}
+
+/// JSON bodies for errors Rocket raises itself (no route, a guard that failed).
+#[rocket::catch(default)]
+pub fn catch_all(status: Status, _request: &Request<'_>) -> Json<serde_json::Value> {
+    Json(json!({ "error": status.reason_lossy() }))
+}

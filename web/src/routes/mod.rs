@@ -1,0 +1,16 @@
+//! The HTTP API: one module per resource, handlers a few lines long over typed guards.
+
+pub mod health;
+pub mod receive;
+pub mod status;
+pub mod tasks;
+
+/// Every route of the API.
+pub fn all() -> Vec<rocket::Route> {
+    rocket::routes![
+        receive::receive,
+        status::status,
+        tasks::list,
+        health::health
+    ]
+}

@@ -1,0 +1,28 @@
+//! The Diesel schema of `migrations/`.
+
+diesel::table! {
+    tasks (task_id) {
+        task_id -> Uuid,
+        task_name -> Text,
+        args -> Jsonb,
+        kwargs -> Jsonb,
+        queue -> Text,
+        state -> Text,
+        state_rank -> SmallInt,
+        progress_current -> Nullable<BigInt>,
+        progress_total -> Nullable<BigInt>,
+        meta -> Nullable<Jsonb>,
+        result -> Nullable<Jsonb>,
+        error_type -> Nullable<Text>,
+        error_message -> Nullable<Text>,
+        traceback -> Nullable<Text>,
+        worker -> Nullable<Text>,
+        retries -> Integer,
+        published_at -> Nullable<Timestamptz>,
+        publish_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        started_at -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+    }
+}

@@ -1,0 +1,341 @@
+//! The jobs table: one row per task id, moved forward through Celery's states.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use runtime::protocol::result::{state, ResultMeta};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::schema::tasks;
+
+/// A row of the table.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct Job {
+    pub task_id: Uuid,
+    pub task_name: String,
+    pub args: Value,
+    pub kwargs: Value,
+    pub queue: String,
+    pub state: String,
+    pub state_rank: i16,
+    pub progress_current: Option<i64>,
+    pub progress_total: Option<i64>,
+    pub meta: Option<Value>,
+    pub result: Option<Value>,
+    pub error_type: Option<String>,
+    pub error_message: Option<String>,
+    pub traceback: Option<String>,
+    pub worker: Option<String>,
+    pub retries: i32,
+    pub published_at: Option<DateTime<Utc>>,
+    pub publish_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What `POST /receive` records before publishing.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = tasks)]
+pub struct NewJob {
+    pub task_id: Uuid,
+    pub task_name: String,
+    pub args: Value,
+    pub kwargs: Value,
+    pub queue: String,
+}
+
+/// Order of states; a row only moves to a state of equal or higher rank, and never leaves a
+/// final one. Custom states (PROGRESS...) rank between running and final.
+pub fn rank(state_name: &str) -> i16 {
+    match state_name {
+        state::PENDING => 0,
+        state::STARTED | state::RETRY => 1,
+        name if state::is_ready(name) => 3,
+        _ => 2,
+    }
+}
+
+/// The columns a result meta changes; `None` leaves a column as it is.
+#[derive(Debug, Clone, PartialEq, AsChangeset)]
+#[diesel(table_name = tasks)]
+pub struct StateChange {
+    pub state: String,
+    pub state_rank: i16,
+    pub progress_current: Option<i64>,
+    pub progress_total: Option<i64>,
+    pub meta: Option<Value>,
+    pub result: Option<Value>,
+    pub error_type: Option<String>,
+    pub error_message: Option<String>,
+    pub traceback: Option<String>,
+    pub worker: Option<String>,
+    pub retries: Option<i32>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl StateChange {
+    /// The row change a stored result meta means.
+    pub fn from_meta(meta: &ResultMeta, now: DateTime<Utc>) -> Self {
+        let status = meta.status.as_str();
+        let exception = meta.exception();
+        let count = |key: &str| meta.result.get(key).and_then(Value::as_i64);
+        let custom = rank(status) == 2;
+        let finished_at = meta
+            .date_done
+            .as_deref()
+            .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
+            .map(|d| d.to_utc())
+            .or_else(|| state::is_ready(status).then_some(now));
+        let worker = meta
+            .extended
+            .as_ref()
+            .map(|e| e.worker.clone())
+            .or_else(|| match status {
+                state::STARTED => meta
+                    .result
+                    .get("hostname")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            });
+        Self {
+            state: meta.status.clone(),
+            state_rank: rank(status),
+            progress_current: custom.then(|| count("current")).flatten(),
+            progress_total: custom.then(|| count("total")).flatten(),
+            meta: custom.then(|| meta.result.clone()),
+            result: (status == state::SUCCESS).then(|| meta.result.clone()),
+            error_type: exception.as_ref().map(|e| e.exc_type.clone()),
+            error_message: exception.as_ref().map(|e| e.message()),
+            traceback: meta.traceback.clone(),
+            worker,
+            retries: meta.extended.as_ref().map(|e| e.retries as i32),
+            finished_at,
+            updated_at: now,
+        }
+    }
+}
+
+/// Records a new job as PENDING.
+pub async fn insert(connection: &mut AsyncPgConnection, job: &NewJob) -> QueryResult<()> {
+    diesel::insert_into(tasks::table)
+        .values(job)
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// Records that the broker confirmed the job's message.
+pub async fn mark_published(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<()> {
+    diesel::update(tasks::table.find(id))
+        .set((
+            tasks::published_at.eq(Utc::now()),
+            tasks::publish_error.eq(None::<String>),
+        ))
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// Records why the job's message could not be published.
+pub async fn mark_publish_failed(
+    connection: &mut AsyncPgConnection,
+    id: Uuid,
+    error: &str,
+) -> QueryResult<()> {
+    diesel::update(tasks::table.find(id))
+        .set((
+            tasks::publish_error.eq(error),
+            tasks::updated_at.eq(Utc::now()),
+        ))
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// The job with task id `id`.
+pub async fn find(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Job>> {
+    tasks::table
+        .find(id)
+        .select(Job::as_select())
+        .first(connection)
+        .await
+        .optional()
+}
+
+/// Where a listing page starts: after the job with this creation time and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: DateTime<Utc>,
+    pub task_id: Uuid,
+}
+
+/// Filters of `GET /tasks`.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub state: Option<String>,
+    pub task: Option<String>,
+    pub after: Option<Cursor>,
+    pub limit: i64,
+}
+
+/// Jobs newest first, from the cursor on (keyset pagination: stable under inserts).
+pub async fn list(connection: &mut AsyncPgConnection, listing: &Listing) -> QueryResult<Vec<Job>> {
+    let mut query = tasks::table.select(Job::as_select()).into_boxed();
+    if let Some(state_name) = &listing.state {
+        query = query.filter(tasks::state.eq(state_name.clone()));
+    }
+    if let Some(task) = &listing.task {
+        query = query.filter(tasks::task_name.eq(task.clone()));
+    }
+    if let Some(Cursor {
+        created_at,
+        task_id,
+    }) = listing.after
+    {
+        query = query.filter(
+            tasks::created_at.lt(created_at).or(tasks::created_at
+                .eq(created_at)
+                .and(tasks::task_id.lt(task_id))),
+        );
+    }
+    query
+        .order((tasks::created_at.desc(), tasks::task_id.desc()))
+        .limit(listing.limit)
+        .load(connection)
+        .await
+}
+
+type NullableTimestamp = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>;
+
+diesel::define_sql_function! {
+    /// SQL `coalesce` over timestamps.
+    fn coalesce(x: NullableTimestamp, y: NullableTimestamp) -> NullableTimestamp;
+}
+
+diesel::define_sql_function! {
+    /// SQL `least` over timestamps.
+    fn least(x: NullableTimestamp, y: NullableTimestamp) -> NullableTimestamp;
+}
+
+/// Applies a result meta to its row if it moves the row forward; `true` when it did.
+pub async fn apply(
+    connection: &mut AsyncPgConnection,
+    id: Uuid,
+    meta: &ResultMeta,
+) -> QueryResult<bool> {
+    let change = StateChange::from_meta(meta, Utc::now());
+    let forward = tasks::state_rank
+        .lt(3)
+        .and(tasks::state_rank.le(change.state_rank));
+    let target = diesel::update(tasks::table.find(id).filter(forward));
+    // The first state seen past PENDING dates the start; it cannot be later than the finish,
+    // however late the tracker saw the start.
+    let updated = match (change.state_rank, change.finished_at) {
+        (0, _) => target.set(change).execute(connection).await?,
+        (_, Some(done)) => {
+            let started = least(coalesce(tasks::started_at, Some(done)), Some(done));
+            target
+                .set((change, tasks::started_at.eq(started)))
+                .execute(connection)
+                .await?
+        }
+        (_, None) => {
+            let started = coalesce(tasks::started_at, Some(change.updated_at));
+            target
+                .set((change, tasks::started_at.eq(started)))
+                .execute(connection)
+                .await?
+        }
+    };
+    Ok(updated == 1)
+}
+
+/// Ids of published jobs not yet final, least recently updated first.
+pub async fn unfinished(connection: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
+    tasks::table
+        .filter(tasks::state_rank.lt(3))
+        .filter(tasks::published_at.is_not_null())
+        .order(tasks::updated_at.asc())
+        .select(tasks::task_id)
+        .limit(limit)
+        .load(connection)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::protocol::result::{ExceptionInfo, Extended};
+    use serde_json::json;
+
+    #[test]
+    fn states_only_rank_forward() {
+        assert!(rank("PENDING") < rank("STARTED"));
+        assert!(rank("STARTED") < rank("PROGRESS"));
+        assert!(rank("PROGRESS") < rank("SUCCESS"));
+        assert_eq!(rank("RETRY"), rank("STARTED"));
+        assert_eq!(rank("CUSTOM"), rank("PROGRESS"));
+        assert_eq!(rank("FAILURE"), rank("REVOKED"));
+    }
+
+    #[test]
+    fn progress_fills_progress_columns() {
+        let now = Utc::now();
+        let meta = ResultMeta::new("id", "PROGRESS", json!({"current": 3, "total": 10}), now);
+        let change = StateChange::from_meta(&meta, now);
+        assert_eq!(
+            (change.progress_current, change.progress_total),
+            (Some(3), Some(10))
+        );
+        assert_eq!(change.meta, Some(json!({"current": 3, "total": 10})));
+        assert_eq!((change.result, change.finished_at), (None, None));
+    }
+
+    #[test]
+    fn failure_fills_error_columns_and_extended_fields_the_worker() {
+        let now = Utc::now();
+        let exc = ExceptionInfo::builtin("RuntimeError", "boom");
+        let mut meta = ResultMeta::new("id", "FAILURE", exc.to_value(), now);
+        meta.traceback = Some("tb".into());
+        meta.extended = Some(Extended {
+            name: "tasks.fail".into(),
+            args: vec![],
+            kwargs: Default::default(),
+            worker: "w@h".into(),
+            retries: 2,
+            queue: "celery".into(),
+        });
+        let change = StateChange::from_meta(&meta, now);
+        assert_eq!(change.error_type.as_deref(), Some("RuntimeError"));
+        assert_eq!(change.error_message.as_deref(), Some("boom"));
+        assert_eq!(
+            (change.worker.as_deref(), change.retries),
+            (Some("w@h"), Some(2))
+        );
+        assert_eq!(
+            change.finished_at.map(|t| t.timestamp_micros()),
+            Some(now.timestamp_micros())
+        );
+        assert_eq!(change.result, None);
+    }
+
+    #[test]
+    fn started_names_the_worker_from_its_result() {
+        let meta = ResultMeta::new(
+            "id",
+            "STARTED",
+            json!({"pid": 1, "hostname": "py@h"}),
+            Utc::now(),
+        );
+        assert_eq!(
+            StateChange::from_meta(&meta, Utc::now()).worker.as_deref(),
+            Some("py@h")
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The web API against real PostgreSQL, a real broker and our worker in the same process.
+//! Each test gets a database and a queue of its own.
+
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use rocket::http::{ContentType, Status};
+use rocket::local::asynchronous::Client;
+use runtime::worker::Worker;
+use runtime::CeleryConfig;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+const BROKERS: [&str; 2] = [
+    "amqp://guest:guest@127.0.0.1:5672//",
+    "redis://127.0.0.1:6379/0",
+];
+
+/// A database, a queue, a worker on it, and the app.
+struct Stack {
+    client: Client,
+    config: CeleryConfig,
+    database: String,
+    stop_worker: Option<oneshot::Sender<()>>,
+    worker: Option<tokio::task::JoinHandle<runtime::Result<()>>>,
+}
+
+async fn admin(sql: &str) {
+    let mut connection = AsyncPgConnection::establish(&format!("{POSTGRES}/postgres"))
+        .await
+        .unwrap();
+    diesel::sql_query(sql)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+}
+
+impl Stack {
+    async fn start(broker_url: &str, with_worker: bool) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let database = format!("rcelery_test_{suffix}");
+        admin(&format!("CREATE DATABASE {database}")).await;
+        let config = CeleryConfig {
+            broker_url: broker_url.into(),
+            result_backend: Some("redis://127.0.0.1:6379/0".into()),
+            task_default_queue: format!("test-web-{suffix}"),
+            task_track_started: true,
+            result_extended: true,
+            result_expires: 600,
+            worker_concurrency: 4,
+            database_url: format!("{POSTGRES}/{database}"),
+            web_body_limit: 4096,
+            web_sweep_interval: 1,
+            ..CeleryConfig::default()
+        };
+        let (stop_worker, worker) = if with_worker {
+            let queues = vec![config.task_default_queue.clone()];
+            let worker = Worker::new(
+                config.clone(),
+                tasks::registry(),
+                "web-test@host".into(),
+                queues,
+            )
+            .await
+            .unwrap();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let handle = tokio::spawn(worker.run(async {
+                let _ = stopped.await;
+            }));
+            (Some(stop), Some(handle))
+        } else {
+            (None, None)
+        };
+        let client = Client::tracked(web::build(config.clone()).await.unwrap())
+            .await
+            .unwrap();
+        Self {
+            client,
+            config,
+            database,
+            stop_worker,
+            worker,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop_worker.take() {
+            let _ = stop.send(());
+            self.worker.take().unwrap().await.unwrap().unwrap();
+        }
+        let broker = runtime::broker::connect(&self.config.broker_url)
+            .await
+            .unwrap();
+        broker
+            .delete_queue(&self.config.task_default_queue)
+            .await
+            .unwrap();
+        broker.close().await.unwrap();
+        drop(self.client);
+        admin(&format!("DROP DATABASE {} WITH (FORCE)", self.database)).await;
+    }
+
+    async fn post(&self, body: &str) -> (Status, Value) {
+        let response = self
+            .client
+            .post("/receive")
+            .header(ContentType::JSON)
+            .body(body)
+            .dispatch()
+            .await;
+        let status = response.status();
+        (status, response.into_json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, uri: &str) -> (Status, Value) {
+        let response = self.client.get(uri.to_string()).dispatch().await;
+        let status = response.status();
+        (status, response.into_json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `/status/<id>` until `done` holds for it (at most 20 s).
+    async fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = self.get(&format!("/status/{id}")).await;
+            assert_eq!(status, Status::Ok, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn submit(&self, body: Value) -> String {
+        let (status, answer) = self.post(&body.to_string()).await;
+        assert_eq!(status, Status::Accepted, "{answer}");
+        answer["task_id"].as_str().unwrap().to_string()
+    }
+}
+
+fn state_is(state: &'static str) -> impl Fn(&Value) -> bool {
+    move |job| job["state"] == state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_run_to_success_with_progress_and_errors_on_both_brokers() {
+    for url in BROKERS {
+        let stack = Stack::start(url, true).await;
+
+        let response = stack
+            .client
+            .post("/receive")
+            .body(r#"{"task":"tasks.add","args":[2,3]}"#)
+            .dispatch()
+            .await;
+        assert_eq!(
+            response.status(),
+            Status::Accepted,
+            "curl's default content type is accepted"
+        );
+        let location = response.headers().get_one("Location").unwrap().to_string();
+        let body: Value = response.into_json().await.unwrap();
+        let id = body["task_id"].as_str().unwrap().to_string();
+        assert_eq!(
+            (location.as_str(), &body["status_url"]),
+            (format!("/status/{id}").as_str(), &json!(location))
+        );
+        let job = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(
+            (&job["result"], &job["task"], &job["error"]),
+            (&json!(5), &json!("tasks.add"), &Value::Null),
+            "{url}"
+        );
+        assert_eq!(job["worker"], "web-test@host");
+        assert!(
+            job["started_at"].as_str() <= job["finished_at"].as_str(),
+            "{job}"
+        );
+
+        let id = stack
+            .submit(json!({"task": "tasks.progress", "args": [5, 150]}))
+            .await;
+        let running = stack.wait_for(&id, "PROGRESS", state_is("PROGRESS")).await;
+        let current = running["progress"]["current"].as_i64().unwrap();
+        assert!(
+            (1..=5).contains(&current) && running["progress"]["total"] == 5,
+            "{running}"
+        );
+        let done = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(done["result"], 5);
+
+        let id = stack
+            .submit(json!({"task": "tasks.fail", "args": ["boom"]}))
+            .await;
+        let failed = stack.wait_for(&id, "FAILURE", state_is("FAILURE")).await;
+        assert_eq!(
+            failed["error"],
+            json!({"type": "RuntimeError", "message": "boom"})
+        );
+
+        let id = stack.submit(json!({"document": {"pages": 3}})).await;
+        let echoed = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(
+            (&echoed["task"], &echoed["result"]),
+            (&json!("tasks.echo"), &json!({"document": {"pages": 3}}))
+        );
+        stack.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_clear_json_error_with_its_status() {
+    let stack = Stack::start(BROKERS[1], false).await;
+    let cases = [
+        ("{not json", Status::BadRequest, "malformed JSON"),
+        (
+            r#"{"task": "tasks.nope"}"#,
+            Status::UnprocessableEntity,
+            "unknown task `tasks.nope`",
+        ),
+        (
+            r#"{"task": "tasks.add", "args": 5}"#,
+            Status::UnprocessableEntity,
+            "`args` must be a list",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let (got, answer) = stack.post(body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().starts_with(message),
+            "{body}: {answer}"
+        );
+    }
+    let big = format!("[\"{}\"]", "x".repeat(5000));
+    assert_eq!(stack.post(&big).await.0, Status::PayloadTooLarge);
+    for content_type in [ContentType::XML, ContentType::Plain] {
+        let response = stack
+            .client
+            .post("/receive")
+            .header(content_type)
+            .body("{}")
+            .dispatch()
+            .await;
+        assert_eq!(response.status(), Status::UnsupportedMediaType);
+    }
+
+    let (status, answer) = stack.get("/status/not-a-uuid").await;
+    assert_eq!(
+        (status, answer["error"].is_string()),
+        (Status::BadRequest, true)
+    );
+    let (status, answer) = stack
+        .get(&format!("/status/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(
+        (status, answer["error"].is_string()),
+        (Status::NotFound, true)
+    );
+    let (status, answer) = stack.get("/no/such/route").await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (Status::NotFound, Some("Not Found"))
+    );
+    let (status, _) = stack.get("/tasks?limit=0").await;
+    assert_eq!(status, Status::UnprocessableEntity);
+    let (status, _) = stack.get("/tasks?cursor=garbage").await;
+    assert_eq!(status, Status::BadRequest);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_pages_newest_first_and_filters() {
+    let stack = Stack::start(BROKERS[1], false).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            stack
+                .submit(json!({"task": "tasks.add", "args": [n, n]}))
+                .await,
+        );
+    }
+    ids.push(
+        stack
+            .submit(json!({"task": "tasks.mul", "args": [1, 1]}))
+            .await,
+    );
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut uri = "/tasks?limit=4".to_string();
+    loop {
+        let (status, page) = stack.get(&uri).await;
+        assert_eq!(status, Status::Ok, "{page}");
+        seen.extend(
+            page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["task_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => uri = format!("/tasks?limit=4&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    let (_, only) = stack.get("/tasks?task=tasks.mul&state=PENDING").await;
+    assert_eq!(only["tasks"].as_array().unwrap().len(), 1);
+    assert_eq!(only["tasks"][0]["task_id"], json!(ids[0]));
+    let (status, health) = stack.get("/health").await;
+    assert_eq!((status, &health["status"]), (Status::Ok, &json!("ok")));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_catches_up_and_states_never_go_back() {
+    use runtime::protocol::result::ResultMeta;
+    let stack = Stack::start(BROKERS[1], false).await;
+    let id = stack
+        .submit(json!({"task": "tasks.add", "args": [1, 1]}))
+        .await;
+    // A state stored without its PUBLISH (a message the tracker missed): the sweep must find it.
+    let meta = ResultMeta::new(&id, "SUCCESS", json!(2), chrono::Utc::now());
+    let redis = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = runtime::backend::result_key(&id);
+    let text = serde_json::to_string(&meta).unwrap();
+    redis::cmd("SET")
+        .arg(key)
+        .arg(text)
+        .arg("EX")
+        .arg(600)
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    let job = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+    assert_eq!(job["result"], 2);
+
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    let late = ResultMeta::new(
+        &id,
+        "PROGRESS",
+        json!({"current": 1, "total": 2}),
+        chrono::Utc::now(),
+    );
+    let moved = web::store::apply(&mut connection, id.parse().unwrap(), &late)
+        .await
+        .unwrap();
+    assert!(!moved, "a PROGRESS after SUCCESS must be ignored");
+    drop(connection);
+    drop(pool);
+    let (_, job) = stack.get(&format!("/status/{id}")).await;
+    assert_eq!(
+        (&job["state"], &job["progress"]),
+        (&json!("SUCCESS"), &Value::Null)
+    );
+    stack.stop().await;
+}
