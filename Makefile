@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build run test fmt lint clean
+.PHONY: services venv build run migrate test fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -16,7 +16,10 @@ build:
 	$(CARGO) build --workspace --bins
 
 run: services build
-	$(BIN_DIR)/worker --config celeryconfig.toml --loglevel info
+	BIN_DIR=$(BIN_DIR) bash scripts/run.sh
+
+migrate: services build
+	$(BIN_DIR)/web --config celeryconfig.toml --migrate
 
 test: services venv
 	$(CARGO) build --workspace --bins

@@ -32,6 +32,40 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, Error> {
         .map_err(|e| Error::DatabaseUnavailable(e.to_string()))
 }
 
+/// Creates the database `url` names when the server does not have it yet (as `make run` needs
+/// on a fresh machine), connecting to the server's `postgres` database to do so.
+pub async fn create_if_missing(url: &str) -> Result<(), Error> {
+    use diesel::sql_types::Text;
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        #[allow(dead_code)]
+        found: i32,
+    }
+
+    let mut admin_url = url::Url::parse(url).map_err(|e| Error::DatabaseUnavailable(e.to_string()))?;
+    let name = admin_url.path().trim_start_matches('/').to_string();
+    if name.is_empty() || name == "postgres" {
+        return Ok(());
+    }
+    admin_url.set_path("/postgres");
+    let mut admin = AsyncPgConnection::establish(admin_url.as_str())
+        .await
+        .map_err(|e| Error::DatabaseUnavailable(e.to_string()))?;
+    let exists = diesel::sql_query("SELECT 1 AS found FROM pg_database WHERE datname = $1")
+        .bind::<Text, _>(&name)
+        .get_results::<Found>(&mut admin)
+        .await?;
+    if exists.is_empty() {
+        let quoted = name.replace('"', "\"\"");
+        diesel::sql_query(format!("CREATE DATABASE \"{quoted}\"")).execute(&mut admin).await?;
+        tracing::info!(database = %name, "created database");
+    }
+    Ok(())
+}
+
 /// Applies the migrations not yet applied to the database at `url`.
 pub async fn migrate(url: &str) -> Result<(), Error> {
     let url = url.to_string();

@@ -29,7 +29,7 @@ pub enum Error {
     #[error("the broker did not accept the job; it is recorded and was not sent: {0}")]
     Publish(String),
     /// The database could not be reached.
-    #[error("the database is unavailable")]
+    #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
     /// A query failed.
     #[error("database error: {0}")]

@@ -12,7 +12,7 @@ struct Args {
     /// Settings file (Celery setting names; CELERY_* environment variables override).
     #[arg(long, default_value = "celeryconfig.toml")]
     config: PathBuf,
-    /// Apply pending database migrations, then exit.
+    /// Create the database if missing, apply pending migrations, then exit.
     #[arg(long)]
     migrate: bool,
     /// debug, info, warning, error or critical.
@@ -26,9 +26,8 @@ async fn main() -> anyhow::Result<()> {
     runtime::logging::init(&args.loglevel);
     let config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
     if args.migrate {
-        web::db::migrate(&config.database_url)
-            .await
-            .context("applying migrations")?;
+        web::db::create_if_missing(&config.database_url).await.context("creating the database")?;
+        web::db::migrate(&config.database_url).await.context("applying migrations")?;
         return Ok(());
     }
     let app = web::build(config).await.context("starting the web app")?;
