@@ -1,0 +1,262 @@
+"""Fixtures: one broker setup per parameter (RabbitMQ, Redis), a Rust worker, a Python worker.
+
+Fixture graph (all session-scoped, parametrised through ``broker``):
+
+* ``broker``     URLs, a unique queue name, a Python client app; deletes its queues at the end.
+* ``rust``       a Rust ``worker`` consuming ``broker.queue`` (needs the Rust binaries).
+* ``py_worker``  a stock Python Celery worker consuming ``broker.py_queue`` (Rust -> Python).
+
+Environment knobs: ``RCELERY_BIN_DIR`` (default ``<repo>/target/debug``), ``RCELERY_CONFIG``
+(default ``<repo>/celeryconfig.toml``), ``INTEROP_AMQP_URL``, ``INTEROP_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+from interop_app import create_app
+from interop_helpers import (
+    ARTIFACTS_DIR,
+    INTEROP_DIR,
+    ManagedProcess,
+    ready_pattern,
+    rust_binary,
+    rust_config,
+    rust_env,
+    start_process,
+)
+
+AMQP_URL = os.environ.get("INTEROP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("INTEROP_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# id -> (broker URL, result backend URL)
+BROKER_SETUPS = {
+    "rabbitmq": (AMQP_URL, REDIS_URL),
+    "redis": (REDIS_URL, REDIS_URL),
+}
+
+READY_TIMEOUT = 60.0
+RUST_CONCURRENCY = 8
+
+
+@dataclass
+class BrokerSetup:
+    name: str
+    broker_url: str
+    result_backend: str
+    session_id: str
+    queue: str
+    py_queue: str
+    app: Celery
+    queues_to_delete: list[str] = field(default_factory=list)
+
+    def new_queue(self, suffix: str) -> str:
+        """A further unique queue name, deleted from the broker at the end of the session."""
+        name = f"{self.queue}-{suffix}"
+        self.queues_to_delete.append(name)
+        return name
+
+    def rust_env(self, default_queue: str | None = None, **extra: str) -> dict[str, str]:
+        """Environment for Rust processes (worker and `call`) talking to this setup."""
+        return rust_env(
+            {
+                "CELERY_BROKER_URL": self.broker_url,
+                "CELERY_RESULT_BACKEND": self.result_backend,
+                "CELERY_TASK_DEFAULT_QUEUE": default_queue or self.queue,
+                # Not in the contract's list of overrides, but every setting is overridable:
+                # neutralise routes from the repo config so "no --queue" means the default queue.
+                "CELERY_TASK_ROUTES": "{}",
+                **extra,
+            }
+        )
+
+    def python_env(self, default_queue: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            INTEROP_BROKER_URL=self.broker_url,
+            INTEROP_RESULT_BACKEND=self.result_backend,
+            INTEROP_DEFAULT_QUEUE=default_queue,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def redis_results(self) -> redis_py.Redis:
+        return redis_py.Redis.from_url(self.result_backend, decode_responses=True)
+
+
+@dataclass
+class WorkerHandle:
+    """A running worker: its node name as it logged it, its queue(s), process and log."""
+
+    setup: BrokerSetup
+    hostname: str
+    queue: str
+    process: ManagedProcess
+
+    @property
+    def app(self) -> Celery:
+        return self.setup.app
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    @property
+    def broker_url(self) -> str:
+        return self.setup.broker_url
+
+    @property
+    def result_backend(self) -> str:
+        return self.setup.result_backend
+
+
+def _delete_queues(broker_url: str, names: list[str]) -> None:
+    """Best-effort removal of this session's queues (and the same-named exchanges Celery makes)."""
+    try:
+        with Connection(broker_url, connect_timeout=5) as conn:
+            for name in names:
+                for entity in (Queue(name, Exchange(name), routing_key=name), Exchange(name)):
+                    try:
+                        with conn.channel() as channel:  # a channel error closes only this one
+                            entity.bind(channel).delete()
+                    except Exception:  # noqa: BLE001 - cleanup must not mask test results
+                        pass
+            if broker_url.startswith("redis"):
+                client = redis_py.Redis.from_url(broker_url)
+                for name in names:
+                    client.delete(
+                        name,
+                        *(f"{name}\x06\x16{p}" for p in (3, 6, 9)),
+                        f"_kombu.binding.{name}",
+                        f"_kombu.binding_permanent.{name}",
+                    )
+    except Exception as exc:  # noqa: BLE001
+        print(f"interop: could not delete queues {names}: {exc}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session", params=sorted(BROKER_SETUPS), ids=sorted(BROKER_SETUPS))
+def broker(request) -> BrokerSetup:
+    name = request.param
+    broker_url, result_backend = BROKER_SETUPS[name]
+    session_id = uuid.uuid4().hex[:8]
+    queue = f"interop-{session_id}"
+    py_queue = f"interop-py-{session_id}"
+    app = create_app(broker_url, result_backend, default_queue=queue, main=f"interop-{name}")
+    setup = BrokerSetup(
+        name=name,
+        broker_url=broker_url,
+        result_backend=result_backend,
+        session_id=session_id,
+        queue=queue,
+        py_queue=py_queue,
+        app=app,
+        queues_to_delete=[queue, py_queue],
+    )
+    try:
+        yield setup
+    finally:
+        app.close()
+        _delete_queues(broker_url, setup.queues_to_delete)
+
+
+def start_rust_worker(setup: BrokerSetup, queues: list[str], tag: str, concurrency: int = RUST_CONCURRENCY) -> WorkerHandle:
+    """Start a Rust worker on ``queues`` and wait (bounded) for its ``<hostname> ready.`` line."""
+    worker_bin = rust_binary("worker")
+    config = rust_config()
+    node = f"rust-{setup.session_id}-{tag}"
+    argv = [
+        worker_bin, "--config", config, "-Q", ",".join(queues), "-c", str(concurrency),
+        "-n", f"{node}@%h", "--loglevel", "info",
+    ]
+    env = setup.rust_env(
+        default_queue=queues[0],
+        CELERY_TASK_TRACK_STARTED="true",
+        CELERY_RESULT_EXTENDED="true",
+    )
+    log_path = ARTIFACTS_DIR / f"rust-worker-{setup.name}-{node}.log"
+    process = start_process(f"Rust worker {node}", argv, env, log_path)
+    try:
+        match = process.wait_for_log(ready_pattern(node), READY_TIMEOUT)
+    except BaseException:
+        process.stop()
+        raise
+    hostname = match.group("hostname")
+    expected = f"{node}@{socket.gethostname()}"
+    if hostname != expected:
+        process.stop()
+        pytest.fail(f"Rust worker logged node name {hostname!r}, expected {expected!r} (%h = hostname)")
+    return WorkerHandle(setup=setup, hostname=hostname, queue=queues[0], process=process)
+
+
+def stop_rust_worker(handle: WorkerHandle) -> None:
+    """SIGTERM (then kill) and fail the teardown if the worker panicked at any point.
+
+    A panic in a spawned task can leave the process running, so the tests alone may miss it.
+    """
+    handle.process.stop()
+    panics = [line for line in handle.process.log_text().splitlines() if "panicked at" in line]
+    if panics:
+        pytest.fail(f"Rust worker {handle.hostname} panicked; log {handle.log_path}:\n" + "\n".join(panics[:10]),
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def rust(broker: BrokerSetup) -> WorkerHandle:
+    """The shared Rust worker of this broker setup (``-c 8``, track_started, result_extended)."""
+    handle = start_rust_worker(broker, [broker.queue], tag="main")
+    try:
+        yield handle
+    finally:
+        stop_rust_worker(handle)
+
+
+@pytest.fixture(scope="session")
+def py_worker(broker: BrokerSetup) -> WorkerHandle:
+    """A stock Python Celery worker (threads pool) consuming ``broker.py_queue``."""
+    node = f"py-{broker.session_id}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "interop_app", "worker",
+        "-Q", broker.py_queue, "-c", "2", "-P", "threads", "-n", f"{node}@%h",
+        "--without-gossip", "--without-mingle", "--loglevel", "info",
+    ]
+    # No --without-heartbeat: with events off the heart sends nothing, but its 2 s timer wakes the
+    # event loop; without any timer a SIGTERM'd worker on AMQP sits in epoll ~10 s before exiting.
+    log_path = ARTIFACTS_DIR / f"py-worker-{broker.name}-{node}.log"
+    process = start_process(
+        f"Python worker {node}", argv, broker.python_env(broker.py_queue), log_path, cwd=INTEROP_DIR
+    )
+    try:
+        match = process.wait_for_log(ready_pattern(node), READY_TIMEOUT)
+        yield WorkerHandle(setup=broker, hostname=match.group("hostname"), queue=broker.py_queue, process=process)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def spawn_rust_worker(broker: BrokerSetup):
+    """Start extra Rust workers for one test: ``spawn_rust_worker([queues], tag=..., concurrency=...)``.
+
+    Each is stopped (SIGTERM, then kill) when the test ends, unless the test stopped it itself.
+    """
+    started: list[WorkerHandle] = []
+
+    def spawn(queues: list[str], tag: str, concurrency: int = 2) -> WorkerHandle:
+        handle = start_rust_worker(broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency)
+        started.append(handle)
+        return handle
+
+    try:
+        yield spawn
+    finally:
+        for handle in started:
+            stop_rust_worker(handle)
