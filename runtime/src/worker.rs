@@ -14,6 +14,7 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
@@ -62,6 +63,8 @@ pub struct Worker {
     hostname: String,
     queues: Vec<String>,
     slots: Semaphore,
+    /// Cancelled at shutdown: messages not yet started are given back to the broker.
+    stopping: CancellationToken,
 }
 
 impl Worker {
@@ -88,11 +91,12 @@ impl Worker {
             hostname,
             queues,
             slots,
+            stopping: CancellationToken::new(),
         })
     }
 
-    /// Consumes until `shutdown` resolves or the broker connection is lost, then waits for the
-    /// tasks already taken to finish.
+    /// Consumes until `shutdown` resolves or the broker connection is lost, then finishes the
+    /// tasks already running and gives the ones not started back to the broker.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let worker = Arc::new(self);
         let prefetch =
@@ -125,9 +129,10 @@ impl Worker {
             }
         };
         drop(deliveries);
+        worker.stopping.cancel();
         info!(
             tasks = running.len(),
-            "stopped consuming; waiting for tasks in hand"
+            "stopped consuming; giving back tasks not started, finishing the others"
         );
         while running.join_next().await.is_some() {}
         if let Err(error) = worker.broker.close().await {
@@ -169,14 +174,24 @@ impl Worker {
             settle_with(settle.ack(), &tag).await;
             return;
         };
-        if let Some(eta) = request.eta {
-            // Held unacked until due: a crash before then gives the message back to the broker.
-            if let Ok(wait) = (eta - Utc::now()).to_std() {
+        // Held unacked until due and until a slot is free: a crash before then gives the message
+        // back to the broker, and so does a shutdown.
+        let due_and_free = async {
+            if let Some(wait) = request.eta.and_then(|eta| (eta - Utc::now()).to_std().ok()) {
                 tokio::time::sleep(wait).await;
             }
-        }
-        let Ok(_slot) = self.slots.acquire().await else {
-            return;
+            self.slots.acquire().await
+        };
+        let _slot = tokio::select! {
+            slot = due_and_free => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            () = self.stopping.cancelled() => {
+                info!(task = %request.task, id = %request.id, "giving back a task not started");
+                settle_with(settle.reject(true), &tag).await;
+                return;
+            }
         };
         if request.expires.is_some_and(|expires| expires <= Utc::now()) {
             warn!(task = %request.task, id = %request.id, "discarding expired task");

@@ -182,3 +182,50 @@ async fn ignore_result_stores_nothing_and_acks_late_still_runs() {
         assert_eq!(ignored.state().await.unwrap(), state::PENDING, "{url}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_back_tasks_not_started() {
+    for url in BROKERS {
+        let worker = start(url, false).await;
+        let later = SendOptions {
+            countdown: Some(3600.0),
+            ..SendOptions::default()
+        };
+        let held = worker
+            .client
+            .send_task("tasks.add", vec![json!(1), json!(2)], Map::new(), later)
+            .await
+            .unwrap();
+        // Delivered in order: once the next task is done, the worker holds the countdown one.
+        assert_eq!(
+            worker
+                .call("tasks.add", json!([0, 0]), json!({}))
+                .await
+                .unwrap(),
+            json!(0)
+        );
+        let queue = worker.queue.clone();
+        let stopping = tokio::time::timeout(Duration::from_secs(20), async {
+            let _ = worker.stop.send(());
+            worker.done.await.unwrap().unwrap();
+        });
+        stopping
+            .await
+            .expect("shutdown waited for a task due in an hour");
+        let broker = runtime::broker::connect(url).await.unwrap();
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 1)
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{url}: the held task is not back on {queue}"))
+            .unwrap();
+        let back = runtime::protocol::TaskRequest::decode(&delivery.message.unwrap()).unwrap();
+        assert_eq!(back.id, held.id, "{url}");
+        delivery.settle.ack().await.unwrap();
+        worker.client.close().await.unwrap();
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}

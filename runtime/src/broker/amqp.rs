@@ -162,7 +162,8 @@ impl Broker for AmqpBroker {
                         tag,
                         settle,
                     };
-                    if sender.send(delivery).await.is_err() {
+                    if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
+                        super::give_back(unwanted).await;
                         break;
                     }
                 }

@@ -97,6 +97,13 @@ pub trait Broker: Send + Sync {
     async fn close(&self) -> Result<()>;
 }
 
+/// Returns a delivery nobody will take (the consumer stopped while it was fetched) to its queue.
+async fn give_back(delivery: Delivery) {
+    if let Err(error) = delivery.settle.reject(true).await {
+        tracing::error!(tag = %delivery.tag, %error, "cannot give back an unwanted message");
+    }
+}
+
 /// Connects to the broker `url` names.
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     Ok(match BrokerKind::of(url)? {

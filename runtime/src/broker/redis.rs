@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-use super::{Acker, Broker, Delivery, Settle};
+use super::{give_back, Acker, Broker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::envelope::{self, DeliveryInfo};
 use crate::protocol::Message;
@@ -59,6 +60,10 @@ pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
     bound: Mutex<HashSet<String>>,
+    /// The fetch loops, awaited at close so a message popped in the last BRPOP goes back.
+    consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Cancelled by `close`: fetch loops stop at their next turn.
+    closing: CancellationToken,
 }
 
 impl RedisBroker {
@@ -70,6 +75,8 @@ impl RedisBroker {
             client,
             connection,
             bound: Mutex::new(HashSet::new()),
+            consumers: Mutex::new(Vec::new()),
+            closing: CancellationToken::new(),
         })
     }
 
@@ -117,12 +124,16 @@ impl Broker for RedisBroker {
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
-        tokio::spawn(async move {
+        let closing = self.closing.clone();
+        let fetching = tokio::spawn(async move {
             loop {
                 // A held slot is an unsettled message: stop fetching while all are taken.
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     break;
                 };
+                if sender.is_closed() || closing.is_cancelled() {
+                    break;
+                }
                 let popped: Option<(String, Vec<u8>)> =
                     match blocking.brpop(brpop_keys(&queues), BRPOP_TIMEOUT).await {
                         Ok(popped) => popped,
@@ -162,11 +173,13 @@ impl Broker for RedisBroker {
                         settle: Settle::new(Dropped { _slot: slot }),
                     },
                 };
-                if sender.send(delivery).await.is_err() {
+                if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
+                    give_back(unwanted).await;
                     break;
                 }
             }
         });
+        self.consumers.lock().await.push(fetching);
         Ok(receiver)
     }
 
@@ -190,7 +203,11 @@ impl Broker for RedisBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        // Connections close when dropped; nothing is held server-side per connection.
+        // A fetch loop ends within one BRPOP timeout; what that BRPOP took is delivered or given back.
+        self.closing.cancel();
+        for fetching in self.consumers.lock().await.drain(..) {
+            let _ = fetching.await;
+        }
         Ok(())
     }
 }
