@@ -13,6 +13,10 @@ pub enum Error {
     #[error("unsupported URL scheme in {0}")]
     UnsupportedUrl(String),
 
+    /// The broker cannot do what was asked of it.
+    #[error("not supported by this broker: {0}")]
+    Unsupported(&'static str),
+
     /// An AMQP operation failed.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),

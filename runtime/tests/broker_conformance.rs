@@ -166,3 +166,36 @@ async fn a_queue_python_declared_with_other_arguments_is_used_as_it_is() {
     broker.close().await.unwrap();
     let _ = python.close(200, "done").await;
 }
+
+#[tokio::test]
+async fn broadcasts_reach_subscribers_of_their_routing_key() {
+    use runtime::broker::{Exchange, Subscription};
+    for url in broker_urls() {
+        let broker = broker::connect(&url).await.unwrap();
+        let key = format!("test.{}", uuid::Uuid::new_v4().simple());
+        let subscription = Subscription {
+            queue: unique_queue("events"),
+            expires_ms: 60_000,
+            message_ttl_ms: 5_000,
+        };
+        let mut received = broker
+            .subscribe(&Exchange::EVENTS, &key, &subscription)
+            .await
+            .unwrap();
+        let mut message = request(5).encode();
+        message.properties.delivery_mode = 1;
+        broker
+            .publish_to(&Exchange::EVENTS, &key, &message)
+            .await
+            .unwrap();
+        let got = within(10, "the broadcast", received.recv())
+            .await
+            .expect("subscription ended");
+        assert_eq!(
+            (got.body, got.headers),
+            (message.body, message.headers),
+            "{url}"
+        );
+        broker.close().await.unwrap();
+    }
+}

@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use serde_json::{Map, Number, Value};
 use tokio::sync::{mpsc, Mutex};
 
-use super::{Acker, Broker, Delivery, Settle};
+use super::{Acker, Broker, Delivery, Exchange, Settle, Subscription};
 use crate::error::{Error, Result};
 use crate::protocol::{Message, Properties};
 
@@ -24,6 +24,7 @@ pub struct AmqpBroker {
     connection: Connection,
     publisher: Channel,
     declared: Mutex<HashSet<String>>,
+    declared_exchanges: Mutex<HashSet<&'static str>>,
 }
 
 impl AmqpBroker {
@@ -42,6 +43,7 @@ impl AmqpBroker {
             connection,
             publisher,
             declared: Mutex::new(HashSet::new()),
+            declared_exchanges: Mutex::new(HashSet::new()),
         })
     }
 
@@ -95,6 +97,30 @@ impl AmqpBroker {
             }
         }
         self.declared.lock().await.insert(queue.to_string());
+        Ok(())
+    }
+}
+
+impl AmqpBroker {
+    /// Declares `exchange` once per connection, as Celery declares it (publishing to a missing
+    /// exchange would close the channel).
+    async fn ensure_exchange(&self, channel: &Channel, exchange: &Exchange) -> Result<()> {
+        if self.declared_exchanges.lock().await.contains(exchange.name) {
+            return Ok(());
+        }
+        let kind = match exchange.kind {
+            super::ExchangeKind::Direct => ExchangeKind::Direct,
+            super::ExchangeKind::Topic => ExchangeKind::Topic,
+            super::ExchangeKind::Fanout => ExchangeKind::Fanout,
+        };
+        let options = ExchangeDeclareOptions {
+            durable: exchange.durable,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(exchange.name, kind, options, FieldTable::default())
+            .await?;
+        self.declared_exchanges.lock().await.insert(exchange.name);
         Ok(())
     }
 }
@@ -169,6 +195,82 @@ impl Broker for AmqpBroker {
                 }
             });
         }
+        Ok(receiver)
+    }
+
+    async fn publish_to(
+        &self,
+        exchange: &Exchange,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<()> {
+        self.ensure_exchange(&self.publisher, exchange).await?;
+        // Sent, not confirmed: monitoring traffic must never hold a task up.
+        let _confirm = self
+            .publisher
+            .basic_publish(
+                exchange.name,
+                routing_key,
+                BasicPublishOptions::default(),
+                &message.body,
+                properties_of(message),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &Subscription,
+    ) -> Result<mpsc::Receiver<Message>> {
+        let channel = self.connection.create_channel().await?;
+        self.ensure_exchange(&channel, exchange).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(subscription.expires_ms),
+        );
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongUInt(subscription.message_ttl_ms),
+        );
+        let private = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let queue = subscription.queue.as_str();
+        channel.queue_declare(queue, private, arguments).await?;
+        channel
+            .queue_bind(
+                queue,
+                exchange.name,
+                binding_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let mut consumer = channel
+            .basic_consume(queue, "", no_ack, FieldTable::default())
+            .await?;
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if sender
+                    .send(message_of(&delivery.properties, delivery.data))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
         Ok(receiver)
     }
 

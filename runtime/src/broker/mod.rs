@@ -77,6 +77,60 @@ impl Settle {
     }
 }
 
+/// How an exchange routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// To queues bound with the routing key (on Redis: the binding table).
+    Direct,
+    /// To queues whose binding pattern matches (on Redis: treated as fanout, as Celery does).
+    Topic,
+    /// To every bound queue (on Redis: PUB/SUB).
+    Fanout,
+}
+
+/// An exchange of Celery's monitoring and control traffic, declared as Celery declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    /// Its name.
+    pub name: &'static str,
+    /// How it routes.
+    pub kind: ExchangeKind,
+    /// Whether it survives a broker restart.
+    pub durable: bool,
+}
+
+impl Exchange {
+    /// `celeryev`: events for Flower and `celery events`.
+    pub const EVENTS: Self = Self {
+        name: "celeryev",
+        kind: ExchangeKind::Topic,
+        durable: true,
+    };
+    /// `celery.pidbox`: remote-control requests to workers.
+    pub const CONTROL: Self = Self {
+        name: "celery.pidbox",
+        kind: ExchangeKind::Fanout,
+        durable: false,
+    };
+    /// `reply.celery.pidbox`: workers' answers to control requests.
+    pub const REPLY: Self = Self {
+        name: "reply.celery.pidbox",
+        kind: ExchangeKind::Direct,
+        durable: false,
+    };
+}
+
+/// The private queue of a broadcast subscriber (AMQP: exclusive, auto-delete, with expiries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Queue name, e.g. `<hostname>.celery.pidbox`.
+    pub queue: String,
+    /// `x-expires`: the queue goes this long after its consumer.
+    pub expires_ms: u32,
+    /// `x-message-ttl`: messages older than this are dropped.
+    pub message_ttl_ms: u32,
+}
+
 /// A message broker as Celery uses it.
 #[async_trait]
 pub trait Broker: Send + Sync {
@@ -86,6 +140,24 @@ pub trait Broker: Send + Sync {
     /// Starts consuming `queues`; deliveries arrive on the channel, at most `prefetch` unsettled.
     /// The channel closes when the connection is lost.
     async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>>;
+
+    /// Publishes a transient message to `exchange` with `routing_key` (events, control traffic);
+    /// no confirmation is awaited.
+    async fn publish_to(
+        &self,
+        exchange: &Exchange,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<()>;
+
+    /// Receives what `exchange` routes with `binding_key` to the private queue `subscription`.
+    /// Messages need no ack; the channel closes when the connection is lost.
+    async fn subscribe(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &Subscription,
+    ) -> Result<mpsc::Receiver<Message>>;
 
     /// Whether the connection is usable (for health checks).
     async fn check(&self) -> Result<()>;

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{give_back, Acker, Broker, Delivery, Settle};
-use crate::error::Result;
+use super::{give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, Settle, Subscription};
+use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
 use crate::protocol::Message;
 
@@ -94,6 +95,36 @@ impl RedisBroker {
             .await?;
         self.bound.lock().await.insert(queue.to_string());
         Ok(())
+    }
+}
+
+impl RedisBroker {
+    /// The PUB/SUB channel kombu uses for a fanout exchange: prefixed with the database number,
+    /// because channels are not scoped by database.
+    fn fanout_channel(&self, exchange: &str, routing_key: &str) -> String {
+        let db = self.client.get_connection_info().redis.db;
+        match routing_key {
+            "" => format!("/{db}.{exchange}"),
+            key => format!("/{db}.{exchange}/{key}"),
+        }
+    }
+
+    /// The lists bound to direct `exchange` with `routing_key`, from kombu's binding table.
+    async fn bound_lists(&self, exchange: &str, routing_key: &str) -> Result<Vec<String>> {
+        let members: Vec<String> = self
+            .connection
+            .clone()
+            .smembers(format!("_kombu.binding.{exchange}"))
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let mut fields = member.split(SEP);
+                let key = fields.next()?;
+                let queue = fields.nth(1)?;
+                (key == routing_key).then(|| queue.to_string())
+            })
+            .collect())
     }
 }
 
@@ -180,6 +211,76 @@ impl Broker for RedisBroker {
             }
         });
         self.consumers.lock().await.push(fetching);
+        Ok(receiver)
+    }
+
+    async fn publish_to(
+        &self,
+        exchange: &Exchange,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<()> {
+        let info = DeliveryInfo {
+            exchange: exchange.name.to_string(),
+            routing_key: routing_key.to_string(),
+        };
+        let (_, text) = envelope::encode(message, info);
+        let mut connection = self.connection.clone();
+        match exchange.kind {
+            ExchangeKind::Fanout | ExchangeKind::Topic => {
+                connection
+                    .publish::<_, _, ()>(self.fanout_channel(exchange.name, routing_key), text)
+                    .await?;
+            }
+            ExchangeKind::Direct => {
+                for list in self.bound_lists(exchange.name, routing_key).await? {
+                    connection.lpush::<_, _, ()>(list, &text).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &Subscription,
+    ) -> Result<mpsc::Receiver<Message>> {
+        if exchange.kind == ExchangeKind::Direct {
+            return Err(Error::Unsupported(
+                "subscribing to a direct exchange on Redis",
+            ));
+        }
+        // Not needed for delivery, but kombu records it and tools read it.
+        let member = format!("{binding_key}{SEP}{SEP}{}", subscription.queue);
+        self.connection
+            .clone()
+            .sadd::<_, _, ()>(format!("_kombu.binding.{}", exchange.name), member)
+            .await?;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(self.fanout_channel(exchange.name, &binding_key.replace('#', "*")))
+            .await?;
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Ok(payload) = message.get_payload::<Vec<u8>>() else {
+                    continue;
+                };
+                match envelope::decode(&payload) {
+                    Ok(received) => {
+                        if sender.send(received.message).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(channel = message.get_channel_name(), %error, "ignoring unreadable broadcast")
+                    }
+                }
+            }
+        });
         Ok(receiver)
     }
 
