@@ -61,6 +61,12 @@ pub struct CeleryConfig {
     pub result_expires: u64,
     /// Also store name, args, kwargs, worker, retries and queue with each result.
     pub result_extended: bool,
+    /// Send `task-*` events from the start (as `celery worker -E`).
+    pub worker_send_task_events: bool,
+    /// Seconds between `worker-heartbeat` events.
+    pub worker_heartbeat_interval: f64,
+    /// The client sends `task-sent` events.
+    pub task_send_sent_event: bool,
     /// PostgreSQL URL of the web app's jobs table.
     pub database_url: String,
     /// Task that `POST /receive` runs for a payload that names no task (the payload is its
@@ -88,6 +94,9 @@ impl Default for CeleryConfig {
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,
+            worker_send_task_events: false,
+            worker_heartbeat_interval: 2.0,
+            task_send_sent_event: false,
             database_url: "postgres://postgres@127.0.0.1:5432/rcelery".into(),
             web_default_task: "tasks.echo".into(),
             web_allowed_tasks: Vec::new(),
@@ -151,6 +160,11 @@ impl CeleryConfig {
                 "worker_prefetch_multiplier must be at least 1".into(),
             ));
         }
+        if self.worker_heartbeat_interval.is_nan() || self.worker_heartbeat_interval <= 0.0 {
+            return Err(Error::Config(
+                "worker_heartbeat_interval must be more than 0 seconds".into(),
+            ));
+        }
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
                 "web_sweep_interval must be at least 1 second".into(),
@@ -210,7 +224,7 @@ fn env_value(default: &Value, raw: &str) -> Value {
 }
 
 /// `*` matches any run of characters; everything else matches itself.
-fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((prefix, rest)) => {

@@ -6,7 +6,10 @@
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
 //! - [`progress`]: the handle a running task reports custom states through.
-//! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks.
+//! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
+//! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
+//! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks, and
+//!   answers Celery's remote control.
 //! - [`logging`]: the tracing set-up every binary shares.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
 
@@ -15,10 +18,12 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod logging;
 pub mod progress;
 pub mod protocol;
 pub mod registry;
+pub mod state;
 pub mod worker;
 
 pub use config::CeleryConfig;

@@ -142,7 +142,8 @@ where
             result.map(|value| serde_json::to_value(&value))
         });
         let joined = match self.execution {
-            Execution::Async => tokio::spawn(run).await,
+            // Aborted if this future is dropped (a revoke with terminate), not left running.
+            Execution::Async => tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run)).await,
             Execution::Blocking => {
                 let runtime = tokio::runtime::Handle::current();
                 tokio::task::spawn_blocking(move || runtime.block_on(run)).await

@@ -39,7 +39,8 @@ async fn start(broker_url: &str, acks_late: bool) -> Running {
     let worker = Worker::new(
         config.clone(),
         tasks::registry(),
-        "test@host".into(),
+        // Node names are unique in a cluster (each owns its pidbox queue).
+        format!("{queue}@host"),
         vec![queue.clone()],
     )
     .await

@@ -45,7 +45,8 @@ pub async fn create_if_missing(url: &str) -> Result<(), Error> {
         found: i32,
     }
 
-    let mut admin_url = url::Url::parse(url).map_err(|e| Error::DatabaseUnavailable(e.to_string()))?;
+    let mut admin_url =
+        url::Url::parse(url).map_err(|e| Error::DatabaseUnavailable(e.to_string()))?;
     let name = admin_url.path().trim_start_matches('/').to_string();
     if name.is_empty() || name == "postgres" {
         return Ok(());
@@ -60,7 +61,9 @@ pub async fn create_if_missing(url: &str) -> Result<(), Error> {
         .await?;
     if exists.is_empty() {
         let quoted = name.replace('"', "\"\"");
-        diesel::sql_query(format!("CREATE DATABASE \"{quoted}\"")).execute(&mut admin).await?;
+        diesel::sql_query(format!("CREATE DATABASE \"{quoted}\""))
+            .execute(&mut admin)
+            .await?;
         tracing::info!(database = %name, "created database");
     }
     Ok(())

@@ -26,8 +26,12 @@ async fn main() -> anyhow::Result<()> {
     runtime::logging::init(&args.loglevel);
     let config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
     if args.migrate {
-        web::db::create_if_missing(&config.database_url).await.context("creating the database")?;
-        web::db::migrate(&config.database_url).await.context("applying migrations")?;
+        web::db::create_if_missing(&config.database_url)
+            .await
+            .context("creating the database")?;
+        web::db::migrate(&config.database_url)
+            .await
+            .context("applying migrations")?;
         return Ok(());
     }
     let app = web::build(config).await.context("starting the web app")?;

@@ -22,6 +22,9 @@ struct Args {
     /// Node name; %h is the host name, %n its first label, %d the domain.
     #[arg(short = 'n', long, default_value = "celery@%h")]
     hostname: String,
+    /// Send task events from the start (worker_send_task_events).
+    #[arg(short = 'E', long = "task-events")]
+    task_events: bool,
     /// debug, info, warning, error or critical.
     #[arg(short = 'l', long, default_value = "info")]
     loglevel: String,
@@ -32,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     runtime::logging::init(&args.loglevel);
     let mut config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
+    config.worker_send_task_events |= args.task_events;
     if let Some(concurrency) = args.concurrency {
         config.worker_concurrency = concurrency;
     }

@@ -1,30 +1,37 @@
 //! The dispatcher: takes task messages from the broker and runs them as Celery's worker would.
 //!
 //! Per message: decode (undecodable → logged with its delivery tag and rejected); look the task
-//! up (unknown → FAILURE `NotRegistered`, acked); drop it as REVOKED when expired; hold it
-//! unacked until its ETA; wait for a free slot of `worker_concurrency`; ack (now, or after the
-//! run with `task_acks_late`); store STARTED, the task's own states, then SUCCESS or FAILURE.
-//! Nothing a message contains can stop the loop.
+//! up (unknown → FAILURE `NotRegistered`, acked); drop it as REVOKED when revoked or expired;
+//! hold it unacked until its ETA and a free slot of `worker_concurrency`; ack (now, or after the
+//! run with `task_acks_late`); store STARTED, the task's own states, then SUCCESS or FAILURE;
+//! send the matching events. Nothing a message contains can stop the loop.
+//!
+//! [`control`] answers Celery's remote control (pidbox) for this node.
+
+mod control;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use celery::Celery;
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
-use crate::broker::{self, Broker, BrokerKind, Delivery};
+use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
+use crate::events::{Clock, Events};
 use crate::progress::{TaskContext, Updates};
+use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::registry::{Outcome, Registry};
+use crate::state::WorkerState;
 
 /// Expands Celery's node-name placeholders: `%h` host name, `%n` its first label, `%d` the rest.
 pub fn expand_hostname(template: &str) -> String {
@@ -63,8 +70,19 @@ pub struct Worker {
     hostname: String,
     queues: Vec<String>,
     slots: Semaphore,
+    state: WorkerState,
+    clock: Arc<Clock>,
+    events: Arc<Events>,
     /// Cancelled at shutdown: messages not yet started are given back to the broker.
     stopping: CancellationToken,
+    /// Cancelled by the `shutdown` control command.
+    shutdown_requested: CancellationToken,
+}
+
+/// How a run ended, beyond the task's own outcome.
+enum Ending {
+    Ran(Outcome),
+    Terminated,
 }
 
 impl Worker {
@@ -82,32 +100,65 @@ impl Worker {
         };
         let app = app_handle(&config).await?;
         let slots = Semaphore::new(config.concurrency());
+        let clock = Arc::new(Clock::default());
+        let events = Events::start(
+            broker.clone(),
+            &hostname,
+            clock.clone(),
+            config.worker_send_task_events,
+        );
         Ok(Self {
             app,
             registry,
             broker,
             backend,
+            state: WorkerState::new(&hostname),
             config,
             hostname,
             queues,
             slots,
+            clock,
+            events,
             stopping: CancellationToken::new(),
+            shutdown_requested: CancellationToken::new(),
         })
     }
 
-    /// Consumes until `shutdown` resolves or the broker connection is lost, then finishes the
-    /// tasks already running and gives the ones not started back to the broker.
+    fn prefetch(&self) -> u16 {
+        let prefetch =
+            self.config.concurrency() * usize::from(self.config.worker_prefetch_multiplier);
+        u16::try_from(prefetch).unwrap_or(u16::MAX)
+    }
+
+    /// Consumes until `shutdown` resolves (or the `shutdown` control command comes, or the
+    /// broker connection is lost), then finishes the tasks already running and gives the ones
+    /// not started back to the broker.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let worker = Arc::new(self);
-        let prefetch =
-            worker.config.concurrency() * usize::from(worker.config.worker_prefetch_multiplier);
-        let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
-        let mut deliveries = worker.broker.consume(&worker.queues, prefetch).await?;
+        let mut deliveries = worker
+            .broker
+            .consume(&worker.queues, worker.prefetch())
+            .await?;
+        let pidbox = Subscription {
+            queue: format!("{}.celery.pidbox", worker.hostname),
+            expires_ms: 10_000,
+            message_ttl_ms: 300_000,
+        };
+        let requests = worker
+            .broker
+            .subscribe(&Exchange::CONTROL, "", &pidbox)
+            .await?;
+        let control = tokio::spawn(worker.clone().serve_control(requests));
+        worker
+            .events
+            .worker("worker-online", worker.heartbeat_fields());
+        let heartbeat = tokio::spawn(worker.clone().beat());
         info!(
             hostname = %worker.hostname,
             broker = %crate::config::redact_url(&worker.config.broker_url),
             queues = ?worker.queues,
             concurrency = worker.config.concurrency(),
+            task_events = worker.events.task_events(),
             tasks = ?worker.registry.names().collect::<Vec<_>>(),
             "{} ready.",
             worker.hostname
@@ -117,6 +168,7 @@ impl Worker {
         let lost = loop {
             tokio::select! {
                 () = &mut shutdown => break false,
+                () = worker.shutdown_requested.cancelled() => break false,
                 delivery = deliveries.recv() => match delivery {
                     Some(delivery) => { running.spawn(worker.clone().handle(delivery)); }
                     None => break true,
@@ -135,6 +187,12 @@ impl Worker {
             "stopped consuming; giving back tasks not started, finishing the others"
         );
         while running.join_next().await.is_some() {}
+        heartbeat.abort();
+        control.abort();
+        worker
+            .events
+            .worker("worker-offline", worker.heartbeat_fields());
+        worker.events.close().await;
         if let Err(error) = worker.broker.close().await {
             warn!(%error, "closing the broker connection");
         }
@@ -142,6 +200,39 @@ impl Worker {
             return Err(Error::ConnectionLost);
         }
         Ok(())
+    }
+
+    /// `worker-heartbeat` every `worker_heartbeat_interval` seconds.
+    async fn beat(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(
+            self.config.worker_heartbeat_interval,
+        ));
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            self.events
+                .worker("worker-heartbeat", self.heartbeat_fields());
+        }
+    }
+
+    /// The fields of `worker-online`, `-heartbeat` and `-offline`.
+    fn heartbeat_fields(&self) -> Map<String, Value> {
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let loadavg: Vec<f64> = loadavg
+            .split_whitespace()
+            .take(3)
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let fields = json!({
+            "freq": self.config.worker_heartbeat_interval,
+            "active": self.state.active_count(),
+            "processed": self.state.processed(),
+            "loadavg": loadavg,
+            "sw_ident": "rcelery",
+            "sw_ver": env!("CARGO_PKG_VERSION"),
+            "sw_sys": std::env::consts::OS,
+        });
+        fields.as_object().cloned().unwrap_or_default()
     }
 
     async fn handle(self: Arc<Self>, delivery: Delivery) {
@@ -169,11 +260,23 @@ impl Worker {
         let Some(handler) = self.registry.get(&request.task) else {
             error!(task = %request.task, id = %request.id, "received unregistered task");
             let exc = ExceptionInfo::celery("NotRegistered", request.task.clone());
+            self.events.task(
+                "task-failed",
+                &request.id,
+                fields(json!({"exception": exc.repr(), "traceback": null})),
+            );
             self.finish(&request, &queue, state::FAILURE, exc.to_value(), None)
                 .await;
             settle_with(settle.ack(), &tag).await;
             return;
         };
+        if self.discard_if_dead(&request, &queue).await {
+            settle_with(settle.ack(), &tag).await;
+            return;
+        }
+        let terminate = self.state.hold(&request, &queue);
+        self.events
+            .task("task-received", &request.id, received_fields(&request));
         // Held unacked until due and until a slot is free: a crash before then gives the message
         // back to the broker, and so does a shutdown.
         let due_and_free = async {
@@ -182,31 +285,24 @@ impl Worker {
             }
             self.slots.acquire().await
         };
-        let _slot = tokio::select! {
-            slot = due_and_free => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-            () = self.stopping.cancelled() => {
-                info!(task = %request.task, id = %request.id, "giving back a task not started");
-                settle_with(settle.reject(true), &tag).await;
-                return;
-            }
+        let slot = tokio::select! {
+            slot = due_and_free => slot.ok(),
+            () = self.stopping.cancelled() => None,
         };
-        if request.expires.is_some_and(|expires| expires <= Utc::now()) {
-            warn!(task = %request.task, id = %request.id, "discarding expired task");
-            let exc = ExceptionInfo::celery("TaskRevokedError", "expired");
-            self.finish(&request, &queue, state::REVOKED, exc.to_value(), None)
-                .await;
+        let Some(_slot) = slot else {
+            info!(task = %request.task, id = %request.id, "giving back a task not started");
+            self.state.release(&request.id);
+            settle_with(settle.reject(true), &tag).await;
+            return;
+        };
+        if self.discard_if_dead(&request, &queue).await {
+            self.state.release(&request.id);
             settle_with(settle.ack(), &tag).await;
             return;
         }
-        let settle = if self.config.task_acks_late {
-            Some(settle)
-        } else {
-            settle_with(settle.ack(), &tag).await;
-            None
-        };
+        let settle = self.ack_early(settle, &tag).await;
+        self.state.activate(&request.id, settle.is_none());
+        self.events.task("task-started", &request.id, Map::new());
         let stores = self.stores(&request);
         if stores && self.config.task_track_started {
             let started = json!({"pid": std::process::id(), "hostname": self.hostname});
@@ -214,31 +310,52 @@ impl Worker {
                 .await;
         }
         let (context, updates) = TaskContext::new(&request.id);
-        let reporter = stores.then(|| {
-            tokio::spawn(
-                self.clone()
-                    .report_states(request.clone(), queue.clone(), updates),
-            )
-        });
+        let reporter = tokio::spawn(self.clone().report_states(
+            request.clone(),
+            queue.clone(),
+            updates,
+            stores,
+        ));
         let began = Instant::now();
-        let outcome = handler
-            .run(self.app.clone(), &request, &self.hostname, context)
-            .await;
+        let ending = tokio::select! {
+            outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
+            () = terminate.cancelled() => Ending::Terminated,
+        };
         let runtime = began.elapsed().as_secs_f64();
-        if let Some(reporter) = reporter {
-            // Its last write lands before the final state, so the final state is what stays.
-            let _ = reporter.await;
-        }
-        match outcome {
-            Outcome::Success(value) => {
+        // Its last write lands before the final state, so the final state is what stays.
+        let _ = reporter.await;
+        self.state.release(&request.id);
+        match ending {
+            Ending::Ran(Outcome::Success(value)) => {
                 info!(task = %request.task, id = %request.id, runtime, result = %value, "task succeeded");
+                self.events.task(
+                    "task-succeeded",
+                    &request.id,
+                    fields(json!({"result": repr(&value), "runtime": runtime})),
+                );
                 self.finish(&request, &queue, state::SUCCESS, value, None)
                     .await;
             }
-            Outcome::Failure(exc) => {
+            Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
                 let tb = traceback(&exc);
+                self.events.task(
+                    "task-failed",
+                    &request.id,
+                    fields(json!({"exception": exc.repr(), "traceback": tb})),
+                );
                 self.finish(&request, &queue, state::FAILURE, exc.to_value(), Some(tb))
+                    .await;
+            }
+            Ending::Terminated => {
+                warn!(task = %request.task, id = %request.id, runtime, "task terminated by revoke");
+                self.events.task(
+                    "task-revoked",
+                    &request.id,
+                    fields(json!({"terminated": true, "signum": 15, "expired": false})),
+                );
+                let exc = ExceptionInfo::celery("TaskRevokedError", "terminated");
+                self.finish(&request, &queue, state::REVOKED, exc.to_value(), None)
                     .await;
             }
         }
@@ -247,19 +364,56 @@ impl Worker {
         }
     }
 
-    /// Writes each state the task reports, newest first-come, until the task ends.
+    /// Acks now unless `task_acks_late`; returns the settlement still owed.
+    async fn ack_early(&self, settle: Settle, tag: &str) -> Option<Settle> {
+        if self.config.task_acks_late {
+            return Some(settle);
+        }
+        settle_with(settle.ack(), tag).await;
+        None
+    }
+
+    /// Stores REVOKED (and tells Flower) for a request revoked or expired before it ran.
+    async fn discard_if_dead(&self, request: &TaskRequest, queue: &str) -> bool {
+        let expired = request.expires.is_some_and(|expires| expires <= Utc::now());
+        if !expired && !self.state.is_revoked(&request.id) {
+            return false;
+        }
+        let reason = if expired { "expired" } else { "revoked" };
+        warn!(task = %request.task, id = %request.id, reason, "discarding task");
+        self.events.task(
+            "task-revoked",
+            &request.id,
+            fields(json!({"terminated": false, "signum": null, "expired": expired})),
+        );
+        let exc = ExceptionInfo::celery("TaskRevokedError", reason);
+        self.finish(request, queue, state::REVOKED, exc.to_value(), None)
+            .await;
+        true
+    }
+
+    /// Writes each state the task reports, the newest one each time, until the task ends.
     async fn report_states(
         self: Arc<Self>,
         request: TaskRequest,
         queue: String,
         mut updates: Updates,
+        stores: bool,
     ) {
         while updates.changed().await.is_ok() {
             let Some(update) = updates.borrow_and_update().clone() else {
                 continue;
             };
-            self.store(self.meta(&request, &queue, &update.state, update.meta))
-                .await;
+            let event = format!("task-{}", update.state.to_ascii_lowercase());
+            self.events.task(
+                &event,
+                &request.id,
+                fields(json!({"state": update.state, "meta": update.meta})),
+            );
+            if stores {
+                self.store(self.meta(&request, &queue, &update.state, update.meta))
+                    .await;
+            }
         }
     }
 
@@ -305,6 +459,28 @@ impl Worker {
         if let Err(error) = backend.store(&meta).await {
             error!(id = %meta.task_id, status = %meta.status, %error, "cannot store result");
         }
+    }
+}
+
+/// The fields of `task-received`, as Flower reads them.
+fn received_fields(request: &TaskRequest) -> Map<String, Value> {
+    let iso = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    fields(json!({
+        "name": request.task,
+        "args": repr_args(&request.args),
+        "kwargs": repr(&Value::Object(request.kwargs.clone())),
+        "root_id": request.root_id,
+        "parent_id": request.parent_id,
+        "retries": request.retries,
+        "eta": iso(request.eta),
+        "expires": iso(request.expires),
+    }))
+}
+
+fn fields(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
     }
 }
 

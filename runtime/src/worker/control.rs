@@ -1,0 +1,327 @@
+//! Celery's remote control (pidbox) for one worker node: `celery inspect`, `celery control`
+//! and Flower send requests to every node or to named ones; each node answers
+//! `{hostname: reply}` on the caller's reply queue. Replies carry no secrets.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::Worker;
+use crate::broker::{BrokerKind, Exchange};
+use crate::config::glob_match;
+use crate::events::timestamp;
+use crate::protocol::message::JSON;
+use crate::protocol::{Message, Properties};
+use crate::state::Phase;
+
+/// Where a caller wants its answer.
+#[derive(Debug, Deserialize)]
+struct ReplyTo {
+    routing_key: String,
+}
+
+/// A pidbox request body.
+#[derive(Debug, Deserialize)]
+struct Request {
+    method: String,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+    #[serde(default)]
+    destination: Option<Vec<String>>,
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    matcher: Option<String>,
+    #[serde(default)]
+    ticket: Option<String>,
+    #[serde(default)]
+    reply_to: Option<ReplyTo>,
+}
+
+impl Request {
+    /// Whether node `hostname` should act: named in `destination`, or matching `pattern`, or
+    /// addressed to all.
+    fn addressed_to(&self, hostname: &str) -> bool {
+        if let Some(destination) = self.destination.as_ref().filter(|d| !d.is_empty()) {
+            return destination.iter().any(|name| name == hostname);
+        }
+        match (self.pattern.as_deref(), self.matcher.as_deref()) {
+            (Some(pattern), Some("pcre")) => {
+                regex::Regex::new(pattern).is_ok_and(|re| re.is_match(hostname))
+            }
+            (Some(pattern), _) => glob_match(pattern, hostname),
+            (None, _) => true,
+        }
+    }
+}
+
+impl Worker {
+    /// Answers control requests until the subscription ends.
+    pub(super) async fn serve_control(self: Arc<Self>, mut requests: mpsc::Receiver<Message>) {
+        while let Some(message) = requests.recv().await {
+            if let Some(clock) = message.headers.get("clock").and_then(Value::as_u64) {
+                self.clock.observe(clock);
+            }
+            let expires = message
+                .headers
+                .get("expires")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            if expires > 0.0 && expires < timestamp() {
+                continue;
+            }
+            let request: Request = match serde_json::from_slice(&message.body) {
+                Ok(request) => request,
+                Err(error) => {
+                    warn!(%error, "ignoring unreadable control request");
+                    continue;
+                }
+            };
+            if !request.addressed_to(&self.hostname) {
+                continue;
+            }
+            let reply = self.command(&request.method, &request.arguments);
+            if let (Some(reply), Some(reply_to), Some(ticket)) =
+                (reply, &request.reply_to, &request.ticket)
+            {
+                let message = Message {
+                    content_type: JSON.into(),
+                    content_encoding: "utf-8".into(),
+                    headers: [
+                        ("ticket".into(), json!(ticket)),
+                        ("clock".into(), json!(self.clock.tick())),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    properties: Properties {
+                        delivery_mode: 1,
+                        ..Properties::default()
+                    },
+                    body: serde_json::to_vec(&json!({ self.hostname.clone(): reply }))
+                        .expect("replies are JSON"),
+                };
+                if let Err(error) = self
+                    .broker
+                    .publish_to(&Exchange::REPLY, &reply_to.routing_key, &message)
+                    .await
+                {
+                    warn!(method = %request.method, %error, "cannot send control reply");
+                }
+            }
+        }
+    }
+
+    /// Runs one command; `None` for commands that send no reply.
+    fn command(&self, method: &str, arguments: &Map<String, Value>) -> Option<Value> {
+        let flag = |name: &str| {
+            arguments
+                .get(name)
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        };
+        let list = |phase: fn(&Phase) -> bool, safe: bool| -> Value {
+            self.state
+                .infos(phase, safe)
+                .into_iter()
+                .map(|(_, info)| info)
+                .collect()
+        };
+        Some(match method {
+            "ping" => json!({"ok": "pong"}),
+            "stats" => self.stats(),
+            "registered" | "dump_tasks" => json!(self.registry.names().collect::<Vec<_>>()),
+            "active" | "dump_active" => list(|p| matches!(p, Phase::Active(_)), flag("safe")),
+            "reserved" | "dump_reserved" => list(|p| *p == Phase::Reserved, false),
+            "scheduled" | "dump_schedule" => self
+                .state
+                .infos(|p| matches!(p, Phase::Scheduled(_)), false)
+                .into_iter()
+                .map(|(phase, info)| {
+                    let eta = match phase {
+                        Phase::Scheduled(eta) => Some(eta.to_rfc3339()),
+                        _ => None,
+                    };
+                    json!({"eta": eta, "priority": info["delivery_info"]["priority"], "request": info})
+                })
+                .collect(),
+            "revoked" | "dump_revoked" => json!(self.state.revoked()),
+            "active_queues" => self.queues.iter().map(|queue| queue_info(queue)).collect(),
+            "conf" => serde_json::to_value(self.config.redacted()).unwrap_or_default(),
+            "query_task" => self.state.query(&strings(arguments.get("ids"))),
+            "report" => json!({"ok": self.report()}),
+            "clock" => json!({"clock": self.clock.value()}),
+            "hello" => json!({"revoked": self.state.revoked(), "clock": self.clock.value()}),
+            "revoke" | "terminate" => {
+                let ids = strings(arguments.get("task_id"));
+                let terminated = self.state.revoke(&ids, method == "terminate" || flag("terminate"));
+                info!(?ids, ?terminated, "revoked");
+                json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+            }
+            "enable_events" => match self.events.set_task_events(true) {
+                true => json!({"ok": "task events already enabled"}),
+                false => json!({"ok": "task events enabled"}),
+            },
+            "disable_events" => match self.events.set_task_events(false) {
+                true => json!({"ok": "task events disabled"}),
+                false => json!({"ok": "task events already disabled"}),
+            },
+            "heartbeat" => {
+                self.events.worker("worker-heartbeat", self.heartbeat_fields());
+                return None;
+            }
+            "shutdown" => {
+                info!("shutdown requested by remote control");
+                self.shutdown_requested.cancel();
+                return None;
+            }
+            "add_consumer" | "cancel_consumer" | "rate_limit" | "time_limit" | "pool_grow" | "pool_shrink"
+            | "autoscale" | "pool_restart" => {
+                json!({"error": format!("{method} is not supported by this worker")})
+            }
+            unknown => json!({"error": format!("KeyError('{unknown}')")}),
+        })
+    }
+
+    /// `inspect stats`: what Flower's worker page indexes (`total`, `broker`) and the rest.
+    fn stats(&self) -> Value {
+        json!({
+            "total": self.state.totals(),
+            "pid": std::process::id(),
+            "clock": self.clock.value().to_string(),
+            "uptime": self.state.uptime(),
+            "prefetch_count": self.prefetch(),
+            "pool": {
+                "implementation": "rcelery:tokio",
+                "max-concurrency": self.config.concurrency(),
+                "processes": [std::process::id()],
+                "max-tasks-per-child": null,
+                "put-guarded-by-semaphore": false,
+                "timeouts": [0, 0],
+            },
+            "broker": broker_info(&self.config.broker_url),
+            "rusage": rusage(),
+        })
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "software -> celery:rcelery-{} (rust) kombu:none py:none\nplatform -> system:{} arch:{}\nsettings -> transport:{} results:{}\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            broker_info(&self.config.broker_url)["transport"].as_str().unwrap_or(""),
+            self.config.result_backend.as_deref().map(crate::config::redact_url).unwrap_or_default(),
+        )
+    }
+}
+
+/// A string or a list of strings.
+fn strings(value: Option<&Value>) -> Vec<String> {
+    match value {
+        Some(Value::String(one)) => vec![one.clone()],
+        Some(Value::Array(many)) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A queue as `inspect active_queues` describes it (Celery's default topology).
+fn queue_info(queue: &str) -> Value {
+    json!({
+        "name": queue,
+        "exchange": {"name": queue, "type": "direct", "arguments": null, "durable": true, "passive": false,
+                     "auto_delete": false, "delivery_mode": null, "no_declare": false},
+        "routing_key": queue,
+        "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null,
+        "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false, "alias": null,
+        "bindings": [], "no_declare": null, "expires": null, "message_ttl": null,
+        "max_length": null, "max_length_bytes": null, "max_priority": null,
+    })
+}
+
+/// The broker connection as `stats` shows it: never the password.
+fn broker_info(broker_url: &str) -> Value {
+    let parsed = url::Url::parse(broker_url).ok();
+    let transport = match BrokerKind::of(broker_url) {
+        Ok(BrokerKind::Redis) => "redis",
+        _ => "amqp",
+    };
+    let host = parsed
+        .as_ref()
+        .and_then(|u| u.host_str().map(str::to_owned));
+    let port = parsed.as_ref().and_then(url::Url::port);
+    let userid = parsed
+        .as_ref()
+        .map(|u| u.username().to_string())
+        .filter(|u| !u.is_empty());
+    let virtual_host = parsed
+        .as_ref()
+        .map(|u| u.path().trim_start_matches('/').to_string())
+        .map(|v| if v.is_empty() { "/".to_string() } else { v });
+    json!({
+        "hostname": host, "userid": userid, "virtual_host": virtual_host, "port": port,
+        "insist": false, "ssl": broker_url.starts_with("amqps") || broker_url.starts_with("rediss"),
+        "transport": transport, "connect_timeout": 4, "transport_options": {}, "login_method": null,
+        "uri_prefix": null, "heartbeat": 120.0, "failover_strategy": "round-robin", "alternates": [],
+    })
+}
+
+/// `getrusage(RUSAGE_SELF)` as Celery reports it.
+fn rusage() -> Value {
+    // SAFETY: getrusage only writes the struct we pass, which is zero-initialised plain data.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    json!({
+        "utime": seconds(usage.ru_utime), "stime": seconds(usage.ru_stime), "maxrss": usage.ru_maxrss,
+        "ixrss": usage.ru_ixrss, "idrss": usage.ru_idrss, "isrss": usage.ru_isrss,
+        "minflt": usage.ru_minflt, "majflt": usage.ru_majflt, "nswap": usage.ru_nswap,
+        "inblock": usage.ru_inblock, "oublock": usage.ru_oublock, "msgsnd": usage.ru_msgsnd,
+        "msgrcv": usage.ru_msgrcv, "nsignals": usage.ru_nsignals, "nvcsw": usage.ru_nvcsw,
+        "nivcsw": usage.ru_nivcsw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: Value) -> Request {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn addressing_follows_kombu() {
+        let all = request(json!({"method": "ping", "destination": null}));
+        assert!(all.addressed_to("w@h"));
+        let named = request(json!({"method": "ping", "destination": ["other@x"]}));
+        assert!(!named.addressed_to("w@h"));
+        let glob = request(json!({"method": "ping", "pattern": "w@*", "matcher": "glob"}));
+        assert!(glob.addressed_to("w@h") && !glob.addressed_to("x@h"));
+        let pcre = request(json!({"method": "ping", "pattern": "^w@.$", "matcher": "pcre"}));
+        assert!(pcre.addressed_to("w@h"));
+    }
+
+    #[test]
+    fn broker_info_never_shows_the_password() {
+        let info = broker_info("amqp://guest:s3cret@127.0.0.1:5672//");
+        assert_eq!(
+            (&info["userid"], &info["virtual_host"], &info["port"]),
+            (&json!("guest"), &json!("/"), &json!(5672))
+        );
+        assert!(!info.to_string().contains("s3cret"));
+        assert_eq!(
+            broker_info("redis://:pw@127.0.0.1:6379/0")["transport"],
+            "redis"
+        );
+    }
+}
