@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -158,6 +158,7 @@ impl Broker for AmqpBroker {
             .basic_qos(prefetch, BasicQosOptions { global: true })
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
+        let mut tags = Vec::new();
         for queue in queues {
             self.ensure_queue(queue).await?;
             let mut consumer = channel
@@ -168,6 +169,7 @@ impl Broker for AmqpBroker {
                     FieldTable::default(),
                 )
                 .await?;
+            tags.push(consumer.tag());
             let sender = sender.clone();
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -188,13 +190,23 @@ impl Broker for AmqpBroker {
                         tag,
                         settle,
                     };
+                    // After a cancel the stream ends once what was prefetched is given back.
                     if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
                         super::give_back(unwanted).await;
-                        break;
                     }
                 }
             });
         }
+        // When the receiver goes, stop the deliveries; the channel stays open so messages
+        // already handed out can still be acked.
+        tokio::spawn(async move {
+            sender.closed().await;
+            for tag in tags {
+                let _ = channel
+                    .basic_cancel(tag.as_str(), BasicCancelOptions::default())
+                    .await;
+            }
+        });
         Ok(receiver)
     }
 

@@ -170,7 +170,7 @@ pub trait Broker: Send + Sync {
 }
 
 /// Returns a delivery nobody will take (the consumer stopped while it was fetched) to its queue.
-async fn give_back(delivery: Delivery) {
+pub(crate) async fn give_back(delivery: Delivery) {
     if let Err(error) = delivery.settle.reject(true).await {
         tracing::error!(tag = %delivery.tag, %error, "cannot give back an unwanted message");
     }

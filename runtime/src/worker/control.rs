@@ -83,7 +83,7 @@ impl Worker {
             if !request.addressed_to(&self.hostname) {
                 continue;
             }
-            let reply = self.command(&request.method, &request.arguments);
+            let reply = self.command(&request.method, &request.arguments).await;
             if let (Some(reply), Some(reply_to), Some(ticket)) =
                 (reply, &request.reply_to, &request.ticket)
             {
@@ -115,7 +115,11 @@ impl Worker {
     }
 
     /// Runs one command; `None` for commands that send no reply.
-    fn command(&self, method: &str, arguments: &Map<String, Value>) -> Option<Value> {
+    async fn command(
+        self: &Arc<Self>,
+        method: &str,
+        arguments: &Map<String, Value>,
+    ) -> Option<Value> {
         let flag = |name: &str| {
             arguments
                 .get(name)
@@ -148,7 +152,7 @@ impl Worker {
                 })
                 .collect(),
             "revoked" | "dump_revoked" => json!(self.state.revoked()),
-            "active_queues" => self.queues.iter().map(|queue| queue_info(queue)).collect(),
+            "active_queues" => self.queues().await.iter().map(|queue| queue_info(queue)).collect(),
             "conf" => serde_json::to_value(self.config.redacted()).unwrap_or_default(),
             "query_task" => self.state.query(&strings(arguments.get("ids"))),
             "report" => json!({"ok": self.report()}),
@@ -177,8 +181,27 @@ impl Worker {
                 self.shutdown_requested.cancel();
                 return None;
             }
-            "add_consumer" | "cancel_consumer" | "rate_limit" | "time_limit" | "pool_grow" | "pool_shrink"
-            | "autoscale" | "pool_restart" => {
+            "add_consumer" => match arguments.get("queue").and_then(Value::as_str) {
+                None => json!({"error": "add_consumer needs a queue"}),
+                Some(queue) => match self.add_consumer(queue).await {
+                    Ok(true) => json!({"ok": format!("add consumer {queue}")}),
+                    Ok(false) => json!({"ok": format!("already consuming from {queue}")}),
+                    Err(error) => json!({"error": format!("cannot consume from {queue}: {error}")}),
+                },
+            },
+            "cancel_consumer" => match arguments.get("queue").and_then(Value::as_str) {
+                None => json!({"error": "cancel_consumer needs a queue"}),
+                Some(queue) => match self.cancel_consumer(queue).await {
+                    true => json!({"ok": format!("no longer consuming from {queue}")}),
+                    false => json!({"error": format!("not consuming from {queue}")}),
+                },
+            },
+            "pool_grow" | "pool_shrink" => {
+                let n = arguments.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
+                self.resize_pool(method == "pool_grow", n);
+                json!({"ok": if method == "pool_grow" { "pool will grow" } else { "pool will shrink" }})
+            }
+            "rate_limit" | "time_limit" | "autoscale" | "pool_restart" => {
                 json!({"error": format!("{method} is not supported by this worker")})
             }
             unknown => json!({"error": format!("KeyError('{unknown}')")}),
@@ -195,7 +218,7 @@ impl Worker {
             "prefetch_count": self.prefetch(),
             "pool": {
                 "implementation": "rcelery:tokio",
-                "max-concurrency": self.config.concurrency(),
+                "max-concurrency": self.pool_size.load(std::sync::atomic::Ordering::SeqCst),
                 "processes": [std::process::id()],
                 "max-tasks-per-child": null,
                 "put-guarded-by-semaphore": false,

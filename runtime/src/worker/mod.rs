@@ -10,13 +10,15 @@
 
 mod control;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celery::Celery;
 use chrono::Utc;
 use serde_json::{json, Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -68,9 +70,18 @@ pub struct Worker {
     backend: Option<RedisBackend>,
     config: CeleryConfig,
     hostname: String,
-    queues: Vec<String>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
+    /// Tasks run at once: `worker_concurrency`, changed by `pool_grow`/`pool_shrink`.
+    pool_size: AtomicUsize,
     state: WorkerState,
+    /// One consumer per queue, each feeding `deliveries`; `add_consumer`/`cancel_consumer`
+    /// change the set while the worker runs.
+    consumers: Mutex<BTreeMap<String, CancellationToken>>,
+    deliveries: mpsc::Sender<Delivery>,
+    received: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    /// Cancelled when a consumer's broker connection is lost.
+    lost: CancellationToken,
+    initial_queues: Vec<String>,
     clock: Arc<Clock>,
     events: Arc<Events>,
     /// Cancelled at shutdown: messages not yet started are given back to the broker.
@@ -99,7 +110,8 @@ impl Worker {
             None => None,
         };
         let app = app_handle(&config).await?;
-        let slots = Semaphore::new(config.concurrency());
+        let pool_size = AtomicUsize::new(config.concurrency());
+        let slots = Arc::new(Semaphore::new(config.concurrency()));
         let clock = Arc::new(Clock::default());
         let events = Events::start(
             broker.clone(),
@@ -107,6 +119,7 @@ impl Worker {
             clock.clone(),
             config.worker_send_task_events,
         );
+        let (deliveries, received) = mpsc::channel(usize::from(prefetch_of(&config)));
         Ok(Self {
             app,
             registry,
@@ -115,8 +128,13 @@ impl Worker {
             state: WorkerState::new(&hostname),
             config,
             hostname,
-            queues,
             slots,
+            pool_size,
+            consumers: Mutex::new(BTreeMap::new()),
+            deliveries,
+            received: Mutex::new(Some(received)),
+            lost: CancellationToken::new(),
+            initial_queues: queues,
             clock,
             events,
             stopping: CancellationToken::new(),
@@ -125,9 +143,74 @@ impl Worker {
     }
 
     fn prefetch(&self) -> u16 {
-        let prefetch =
-            self.config.concurrency() * usize::from(self.config.worker_prefetch_multiplier);
-        u16::try_from(prefetch).unwrap_or(u16::MAX)
+        prefetch_of(&self.config)
+    }
+
+    /// Starts consuming `queue` (prefetch applies per queue); `false` if already consuming it.
+    async fn add_consumer(self: &Arc<Self>, queue: &str) -> Result<bool> {
+        let mut consumers = self.consumers.lock().await;
+        if consumers.contains_key(queue) {
+            return Ok(false);
+        }
+        let mut incoming = self
+            .broker
+            .consume(&[queue.to_string()], self.prefetch())
+            .await?;
+        let cancel = CancellationToken::new();
+        consumers.insert(queue.to_string(), cancel.clone());
+        let worker = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let delivery = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    delivery = incoming.recv() => delivery,
+                };
+                let Some(delivery) = delivery else {
+                    worker.lost.cancel();
+                    break;
+                };
+                if let Err(mpsc::error::SendError(unwanted)) =
+                    worker.deliveries.send(delivery).await
+                {
+                    broker::give_back(unwanted).await;
+                }
+            }
+        });
+        Ok(true)
+    }
+
+    /// Stops consuming `queue`; `false` if it was not consumed.
+    async fn cancel_consumer(&self, queue: &str) -> bool {
+        match self.consumers.lock().await.remove(queue) {
+            Some(cancel) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Grows or shrinks the number of tasks run at once by `n`. A shrink takes effect as
+    /// running tasks end, never by stopping one; the pool keeps at least one slot.
+    fn resize_pool(&self, grow: bool, n: usize) {
+        if grow {
+            self.slots.add_permits(n);
+            self.pool_size.fetch_add(n, Ordering::SeqCst);
+            return;
+        }
+        let n = n.min(self.pool_size.load(Ordering::SeqCst).saturating_sub(1));
+        self.pool_size.fetch_sub(n, Ordering::SeqCst);
+        let slots = self.slots.clone();
+        tokio::spawn(async move {
+            if let Ok(taken) = slots.acquire_many_owned(n as u32).await {
+                taken.forget();
+            }
+        });
+    }
+
+    /// The queues consumed now.
+    async fn queues(&self) -> Vec<String> {
+        self.consumers.lock().await.keys().cloned().collect()
     }
 
     /// Consumes until `shutdown` resolves (or the `shutdown` control command comes, or the
@@ -136,9 +219,14 @@ impl Worker {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let worker = Arc::new(self);
         let mut deliveries = worker
-            .broker
-            .consume(&worker.queues, worker.prefetch())
-            .await?;
+            .received
+            .lock()
+            .await
+            .take()
+            .expect("a worker runs once");
+        for queue in &worker.initial_queues {
+            worker.add_consumer(queue).await?;
+        }
         let pidbox = Subscription {
             queue: format!("{}.celery.pidbox", worker.hostname),
             expires_ms: 10_000,
@@ -156,7 +244,7 @@ impl Worker {
         info!(
             hostname = %worker.hostname,
             broker = %crate::config::redact_url(&worker.config.broker_url),
-            queues = ?worker.queues,
+            queues = ?worker.initial_queues,
             concurrency = worker.config.concurrency(),
             task_events = worker.events.task_events(),
             tasks = ?worker.registry.names().collect::<Vec<_>>(),
@@ -169,10 +257,8 @@ impl Worker {
             tokio::select! {
                 () = &mut shutdown => break false,
                 () = worker.shutdown_requested.cancelled() => break false,
-                delivery = deliveries.recv() => match delivery {
-                    Some(delivery) => { running.spawn(worker.clone().handle(delivery)); }
-                    None => break true,
-                },
+                () = worker.lost.cancelled() => break true,
+                Some(delivery) = deliveries.recv() => { running.spawn(worker.clone().handle(delivery)); }
                 Some(done) = running.join_next() => {
                     if let Err(error) = done {
                         error!(%error, "message handler failed");
@@ -180,7 +266,14 @@ impl Worker {
                 }
             }
         };
-        drop(deliveries);
+        for (_, cancel) in std::mem::take(&mut *worker.consumers.lock().await) {
+            cancel.cancel();
+        }
+        // What was fetched but not yet handled goes back to the broker.
+        deliveries.close();
+        while let Some(unwanted) = deliveries.recv().await {
+            broker::give_back(unwanted).await;
+        }
         worker.stopping.cancel();
         info!(
             tasks = running.len(),
@@ -460,6 +553,12 @@ impl Worker {
             error!(id = %meta.task_id, status = %meta.status, %error, "cannot store result");
         }
     }
+}
+
+/// Messages held per queue: `worker_concurrency × worker_prefetch_multiplier`.
+fn prefetch_of(config: &CeleryConfig) -> u16 {
+    let prefetch = config.concurrency() * usize::from(config.worker_prefetch_multiplier);
+    u16::try_from(prefetch).unwrap_or(u16::MAX)
 }
 
 /// The fields of `task-received`, as Flower reads them.
