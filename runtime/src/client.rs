@@ -10,6 +10,8 @@ use crate::backend::RedisBackend;
 use crate::broker::{self, Broker};
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
+use crate::events::{Clock, Events};
+use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
 
@@ -39,6 +41,8 @@ pub struct Client {
     broker: Arc<dyn Broker>,
     backend: Option<RedisBackend>,
     origin: String,
+    /// Sends `task-sent` when `task_send_sent_event` is on.
+    events: Option<Arc<Events>>,
 }
 
 impl Client {
@@ -51,11 +55,15 @@ impl Client {
         };
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let origin = format!("gen{}@{host}", std::process::id());
+        let events = config
+            .task_send_sent_event
+            .then(|| Events::start(broker.clone(), &origin, Arc::new(Clock::default()), false));
         Ok(Self {
             config: Arc::new(config),
             broker,
             backend,
             origin,
+            events,
         })
     }
 
@@ -83,6 +91,9 @@ impl Client {
             .queue
             .unwrap_or_else(|| self.config.queue_for(name).to_string());
         self.broker.publish(&queue, &request.encode()).await?;
+        if let Some(events) = &self.events {
+            events.send("task-sent", sent_fields(&request, &queue));
+        }
         Ok(self.result(&request.id))
     }
 
@@ -96,8 +107,11 @@ impl Client {
         self.broker.check().await
     }
 
-    /// Closes the broker connection cleanly.
+    /// Sends what events are pending and closes the broker connection cleanly.
     pub async fn close(&self) -> Result<()> {
+        if let Some(events) = &self.events {
+            events.close().await;
+        }
         self.broker.close().await
     }
 
@@ -108,6 +122,26 @@ impl Client {
             backend: self.backend.clone(),
         }
     }
+}
+
+/// The fields of `task-sent`, as Flower reads them.
+fn sent_fields(request: &TaskRequest, queue: &str) -> Map<String, Value> {
+    let iso = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    let fields = serde_json::json!({
+        "uuid": request.id,
+        "root_id": request.root_id,
+        "parent_id": request.parent_id,
+        "name": request.task,
+        "args": repr_args(&request.args),
+        "kwargs": repr(&Value::Object(request.kwargs.clone())),
+        "retries": request.retries,
+        "eta": iso(request.eta),
+        "expires": iso(request.expires),
+        "queue": queue,
+        "exchange": "",
+        "routing_key": queue,
+    });
+    fields.as_object().cloned().unwrap_or_default()
 }
 
 /// A task's result in the backend, as Python's `AsyncResult`.

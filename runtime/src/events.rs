@@ -139,12 +139,8 @@ impl Events {
         }
     }
 
-    /// Sends a `worker-*` event (always on).
-    pub fn worker(&self, event_type: &str, fields: Map<String, Value>) {
-        self.send(event_type, fields);
-    }
-
-    fn send(&self, event_type: &str, mut fields: Map<String, Value>) {
+    /// Sends an event whatever the task-event switch says (`worker-*`, a client's `task-sent`).
+    pub fn send(&self, event_type: &str, mut fields: Map<String, Value>) {
         fields.insert("type".into(), json!(event_type));
         fields.insert("hostname".into(), json!(self.hostname));
         fields.insert("timestamp".into(), json!(timestamp()));

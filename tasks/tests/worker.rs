@@ -23,19 +23,19 @@ struct Running {
     done: tokio::task::JoinHandle<runtime::Result<()>>,
 }
 
-async fn start(broker_url: &str, acks_late: bool) -> Running {
+async fn start(broker_url: &str, customize: impl FnOnce(&mut CeleryConfig)) -> Running {
     let queue = format!("test-worker-{}", uuid::Uuid::new_v4().simple());
-    let config = CeleryConfig {
+    let mut config = CeleryConfig {
         broker_url: broker_url.into(),
         result_backend: Some("redis://127.0.0.1:6379/0".into()),
         task_default_queue: queue.clone(),
         task_track_started: true,
-        task_acks_late: acks_late,
         result_extended: true,
         result_expires: 600,
         worker_concurrency: 4,
         ..CeleryConfig::default()
     };
+    customize(&mut config);
     let worker = Worker::new(
         config.clone(),
         tasks::registry(),
@@ -90,7 +90,7 @@ fn failure(result: runtime::Result<Value>) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_every_task_and_reports_failures_on_both_brokers() {
     for url in BROKERS {
-        let worker = start(url, false).await;
+        let worker = start(url, |_| {}).await;
         assert_eq!(
             worker
                 .call("tasks.add", json!([1, 2]), json!({}))
@@ -160,7 +160,7 @@ async fn runs_every_task_and_reports_failures_on_both_brokers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignore_result_stores_nothing_and_acks_late_still_runs() {
     for url in BROKERS {
-        let worker = start(url, true).await;
+        let worker = start(url, |c| c.task_acks_late = true).await;
         let options = SendOptions {
             ignore_result: true,
             ..SendOptions::default()
@@ -187,7 +187,7 @@ async fn ignore_result_stores_nothing_and_acks_late_still_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_back_tasks_not_started() {
     for url in BROKERS {
-        let worker = start(url, false).await;
+        let worker = start(url, |_| {}).await;
         let later = SendOptions {
             countdown: Some(3600.0),
             ..SendOptions::default()
@@ -228,5 +228,74 @@ async fn shutdown_gives_back_tasks_not_started() {
         worker.client.close().await.unwrap();
         broker.delete_queue(&queue).await.unwrap();
         broker.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_events_reach_celeryev_subscribers() {
+    use runtime::broker::{Exchange, Subscription};
+    for url in BROKERS {
+        let listener = runtime::broker::connect(url).await.unwrap();
+        let subscription = Subscription {
+            queue: format!("test-events-{}", uuid::Uuid::new_v4().simple()),
+            expires_ms: 60_000,
+            message_ttl_ms: 5_000,
+        };
+        let mut events = listener
+            .subscribe(&Exchange::EVENTS, "#", &subscription)
+            .await
+            .unwrap();
+        let worker = start(url, |c| c.worker_send_task_events = true).await;
+        let sent = worker
+            .client
+            .send_task(
+                "tasks.progress",
+                vec![json!(2), json!(10)],
+                Map::new(),
+                SendOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.get(Duration::from_secs(20)).await.unwrap(), json!(2));
+        // Other test runs share the exchange: keep only this task's events, in order.
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !seen
+            .iter()
+            .any(|(kind, _): &(String, Value)| kind == "task-succeeded")
+        {
+            let message = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("events")
+                .unwrap();
+            let event: Value = serde_json::from_slice(&message.body).unwrap();
+            if event["uuid"] == json!(sent.id) {
+                seen.push((event["type"].as_str().unwrap().to_string(), event));
+            }
+        }
+        let kinds: Vec<&str> = seen.iter().map(|(kind, _)| kind.as_str()).collect();
+        // Progress reports coalesce, so one or two `task-progress` come between.
+        let (first, rest) = kinds.split_at(2);
+        let (last, middle) = rest.split_last().unwrap();
+        assert_eq!(
+            (first, *last),
+            (&["task-received", "task-started"][..], "task-succeeded"),
+            "{url}: {kinds:?}"
+        );
+        assert!(
+            !middle.is_empty() && middle.iter().all(|k| *k == "task-progress"),
+            "{url}: {kinds:?}"
+        );
+        let (_, received) = &seen[0];
+        assert_eq!(
+            (&received["name"], &received["args"]),
+            (&json!("tasks.progress"), &json!("(2, 10)"))
+        );
+        let (_, succeeded) = seen.last().unwrap();
+        assert_eq!(succeeded["result"], json!("2"));
+        assert!(succeeded["runtime"].as_f64().unwrap() > 0.0);
+        assert!(succeeded["hostname"].as_str().unwrap().ends_with("@host"));
+        worker.stop().await;
+        listener.close().await.unwrap();
     }
 }

@@ -173,7 +173,7 @@ impl Worker {
                 false => json!({"ok": "task events already disabled"}),
             },
             "heartbeat" => {
-                self.events.worker("worker-heartbeat", self.heartbeat_fields());
+                self.events.send("worker-heartbeat", self.heartbeat_fields());
                 return None;
             }
             "shutdown" => {

@@ -239,7 +239,7 @@ impl Worker {
         let control = tokio::spawn(worker.clone().serve_control(requests));
         worker
             .events
-            .worker("worker-online", worker.heartbeat_fields());
+            .send("worker-online", worker.heartbeat_fields());
         let heartbeat = tokio::spawn(worker.clone().beat());
         info!(
             hostname = %worker.hostname,
@@ -284,7 +284,7 @@ impl Worker {
         control.abort();
         worker
             .events
-            .worker("worker-offline", worker.heartbeat_fields());
+            .send("worker-offline", worker.heartbeat_fields());
         worker.events.close().await;
         if let Err(error) = worker.broker.close().await {
             warn!(%error, "closing the broker connection");
@@ -304,7 +304,7 @@ impl Worker {
         loop {
             ticks.tick().await;
             self.events
-                .worker("worker-heartbeat", self.heartbeat_fields());
+                .send("worker-heartbeat", self.heartbeat_fields());
         }
     }
 
