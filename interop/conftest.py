@@ -29,6 +29,7 @@ from interop_helpers import (
     ARTIFACTS_DIR,
     INTEROP_DIR,
     ManagedProcess,
+    panic_lines,
     ready_pattern,
     rust_binary,
     rust_config,
@@ -204,7 +205,7 @@ def stop_rust_worker(handle: WorkerHandle) -> None:
     A panic in a spawned task can leave the process running, so the tests alone may miss it.
     """
     handle.process.stop()
-    panics = [line for line in handle.process.log_text().splitlines() if "panicked at" in line]
+    panics = panic_lines(handle.process)
     if panics:
         pytest.fail(f"Rust worker {handle.hostname} panicked; log {handle.log_path}:\n" + "\n".join(panics[:10]),
                     pytrace=False)

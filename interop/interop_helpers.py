@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ REPO_DIR = INTEROP_DIR.parent
 ARTIFACTS_DIR = INTEROP_DIR / "artifacts"
 BIN_DIR = Path(os.environ.get("RCELERY_BIN_DIR") or REPO_DIR / "target" / "debug")
 CONFIG_PATH = Path(os.environ.get("RCELERY_CONFIG") or REPO_DIR / "celeryconfig.toml")
+# The PostgreSQL server of the web app's tests (each session creates and drops its own database).
+POSTGRES_URL = os.environ.get("INTEROP_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -193,6 +196,19 @@ def start_process(
     return ManagedProcess(name=name, popen=popen, log_path=log_path, _log_file=log_file)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it; the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def panic_lines(process: ManagedProcess) -> list[str]:
+    """Lines of a Rust process's log that report a panic (a panic in a spawned task can leave the
+    process running, so its answers alone may miss it)."""
+    return [line for line in process.log_text().splitlines() if "panicked at" in line]
+
+
 def ready_pattern(node_prefix: str) -> re.Pattern[str]:
     """Matches the ``<hostname> ready.`` line of a worker named ``<node_prefix>@%h``."""
     return re.compile(rf"(?P<hostname>{re.escape(node_prefix)}@\S+) ready\.")
@@ -273,3 +289,32 @@ def run_call(
             pytrace=False,
         )
     return CallResult(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL (the web app's database)
+
+
+def database_url(name: str) -> str:
+    return f"{POSTGRES_URL}/{name}"
+
+
+def psql(sql: str, database: str = "postgres", timeout: float = 30.0) -> str:
+    """Run one SQL command with `psql` (unaligned, tuples only) and return its stdout; fails the
+    test with psql's message when the command fails."""
+    argv = ["psql", database_url(database), "-v", "ON_ERROR_STOP=1", "-X", "-A", "-t", "-c", sql]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        pytest.fail("`psql` not found on PATH (needed to inspect and drop the web app's database)", pytrace=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"psql did not answer within {timeout}s: {sql}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"psql failed ({proc.returncode}) on {sql!r}: {proc.stderr.strip()}", pytrace=False)
+    return proc.stdout.strip()
+
+
+def drop_database(name: str) -> None:
+    """``DROP DATABASE ... WITH (FORCE)`` (closes the connections still open to it)."""
+    quoted = name.replace('"', '""')
+    psql(f'DROP DATABASE IF EXISTS "{quoted}" WITH (FORCE)')

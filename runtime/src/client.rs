@@ -81,9 +81,19 @@ impl Client {
             request.id = id;
         }
         let now = Utc::now();
-        let after = |seconds: f64| now + chrono::Duration::microseconds((seconds * 1e6) as i64);
-        request.eta = options.eta.or(options.countdown.map(after));
-        request.expires = options.expires.map(after);
+        let after = |seconds: f64| {
+            chrono::Duration::try_milliseconds((seconds * 1e3) as i64)
+                .and_then(|delay| now.checked_add_signed(delay))
+                .ok_or_else(|| {
+                    Error::InvalidOption(format!("{seconds} seconds from now is not a date"))
+                })
+        };
+        request.eta = match (options.eta, options.countdown) {
+            (Some(eta), _) => Some(eta),
+            (None, Some(countdown)) => Some(after(countdown)?),
+            (None, None) => None,
+        };
+        request.expires = options.expires.map(after).transpose()?;
         request.origin = Some(self.origin.clone());
         request.ignore_result = options.ignore_result;
         request.properties.priority = options.priority.unwrap_or(0);

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("unsupported URL scheme in {0}")]
     UnsupportedUrl(String),
 
+    /// A send option is out of range.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
     /// The broker cannot do what was asked of it.
     #[error("not supported by this broker: {0}")]
     Unsupported(&'static str),

@@ -145,6 +145,15 @@ async fn runs_every_task_and_reports_failures_on_both_brokers() {
                 "tasks.add() takes 2 positional arguments but 3 were given"
             )
         );
+        let far = SendOptions {
+            countdown: Some(1e13),
+            ..SendOptions::default()
+        };
+        let refused = worker
+            .client
+            .send_task("tasks.add", vec![], Map::new(), far)
+            .await;
+        assert!(matches!(refused, Err(Error::InvalidOption(_))), "{url}");
         // The worker is still serving after every failure above.
         assert_eq!(
             worker

@@ -14,6 +14,10 @@ use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, NewJob};
 
+/// The longest `countdown` or `expires` taken: ten years, far past any sane schedule and far
+/// from the limits of date arithmetic.
+const MAX_DELAY_SECONDS: f64 = 315_360_000.0;
+
 /// What the deployment accepts: task names it may run, and the task for bare payloads.
 pub struct Accepts {
     /// Allowed task names (the Rust registry plus `web_allowed_tasks`).
@@ -70,20 +74,19 @@ impl JobRequest {
             return Err(Error::Unprocessable(format!("unknown task `{task}`")));
         }
         let seconds = |field: &str, positive: bool| -> Result<Option<f64>, Error> {
+            let lowest = if positive { "more than 0" } else { "0" };
             match call.get(field) {
                 None | Some(Value::Null) => Ok(None),
                 Some(v) => v
                     .as_f64()
-                    .filter(|s| s.is_finite() && if positive { *s > 0.0 } else { *s >= 0.0 })
+                    .filter(|s| {
+                        (if positive { *s > 0.0 } else { *s >= 0.0 }) && *s <= MAX_DELAY_SECONDS
+                    })
                     .map(Some)
                     .ok_or_else(|| {
                         wrong(
                             field,
-                            if positive {
-                                "a positive number of seconds"
-                            } else {
-                                "a number of seconds, 0 or more"
-                            },
+                            &format!("a number of seconds from {lowest} to {MAX_DELAY_SECONDS}"),
                         )
                     }),
             }
@@ -276,15 +279,19 @@ mod tests {
             ),
             (
                 json!({"task": "tasks.add", "countdown": -1}),
-                "`countdown` must be a number of seconds, 0 or more",
+                "`countdown` must be a number of seconds from 0 to 315360000",
             ),
             (
                 json!({"task": "tasks.add", "expires": 0}),
-                "`expires` must be a positive number of seconds",
+                "`expires` must be a number of seconds from more than 0 to 315360000",
             ),
             (
                 json!({"task": "tasks.add", "queue": 3}),
                 "`queue` must be a queue name",
+            ),
+            (
+                json!({"task": "tasks.add", "countdown": 1e13}),
+                "`countdown` must be a number of seconds from 0 to",
             ),
             (
                 json!({"task": "tasks.add", "arsg": []}),

@@ -1,0 +1,675 @@
+"""The web app (`web`: POST /receive, GET /status, /tasks, /health) in front of real workers.
+
+Every test runs once per broker setup (``[rabbitmq]`` / ``[redis]``). The ``web`` fixture starts
+one web process per setup on a free port with a database of its own (``rcelery_interop_<id8>``,
+dropped at the end); its default queue is the shared Rust worker's (``broker.queue``) and it also
+accepts the Python tasks ``py.mul`` and ``py.concat``, which run on the stock Python worker
+(``broker.py_queue``). Jobs are driven over HTTP only; the rows are read back over HTTP (and, for
+"nothing was recorded", counted in PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import pytest
+
+from interop_helpers import (
+    ARTIFACTS_DIR,
+    ManagedProcess,
+    database_url,
+    drop_database,
+    free_port,
+    panic_lines,
+    psql,
+    rust_binary,
+    rust_config,
+    start_process,
+    wait_for,
+)
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 60.0
+BODY_LIMIT = 64 * 1024  # CELERY_WEB_BODY_LIMIT of the test processes (so 413 needs no megabyte)
+SWEEP_INTERVAL = 5  # CELERY_WEB_SWEEP_INTERVAL (the repo default, pinned)
+ALLOWED_PY_TASKS = "py.mul,py.concat"
+FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+STATE_RANK = {"PENDING": 0, "STARTED": 1, "RETRY": 1, "SUCCESS": 3, "FAILURE": 3, "REVOKED": 3}  # else 2
+STATUS_KEYS = {
+    "task_id", "task", "state", "progress", "result", "error", "worker", "retries",
+    "created_at", "started_at", "finished_at",
+}
+JOB_TIMEOUT = 30.0  # seconds for one job to become final
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+
+
+@dataclass(repr=False)
+class Reply:
+    method: str
+    path: str
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            pytest.fail(f"{self.method} {self.path} answered {self.status} with a body that is not JSON: "
+                        f"{self.body[:500]!r}", pytrace=False)
+
+    def __repr__(self) -> str:  # pytest shows assertion messages through repr
+        return f"{self.method} {self.path} -> {self.status} {self.headers.get('content-type')} {self.body[:1000]!r}"
+
+
+@dataclass
+class WebApp:
+    """A running `web` process: its port, database and log."""
+
+    name: str
+    database: str
+    port: int
+    process: ManagedProcess
+
+    def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                conn: http.client.HTTPConnection | None = None) -> Reply:
+        """One request; on ``conn`` (kept alive) when given, else on a connection of its own."""
+        own = conn is None
+        conn = conn or self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return Reply(method, path, response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+        finally:
+            if own:
+                conn.close()
+
+    def get(self, path: str, conn: http.client.HTTPConnection | None = None) -> Reply:
+        return self.request("GET", path, conn=conn)
+
+    def post(self, payload: Any = None, *, raw: bytes | None = None, content_type: str | None = "application/json",
+             conn: http.client.HTTPConnection | None = None) -> Reply:
+        """POST /receive with ``payload`` as JSON (or the ``raw`` bytes) and ``content_type``
+        (``None``: no Content-Type header at all)."""
+        body = raw if raw is not None else json.dumps(payload).encode()
+        headers = {"Content-Type": content_type} if content_type is not None else {}
+        return self.request("POST", "/receive", body=body, headers=headers, conn=conn)
+
+    def submit(self, payload: Any, conn: http.client.HTTPConnection | None = None) -> str:
+        """POST a job that must be accepted; returns its task id after checking the 202 answer."""
+        reply = self.post(payload, conn=conn)
+        return accepted_task_id(reply)
+
+    def status(self, task_id: str) -> dict:
+        reply = self.get(f"/status/{task_id}")
+        assert reply.status == 200, reply
+        job = reply.json()
+        assert set(job) == STATUS_KEYS, f"/status keys differ: {sorted(job)}"
+        assert job["task_id"] == task_id, job
+        return job
+
+    def wait_final(self, task_id: str, timeout: float = JOB_TIMEOUT) -> dict:
+        last: dict = {}
+
+        def final():
+            last.update(self.status(task_id))
+            return last["state"] in FINAL_STATES and dict(last)
+
+        return wait_for(final, timeout, interval=0.05,
+                        describe=lambda: f"job {task_id} to become final; last /status {last}; log {self.process.log_path}")
+
+    def health(self) -> Reply | None:
+        try:
+            return self.get("/health")
+        except OSError:
+            return None
+
+    def count_rows(self) -> int:
+        return int(psql("SELECT count(*) FROM tasks", database=self.database))
+
+
+def accepted_task_id(reply: Reply) -> str:
+    """Checks a 202 answer of POST /receive (body, Location header) and returns the task id."""
+    assert reply.status == 202, reply
+    assert reply.headers.get("content-type", "").startswith("application/json"), reply
+    body = reply.json()
+    assert set(body) == {"task_id", "status_url"}, body
+    task_id = body["task_id"]
+    assert str(uuid.UUID(task_id)) == task_id, f"task_id is not a lower-case hyphenated UUID: {task_id!r}"
+    assert body["status_url"] == f"/status/{task_id}", body
+    assert reply.headers.get("location") == body["status_url"], f"Location header differs from status_url: {reply}"
+    return task_id
+
+
+def parse_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    assert value.tzinfo is not None, f"timestamp without a zone: {text!r}"
+    return value
+
+
+def check_times(job: dict) -> None:
+    """created_at <= started_at <= finished_at, all present once the job is final."""
+    created = parse_time(job["created_at"])
+    assert job["started_at"] and job["finished_at"], f"final job without start/finish times: {job}"
+    started, finished = parse_time(job["started_at"]), parse_time(job["finished_at"])
+    assert created <= started <= finished, f"times out of order: {job}"
+
+
+# --------------------------------------------------------------------------------------------
+# The web process
+
+
+def _web_env(setup, database: str, port: int) -> dict[str, str]:
+    env = setup.rust_env(
+        CELERY_DATABASE_URL=database_url(database),
+        CELERY_WEB_ALLOWED_TASKS=ALLOWED_PY_TASKS,
+        CELERY_WEB_BODY_LIMIT=str(BODY_LIMIT),
+        CELERY_WEB_SWEEP_INTERVAL=str(SWEEP_INTERVAL),
+    )
+    env = {k: v for k, v in env.items() if not k.startswith("ROCKET_")}
+    env.update(ROCKET_ADDRESS=HOST, ROCKET_PORT=str(port), ROCKET_CLI_COLORS="false")
+    return env
+
+
+def start_web(setup, database: str, tag: str) -> WebApp:
+    """``web --migrate`` (creates ``database``), then ``web`` on a free port until /health is 200."""
+    binary, config = rust_binary("web"), rust_config()
+    name = f"web-{setup.name}-{setup.session_id}-{tag}"
+    migrate = subprocess.run(
+        [str(binary), "--config", str(config), "--migrate"],
+        env=_web_env(setup, database, port=0), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=READY_TIMEOUT,
+    )
+    if migrate.returncode != 0:
+        pytest.fail(f"`web --migrate` exited with {migrate.returncode}:\n{migrate.stdout}\n{migrate.stderr}",
+                    pytrace=False)
+    for attempt in range(3):  # the free port may be taken between choosing and binding it
+        port = free_port(HOST)
+        process = start_process(name, [binary, "--config", config], _web_env(setup, database, port),
+                                ARTIFACTS_DIR / f"{name}.log")
+        app = WebApp(name=name, database=database, port=port, process=process)
+
+        def healthy():
+            if not process.alive():
+                return "exited"
+            reply = app.health()
+            return reply is not None and reply.status == 200 and reply.json().get("status") == "ok"
+
+        try:
+            outcome = wait_for(healthy, READY_TIMEOUT, interval=0.1,
+                               describe=lambda: f"{name} /health to answer 200; log {process.log_path}:\n{process.tail()}")
+        except BaseException:
+            process.stop()
+            raise
+        if outcome is True:
+            return app
+        process.stop()
+        if "in use" not in process.log_text() or attempt == 2:
+            pytest.fail(f"{name} exited with {process.popen.returncode} before answering /health; "
+                        f"log {process.log_path}:\n{process.tail()}", pytrace=False)
+    raise AssertionError("unreachable")
+
+
+def stop_web(app: WebApp) -> int | None:
+    """SIGTERM (then kill); fails if the process panicked at any point. Returns the exit code."""
+    code = app.process.stop(signal.SIGTERM, timeout=20)
+    panics = panic_lines(app.process)
+    if panics:
+        pytest.fail(f"{app.name} panicked; log {app.process.log_path}:\n" + "\n".join(panics[:10]), pytrace=False)
+    return code
+
+
+@contextmanager
+def own_database(name: str) -> Iterator[str]:
+    """Drops database ``name`` (which `web --migrate` creates) on the way out, whatever happened."""
+    try:
+        yield name
+    finally:
+        drop_database(name)
+
+
+@contextmanager
+def running_web(setup, database: str, tag: str) -> Iterator[WebApp]:
+    """A web process for the ``with`` block; stopped (and checked for panics) on the way out."""
+    app = start_web(setup, database, tag)
+    try:
+        yield app
+    finally:
+        stop_web(app)
+
+
+@pytest.fixture(scope="session")
+def web(broker) -> WebApp:
+    """The web app of this broker setup (default queue ``broker.queue``, ``py.*`` allowed)."""
+    with own_database(f"rcelery_interop_{broker.session_id}") as database, \
+            running_web(broker, database, tag="main") as app:
+        yield app
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs run by the Rust worker
+
+
+@pytest.mark.timeout(60)
+def test_add_is_tracked_to_success(web, rust):
+    reply = web.post({"task": "tasks.add", "args": [2, 3]})
+    task_id = accepted_task_id(reply)
+
+    # The row exists as soon as the answer does (no race with the tracker).
+    first = web.status(task_id)
+    assert first["task"] == "tasks.add", first
+    assert first["state"] in {"PENDING", "STARTED", "SUCCESS"}, first
+
+    # Poll where Location points.
+    last: dict = {}
+
+    def done():
+        got = web.get(reply.headers["location"])
+        assert got.status == 200, got
+        last.update(got.json())
+        return last["state"] in FINAL_STATES and dict(last)
+
+    job = wait_for(done, JOB_TIMEOUT, describe=lambda: f"job {task_id} final; last {last}")
+    assert set(job) == STATUS_KEYS, sorted(job)
+    assert job["state"] == "SUCCESS", job
+    assert job["result"] == 5, job
+    assert job["error"] is None, job
+    assert job["worker"] == rust.hostname, job
+    assert job["retries"] == 0, job
+    check_times(job)
+    # The web's task id is the Celery task id: Celery's own client reads the same result.
+    assert rust.app.AsyncResult(task_id).get(timeout=10) == 5
+
+
+@pytest.mark.timeout(60)
+def test_progress_moves_while_the_task_runs(web, rust):
+    total = 5
+    task_id = web.submit({"task": "tasks.progress", "args": [total, 300]})
+    states: list[str] = []
+    currents: list[int] = []
+    last: dict = {}
+
+    def poll():
+        job = web.status(task_id)
+        last.clear()
+        last.update(job)
+        states.append(job["state"])
+        if job["state"] == "PROGRESS":
+            progress = job["progress"]
+            assert progress is not None, f"PROGRESS without progress: {job}"
+            assert progress["total"] == total, job
+            assert 1 <= progress["current"] <= total, job
+            assert progress["percent"] == pytest.approx(progress["current"] * 100 / total, abs=0.05), job
+            currents.append(progress["current"])
+        return job["state"] in FINAL_STATES and job
+
+    job = wait_for(poll, JOB_TIMEOUT, interval=0.05,
+                   describe=lambda: f"tasks.progress to finish; states {sorted(set(states))}, currents {currents}, last {last}")
+    assert job["state"] == "SUCCESS" and job["result"] == total, job
+    assert "PROGRESS" in states, f"PROGRESS never seen; states {states}"
+    assert len(set(currents)) >= 2, f"progress.current never moved while polled: {currents}"
+    assert currents == sorted(currents), f"progress went backwards: {currents}"
+    ranks = [STATE_RANK.get(s, 2) for s in states]
+    assert ranks == sorted(ranks), f"state went backwards: {states}"
+    if job["progress"] is not None:  # the last report may stay on the finished row
+        assert job["progress"]["percent"] == pytest.approx(job["progress"]["current"] * 100 / total, abs=0.05), job
+    assert job["worker"] == rust.hostname, job
+    check_times(job)
+
+
+@pytest.mark.timeout(60)
+def test_failing_task_shows_its_error(web, rust):
+    job = web.wait_final(web.submit({"task": "tasks.fail", "args": ["boom"]}))
+    assert job["state"] == "FAILURE", job
+    assert job["error"] == {"type": "RuntimeError", "message": "boom"}, job
+    assert job["result"] is None, job
+    assert job["worker"] == rust.hostname, job
+    check_times(job)
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_fail_with_type_error(web, rust):
+    job = web.wait_final(web.submit({"task": "tasks.add", "args": [1]}))
+    assert job["state"] == "FAILURE", job
+    assert job["error"]["type"] == "TypeError" and "y" in job["error"]["message"], job
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "options,expected_state,min_seconds",
+    [
+        ({"countdown": 2}, "SUCCESS", 1.9),
+        ({"expires": 60}, "SUCCESS", 0.0),
+        ({"countdown": 2, "expires": 1}, "REVOKED", 0.0),  # due after it expires: never runs
+    ],
+    ids=["countdown", "expires", "expired-before-due"],
+)
+def test_countdown_and_expires_reach_the_worker(web, rust, options, expected_state, min_seconds):
+    task_id = web.submit({"task": "tasks.add", "args": [1, 1], **options})
+    job = web.wait_final(task_id)
+    assert job["state"] == expected_state, job
+    elapsed = (parse_time(job["finished_at"]) - parse_time(job["created_at"])).total_seconds()
+    assert elapsed >= min_seconds, f"finished {elapsed:.2f}s after creation, before its countdown: {job}"
+    if expected_state == "SUCCESS":
+        assert job["result"] == 2, job
+    else:
+        assert job["result"] is None and job["error"]["type"] == "TaskRevokedError", job
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs run by the stock Python worker (which sends no events: tracking reads the result backend)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "call,state,result,error",
+    [
+        ({"task": "py.mul", "args": [6, 7]}, "SUCCESS", 42, None),
+        ({"task": "py.concat", "kwargs": {"a": "x", "b": "y"}}, "SUCCESS", "xy", None),
+        ({"task": "py.mul", "args": ["a", "b"]}, "FAILURE", None,
+         {"type": "TypeError", "message": "can't multiply sequence by non-int of type 'str'"}),
+    ],
+    ids=["mul", "concat-kwargs", "mul-type-error"],
+)
+def test_python_worker_jobs_are_tracked(web, broker, py_worker, call, state, result, error):
+    task_id = web.submit({**call, "queue": broker.py_queue})
+    job = web.wait_final(task_id)
+    assert job["state"] == state, job
+    assert job["task"] == call["task"], job
+    assert job["result"] == result, job
+    assert job["error"] == error, job
+    assert job["worker"] == py_worker.hostname, job
+    check_times(job)
+
+
+# --------------------------------------------------------------------------------------------
+# A burst
+
+
+BURST = 1000
+BURST_THREADS = 16  # one keep-alive connection each
+BURST_TRACK_TIMEOUT = 120.0
+
+
+def _success_rows(web: WebApp, task: str) -> dict[str, dict]:
+    """Every SUCCESS row of ``task``, paging GET /tasks with the cursor; checks the paging."""
+    rows: dict[str, dict] = {}
+    cursor = None
+    previous = None
+    for _ in range(100):
+        path = f"/tasks?state=SUCCESS&task={quote(task)}&limit=500"
+        if cursor:
+            path += f"&cursor={quote(cursor)}"
+        reply = web.get(path)
+        assert reply.status == 200, reply
+        page = reply.json()
+        assert set(page) == {"tasks", "next_cursor"}, sorted(page)
+        assert len(page["tasks"]) <= 500
+        for job in page["tasks"]:
+            assert job["state"] == "SUCCESS" and job["task"] == task, f"filter not applied: {job}"
+            assert job["task_id"] not in rows, f"{job['task_id']} listed twice across pages"
+            key = (parse_time(job["created_at"]), job["task_id"])
+            assert previous is None or key < previous, f"not newest first at {job['task_id']}"
+            previous = key
+            rows[job["task_id"]] = job
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return rows
+        assert page["tasks"], "empty page with a next_cursor"
+    pytest.fail("GET /tasks paging did not end after 100 pages", pytrace=False)
+
+
+@pytest.mark.timeout(240)
+def test_burst_of_posts_all_reach_success(web, rust):
+    rng = random.Random(1000)
+    calls = [(rng.randint(-10**6, 10**6), rng.randint(-10**6, 10**6)) for _ in range(BURST)]
+    local = threading.local()
+    connections: list[http.client.HTTPConnection] = []
+    lock = threading.Lock()
+
+    def post(index: int) -> tuple[int, Reply]:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = web.connection()
+            with lock:
+                connections.append(conn)
+        x, y = calls[index]
+        return index, web.post({"task": "tasks.add", "args": [x, y]}, conn=conn)
+
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=BURST_THREADS) as pool:
+            replies = list(pool.map(post, range(BURST)))
+    finally:
+        for conn in connections:
+            conn.close()
+    posted = time.monotonic() - started
+
+    refused = [repr(r) for _, r in replies if r.status != 202]
+    assert not refused, f"{len(refused)} of {BURST} posts not accepted, e.g.:\n" + "\n".join(refused[:5])
+    expected = {accepted_task_id(reply): sum(calls[i]) for i, reply in replies}
+    assert len(expected) == BURST, f"{BURST - len(expected)} duplicate task ids among {BURST} posts"
+
+    seen: dict[str, dict] = {}
+
+    def all_succeeded():
+        seen.clear()
+        seen.update(_success_rows(web, "tasks.add"))
+        return expected.keys() <= seen.keys()
+
+    def missing() -> str:
+        ids = [i for i in expected if i not in seen]
+        states: dict[str, int] = {}
+        for task_id in ids[:50]:
+            state = web.status(task_id)["state"]
+            states[state] = states.get(state, 0) + 1
+        return f"all {BURST} rows SUCCESS; {len(ids)} are not (states of up to 50: {states})"
+
+    wait_for(all_succeeded, BURST_TRACK_TIMEOUT, interval=0.5, describe=missing)
+    tracked = time.monotonic() - started
+
+    wrong = {i: (seen[i]["result"], want) for i, want in expected.items() if seen[i]["result"] != want}
+    assert not wrong, f"{len(wrong)} wrong results (got, want), e.g. {list(wrong.items())[:5]}"
+    assert {seen[i]["worker"] for i in expected} == {rust.hostname}
+    for task_id in rng.sample(sorted(expected), 20):  # /status agrees with the listing
+        job = web.status(task_id)
+        assert job["state"] == "SUCCESS" and job["result"] == expected[task_id], job
+    print(f"\n[{web.name}] {BURST} posts in {posted:.1f}s ({BURST / posted:.0f}/s), "
+          f"all SUCCESS after {tracked:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+
+
+def _sized_payload(size: int) -> bytes:
+    """A JSON document (a default-task payload) of exactly ``size`` bytes."""
+    head, tail = b'{"document": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+def _call(**fields) -> bytes:
+    return json.dumps({"task": "tasks.add", "args": [1, 2], **fields}).encode()
+
+
+# id -> (body, content type, status, fragment of the error message)
+BAD_POSTS = {
+    "malformed-json": (b'{"task": "tasks.add", "args": [1,', "application/json", 400, "malformed JSON"),
+    "empty-body": (b"", "application/json", 400, "malformed JSON"),
+    "text-plain": (_call(), "text/plain", 415, "application/json"),
+    "xml": (b"<job><task>tasks.add</task></job>", "application/xml", 415, "application/json"),
+    "over-limit": (_sized_payload(BODY_LIMIT + 1), "application/json", 413, str(BODY_LIMIT)),
+    "args-not-list": (_call(args={"x": 1}), "application/json", 422, "`args` must be a list"),
+    "args-string": (_call(args="1,2"), "application/json", 422, "`args` must be a list"),
+    "kwargs-not-object": (_call(kwargs=[1]), "application/json", 422, "`kwargs` must be an object"),
+    "countdown-negative": (_call(countdown=-1), "application/json", 422, "`countdown`"),
+    "countdown-string": (_call(countdown="5"), "application/json", 422, "`countdown`"),
+    "expires-zero": (_call(expires=0), "application/json", 422, "`expires`"),
+    "queue-not-string": (_call(queue=3), "application/json", 422, "`queue`"),
+    "unknown-field": (_call(arsg=[1, 2]), "application/json", 422, "unknown field `arsg`"),
+    "unknown-task": (b'{"task": "tasks.nope"}', "application/json", 422, "unknown task `tasks.nope`"),
+    "python-task-not-allowed": (b'{"task": "py.nope"}', "application/json", 422, "unknown task `py.nope`"),
+    "task-not-string": (b'{"task": 5}', "application/json", 422, "`task`"),
+    "task-empty": (b'{"task": ""}', "application/json", 422, "`task`"),
+}
+
+
+def _assert_json_error(reply: Reply, status: int, fragment: str) -> None:
+    assert reply.status == status, reply
+    assert reply.headers.get("content-type", "").startswith("application/json"), reply
+    body = reply.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"].strip(), reply
+    assert fragment in body["error"], f"error message does not say {fragment!r}: {reply}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("body,content_type,status,fragment", list(BAD_POSTS.values()), ids=list(BAD_POSTS))
+def test_bad_post_is_refused_with_a_json_reason(web, body, content_type, status, fragment):
+    before = web.count_rows()
+    reply = web.post(raw=body, content_type=content_type)
+    _assert_json_error(reply, status, fragment)
+    assert "location" not in reply.headers, reply
+    assert web.count_rows() == before, "a refused request recorded a job"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", ["countdown", "expires"])
+def test_countdown_or_expires_beyond_any_date_is_refused(web, field):
+    before = web.count_rows()
+    reply = web.post(raw=_call(**{field: 1e13}))
+    _assert_json_error(reply, 422, f"`{field}`")
+    assert web.count_rows() == before, "a refused request recorded a job"
+
+
+BAD_GETS = {
+    "status-not-uuid": ("/status/not-a-uuid", 400, "not a task id"),
+    "status-unknown": (f"/status/{uuid.UUID(int=0x1234)}", 404, "no job with task id"),
+    "tasks-limit-zero": ("/tasks?limit=0", 422, "`limit`"),
+    "tasks-limit-too-big": ("/tasks?limit=501", 422, "`limit`"),
+    "tasks-limit-not-number": ("/tasks?limit=ten", 422, "`limit`"),
+    "tasks-bad-cursor": ("/tasks?cursor=garbage", 400, "invalid cursor"),
+    "no-such-route": ("/nowhere", 404, "Not Found"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path,status,fragment", list(BAD_GETS.values()), ids=list(BAD_GETS))
+def test_bad_get_is_refused_with_a_json_reason(web, path, status, fragment):
+    _assert_json_error(web.get(path), status, fragment)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/x-www-form-urlencoded", "application/json; charset=utf-8"],
+    ids=["no-content-type", "curl-form-default", "json-charset"],
+)
+def test_json_like_content_types_are_accepted(web, rust, content_type):
+    reply = web.post(raw=b'{"task": "tasks.add", "args": [2, 3]}', content_type=content_type)
+    job = web.wait_final(accepted_task_id(reply))
+    assert (job["state"], job["result"]) == ("SUCCESS", 5), job
+
+
+@pytest.mark.timeout(60)
+def test_body_of_exactly_the_limit_is_accepted(web, rust):
+    body = _sized_payload(BODY_LIMIT)
+    job = web.wait_final(accepted_task_id(web.post(raw=body)))
+    assert job["state"] == "SUCCESS" and job["result"] == json.loads(body), {**job, "result": "..."}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "payload",
+    [{"document": {"pages": 3}}, [1, "two", {"three": 3.5}], "plain text", None, {}],
+    ids=["document", "list", "string", "null", "empty-object"],
+)
+def test_any_other_json_runs_the_default_task(web, rust, payload):
+    job = web.wait_final(web.submit(payload))
+    assert job["task"] == "tasks.echo", job
+    assert job["state"] == "SUCCESS", job
+    assert job["result"] == payload, job
+    assert json.dumps(job["result"], sort_keys=True) == json.dumps(payload, sort_keys=True), job
+
+
+# --------------------------------------------------------------------------------------------
+# The shell, as the README shows it
+
+
+def _curl(*args: str) -> str:
+    binary = shutil.which("curl")
+    if binary is None:
+        pytest.fail("`curl` not found on PATH", pytrace=False)
+    proc = subprocess.run([binary, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"curl {' '.join(args)} exited with {proc.returncode}: {proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_readme_curl_commands(web, rust):
+    out = _curl("-s", "-X", "POST", f"localhost:{web.port}/receive", "-d", '{"task":"tasks.add","args":[2,3]}')
+    answer = json.loads(out)
+    task_id = answer["task_id"]
+    assert answer == {"task_id": task_id, "status_url": f"/status/{task_id}"}, answer
+    last: dict = {}
+
+    def done():
+        last.clear()
+        last.update(json.loads(_curl("-s", f"localhost:{web.port}/status/{task_id}")))
+        return last["state"] in FINAL_STATES and dict(last)
+
+    job = wait_for(done, JOB_TIMEOUT, interval=0.1, describe=lambda: f"curl /status to show a final state; last {last}")
+    assert (job["state"], job["result"], job["worker"]) == ("SUCCESS", 5, rust.hostname), job
+
+
+# --------------------------------------------------------------------------------------------
+# Health and restarts
+
+
+@pytest.mark.timeout(60)
+def test_health_reports_broker_and_database(web):
+    reply = web.get("/health")
+    assert reply.status == 200, reply
+    body = reply.json()
+    assert body.get("status") == "ok", body
+
+
+@pytest.mark.timeout(120)
+def test_rows_catch_up_after_a_restart(broker, spawn_rust_worker):
+    """A job that finishes while the web app is down is brought up to date when it is back (the
+    sweep re-reads unfinished rows from the result backend)."""
+    queue = broker.new_queue("web-restart")  # nobody consumes it until the web app is down
+    with own_database(f"rcelery_interop_{broker.session_id}_restart") as database:
+        with running_web(broker, database, tag="restart-1") as app:
+            task_id = app.submit({"task": "tasks.add", "args": [20, 22], "queue": queue})
+            assert app.status(task_id)["state"] == "PENDING"
+            code = stop_web(app)
+            assert code == 0, f"web exit code after SIGTERM: {code}; log {app.process.log_path}:\n{app.process.tail()}"
+
+        worker = spawn_rust_worker([queue], tag="web-restart")
+        assert broker.app.AsyncResult(task_id).get(timeout=20) == 42
+
+        with running_web(broker, database, tag="restart-2") as app:
+            job = app.wait_final(task_id, timeout=3 * SWEEP_INTERVAL)
+            assert (job["state"], job["result"], job["worker"]) == ("SUCCESS", 42, worker.hostname), job
+            check_times(job)
