@@ -3,6 +3,7 @@
 //! is applied as it happens, and a periodic sweep re-reads jobs still not final, so a missed
 //! message or a restart of the web app never leaves a row stale.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -29,7 +30,15 @@ async fn apply(pool: &Pool, id: &str, meta: &ResultMeta) -> Result<(), Error> {
     Ok(())
 }
 
+/// State writes applied at once; a shared Redis carries every worker's writes, most of them for
+/// jobs of other apps, so the follower must never fall behind one write at a time.
+const BATCH: usize = 256;
+/// Rows updated concurrently within a batch.
+const CONCURRENT_UPDATES: usize = 8;
+
 /// Follows the backend's state writes until the process ends, resubscribing when cut off.
+/// Writes that arrive together are coalesced per task (the newest wins: each is a full state)
+/// and applied concurrently, one update per task, so order per task is kept.
 pub async fn follow(pool: Pool, backend: RedisBackend) {
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -37,11 +46,19 @@ pub async fn follow(pool: Pool, backend: RedisBackend) {
             Ok(writes) => {
                 backoff = Duration::from_millis(500);
                 tracing::info!("following result backend state writes");
-                let mut writes = std::pin::pin!(writes);
-                while let Some((id, meta)) = writes.next().await {
-                    if let Err(error) = apply(&pool, &id, &meta).await {
-                        tracing::warn!(%id, %error, "cannot apply state write; the sweep will retry");
-                    }
+                let mut batches = std::pin::pin!(writes.ready_chunks(BATCH));
+                while let Some(batch) = batches.next().await {
+                    let newest: HashMap<String, ResultMeta> = batch.into_iter().collect();
+                    futures::stream::iter(newest)
+                        .for_each_concurrent(CONCURRENT_UPDATES, |(id, meta)| {
+                            let pool = &pool;
+                            async move {
+                                if let Err(error) = apply(pool, &id, &meta).await {
+                                    tracing::warn!(%id, %error, "cannot apply state write; the sweep will retry");
+                                }
+                            }
+                        })
+                        .await;
                 }
                 tracing::warn!("result backend subscription ended");
             }

@@ -186,16 +186,16 @@ async fn jobs_run_to_success_with_progress_and_errors_on_both_brokers() {
         );
 
         let id = stack
-            .submit(json!({"task": "tasks.progress", "args": [5, 150]}))
+            .submit(json!({"task": "tasks.progress", "args": [10, 200]}))
             .await;
         let running = stack.wait_for(&id, "PROGRESS", state_is("PROGRESS")).await;
         let current = running["progress"]["current"].as_i64().unwrap();
         assert!(
-            (1..=5).contains(&current) && running["progress"]["total"] == 5,
+            (1..=10).contains(&current) && running["progress"]["total"] == 10,
             "{running}"
         );
         let done = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
-        assert_eq!(done["result"], 5);
+        assert_eq!(done["result"], 10);
 
         let id = stack
             .submit(json!({"task": "tasks.fail", "args": ["boom"]}))
