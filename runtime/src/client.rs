@@ -32,6 +32,10 @@ pub struct SendOptions {
     pub priority: Option<u8>,
     /// Ask the worker to store no result.
     pub ignore_result: bool,
+    /// Seconds after which the worker stops the task (`TimeLimitExceeded`).
+    pub time_limit: Option<f64>,
+    /// Seconds after which the task is told its soft limit passed.
+    pub soft_time_limit: Option<f64>,
 }
 
 /// A connection for sending tasks.
@@ -96,6 +100,7 @@ impl Client {
         request.expires = options.expires.map(after).transpose()?;
         request.origin = Some(self.origin.clone());
         request.ignore_result = options.ignore_result;
+        request.timelimit = (options.time_limit, options.soft_time_limit);
         request.properties.priority = options.priority.unwrap_or(0);
         let queue = options
             .queue

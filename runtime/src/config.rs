@@ -61,6 +61,10 @@ pub struct CeleryConfig {
     pub result_expires: u64,
     /// Also store name, args, kwargs, worker, retries and queue with each result.
     pub result_extended: bool,
+    /// Seconds after which a running task is stopped and fails with `TimeLimitExceeded`.
+    pub task_time_limit: Option<f64>,
+    /// Seconds after which a running task is told its soft limit passed.
+    pub task_soft_time_limit: Option<f64>,
     /// Send `task-*` events from the start (as `celery worker -E`).
     pub worker_send_task_events: bool,
     /// Seconds between `worker-heartbeat` events.
@@ -94,6 +98,8 @@ impl Default for CeleryConfig {
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,
+            task_time_limit: None,
+            task_soft_time_limit: None,
             worker_send_task_events: false,
             worker_heartbeat_interval: 2.0,
             task_send_sent_event: false,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::protocol::result::state;
@@ -32,6 +33,7 @@ pub struct StateUpdate {
 pub struct TaskContext {
     task_id: Arc<str>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
+    soft_limit: CancellationToken,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -45,9 +47,15 @@ impl TaskContext {
             Self {
                 task_id: task_id.into(),
                 updates: Arc::new(sender),
+                soft_limit: CancellationToken::new(),
             },
             receiver,
         )
+    }
+
+    /// Tells the task its soft time limit has passed.
+    pub fn exceed_soft_limit(&self) {
+        self.soft_limit.cancel();
     }
 
     /// Runs `future` with this context as the current task's.
@@ -72,6 +80,23 @@ pub fn update_state(state: &str, meta: Value) -> Result<()> {
 /// Reports `PROGRESS` with meta `{current, total}`.
 pub fn report(current: u64, total: u64) -> Result<()> {
     update_state(state::PROGRESS, json!({"current": current, "total": total}))
+}
+
+/// Whether the running task's soft time limit has passed (Celery's `SoftTimeLimitExceeded`):
+/// a task that checks it can wind down and return before the hard limit stops it.
+pub fn soft_time_limit_exceeded() -> bool {
+    CURRENT
+        .try_with(|context| context.soft_limit.is_cancelled())
+        .unwrap_or(false)
+}
+
+/// Resolves when the running task's soft time limit passes (never outside a task), for tasks
+/// that `select!` on it.
+pub async fn soft_time_limit() {
+    match CURRENT.try_with(|context| context.soft_limit.clone()) {
+        Ok(limit) => limit.cancelled_owned().await,
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// The id of the task running on this task-local scope, if any.
@@ -103,6 +128,21 @@ mod tests {
                 meta: json!({"current": 1000, "total": 1000})
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_soft_limit_is_seen_inside_the_task() {
+        let (context, _updates) = TaskContext::new("t2");
+        let limit = context.clone();
+        context
+            .scope(async move {
+                assert!(!soft_time_limit_exceeded());
+                limit.exceed_soft_limit();
+                soft_time_limit().await;
+                assert!(soft_time_limit_exceeded());
+            })
+            .await;
+        assert!(!soft_time_limit_exceeded());
     }
 
     #[test]

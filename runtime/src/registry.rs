@@ -12,8 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use celery::error::TaskError;
 use celery::protocol::{Message as CrateMessage, MessageHeaders, MessageProperties};
-use celery::task::{Request, Task};
+use celery::task::{Request, Task, TaskOptions};
 use celery::Celery;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -28,11 +29,23 @@ pub enum Outcome {
     Success(Value),
     /// Raised this exception.
     Failure(ExceptionInfo),
+    /// Asked to run again, at `eta` or after the task's backoff: `TaskError::Retry` (from
+    /// `retry_with_countdown`/`retry_with_eta`), an `ExpectedError`, or an `UnexpectedError`
+    /// of a task declared `retry_for_unexpected = true`.
+    Retry {
+        /// When to run again, if the task said.
+        eta: Option<DateTime<Utc>>,
+        /// What to store as the RETRY state (and as FAILURE once retries run out).
+        exc: ExceptionInfo,
+    },
 }
 
 /// One registered task, its type erased.
 #[async_trait]
 pub trait Handler: Send + Sync {
+    /// The task's own options (`#[celery::task(max_retries = .., time_limit = ..)]`).
+    fn options(&self) -> TaskOptions;
+
     /// Runs the task for `request` on this worker node, within `context`.
     async fn run(
         &self,
@@ -119,6 +132,10 @@ where
     T: Task + 'static,
     T::Returns: Serialize,
 {
+    fn options(&self) -> TaskOptions {
+        T::DEFAULTS
+    }
+
     async fn run(
         &self,
         app: Arc<Celery>,
@@ -155,7 +172,7 @@ where
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            Ok(Err(error)) => Outcome::Failure(exception_of(&error)),
+            Ok(Err(error)) => outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true)),
             Err(join) => Outcome::Failure(ExceptionInfo::new(
                 "rcelery.exceptions",
                 "TaskPanicked",
@@ -237,15 +254,25 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
     }
 }
 
-/// A task's error as the Python exception Celery users expect to catch.
-fn exception_of(error: &TaskError) -> ExceptionInfo {
+/// A task's error as Celery would end it, with the Python exception Celery users expect.
+fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
+    let runtime_error = |message: String| ExceptionInfo::builtin("RuntimeError", message);
     match error {
-        TaskError::ExpectedError(message) | TaskError::UnexpectedError(message) => {
-            ExceptionInfo::builtin("RuntimeError", message.clone())
-        }
-        TaskError::TimeoutError => ExceptionInfo::celery("TimeLimitExceeded", "task timed out"),
-        TaskError::Retry(_) => {
-            ExceptionInfo::celery("Retry", "retries are not supported by this worker yet")
+        TaskError::Retry(eta) => Outcome::Retry {
+            eta,
+            exc: ExceptionInfo::celery("Retry", "Retry requested"),
+        },
+        TaskError::ExpectedError(message) => Outcome::Retry {
+            eta: None,
+            exc: runtime_error(message),
+        },
+        TaskError::UnexpectedError(message) if retry_for_unexpected => Outcome::Retry {
+            eta: None,
+            exc: runtime_error(message),
+        },
+        TaskError::UnexpectedError(message) => Outcome::Failure(runtime_error(message)),
+        TaskError::TimeoutError => {
+            Outcome::Failure(ExceptionInfo::celery("TimeLimitExceeded", "task timed out"))
         }
     }
 }

@@ -8,7 +8,7 @@
 #![allow(non_local_definitions)]
 
 use celery::error::TaskError;
-use celery::task::TaskResult;
+use celery::task::{Task, TaskResult};
 use runtime::registry::Registry;
 use serde_json::{Number, Value};
 use std::time::Duration;
@@ -23,6 +23,8 @@ pub fn registry() -> Registry {
         .task::<sleep>()
         .task::<fail>()
         .task::<progress>()
+        .task::<flaky>()
+        .blocking_task::<busy>()
 }
 
 /// `x + y`.
@@ -81,4 +83,32 @@ pub async fn progress(total: u64, step_ms: u64) -> TaskResult<u64> {
             .map_err(|e| TaskError::UnexpectedError(e.to_string()))?;
     }
     Ok(total)
+}
+
+/// Fails with an expected error on its first `failures` runs, then returns how many retries
+/// it took: retries with backoff, as Celery users know them.
+#[celery::task(
+    name = "tasks.flaky",
+    bind = true,
+    max_retries = 3,
+    max_retry_delay = 1
+)]
+pub fn flaky(task: &Self, failures: u32) -> TaskResult<u32> {
+    let retries = task.request().retries;
+    if retries < failures {
+        return Err(TaskError::ExpectedError(format!(
+            "failing on purpose, attempt {}",
+            retries + 1
+        )));
+    }
+    Ok(retries)
+}
+
+/// Holds its thread for `seconds` (blocking code, run on the blocking pool), then returns them.
+#[celery::task(name = "tasks.busy")]
+pub fn busy(seconds: f64) -> TaskResult<f64> {
+    let wait = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| TaskError::UnexpectedError(format!("invalid duration: {seconds}")))?;
+    std::thread::sleep(wait);
+    Ok(seconds)
 }

@@ -308,3 +308,100 @@ async fn task_events_reach_celeryev_subscribers() {
         listener.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_errors_retry_with_backoff_until_max_retries() {
+    for url in BROKERS {
+        let worker = start(url, |_| {}).await;
+        // Two failures, then success on the third run (retries 0, 1, 2).
+        let retried = worker
+            .client
+            .send_task(
+                "tasks.flaky",
+                vec![json!(2)],
+                Map::new(),
+                SendOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            retried.get(Duration::from_secs(30)).await.unwrap(),
+            json!(2),
+            "{url}"
+        );
+        let meta = retried.meta().await.unwrap().unwrap();
+        assert_eq!(meta.extended.unwrap().retries, 2);
+        assert_eq!(
+            meta.parent_id.as_deref(),
+            Some(retried.id.as_str()),
+            "a retry's parent is itself"
+        );
+        // More failures than max_retries (3): the last error is the task's FAILURE.
+        let (exc_type, message) = failure(worker.call("tasks.flaky", json!([9]), json!({})).await);
+        assert_eq!(
+            (exc_type.as_str(), message.as_str()),
+            ("RuntimeError", "failing on purpose, attempt 4")
+        );
+        worker.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_time_limits_stop_async_and_blocking_tasks_and_free_their_slots() {
+    let worker = start(BROKERS[1], |c| c.worker_concurrency = 2).await;
+    let limited = SendOptions {
+        time_limit: Some(1.0),
+        ..SendOptions::default()
+    };
+    let mut stopped = Vec::new();
+    for (name, seconds) in [("tasks.sleep", 30.0), ("tasks.busy", 3.0)] {
+        let sent = worker
+            .client
+            .send_task(name, vec![json!(seconds)], Map::new(), limited.clone())
+            .await
+            .unwrap();
+        stopped.push(sent);
+    }
+    for sent in &stopped {
+        let (exc_type, message) = failure(sent.get(Duration::from_secs(20)).await);
+        assert_eq!(
+            (exc_type.as_str(), message.as_str()),
+            ("TimeLimitExceeded", "1")
+        );
+    }
+    // Both slots are free again: two sleeps run side by side.
+    let mut sleeps = Vec::new();
+    for _ in 0..2 {
+        sleeps.push(
+            worker
+                .client
+                .send_task(
+                    "tasks.sleep",
+                    vec![json!(1.5)],
+                    Map::new(),
+                    SendOptions::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut started = 0;
+        for sent in &sleeps {
+            started += usize::from(sent.state().await.unwrap() == state::STARTED);
+        }
+        if started == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two sleeps never ran at once"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for sent in sleeps {
+        assert_eq!(sent.get(Duration::from_secs(20)).await.unwrap(), json!(1.5));
+    }
+    worker.stop().await;
+}

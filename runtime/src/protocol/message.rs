@@ -125,6 +125,7 @@ pub struct TaskRequest {
 
 /// Headers this module reads or writes itself; the rest are carried as `extra_headers`.
 const TASK_HEADERS: &[&str] = &[
+    "compression",
     "lang",
     "task",
     "id",
@@ -183,18 +184,15 @@ impl TaskRequest {
             reason,
         };
 
-        if let Some(encoding) = headers.get("compression").and_then(Value::as_str) {
-            return Err(fail(format!(
-                "compressed bodies ({encoding}) are not supported"
-            )));
-        }
         if message.content_type != JSON {
             return Err(fail(format!(
                 "content type {:?} refused: only {JSON} is accepted",
                 message.content_type
             )));
         }
-        let body: Value = serde_json::from_slice(&message.body)
+        let compression = headers.get("compression").and_then(Value::as_str);
+        let body = decompress(compression, &message.body).map_err(&fail)?;
+        let body: Value = serde_json::from_slice(&body)
             .map_err(|e| fail(format!("body is not valid JSON: {e}")))?;
 
         match (task.is_some(), body) {
@@ -345,6 +343,46 @@ impl TaskRequest {
     }
 }
 
+/// Largest body a compressed message may expand to: a bound against decompression bombs.
+const MAX_DECOMPRESSED: u64 = 64 << 20;
+
+/// The body as serialized, undoing `task_compression`. kombu's `application/x-gzip` is zlib's
+/// format, not a gzip file; a gzip file is read too, since other producers send one.
+fn decompress<'a>(
+    compression: Option<&str>,
+    body: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+    use std::io::Read;
+    let Some(compression) = compression else {
+        return Ok(std::borrow::Cow::Borrowed(body));
+    };
+    if !matches!(
+        compression,
+        "application/x-gzip" | "application/gzip" | "gzip" | "zlib"
+    ) {
+        return Err(format!(
+            "compression {compression:?} is not supported (zlib and gzip are)"
+        ));
+    }
+    let mut out = Vec::new();
+    let read = if body.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(body)
+            .take(MAX_DECOMPRESSED + 1)
+            .read_to_end(&mut out)
+    } else {
+        flate2::read::ZlibDecoder::new(body)
+            .take(MAX_DECOMPRESSED + 1)
+            .read_to_end(&mut out)
+    };
+    read.map_err(|e| format!("body does not decompress as {compression}: {e}"))?;
+    if out.len() as u64 > MAX_DECOMPRESSED {
+        return Err(format!(
+            "body decompresses to more than {MAX_DECOMPRESSED} bytes"
+        ));
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
 fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -426,6 +464,71 @@ mod tests {
             (sent.id, sent.args, sent.kwargs)
         );
         assert!(received.extra_headers.contains_key("x-custom"));
+    }
+
+    #[test]
+    fn compressed_bodies_are_decoded_and_bombs_refused() {
+        use std::io::Write;
+        let plain = captured_v2();
+        let compressed = |mut encoder: Box<dyn Write>| {
+            encoder.write_all(&plain.body).unwrap();
+            drop(encoder);
+        };
+        let mut zlib = Vec::new();
+        compressed(Box::new(flate2::write::ZlibEncoder::new(
+            &mut zlib,
+            flate2::Compression::default(),
+        )));
+        let mut gzip = Vec::new();
+        compressed(Box::new(flate2::write::GzEncoder::new(
+            &mut gzip,
+            flate2::Compression::default(),
+        )));
+        for body in [zlib, gzip] {
+            let mut message = Message {
+                body,
+                ..captured_v2()
+            };
+            message
+                .headers
+                .insert("compression".into(), json!("application/x-gzip"));
+            assert_eq!(
+                TaskRequest::decode(&message).unwrap().args,
+                vec![json!(2), json!(3)]
+            );
+        }
+        let mut message = captured_v2();
+        message
+            .headers
+            .insert("compression".into(), json!("application/x-bz2"));
+        assert!(TaskRequest::decode(&message)
+            .unwrap_err()
+            .reason
+            .contains("not supported"));
+        message
+            .headers
+            .insert("compression".into(), json!("application/x-gzip"));
+        assert!(TaskRequest::decode(&message)
+            .unwrap_err()
+            .reason
+            .contains("does not decompress"));
+        let mut bomb = Vec::new();
+        let mut encoder = flate2::write::ZlibEncoder::new(&mut bomb, flate2::Compression::best());
+        for _ in 0..65 {
+            encoder.write_all(&vec![b' '; 1 << 20]).unwrap();
+        }
+        drop(encoder);
+        let mut message = Message {
+            body: bomb,
+            ..captured_v2()
+        };
+        message
+            .headers
+            .insert("compression".into(), json!("application/x-gzip"));
+        assert!(TaskRequest::decode(&message)
+            .unwrap_err()
+            .reason
+            .contains("more than"));
     }
 
     #[test]

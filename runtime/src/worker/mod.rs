@@ -94,7 +94,11 @@ pub struct Worker {
 enum Ending {
     Ran(Outcome),
     Terminated,
+    TimedOut(f64),
 }
+
+/// Retries a task gets when it declares no `max_retries`, as Celery's `Task.max_retries`.
+const DEFAULT_MAX_RETRIES: u32 = 3;
 
 impl Worker {
     /// Connects to the broker and backend of `config`; consumes `queues` as node `hostname`.
@@ -409,11 +413,32 @@ impl Worker {
             updates,
             stores,
         ));
+        let options = handler.options();
+        let (hard, soft) = self.time_limits(&request, &options);
+        let soft_timer = soft.map(|soft| {
+            let context = context.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs_f64(soft)).await;
+                context.exceed_soft_limit();
+            })
+        });
+        let hard_deadline = async {
+            match hard {
+                Some(hard) => tokio::time::sleep(Duration::from_secs_f64(hard)).await,
+                None => std::future::pending().await,
+            }
+        };
         let began = Instant::now();
+        // Losing a race drops the task's future, which aborts async task code; blocking code
+        // cannot be stopped from outside, so its thread is abandoned and its slot freed.
         let ending = tokio::select! {
             outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
             () = terminate.cancelled() => Ending::Terminated,
+            () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default()),
         };
+        if let Some(timer) = soft_timer {
+            timer.abort();
+        }
         let runtime = began.elapsed().as_secs_f64();
         // Its last write lands before the final state, so the final state is what stays.
         let _ = reporter.await;
@@ -431,14 +456,26 @@ impl Worker {
             }
             Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
-                let tb = traceback(&exc);
-                self.events.task(
-                    "task-failed",
-                    &request.id,
-                    fields(json!({"exception": exc.repr(), "traceback": tb})),
-                );
-                self.finish(&request, &queue, state::FAILURE, exc.to_value(), Some(tb))
-                    .await;
+                self.fail(&request, &queue, exc).await;
+            }
+            Ending::Ran(Outcome::Retry { eta, exc }) => {
+                let max_retries = options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+                if request.retries >= max_retries {
+                    error!(task = %request.task, id = %request.id, retries = request.retries, exception = %exc.repr(), "task failed after its last retry");
+                    self.fail(&request, &queue, exc).await;
+                } else {
+                    let eta = eta.unwrap_or_else(|| backoff(request.retries, &options));
+                    self.retry(&request, &queue, eta, exc).await;
+                }
+            }
+            Ending::TimedOut(limit) => {
+                error!(task = %request.task, id = %request.id, limit, "task stopped at its hard time limit");
+                self.fail(
+                    &request,
+                    &queue,
+                    ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", limit.to_string()),
+                )
+                .await;
             }
             Ending::Terminated => {
                 warn!(task = %request.task, id = %request.id, runtime, "task terminated by revoke");
@@ -455,6 +492,74 @@ impl Worker {
         if let Some(settle) = settle {
             settle_with(settle.ack(), &tag).await;
         }
+    }
+
+    /// Stores FAILURE with `exc` and tells Flower.
+    async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) {
+        let tb = traceback(&exc);
+        self.events.task(
+            "task-failed",
+            &request.id,
+            fields(json!({"exception": exc.repr(), "traceback": tb})),
+        );
+        self.finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
+            .await;
+    }
+
+    /// Stores RETRY, then sends the task again as Celery does: same id, one more retry, due at
+    /// `eta`, with itself as parent. Only then is the original acked (by the caller), so a crash
+    /// in between runs it twice rather than never.
+    async fn retry(
+        &self,
+        request: &TaskRequest,
+        queue: &str,
+        eta: chrono::DateTime<Utc>,
+        exc: ExceptionInfo,
+    ) {
+        let tb = traceback(&exc);
+        info!(task = %request.task, id = %request.id, retries = request.retries + 1, %eta, exception = %exc.repr(), "task will retry");
+        self.events.task(
+            "task-retried",
+            &request.id,
+            fields(json!({"exception": exc.repr(), "traceback": tb})),
+        );
+        if self.stores(request) {
+            let mut meta = self.meta(request, queue, state::RETRY, exc.to_value());
+            meta.traceback = Some(tb);
+            self.store(meta).await;
+        }
+        let mut again = request.clone();
+        again.retries += 1;
+        again.eta = Some(eta);
+        again.parent_id = Some(request.id.clone());
+        if let Err(error) = self.broker.publish(queue, &again.encode()).await {
+            error!(id = %request.id, %error, "cannot send the retry");
+            self.fail(
+                request,
+                queue,
+                ExceptionInfo::builtin("RuntimeError", format!("retry could not be sent: {error}")),
+            )
+            .await;
+        }
+    }
+
+    /// `(hard, soft)` seconds: the message's `timelimit`, else the task's options, else config.
+    fn time_limits(
+        &self,
+        request: &TaskRequest,
+        options: &celery::task::TaskOptions,
+    ) -> (Option<f64>, Option<f64>) {
+        let hard = request
+            .timelimit
+            .0
+            .or(options.hard_time_limit.map(f64::from))
+            .or(self.config.task_time_limit);
+        let soft = request
+            .timelimit
+            .1
+            .or(options.time_limit.map(f64::from))
+            .or(self.config.task_soft_time_limit);
+        (hard.filter(|s| *s > 0.0), soft.filter(|s| *s > 0.0))
     }
 
     /// Acks now unless `task_acks_late`; returns the settlement still owed.
@@ -553,6 +658,18 @@ impl Worker {
             error!(id = %meta.task_id, status = %meta.status, %error, "cannot store result");
         }
     }
+}
+
+/// When a retry without its own ETA runs: 2^retries seconds within the task's
+/// `[min_retry_delay, max_retry_delay]`, plus up to a second of jitter so retries spread out.
+fn backoff(retries: u32, options: &celery::task::TaskOptions) -> chrono::DateTime<Utc> {
+    let max = options.max_retry_delay.unwrap_or(3600);
+    let min = options.min_retry_delay.unwrap_or(0).min(max);
+    let seconds = 2u32.checked_pow(retries).unwrap_or(max).clamp(min, max);
+    let jitter_ms = (uuid::Uuid::new_v4().as_u128() % 1000) as i64;
+    Utc::now()
+        + chrono::Duration::seconds(i64::from(seconds))
+        + chrono::Duration::milliseconds(jitter_ms)
 }
 
 /// Messages held per queue: `worker_concurrency × worker_prefetch_multiplier`.
