@@ -24,6 +24,7 @@ migrate: services build
 test: services venv
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
 
 fmt:

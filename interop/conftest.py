@@ -4,6 +4,7 @@ Fixture graph (all session-scoped, parametrised through ``broker``):
 
 * ``broker``     URLs, a unique queue name, a Python client app; deletes its queues at the end.
 * ``rust``       a Rust ``worker`` consuming ``broker.queue`` (needs the Rust binaries).
+* ``rust_events`` a Rust ``worker -E`` (task events on) consuming ``<queue>-events``.
 * ``py_worker``  a stock Python Celery worker consuming ``broker.py_queue`` (Rust -> Python).
 
 Environment knobs: ``RCELERY_BIN_DIR`` (default ``<repo>/target/debug``), ``RCELERY_CONFIG``
@@ -152,7 +153,9 @@ def broker(request) -> BrokerSetup:
     session_id = uuid.uuid4().hex[:8]
     queue = f"interop-{session_id}"
     py_queue = f"interop-py-{session_id}"
-    app = create_app(broker_url, result_backend, default_queue=queue, main=f"interop-{name}")
+    # strict: a remote-control broadcast without a destination raises instead of reaching every
+    # worker on the shared broker (see interop_app.GuardedControl).
+    app = create_app(broker_url, result_backend, default_queue=queue, main=f"interop-{name}", strict_control=True)
     setup = BrokerSetup(
         name=name,
         broker_url=broker_url,
@@ -170,8 +173,19 @@ def broker(request) -> BrokerSetup:
         _delete_queues(broker_url, setup.queues_to_delete)
 
 
-def start_rust_worker(setup: BrokerSetup, queues: list[str], tag: str, concurrency: int = RUST_CONCURRENCY) -> WorkerHandle:
-    """Start a Rust worker on ``queues`` and wait (bounded) for its ``<hostname> ready.`` line."""
+def start_rust_worker(
+    setup: BrokerSetup,
+    queues: list[str],
+    tag: str,
+    concurrency: int = RUST_CONCURRENCY,
+    task_events: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> WorkerHandle:
+    """Start a Rust worker on ``queues`` and wait (bounded) for its ``<hostname> ready.`` line.
+
+    ``task_events`` passes ``-E`` (task events from the start); ``extra_env`` adds ``CELERY_*``
+    overrides (e.g. ``CELERY_WORKER_HEARTBEAT_INTERVAL``).
+    """
     worker_bin = rust_binary("worker")
     config = rust_config()
     node = f"rust-{setup.session_id}-{tag}"
@@ -179,10 +193,13 @@ def start_rust_worker(setup: BrokerSetup, queues: list[str], tag: str, concurren
         worker_bin, "--config", config, "-Q", ",".join(queues), "-c", str(concurrency),
         "-n", f"{node}@%h", "--loglevel", "info",
     ]
+    if task_events:
+        argv.append("-E")
     env = setup.rust_env(
         default_queue=queues[0],
         CELERY_TASK_TRACK_STARTED="true",
         CELERY_RESULT_EXTENDED="true",
+        **(extra_env or {}),
     )
     log_path = ARTIFACTS_DIR / f"rust-worker-{setup.name}-{node}.log"
     process = start_process(f"Rust worker {node}", argv, env, log_path)
@@ -222,6 +239,17 @@ def rust(broker: BrokerSetup) -> WorkerHandle:
 
 
 @pytest.fixture(scope="session")
+def rust_events(broker: BrokerSetup) -> WorkerHandle:
+    """A second shared Rust worker, started with ``-E`` (task events from the start), ``-c 4``,
+    consuming a queue of its own (``<queue>-events``); Flower watches it in test_monitoring."""
+    handle = start_rust_worker(broker, [broker.new_queue("events")], tag="events", concurrency=4, task_events=True)
+    try:
+        yield handle
+    finally:
+        stop_rust_worker(handle)
+
+
+@pytest.fixture(scope="session")
 def py_worker(broker: BrokerSetup) -> WorkerHandle:
     """A stock Python Celery worker (threads pool) consuming ``broker.py_queue``."""
     node = f"py-{broker.session_id}"
@@ -245,14 +273,17 @@ def py_worker(broker: BrokerSetup) -> WorkerHandle:
 
 @pytest.fixture
 def spawn_rust_worker(broker: BrokerSetup):
-    """Start extra Rust workers for one test: ``spawn_rust_worker([queues], tag=..., concurrency=...)``.
+    """Start extra Rust workers for one test:
+    ``spawn_rust_worker([queues], tag=..., concurrency=..., task_events=..., extra_env=...)``.
 
     Each is stopped (SIGTERM, then kill) when the test ends, unless the test stopped it itself.
     """
     started: list[WorkerHandle] = []
 
-    def spawn(queues: list[str], tag: str, concurrency: int = 2) -> WorkerHandle:
-        handle = start_rust_worker(broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency)
+    def spawn(queues: list[str], tag: str, concurrency: int = 2, task_events: bool = False,
+              extra_env: dict[str, str] | None = None) -> WorkerHandle:
+        handle = start_rust_worker(broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency,
+                                   task_events=task_events, extra_env=extra_env)
         started.append(handle)
         return handle
 

@@ -1,4 +1,4 @@
-"""The Python side of the interop suite: a stock Celery app plus two Python tasks.
+"""The Python side of the interop suite: a stock Celery app plus a few Python tasks.
 
 The module-level ``app`` is configured from the environment so that a Python worker
 (``python -m celery -A interop_app worker ...``, run with cwd ``interop/``) talks to the same
@@ -7,6 +7,12 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_BROKER_URL``      broker URL (default: local RabbitMQ)
 * ``INTEROP_RESULT_BACKEND``  result backend URL (default: local Redis db 0)
 * ``INTEROP_DEFAULT_QUEUE``   ``task_default_queue`` (default: ``celery``)
+* ``INTEROP_CONTROL_DESTINATION``  comma-separated node names: remote-control broadcasts sent
+  without a destination (Flower's inspect, enable_events, revoke, ...) go to these nodes only
+* ``INTEROP_CONTROL_STRICT``  ``1``: refuse remote-control broadcasts without a destination
+
+The brokers are shared with other test runs and developers, so no broadcast of the suite may
+reach a worker it did not start: see :class:`GuardedControl`.
 
 The test fixtures build their own client apps with :func:`create_app`, one per broker setup,
 so that no app object is ever re-pointed at another broker after it connected.
@@ -15,8 +21,10 @@ so that no app object is ever re-pointed at another broker after it connected.
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
+from celery.app.control import Control
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/0"
@@ -32,9 +40,53 @@ def concat(a, b):
     return a + b
 
 
-def create_app(broker_url: str, result_backend: str, default_queue: str = "celery", main: str = "interop") -> Celery:
-    """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered."""
-    celery_app = Celery(main, broker=broker_url, backend=result_backend, set_as_current=False)
+class GuardedControl(Control):
+    """``app.control`` that never broadcasts to every worker on the (shared) broker.
+
+    A broadcast without a destination (``None`` or an empty list, which kombu also sends to
+    everyone) goes to ``scope`` when the app has one, and is refused when the app is ``strict``.
+    Every ``app.control`` call funnels through :meth:`broadcast`, ``inspect()`` included.
+    """
+
+    scope: tuple[str, ...] = ()
+    strict: bool = False
+
+    def broadcast(self, command, arguments=None, destination=None, *args, **kwargs):
+        if not destination:
+            if self.scope:
+                destination = list(self.scope)
+            elif self.strict:
+                raise RuntimeError(
+                    f"refusing to broadcast {command!r} to every worker on a shared broker: "
+                    f"pass destination=[<node names this test started>]"
+                )
+        return super().broadcast(command, arguments, destination, *args, **kwargs)
+
+
+def _node_list(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
+
+
+def sleep(seconds):
+    """``py.sleep``: a Python task that stays active for a while (monitoring tests)."""
+    time.sleep(seconds)
+    return seconds
+
+
+def create_app(
+    broker_url: str,
+    result_backend: str,
+    default_queue: str = "celery",
+    main: str = "interop",
+    control_scope: tuple[str, ...] | list[str] = (),
+    strict_control: bool = False,
+) -> Celery:
+    """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered.
+
+    ``control_scope`` / ``strict_control`` configure its :class:`GuardedControl`.
+    """
+    control = type("ScopedControl", (GuardedControl,), {"scope": tuple(control_scope), "strict": strict_control})
+    celery_app = Celery(main, broker=broker_url, backend=result_backend, set_as_current=False, control=control)
     celery_app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -49,6 +101,7 @@ def create_app(broker_url: str, result_backend: str, default_queue: str = "celer
     )
     celery_app.task(name="py.mul")(mul)
     celery_app.task(name="py.concat")(concat)
+    celery_app.task(name="py.sleep")(sleep)
     return celery_app
 
 
@@ -56,4 +109,6 @@ app = create_app(
     os.environ.get("INTEROP_BROKER_URL", DEFAULT_BROKER_URL),
     os.environ.get("INTEROP_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
     os.environ.get("INTEROP_DEFAULT_QUEUE", "celery"),
+    control_scope=_node_list(os.environ.get("INTEROP_CONTROL_DESTINATION")),
+    strict_control=os.environ.get("INTEROP_CONTROL_STRICT") == "1",
 )

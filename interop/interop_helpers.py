@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +244,13 @@ class CallResult:
         assert len(self.lines) >= 2, f"`call --wait` printed no result line\n{self}"
         return json.loads(self.lines[1])
 
+    def json(self) -> Any:
+        """The whole of stdout as JSON (e.g. ``celery inspect ... --json``)."""
+        try:
+            return json.loads(self.stdout)
+        except ValueError:
+            pytest.fail(f"stdout is not JSON\n{self}", pytrace=False)
+
     def __str__(self) -> str:
         return (
             f"$ {' '.join(self.argv)}\nexit code: {self.returncode} after {self.elapsed:.2f}s\n"
@@ -272,11 +283,24 @@ def run_call(
     if timeout is not None:
         argv += ["--timeout", f"{timeout:g}"]
     argv += list(extra)
+    return run_command(argv, env, process_timeout=process_timeout)
+
+
+def run_command(
+    argv: Sequence[Any],
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    process_timeout: float = 90.0,
+) -> CallResult:
+    """Run a short-lived command to completion, capturing stdout/stderr (fails the test if it
+    outlives ``process_timeout``). ``CallResult`` serves any command, not only `call`."""
+    argv = [str(a) for a in argv]
     started = time.monotonic()
     try:
         proc = subprocess.run(
             argv,
             env=dict(env),
+            cwd=str(cwd) if cwd else None,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -284,7 +308,7 @@ def run_call(
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(
-            f"`call` did not finish within {process_timeout}s: {' '.join(argv)}\n"
+            f"`{argv[0]}` did not finish within {process_timeout}s: {' '.join(argv)}\n"
             f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}",
             pytrace=False,
         )
@@ -318,3 +342,222 @@ def drop_database(name: str) -> None:
     """``DROP DATABASE ... WITH (FORCE)`` (closes the connections still open to it)."""
     quoted = name.replace('"', '""')
     psql(f'DROP DATABASE IF EXISTS "{quoted}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------------------------
+# Remote control (pidbox) and the `celery` command line
+#
+# RabbitMQ and Redis are shared with other runs and developers: every broadcast names its
+# destination, the node names of workers this session started (interop_app.GuardedControl
+# refuses undirected ones on the fixtures' client apps).
+
+
+def run_celery(env: Mapping[str, str], *args: Any, process_timeout: float = 60.0) -> CallResult:
+    """``python -m celery -A interop_app <args>`` with the venv's interpreter, cwd ``interop/``.
+
+    ``env`` is a broker setup's ``python_env(...)``; ``INTEROP_CONTROL_STRICT=1`` is added so a
+    control/inspect command without ``-d`` fails instead of reaching every worker.
+    """
+    env = {**env, "INTEROP_CONTROL_STRICT": "1"}
+    argv = [sys.executable, "-m", "celery", "-A", "interop_app", *args]
+    return run_command(argv, env, cwd=INTEROP_DIR, process_timeout=process_timeout)
+
+
+def celery_json(env: Mapping[str, str], *args: Any, node: str, timeout: float = 10.0) -> Any:
+    """``celery <inspect|control> <args> -d <node> --json``: checks the exit code and that
+    ``node`` (only) answered; returns its reply."""
+    out = run_celery(env, *args, "-d", node, "--timeout", f"{timeout:g}", "--json")
+    assert out.returncode == 0, out
+    replies = out.json()
+    if isinstance(replies, list):  # `control` prints [{node: reply}, ...], `inspect` {node: reply}
+        replies = {name: reply for item in replies for name, reply in item.items()}
+    assert isinstance(replies, dict) and list(replies) == [node], f"expected a reply from {node} only\n{out}"
+    return replies[node]
+
+
+def _destination(nodes: str | Sequence[str]) -> list[str]:
+    destination = [nodes] if isinstance(nodes, str) else list(nodes)
+    if not destination or not all(destination):
+        raise ValueError(f"a destination is required (shared broker), got {nodes!r}")
+    return destination
+
+
+def inspect_nodes(app: Any, nodes: str | Sequence[str], method: str, *args: Any, timeout: float = 5.0,
+                  **kwargs: Any) -> dict[str, Any]:
+    """``app.control.inspect(destination=nodes).<method>(...)``; fails unless every node answered.
+    Returns ``{node: reply}`` (the call returns as soon as all of them have)."""
+    destination = _destination(nodes)
+    inspect = app.control.inspect(destination=destination, timeout=timeout, limit=len(destination))
+    replies = getattr(inspect, method)(*args, **kwargs) or {}
+    missing = [n for n in destination if n not in replies]
+    if missing:
+        pytest.fail(f"inspect {method}: no reply from {missing} within {timeout}s (got {replies})", pytrace=False)
+    return replies
+
+
+def inspect_node(app: Any, node: str, method: str, *args: Any, timeout: float = 5.0, **kwargs: Any) -> Any:
+    """One node's reply to an inspect command."""
+    return inspect_nodes(app, [node], method, *args, timeout=timeout, **kwargs)[node]
+
+
+def control_node(app: Any, node: str, command: str, timeout: float = 5.0, reply: bool = True,
+                 **arguments: Any) -> Any:
+    """Broadcast ``command`` to ``node`` only; returns its reply (``None`` if ``reply=False``)."""
+    replies = app.control.broadcast(command, arguments=arguments, destination=_destination(node),
+                                    reply=reply, timeout=timeout, limit=1)
+    if not reply:
+        return None
+    for item in replies or []:
+        if node in item:
+            return item[node]
+    pytest.fail(f"control {command}: no reply from {node} within {timeout}s (got {replies})", pytrace=False)
+
+
+class EventCapture:
+    """Collects the events (``celeryev``) of the given worker nodes in a background thread.
+
+    ``with EventCapture(app, [node]) as events: events.wait_live(); ...``, then
+    ``events.of_type("task-succeeded", uuid)`` / ``events.types(uuid)``. Its queue is an
+    auto-delete one of its own; it only listens (never wakes workers up).
+    """
+
+    def __init__(self, app: Any, nodes: Sequence[str]):
+        self.app = app
+        self.nodes = set(nodes)
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._receiver = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("hostname") in self.nodes:
+            with self._lock:
+                self.events.append(event)
+
+    def _run(self) -> None:
+        try:
+            with self.app.connection_for_read() as conn:
+                receiver = self.app.events.Receiver(conn, handlers={"*": self._on_event})
+                receiver.on_iteration = self._ready.set  # called once the consumer is set up
+                self._receiver = receiver
+                # wakeup=False: wakeup_workers() would broadcast `heartbeat` to every worker.
+                for _ in receiver.consume(limit=None, timeout=None, wakeup=False):
+                    pass
+        except BaseException as exc:  # noqa: BLE001 - reported by snapshot()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> "EventCapture":
+        self._thread = threading.Thread(target=self._run, name="event-capture", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15):
+            pytest.fail("event receiver did not start within 15 s", pytrace=False)
+        if self._error:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def snapshot(self) -> list[dict]:
+        if self._error:
+            raise self._error
+        with self._lock:
+            return list(self.events)
+
+    def wait_live(self, timeout: float = 15.0) -> None:
+        """Until an event of one of the nodes arrived (on Redis the PUB/SUB subscription starts
+        with the first poll, so "consumer set up" alone does not prove it)."""
+        wait_for(self.snapshot, timeout, interval=0.1,
+                 describe=f"any event (e.g. a worker-heartbeat) from {sorted(self.nodes)}")
+
+    def of_type(self, event_type: str, uuid: str | None = None) -> list[dict]:
+        return [e for e in self.snapshot() if e.get("type") == event_type and (uuid is None or e.get("uuid") == uuid)]
+
+    def types(self, uuid: str | None = None) -> list[str]:
+        return [e["type"] for e in self.snapshot() if uuid is None or e.get("uuid") == uuid]
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP (plain http.client: the web app and Flower)
+
+
+@dataclass(repr=False)
+class Reply:
+    method: str
+    path: str
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            pytest.fail(f"{self.method} {self.path} answered {self.status} with a body that is not JSON: "
+                        f"{self.body[:500]!r}", pytrace=False)
+
+    def __repr__(self) -> str:  # pytest shows assertion messages through repr
+        return f"{self.method} {self.path} -> {self.status} {self.headers.get('content-type')} {self.body[:1000]!r}"
+
+
+def http_request(host: str, port: int, method: str, path: str, body: bytes | None = None,
+                 headers: Mapping[str, str] | None = None, timeout: float = 30.0,
+                 conn: http.client.HTTPConnection | None = None) -> Reply:
+    """One request; on ``conn`` (kept alive) when given, else on a connection of its own."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        data = response.read()
+        return Reply(method, path, response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        if own:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Headless Chromium (screenshots; scripts/chromium.sh installs it)
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium_binary() -> str | None:
+    """Path of a Chromium/Chrome binary (``CHROMIUM`` env first), or ``None``."""
+    candidates = [os.environ.get("CHROMIUM", ""), *CHROMIUM_NAMES, "/usr/bin/chromium"]
+    for name in candidates:
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def run_chromium(binary: str, profile_dir: Path, *args: str, timeout: float = 90.0) -> CallResult:
+    """Headless Chromium with a throw-away profile and no background traffic, plus ``args``."""
+    argv = [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile_dir}", *args,
+    ]
+    return run_command(argv, dict(os.environ), process_timeout=timeout)
+
+
+def chromium_screenshot(binary: str, url: str, png: Path, profile_dir: Path, size: str = "1400,900",
+                        virtual_time_ms: int = 5000) -> CallResult:
+    """Screenshot of ``url`` into ``png``; the page's JS gets ``virtual_time_ms`` to run first."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    return run_chromium(binary, profile_dir, "--hide-scrollbars", f"--window-size={size}",
+                        f"--virtual-time-budget={virtual_time_ms}", f"--screenshot={png}", url)
+
+
+def chromium_dom(binary: str, url: str, profile_dir: Path, virtual_time_ms: int = 5000) -> str:
+    """The DOM of ``url`` after its JS ran for ``virtual_time_ms`` (what a screenshot shows, as text)."""
+    out = run_chromium(binary, profile_dir, f"--virtual-time-budget={virtual_time_ms}", "--dump-dom", url)
+    assert out.returncode == 0, out
+    return out.stdout

@@ -195,7 +195,9 @@ def test_progress_states_are_visible(rust):
              describe=lambda: f"state PROGRESS (last state {result.state})")
     seen = []
     while not result.ready():  # bounded by the test timeout; progress ends after ~1.5 s
-        state, info = result.state, result.info
+        # One read of the stored meta, so state and info belong together.
+        meta = result.backend.get_task_meta(result.id)
+        state, info = meta["status"], meta["result"]
         if state == "PROGRESS":
             assert isinstance(info, dict), info
             assert info.get("total") == total, info

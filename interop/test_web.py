@@ -31,9 +31,11 @@ import pytest
 from interop_helpers import (
     ARTIFACTS_DIR,
     ManagedProcess,
+    Reply,
     database_url,
     drop_database,
     free_port,
+    http_request,
     panic_lines,
     psql,
     rust_binary,
@@ -60,25 +62,6 @@ JOB_TIMEOUT = 30.0  # seconds for one job to become final
 # HTTP
 
 
-@dataclass(repr=False)
-class Reply:
-    method: str
-    path: str
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            pytest.fail(f"{self.method} {self.path} answered {self.status} with a body that is not JSON: "
-                        f"{self.body[:500]!r}", pytrace=False)
-
-    def __repr__(self) -> str:  # pytest shows assertion messages through repr
-        return f"{self.method} {self.path} -> {self.status} {self.headers.get('content-type')} {self.body[:1000]!r}"
-
-
 @dataclass
 class WebApp:
     """A running `web` process: its port, database and log."""
@@ -94,16 +77,7 @@ class WebApp:
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 conn: http.client.HTTPConnection | None = None) -> Reply:
         """One request; on ``conn`` (kept alive) when given, else on a connection of its own."""
-        own = conn is None
-        conn = conn or self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return Reply(method, path, response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        finally:
-            if own:
-                conn.close()
+        return http_request(HOST, self.port, method, path, body=body, headers=headers, conn=conn)
 
     def get(self, path: str, conn: http.client.HTTPConnection | None = None) -> Reply:
         return self.request("GET", path, conn=conn)

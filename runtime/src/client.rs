@@ -52,7 +52,8 @@ pub struct Client {
 impl Client {
     /// Connects to the broker and result backend of `config`.
     pub async fn connect(config: CeleryConfig) -> Result<Self> {
-        let broker = broker::connect(&config.broker_url).await?;
+        let broker =
+            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
         let backend = match &config.result_backend {
             Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
             None => None,

@@ -35,6 +35,23 @@ impl Route {
     }
 }
 
+/// `broker_transport_options`: the Redis transport's recovery settings, as kombu names them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportOptions {
+    /// Seconds a delivered, unacked message may stay with a consumer before another consumer
+    /// restores it to its queue (a consumer that died holding it).
+    pub visibility_timeout: u64,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: 3600,
+        }
+    }
+}
+
 /// Every setting the worker, the client and the web app read.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,6 +60,8 @@ pub struct CeleryConfig {
     pub broker_url: String,
     /// `redis://...`; `None` stores no results.
     pub result_backend: Option<String>,
+    /// Transport tuning (Redis: `visibility_timeout`).
+    pub broker_transport_options: TransportOptions,
     /// Queue used when a task has no route and the sender names none.
     pub task_default_queue: String,
     /// Task name (exact or glob with `*`) to route.
@@ -89,6 +108,7 @@ impl Default for CeleryConfig {
         Self {
             broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
             result_backend: None,
+            broker_transport_options: TransportOptions::default(),
             task_default_queue: "celery".into(),
             task_routes: BTreeMap::new(),
             task_acks_late: false,
@@ -280,6 +300,10 @@ mod tests {
                 ("CELERY_TASK_ACKS_LATE", "true"),
                 ("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1"),
                 ("CELERY_WEB_ALLOWED_TASKS", "py.mul, py.concat"),
+                (
+                    "CELERY_BROKER_TRANSPORT_OPTIONS",
+                    r#"{"visibility_timeout": 5}"#,
+                ),
                 ("CELERY_NOT_A_SETTING", "ignored"),
                 ("PATH", "/bin"),
             ]),
@@ -292,6 +316,7 @@ mod tests {
             Some("redis://127.0.0.1:6379/1")
         );
         assert_eq!(config.web_allowed_tasks, ["py.mul", "py.concat"]);
+        assert_eq!(config.broker_transport_options.visibility_timeout, 5);
         assert_eq!(config.queue_for("tasks.add"), "rust");
         assert_eq!(config.queue_for("py.mul"), "python");
         assert_eq!(config.queue_for("other"), "celery");

@@ -199,3 +199,41 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
         broker.close().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn redis_restores_what_a_dead_consumer_left_unacked() {
+    use runtime::config::TransportOptions;
+    let url = common::redis_url();
+    let queue = unique_queue("restore");
+    let options = TransportOptions {
+        visibility_timeout: 1,
+    };
+    let crashed = broker::connect_with(&url, &options).await.unwrap();
+    let sent = request(6);
+    crashed.publish(&queue, &sent.encode()).await.unwrap();
+    let mut deliveries = crashed
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let taken = next(&mut deliveries).await;
+    // The consumer dies holding it: never settled, its loops stopped.
+    std::mem::forget(taken.settle);
+    crashed.close().await.unwrap();
+    drop(deliveries);
+
+    let survivor = broker::connect_with(&url, &options).await.unwrap();
+    let mut deliveries = survivor
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let again = within(15, "the restored message", deliveries.recv())
+        .await
+        .expect("consumer stopped");
+    assert_eq!(
+        TaskRequest::decode(&again.message.unwrap()).unwrap().id,
+        sent.id
+    );
+    again.settle.ack().await.unwrap();
+    survivor.delete_queue(&queue).await.unwrap();
+    survivor.close().await.unwrap();
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use crate::config::TransportOptions;
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
 
@@ -176,10 +177,15 @@ pub(crate) async fn give_back(delivery: Delivery) {
     }
 }
 
-/// Connects to the broker `url` names.
+/// Connects to the broker `url` names, with default transport options.
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
+    connect_with(url, &TransportOptions::default()).await
+}
+
+/// Connects to the broker `url` names.
+pub async fn connect_with(url: &str, options: &TransportOptions) -> Result<Arc<dyn Broker>> {
     Ok(match BrokerKind::of(url)? {
         BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url).await?),
-        BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url).await?),
+        BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url, options).await?),
     })
 }

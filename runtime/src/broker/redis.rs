@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, Settle, Subscription};
+use crate::config::TransportOptions;
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
 use crate::protocol::Message;
@@ -24,6 +25,7 @@ const SEP: &str = "\x06\x16";
 const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
+const UNACKED_MUTEX: &str = "unacked_mutex";
 /// Seconds one BRPOP waits before the consumer loop looks around again.
 const BRPOP_TIMEOUT: f64 = 1.0;
 
@@ -65,11 +67,13 @@ pub struct RedisBroker {
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
+    visibility_timeout: u64,
+    restoring: std::sync::atomic::AtomicBool,
 }
 
 impl RedisBroker {
     /// Connects to `url`.
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, options: &TransportOptions) -> Result<Self> {
         let client = redis::Client::open(url)?;
         let connection = client.get_multiplexed_async_connection().await?;
         Ok(Self {
@@ -78,7 +82,42 @@ impl RedisBroker {
             bound: Mutex::new(HashSet::new()),
             consumers: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
+            visibility_timeout: options.visibility_timeout,
+            restoring: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Starts, once per connection, the periodic restore of messages whose consumer kept them
+    /// unacked past the visibility timeout (it died): kombu's recovery, so Python and Rust
+    /// consumers recover each other's work.
+    fn start_restoring(&self) {
+        if self
+            .restoring
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let connection = self.connection.clone();
+        let timeout = self.visibility_timeout;
+        let closing = self.closing.clone();
+        let every = Duration::from_secs((timeout / 2).clamp(1, 60));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = closing.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                match restore_visible(&connection, timeout).await {
+                    Ok(0) => {}
+                    Ok(restored) => tracing::warn!(
+                        restored,
+                        "restored messages left unacked past the visibility timeout"
+                    ),
+                    Err(error) => tracing::warn!(%error, "cannot restore unacked messages"),
+                }
+            }
+        });
     }
 
     /// Records the queue's binding to its direct exchange, as Celery's declare does, so
@@ -149,6 +188,7 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
+        self.start_restoring();
         // BRPOP blocks its connection, so the consumer gets one of its own.
         let mut blocking = self.client.get_multiplexed_async_connection().await?;
         let acks = self.connection.clone();
@@ -159,9 +199,11 @@ impl Broker for RedisBroker {
         let fetching = tokio::spawn(async move {
             loop {
                 // A held slot is an unsettled message: stop fetching while all are taken.
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    break;
+                let slot = tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot,
+                    () = closing.cancelled() => break,
                 };
+                let Ok(slot) = slot else { break };
                 if sender.is_closed() || closing.is_cancelled() {
                     break;
                 }
@@ -311,6 +353,93 @@ impl Broker for RedisBroker {
         }
         Ok(())
     }
+}
+
+/// Releases the restore mutex only if this restorer still holds it.
+const RELEASE_MUTEX: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Puts back every message delivered more than `visibility_timeout` seconds ago and still
+/// unacked, at the head of its queue (consumed next), marked redelivered. One consumer at a
+/// time does it, under kombu's `unacked_mutex`.
+async fn restore_visible(
+    connection: &MultiplexedConnection,
+    visibility_timeout: u64,
+) -> Result<usize> {
+    let mut connection = connection.clone();
+    let token = uuid::Uuid::new_v4().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(UNACKED_MUTEX)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(300_000)
+        .query_async(&mut connection)
+        .await?;
+    if locked.is_none() {
+        return Ok(0);
+    }
+    let cutoff = now_seconds() - visibility_timeout as f64;
+    let tags: Vec<String> = connection
+        .zrangebyscore(UNACKED_INDEX, "-inf", cutoff)
+        .await?;
+    let mut restored = 0;
+    for tag in tags {
+        let entry: Option<String> = connection.hget(UNACKED, &tag).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().zrem(UNACKED_INDEX, &tag).hdel(UNACKED, &tag);
+        if let Some(list) = entry.as_deref().and_then(|entry| redelivered(entry)) {
+            let (list, envelope) = list;
+            pipe.rpush(list, envelope);
+            restored += 1;
+        }
+        pipe.query_async::<()>(&mut connection).await?;
+    }
+    redis::Script::new(RELEASE_MUTEX)
+        .key(UNACKED_MUTEX)
+        .arg(&token)
+        .invoke_async::<i64>(&mut connection)
+        .await?;
+    Ok(restored)
+}
+
+/// From an `unacked` entry `[envelope, exchange, routing_key]`: the list to put it back on and
+/// the envelope marked redelivered. Only direct-to-queue entries (exchange `""`, as Celery
+/// publishes tasks) are restorable without the publisher's exchange table.
+fn redelivered(entry: &str) -> Option<(String, String)> {
+    let serde_json::Value::Array(mut parts) = serde_json::from_str(entry).ok()? else {
+        return None;
+    };
+    let routing_key = parts.get(2)?.as_str()?.to_string();
+    let exchange = parts.get(1)?.as_str()?.to_string();
+    if !exchange.is_empty() {
+        tracing::warn!(%exchange, "cannot restore a message published through a named exchange");
+        return None;
+    }
+    let envelope = parts.get_mut(0)?.as_object_mut()?;
+    let priority = envelope["properties"]["priority"]
+        .as_u64()
+        .unwrap_or(0)
+        .min(255) as u8;
+    if let Some(headers) = envelope
+        .get_mut("headers")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        headers.insert("redelivered".into(), true.into());
+    }
+    if let Some(info) = envelope
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("delivery_info"))
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        info.insert("redelivered".into(), true.into());
+    }
+    Some((
+        list_for(&routing_key, priority),
+        serde_json::Value::Object(envelope.clone()).to_string(),
+    ))
 }
 
 /// Records a delivered message the way kombu does, so a crashed consumer's work can be restored.

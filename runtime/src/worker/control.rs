@@ -291,7 +291,7 @@ fn broker_info(broker_url: &str) -> Value {
         "hostname": host, "userid": userid, "virtual_host": virtual_host, "port": port,
         "insist": false, "ssl": broker_url.starts_with("amqps") || broker_url.starts_with("rediss"),
         "transport": transport, "connect_timeout": 4, "transport_options": {}, "login_method": null,
-        "uri_prefix": null, "heartbeat": 120.0, "failover_strategy": "round-robin", "alternates": [],
+        "uri_prefix": null, "credential_provider": null, "heartbeat": 120.0, "failover_strategy": "round-robin", "alternates": [],
     })
 }
 

@@ -108,7 +108,8 @@ impl Worker {
         hostname: String,
         queues: Vec<String>,
     ) -> Result<Self> {
-        let broker = broker::connect(&config.broker_url).await?;
+        let broker =
+            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
         let backend = match &config.result_backend {
             Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
             None => None,
