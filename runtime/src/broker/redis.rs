@@ -390,8 +390,7 @@ async fn restore_visible(
         let entry: Option<String> = connection.hget(UNACKED, &tag).await?;
         let mut pipe = redis::pipe();
         pipe.atomic().zrem(UNACKED_INDEX, &tag).hdel(UNACKED, &tag);
-        if let Some(list) = entry.as_deref().and_then(|entry| redelivered(entry)) {
-            let (list, envelope) = list;
+        if let Some((list, envelope)) = entry.as_deref().and_then(redelivered) {
             pipe.rpush(list, envelope);
             restored += 1;
         }
