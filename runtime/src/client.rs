@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use tokio::sync::Mutex;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker};
@@ -26,6 +27,8 @@ pub struct SendOptions {
     pub eta: Option<DateTime<Utc>>,
     /// Discard if not started within this many seconds from now.
     pub expires: Option<f64>,
+    /// Discard if not started by this time (wins over `expires`).
+    pub expires_at: Option<DateTime<Utc>>,
     /// Use this id instead of a new UUID.
     pub task_id: Option<String>,
     /// Message priority (0-9).
@@ -38,38 +41,77 @@ pub struct SendOptions {
     pub soft_time_limit: Option<f64>,
 }
 
-/// A connection for sending tasks.
-#[derive(Clone)]
-pub struct Client {
-    config: Arc<CeleryConfig>,
+/// The broker connection and the events sent over it, replaced together after a failure.
+struct Connection {
     broker: Arc<dyn Broker>,
-    backend: Option<RedisBackend>,
-    origin: String,
     /// Sends `task-sent` when `task_send_sent_event` is on.
     events: Option<Arc<Events>>,
 }
 
+/// Sends tasks. The broker connection is (re)made on demand: after a failed publish the next
+/// send connects afresh, so a broker restart needs no restart of the sender.
+#[derive(Clone)]
+pub struct Client {
+    config: Arc<CeleryConfig>,
+    backend: Option<RedisBackend>,
+    origin: String,
+    connection: Arc<Mutex<Option<Arc<Connection>>>>,
+}
+
 impl Client {
-    /// Connects to the broker and result backend of `config`.
+    /// Connects to the broker and result backend of `config`; fails if the broker is down.
     pub async fn connect(config: CeleryConfig) -> Result<Self> {
-        let broker =
-            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
+        let client = Self::new(config).await?;
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// Connects to the result backend; the broker is connected at the first send.
+    pub async fn new(config: CeleryConfig) -> Result<Self> {
         let backend = match &config.result_backend {
             Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
             None => None,
         };
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let origin = format!("gen{}@{host}", std::process::id());
-        let events = config
-            .task_send_sent_event
-            .then(|| Events::start(broker.clone(), &origin, Arc::new(Clock::default()), false));
         Ok(Self {
             config: Arc::new(config),
-            broker,
             backend,
             origin,
-            events,
+            connection: Arc::new(Mutex::new(None)),
         })
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = &self.config;
+        let broker =
+            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
+        let events = config.task_send_sent_event.then(|| {
+            Events::start(
+                broker.clone(),
+                &self.origin,
+                Arc::new(Clock::default()),
+                false,
+            )
+        });
+        let connection = Arc::new(Connection { broker, events });
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets `failed` so the next send reconnects (unless another send already did).
+    async fn disconnect(&self, failed: &Arc<Connection>) {
+        let mut slot = self.connection.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, failed))
+        {
+            *slot = None;
+        }
     }
 
     /// Publishes task `name` with `args` and `kwargs`; returns once the broker has it.
@@ -98,7 +140,10 @@ impl Client {
             (None, Some(countdown)) => Some(after(countdown)?),
             (None, None) => None,
         };
-        request.expires = options.expires.map(after).transpose()?;
+        request.expires = match (options.expires_at, options.expires) {
+            (Some(at), _) => Some(at),
+            (None, seconds) => seconds.map(after).transpose()?,
+        };
         request.origin = Some(self.origin.clone());
         request.ignore_result = options.ignore_result;
         request.timelimit = (options.time_limit, options.soft_time_limit);
@@ -106,8 +151,12 @@ impl Client {
         let queue = options
             .queue
             .unwrap_or_else(|| self.config.queue_for(name).to_string());
-        self.broker.publish(&queue, &request.encode()).await?;
-        if let Some(events) = &self.events {
+        let connection = self.connection().await?;
+        if let Err(error) = connection.broker.publish(&queue, &request.encode()).await {
+            self.disconnect(&connection).await;
+            return Err(error);
+        }
+        if let Some(events) = &connection.events {
             events.send("task-sent", sent_fields(&request, &queue));
         }
         Ok(self.result(&request.id))
@@ -118,17 +167,25 @@ impl Client {
         self.config.queue_for(name)
     }
 
-    /// Whether the broker connection is usable.
+    /// Whether the broker answers (connecting if need be).
     pub async fn check(&self) -> Result<()> {
-        self.broker.check().await
+        let connection = self.connection().await?;
+        let checked = connection.broker.check().await;
+        if checked.is_err() {
+            self.disconnect(&connection).await;
+        }
+        checked
     }
 
     /// Sends what events are pending and closes the broker connection cleanly.
     pub async fn close(&self) -> Result<()> {
-        if let Some(events) = &self.events {
+        let Some(connection) = self.connection.lock().await.take() else {
+            return Ok(());
+        };
+        if let Some(events) = &connection.events {
             events.close().await;
         }
-        self.broker.close().await
+        connection.broker.close().await
     }
 
     /// The result handle of a task sent earlier, by id.

@@ -3,11 +3,13 @@
 //! - [`routes`]: `POST /receive`, `GET /status/<uuid>`, `GET /tasks`, `GET /health`.
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
+//! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
 
 pub mod db;
 pub mod error;
+pub mod outbox;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -42,14 +44,20 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         body_limit: config.web_body_limit,
     };
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
-    let client = Client::connect(config).await?;
+    let client = Client::new(config).await?;
     let tracker_pool = pool.clone();
+    let outbox = (pool.clone(), client.clone());
     Ok(rocket::build()
         .manage(pool)
         .manage(client)
         .manage(accepts)
         .mount("/", routes::all())
         .register("/", rocket::catchers![error::catch_all])
+        .attach(AdHoc::on_liftoff("outbox", move |_| {
+            Box::pin(async move {
+                tokio::spawn(outbox::run(outbox.0, outbox.1));
+            })
+        }))
         .attach(AdHoc::on_liftoff("tracking", move |_| {
             Box::pin(async move {
                 match backend {

@@ -24,5 +24,8 @@ diesel::table! {
         started_at -> Nullable<Timestamptz>,
         finished_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
+        eta -> Nullable<Timestamptz>,
+        expires -> Nullable<Timestamptz>,
+        publish_lease_until -> Nullable<Timestamptz>,
     }
 }

@@ -35,10 +35,13 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub publish_lease_until: Option<DateTime<Utc>>,
 }
 
-/// What `POST /receive` records before publishing.
-#[derive(Debug, Clone, Insertable)]
+/// A job as `POST /receive` records it, and as the outbox publishes it.
+#[derive(Debug, Clone, PartialEq, Insertable, QueryableByName)]
 #[diesel(table_name = tasks)]
 pub struct NewJob {
     pub task_id: Uuid,
@@ -46,7 +49,12 @@ pub struct NewJob {
     pub args: Value,
     pub kwargs: Value,
     pub queue: String,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
 }
+
+/// How long a publisher owns a job it is publishing before another may take it over.
+pub const PUBLISH_LEASE_SECONDS: f64 = 30.0;
 
 /// Order of states; a row only moves to a state of equal or higher rank, and never leaves a
 /// final one. Custom states (PROGRESS...) rank between running and final.
@@ -121,13 +129,33 @@ impl StateChange {
     }
 }
 
-/// Records a new job as PENDING.
+/// Records a new job as PENDING, leased to the caller who is about to publish it.
 pub async fn insert(connection: &mut AsyncPgConnection, job: &NewJob) -> QueryResult<()> {
+    let lease = Utc::now() + chrono::Duration::milliseconds((PUBLISH_LEASE_SECONDS * 1e3) as i64);
     diesel::insert_into(tasks::table)
-        .values(job)
+        .values((job, tasks::publish_lease_until.eq(lease)))
         .execute(connection)
         .await
         .map(drop)
+}
+
+/// Takes up to `limit` jobs not yet published and not leased to another publisher, oldest
+/// first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
+pub async fn claim_unpublished(
+    connection: &mut AsyncPgConnection,
+    limit: i64,
+) -> QueryResult<Vec<NewJob>> {
+    diesel::sql_query(
+        "UPDATE tasks SET publish_lease_until = now() + make_interval(secs => $1) \
+         WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE published_at IS NULL AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING task_id, task_name, args, kwargs, queue, eta, expires",
+    )
+    .bind::<diesel::sql_types::Double, _>(PUBLISH_LEASE_SECONDS)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(connection)
+    .await
 }
 
 /// Records that the broker confirmed the job's message.
@@ -142,7 +170,7 @@ pub async fn mark_published(connection: &mut AsyncPgConnection, id: Uuid) -> Que
         .map(drop)
 }
 
-/// Records why the job's message could not be published.
+/// Records why the job's message could not be published, and frees it for the outbox.
 pub async fn mark_publish_failed(
     connection: &mut AsyncPgConnection,
     id: Uuid,
@@ -151,6 +179,7 @@ pub async fn mark_publish_failed(
     diesel::update(tasks::table.find(id))
         .set((
             tasks::publish_error.eq(error),
+            tasks::publish_lease_until.eq(None::<DateTime<Utc>>),
             tasks::updated_at.eq(Utc::now()),
         ))
         .execute(connection)

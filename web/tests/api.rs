@@ -365,3 +365,79 @@ async fn the_sweep_catches_up_and_states_never_go_back() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_the_broker_did_not_take_is_published_by_the_outbox() {
+    let stack = Stack::start(BROKERS[1], true).await;
+    // As if the broker had refused it: recorded, not published, free for the outbox.
+    let id = uuid::Uuid::new_v4();
+    let job = web::store::NewJob {
+        task_id: id,
+        task_name: "tasks.add".into(),
+        args: json!([20, 22]),
+        kwargs: json!({}),
+        queue: stack.config.task_default_queue.clone(),
+        eta: None,
+        expires: None,
+    };
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    web::store::insert(&mut connection, &job).await.unwrap();
+    web::store::mark_publish_failed(&mut connection, id, "broker down")
+        .await
+        .unwrap();
+    drop(connection);
+    drop(pool);
+    let done = stack
+        .wait_for(&id.to_string(), "SUCCESS", state_is("SUCCESS"))
+        .await;
+    assert_eq!(
+        (&done["result"], &done["error"]),
+        (&json!(42), &Value::Null)
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receive_accepts_jobs_while_the_broker_is_down() {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("rcelery_test_{suffix}");
+    admin(&format!("CREATE DATABASE {database}")).await;
+    let config = CeleryConfig {
+        broker_url: "redis://127.0.0.1:1/0".into(),
+        result_backend: Some("redis://127.0.0.1:6379/0".into()),
+        database_url: format!("{POSTGRES}/{database}"),
+        ..CeleryConfig::default()
+    };
+    let client = Client::tracked(web::build(config).await.unwrap())
+        .await
+        .unwrap();
+    let response = client
+        .post("/receive")
+        .header(ContentType::JSON)
+        .body(r#"{"task":"tasks.add","args":[1,2]}"#)
+        .dispatch()
+        .await;
+    assert_eq!(response.status(), Status::Accepted);
+    let id = response.into_json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job: Value = client
+        .get(format!("/status/{id}"))
+        .dispatch()
+        .await
+        .into_json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&job["state"], &job["error"]["type"]),
+        (&json!("PENDING"), &json!("PublishError")),
+        "{job}"
+    );
+    let health = client.get("/health").dispatch().await;
+    assert_eq!(health.status(), Status::ServiceUnavailable);
+    drop(health);
+    drop(client);
+    admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}

@@ -120,11 +120,14 @@ impl Worker {
         method: &str,
         arguments: &Map<String, Value>,
     ) -> Option<Value> {
-        let flag = |name: &str| {
-            arguments
-                .get(name)
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
+        // Python callers send any truthy value (Flower sends `terminate=1`).
+        let flag = |name: &str| match arguments.get(name) {
+            Some(Value::Bool(on)) => *on,
+            Some(Value::Number(n)) => n.as_f64().is_some_and(|n| n != 0.0),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(Value::Array(items)) => !items.is_empty(),
+            Some(Value::Object(map)) => !map.is_empty(),
+            Some(Value::Null) | None => false,
         };
         let list = |phase: fn(&Phase) -> bool, safe: bool| -> Value {
             self.state

@@ -2,16 +2,18 @@
 
 use std::collections::BTreeSet;
 
+use chrono::Utc;
 use rocket::data::{self, Data, FromData, ToByteUnit};
 use rocket::http::{ContentType, Header};
 use rocket::serde::json::Json;
 use rocket::{Request, State};
-use runtime::client::{Client, SendOptions};
+use runtime::client::Client;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::db::Pool;
 use crate::error::Error;
+use crate::outbox;
 use crate::store::{self, NewJob};
 
 /// The longest `countdown` or `expires` taken: ten years, far past any sane schedule and far
@@ -174,7 +176,9 @@ pub struct Accepted {
     location: Header<'static>,
 }
 
-/// Records the job as PENDING, publishes it (the broker confirms), then answers.
+/// Records the job as PENDING, then publishes it. The job is durable once its row commits: if
+/// the broker does not take it now, the outbox publishes it when the broker is back, so the
+/// answer is 202 either way (the row keeps the reason meanwhile).
 #[rocket::post("/receive", data = "<job>")]
 pub async fn receive(
     job: Result<JobRequest, Error>,
@@ -183,39 +187,23 @@ pub async fn receive(
 ) -> Result<Accepted, Error> {
     let job = job?;
     let id = Uuid::new_v4();
-    let options = SendOptions {
-        task_id: Some(id.to_string()),
-        queue: job.queue.clone(),
-        countdown: job.countdown,
-        expires: job.expires,
-        ..SendOptions::default()
-    };
-    let queue = job
-        .queue
-        .clone()
-        .unwrap_or_else(|| client.queue_for(&job.task).to_string());
-    let mut connection = pool.get().await?;
+    let now = Utc::now();
+    let after = |seconds: f64| now + chrono::Duration::milliseconds((seconds * 1e3) as i64);
     let row = NewJob {
         task_id: id,
-        task_name: job.task.clone(),
-        args: Value::Array(job.args.clone()),
-        kwargs: Value::Object(job.kwargs.clone()),
-        queue: queue.clone(),
+        queue: job
+            .queue
+            .clone()
+            .unwrap_or_else(|| client.queue_for(&job.task).to_string()),
+        task_name: job.task,
+        args: Value::Array(job.args),
+        kwargs: Value::Object(job.kwargs),
+        eta: job.countdown.map(after),
+        expires: job.expires.map(after),
     };
+    let mut connection = pool.get().await?;
     store::insert(&mut connection, &row).await?;
-    let options = SendOptions {
-        queue: Some(queue),
-        ..options
-    };
-    if let Err(error) = client
-        .send_task(&job.task, job.args, job.kwargs, options)
-        .await
-    {
-        let reason = error.to_string();
-        store::mark_publish_failed(&mut connection, id, &reason).await?;
-        return Err(Error::Publish(reason));
-    }
-    store::mark_published(&mut connection, id).await?;
+    outbox::publish_one(&mut connection, client, &row).await?;
     let status_url = format!("/status/{id}");
     Ok(Accepted {
         body: Json(json!({ "task_id": id, "status_url": status_url })),
