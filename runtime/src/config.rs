@@ -99,6 +99,8 @@ pub struct CeleryConfig {
     pub web_allowed_tasks: Vec<String>,
     /// Largest request body the web app reads, in bytes.
     pub web_body_limit: u64,
+    /// Bearer token the web app's job routes require; unset, they are open.
+    pub web_auth_token: Option<String>,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
 }
@@ -127,6 +129,7 @@ impl Default for CeleryConfig {
             web_default_task: "tasks.echo".into(),
             web_allowed_tasks: Vec::new(),
             web_body_limit: 1 << 20,
+            web_auth_token: None,
             web_sweep_interval: 5,
         }
     }
@@ -224,6 +227,7 @@ impl CeleryConfig {
             broker_url: redact_url(&self.broker_url),
             result_backend: self.result_backend.as_deref().map(redact_url),
             database_url: redact_url(&self.database_url),
+            web_auth_token: self.web_auth_token.as_ref().map(|_| "********".to_string()),
             ..self.clone()
         }
     }
@@ -347,11 +351,12 @@ mod tests {
         );
         let config = CeleryConfig {
             result_backend: Some("redis://:pw@127.0.0.1/1".into()),
+            web_auth_token: Some("t0ken".into()),
             ..CeleryConfig::default()
         };
         let shown = format!("{:?}", config.redacted());
         assert!(
-            !shown.contains("pw@") && !shown.contains(":guest@"),
+            !shown.contains("pw@") && !shown.contains(":guest@") && !shown.contains("t0ken"),
             "{shown}"
         );
     }

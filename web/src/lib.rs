@@ -4,9 +4,11 @@
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
+//! - [`auth`]: the optional bearer token of the job routes.
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
 
+pub mod auth;
 pub mod db;
 pub mod error;
 pub mod outbox;
@@ -44,6 +46,9 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         body_limit: config.web_body_limit,
     };
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
+    let auth = auth::Auth {
+        token: config.web_auth_token.clone(),
+    };
     let client = Client::new(config).await?;
     let tracker_pool = pool.clone();
     let outbox = (pool.clone(), client.clone());
@@ -51,6 +56,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(pool)
         .manage(client)
         .manage(accepts)
+        .manage(auth)
         .mount("/", routes::all())
         .register("/", rocket::catchers![error::catch_all])
         .attach(AdHoc::on_liftoff("outbox", move |_| {

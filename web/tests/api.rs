@@ -441,3 +441,84 @@ async fn receive_accepts_jobs_while_the_broker_is_down() {
     drop(client);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_configured_token_guards_the_job_routes_but_not_health() {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("rcelery_test_{suffix}");
+    admin(&format!("CREATE DATABASE {database}")).await;
+    let config = CeleryConfig {
+        broker_url: BROKERS[1].into(),
+        result_backend: Some("redis://127.0.0.1:6379/0".into()),
+        task_default_queue: format!("test-web-{suffix}"),
+        database_url: format!("{POSTGRES}/{database}"),
+        web_auth_token: Some("s3cret-token".into()),
+        ..CeleryConfig::default()
+    };
+    let client = Client::tracked(web::build(config.clone()).await.unwrap())
+        .await
+        .unwrap();
+    let body = r#"{"task":"tasks.add","args":[1,2]}"#;
+    for header in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret-token"),
+        Some("Bearer s3cret-token "),
+    ] {
+        let mut request = client.post("/receive").header(ContentType::JSON).body(body);
+        if let Some(value) = header {
+            request = request.header(rocket::http::Header::new("Authorization", value));
+        }
+        let response = request.dispatch().await;
+        assert_eq!(response.status(), Status::Unauthorized, "{header:?}");
+        let answer: Value = response.into_json().await.unwrap();
+        assert_eq!(
+            answer,
+            json!({"error": "Unauthorized"}),
+            "the refusal says nothing of why"
+        );
+    }
+    let bearer = rocket::http::Header::new("Authorization", "Bearer s3cret-token");
+    let accepted = client
+        .post("/receive")
+        .header(ContentType::JSON)
+        .header(bearer.clone())
+        .body(body)
+        .dispatch()
+        .await;
+    assert_eq!(accepted.status(), Status::Accepted);
+    let id = accepted.into_json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        client
+            .get(format!("/status/{id}"))
+            .dispatch()
+            .await
+            .status(),
+        Status::Unauthorized
+    );
+    assert_eq!(
+        client
+            .get(format!("/status/{id}"))
+            .header(bearer.clone())
+            .dispatch()
+            .await
+            .status(),
+        Status::Ok
+    );
+    assert_eq!(
+        client.get("/tasks").dispatch().await.status(),
+        Status::Unauthorized
+    );
+    assert_eq!(client.get("/health").dispatch().await.status(), Status::Ok);
+    drop(client);
+    let broker = runtime::broker::connect(&config.broker_url).await.unwrap();
+    broker
+        .delete_queue(&config.task_default_queue)
+        .await
+        .unwrap();
+    broker.close().await.unwrap();
+    admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}

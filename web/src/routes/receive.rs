@@ -11,6 +11,7 @@ use runtime::client::Client;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::Error;
 use crate::outbox;
@@ -181,6 +182,7 @@ pub struct Accepted {
 /// answer is 202 either way (the row keeps the reason meanwhile).
 #[rocket::post("/receive", data = "<job>")]
 pub async fn receive(
+    _auth: Authorized,
     job: Result<JobRequest, Error>,
     pool: &State<Pool>,
     client: &State<Client>,

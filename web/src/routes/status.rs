@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, Job};
@@ -89,7 +90,11 @@ impl From<Job> for JobView {
 
 /// The job with this task id.
 #[rocket::get("/status/<id>")]
-pub async fn status(id: &str, pool: &State<Pool>) -> Result<Json<JobView>, Error> {
+pub async fn status(
+    _auth: Authorized,
+    id: &str,
+    pool: &State<Pool>,
+) -> Result<Json<JobView>, Error> {
     let task_id = Uuid::parse_str(id)
         .map_err(|_| Error::BadRequest(format!("{id:?} is not a task id (UUID)")))?;
     let mut connection = pool.get().await?;

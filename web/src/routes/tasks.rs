@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::status::JobView;
+use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, Cursor, Listing};
@@ -41,6 +42,7 @@ fn decode_cursor(text: &str) -> Result<Cursor, Error> {
 /// One page of jobs and the cursor of the next (null on the last page).
 #[rocket::get("/tasks?<state>&<task>&<limit>&<cursor>")]
 pub async fn list(
+    _auth: Authorized,
     state: Option<String>,
     task: Option<String>,
     limit: Option<&str>,
