@@ -441,8 +441,16 @@ impl Worker {
             timer.abort();
         }
         let runtime = began.elapsed().as_secs_f64();
-        // Its last write lands before the final state, so the final state is what stays.
-        let _ = reporter.await;
+        // A finished task's reporter ends once its last write is sent, so the final state is
+        // what stays. A stopped task's code may live on (blocking code cannot be interrupted)
+        // holding its reporter open: that reporter is cut off instead; a write it already sent
+        // is still ahead of the final one on the connection.
+        match ending {
+            Ending::Ran(_) => {
+                let _ = reporter.await;
+            }
+            Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
+        }
         self.state.release(&request.id);
         match ending {
             Ending::Ran(Outcome::Success(value)) => {
