@@ -88,6 +88,8 @@ pub struct Worker {
     stopping: CancellationToken,
     /// Cancelled by the `shutdown` control command.
     shutdown_requested: CancellationToken,
+    /// Cancelled to stop at once, without waiting for running tasks (a second signal).
+    cold_shutdown: CancellationToken,
 }
 
 /// How a run ended, beyond the task's own outcome.
@@ -144,7 +146,13 @@ impl Worker {
             events,
             stopping: CancellationToken::new(),
             shutdown_requested: CancellationToken::new(),
+            cold_shutdown: CancellationToken::new(),
         })
+    }
+
+    /// A handle that, once cancelled, turns the warm shutdown in progress into a cold one.
+    pub fn cold_shutdown(&self) -> CancellationToken {
+        self.cold_shutdown.clone()
     }
 
     fn prefetch(&self) -> u16 {
@@ -284,7 +292,16 @@ impl Worker {
             tasks = running.len(),
             "stopped consuming; giving back tasks not started, finishing the others"
         );
-        while running.join_next().await.is_some() {}
+        let drained = async { while running.join_next().await.is_some() {} };
+        tokio::select! {
+            () = drained => {}
+            () = worker.cold_shutdown.cancelled() => {
+                // Running tasks are dropped unfinished: with acks_late their messages go back to
+                // the broker; early-acked ones are lost, as in Celery's cold shutdown.
+                warn!(tasks = running.len(), "cold shutdown: abandoning running tasks");
+                running.abort_all();
+            }
+        }
         heartbeat.abort();
         control.abort();
         worker

@@ -52,12 +52,22 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("starting the worker")?;
-    worker.run(shutdown_signal()).await?;
+    let cold = worker.cold_shutdown();
+    worker
+        .run(async move {
+            shutdown_signal().await;
+            tracing::info!("warm shutdown: finishing running tasks; signal again to stop at once");
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                cold.cancel();
+            });
+        })
+        .await?;
     tracing::info!("worker stopped");
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the next SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -65,5 +75,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutdown requested");
 }
