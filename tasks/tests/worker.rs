@@ -20,6 +20,7 @@ struct Running {
     broker_url: String,
     queue: String,
     stop: oneshot::Sender<()>,
+    cold: tokio_util::sync::CancellationToken,
     done: tokio::task::JoinHandle<runtime::Result<()>>,
 }
 
@@ -46,6 +47,7 @@ async fn start(broker_url: &str, customize: impl FnOnce(&mut CeleryConfig)) -> R
     .await
     .unwrap();
     let (stop, stopped) = oneshot::channel();
+    let cold = worker.cold_shutdown();
     let done = tokio::spawn(worker.run(async {
         let _ = stopped.await;
     }));
@@ -55,6 +57,7 @@ async fn start(broker_url: &str, customize: impl FnOnce(&mut CeleryConfig)) -> R
         broker_url: broker_url.into(),
         queue,
         stop,
+        cold,
         done,
     }
 }
@@ -405,4 +408,63 @@ async fn hard_time_limits_stop_async_and_blocking_tasks_and_free_their_slots() {
         assert_eq!(sent.get(Duration::from_secs(20)).await.unwrap(), json!(1.5));
     }
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
+    for url in BROKERS {
+        let worker = start(url, |c| {
+            c.task_acks_late = true;
+            c.broker_transport_options.visibility_timeout = 1;
+        })
+        .await;
+        let running = worker
+            .client
+            .send_task(
+                "tasks.sleep",
+                vec![json!(60)],
+                Map::new(),
+                SendOptions::default(),
+            )
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while running.state().await.unwrap() != state::STARTED {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{url}: never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = worker.stop.send(());
+        worker.cold.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(20), worker.done).await;
+        stopped
+            .expect("a cold shutdown waited for the running task")
+            .unwrap()
+            .unwrap();
+        // The unfinished task's message is back: redelivered (AMQP) or restored (Redis).
+        let broker = runtime::broker::connect_with(
+            url,
+            &runtime::config::TransportOptions {
+                visibility_timeout: 1,
+            },
+        )
+        .await
+        .unwrap();
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&worker.queue), 1)
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(15), deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{url}: the abandoned task is not back"))
+            .unwrap();
+        let back = runtime::protocol::TaskRequest::decode(&delivery.message.unwrap()).unwrap();
+        assert_eq!(back.id, running.id, "{url}");
+        delivery.settle.ack().await.unwrap();
+        worker.client.close().await.unwrap();
+        broker.delete_queue(&worker.queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
 }
