@@ -6,13 +6,19 @@ Fixture graph (all session-scoped, parametrised through ``broker``):
 * ``rust``       a Rust ``worker`` consuming ``broker.queue`` (needs the Rust binaries).
 * ``rust_events`` a Rust ``worker -E`` (task events on) consuming ``<queue>-events``.
 * ``py_worker``  a stock Python Celery worker consuming ``broker.py_queue`` (Rust -> Python).
+* ``isolated_broker`` ``broker``, except that on Redis the broker is a database of its own, for
+  tests that shorten the visibility timeout (test_reliability).
+
+Per test: ``spawn_rust_worker`` / ``spawn_py_worker`` start workers of the test's own.
 
 Environment knobs: ``RCELERY_BIN_DIR`` (default ``<repo>/target/debug``), ``RCELERY_CONFIG``
-(default ``<repo>/celeryconfig.toml``), ``INTEROP_AMQP_URL``, ``INTEROP_REDIS_URL``.
+(default ``<repo>/celeryconfig.toml``), ``INTEROP_AMQP_URL``, ``INTEROP_REDIS_URL``,
+``INTEROP_ISOLATED_REDIS_DB`` (default 15).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -29,6 +35,7 @@ from interop_app import create_app
 from interop_helpers import (
     ARTIFACTS_DIR,
     INTEROP_DIR,
+    Backlog,
     ManagedProcess,
     panic_lines,
     ready_pattern,
@@ -36,6 +43,8 @@ from interop_helpers import (
     rust_config,
     rust_env,
     start_process,
+    task_id_of,
+    with_redis_db,
 )
 
 AMQP_URL = os.environ.get("INTEROP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -46,6 +55,11 @@ BROKER_SETUPS = {
     "rabbitmq": (AMQP_URL, REDIS_URL),
     "redis": (REDIS_URL, REDIS_URL),
 }
+
+# The Redis database of `isolated_broker`: kombu's `unacked` / `unacked_index` / `unacked_mutex`
+# keys are per database and every consumer restores *every* entry older than its own visibility
+# timeout, so a consumer with a 5 s timeout in db 0 would re-queue long-running work of other runs.
+ISOLATED_REDIS_DB = int(os.environ.get("INTEROP_ISOLATED_REDIS_DB", "15"))
 
 READY_TIMEOUT = 60.0
 RUST_CONCURRENCY = 8
@@ -95,6 +109,39 @@ class BrokerSetup:
     def redis_results(self) -> redis_py.Redis:
         return redis_py.Redis.from_url(self.result_backend, decode_responses=True)
 
+    def result_metas(self, task_ids: list[str]) -> list[dict | None]:
+        """The stored result meta of each task (``None`` where nothing is stored yet), in one MGET."""
+        if not task_ids:
+            return []
+        raws = self.redis_results().mget([f"celery-task-meta-{task_id}" for task_id in task_ids])
+        return [json.loads(raw) if raw is not None else None for raw in raws]
+
+    def result_meta(self, task_id: str) -> dict | None:
+        return self.result_metas([task_id])[0]
+
+    def backlog(self, queue: str) -> Backlog:
+        """What the broker holds for ``queue`` that a consumer can still get.
+
+        RabbitMQ (passive declare): the ready count and the consumer count; a dead consumer's
+        unacked messages are counted as ready once RabbitMQ has noticed (consumers back to 0).
+        Redis: the ids waiting in the queue's lists, and the ids recorded in kombu's ``unacked``
+        hash for this queue (delivered, never acked: what a visibility-timeout restore re-queues).
+        """
+        if not self.broker_url.startswith("redis"):
+            with Connection(self.broker_url, connect_timeout=5) as conn:
+                _, ready, consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+            return Backlog(ready=ready, consumers=consumers)
+        client = redis_py.Redis.from_url(self.broker_url)
+        ready_ids = []
+        for key in (queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))):
+            ready_ids += [task_id_of(raw) for raw in client.lrange(key, 0, -1)]
+        unacked_ids = []
+        for _, entry in client.hscan_iter("unacked"):
+            envelope, _exchange, routing_key = json.loads(entry)
+            if routing_key == queue:
+                unacked_ids.append(task_id_of(envelope))
+        return Backlog(ready=len(ready_ids), ready_ids=ready_ids, unacked_ids=unacked_ids)
+
 
 @dataclass
 class WorkerHandle:
@@ -123,7 +170,9 @@ class WorkerHandle:
 
 
 def _delete_queues(broker_url: str, names: list[str]) -> None:
-    """Best-effort removal of this session's queues (and the same-named exchanges Celery makes)."""
+    """Best-effort removal of this session's queues (and the same-named exchanges Celery makes);
+    on Redis also of their entries in kombu's ``unacked`` hash (messages of a worker a test
+    killed), which a restore would otherwise put back on a deleted queue."""
     try:
         with Connection(broker_url, connect_timeout=5) as conn:
             for name in names:
@@ -135,6 +184,14 @@ def _delete_queues(broker_url: str, names: list[str]) -> None:
                         pass
             if broker_url.startswith("redis"):
                 client = redis_py.Redis.from_url(broker_url)
+                wanted = set(names)
+                for tag, entry in list(client.hscan_iter("unacked")):
+                    try:
+                        routing_key = json.loads(entry)[2]
+                    except (ValueError, IndexError, TypeError):
+                        continue
+                    if routing_key in wanted:
+                        client.pipeline().zrem("unacked_index", tag).hdel("unacked", tag).execute()
                 for name in names:
                     client.delete(
                         name,
@@ -165,6 +222,41 @@ def broker(request) -> BrokerSetup:
         py_queue=py_queue,
         app=app,
         queues_to_delete=[queue, py_queue],
+    )
+    try:
+        yield setup
+    finally:
+        app.close()
+        _delete_queues(broker_url, setup.queues_to_delete)
+
+
+@pytest.fixture(scope="session")
+def isolated_broker(broker: BrokerSetup) -> BrokerSetup:
+    """``broker`` for tests that give workers a short Redis ``visibility_timeout`` (5 s).
+
+    On RabbitMQ it is ``broker`` itself. On Redis the broker is database ``INTEROP_ISOLATED_REDIS_DB``
+    (default 15) instead of 0, results stay in ``broker.result_backend``: every Redis consumer
+    re-queues *every* message of its database left unacked past its own visibility timeout
+    (kombu's ``unacked`` keys are per database, not per queue), so in the shared db 0 such a
+    worker would re-run other runs' long tasks and ETA tasks. Whatever runs in the isolated
+    database must count a message unacked for more than 5 s as abandoned.
+    """
+    if not broker.broker_url.startswith("redis"):
+        yield broker
+        return
+    broker_url = with_redis_db(broker.broker_url, ISOLATED_REDIS_DB)
+    queue = f"{broker.queue}-iso"
+    app = create_app(broker_url, broker.result_backend, default_queue=queue, main=f"interop-{broker.name}-iso",
+                     strict_control=True)
+    setup = BrokerSetup(
+        name=broker.name,
+        broker_url=broker_url,
+        result_backend=broker.result_backend,
+        session_id=broker.session_id,
+        queue=queue,
+        py_queue=f"{broker.py_queue}-iso",
+        app=app,
+        queues_to_delete=[queue, f"{broker.py_queue}-iso"],
     )
     try:
         yield setup
@@ -249,40 +341,82 @@ def rust_events(broker: BrokerSetup) -> WorkerHandle:
         stop_rust_worker(handle)
 
 
-@pytest.fixture(scope="session")
-def py_worker(broker: BrokerSetup) -> WorkerHandle:
-    """A stock Python Celery worker (threads pool) consuming ``broker.py_queue``."""
-    node = f"py-{broker.session_id}"
+def start_py_worker(
+    setup: BrokerSetup,
+    queues: list[str],
+    node: str,
+    concurrency: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> WorkerHandle:
+    """Start a stock Python Celery worker (threads pool) named ``<node>@%h`` on ``queues`` and
+    wait (bounded) for its ``ready.`` line. ``extra_env`` adds ``INTEROP_*`` settings of
+    interop_app (``INTEROP_BROKER_TRANSPORT_OPTIONS``, ``INTEROP_TWIN_TASKS``)."""
     argv = [
         sys.executable, "-m", "celery", "-A", "interop_app", "worker",
-        "-Q", broker.py_queue, "-c", "2", "-P", "threads", "-n", f"{node}@%h",
+        "-Q", ",".join(queues), "-c", str(concurrency), "-P", "threads", "-n", f"{node}@%h",
         "--without-gossip", "--without-mingle", "--loglevel", "info",
     ]
     # No --without-heartbeat: with events off the heart sends nothing, but its 2 s timer wakes the
     # event loop; without any timer a SIGTERM'd worker on AMQP sits in epoll ~10 s before exiting.
-    log_path = ARTIFACTS_DIR / f"py-worker-{broker.name}-{node}.log"
-    process = start_process(
-        f"Python worker {node}", argv, broker.python_env(broker.py_queue), log_path, cwd=INTEROP_DIR
-    )
+    log_path = ARTIFACTS_DIR / f"py-worker-{setup.name}-{node}.log"
+    env = {**setup.python_env(queues[0]), **(extra_env or {})}
+    process = start_process(f"Python worker {node}", argv, env, log_path, cwd=INTEROP_DIR)
     try:
         match = process.wait_for_log(ready_pattern(node), READY_TIMEOUT)
-        yield WorkerHandle(setup=broker, hostname=match.group("hostname"), queue=broker.py_queue, process=process)
-    finally:
+    except BaseException:
         process.stop()
+        raise
+    return WorkerHandle(setup=setup, hostname=match.group("hostname"), queue=queues[0], process=process)
+
+
+@pytest.fixture(scope="session")
+def py_worker(broker: BrokerSetup) -> WorkerHandle:
+    """A stock Python Celery worker (threads pool) consuming ``broker.py_queue``."""
+    handle = start_py_worker(broker, [broker.py_queue], node=f"py-{broker.session_id}")
+    try:
+        yield handle
+    finally:
+        handle.process.stop()
+
+
+@pytest.fixture
+def spawn_py_worker(broker: BrokerSetup):
+    """Start extra Python workers for one test:
+    ``spawn_py_worker([queues], tag=..., concurrency=..., extra_env=..., setup=...)``
+    (``setup`` defaults to ``broker``, e.g. ``isolated_broker``). Node ``py-<id8>-<tag>-<id4>@%h``.
+
+    Each is stopped (SIGTERM, then kill) when the test ends, unless the test stopped it itself.
+    """
+    started: list[WorkerHandle] = []
+
+    def spawn(queues: list[str], tag: str, concurrency: int = 2, extra_env: dict[str, str] | None = None,
+              setup: BrokerSetup | None = None) -> WorkerHandle:
+        setup = setup or broker
+        handle = start_py_worker(setup, queues, node=f"py-{setup.session_id}-{tag}-{uuid.uuid4().hex[:4]}",
+                                 concurrency=concurrency, extra_env=extra_env)
+        started.append(handle)
+        return handle
+
+    try:
+        yield spawn
+    finally:
+        for handle in started:
+            handle.process.stop()
 
 
 @pytest.fixture
 def spawn_rust_worker(broker: BrokerSetup):
     """Start extra Rust workers for one test:
-    ``spawn_rust_worker([queues], tag=..., concurrency=..., task_events=..., extra_env=...)``.
+    ``spawn_rust_worker([queues], tag=..., concurrency=..., task_events=..., extra_env=..., setup=...)``
+    (``setup`` defaults to ``broker``, e.g. ``isolated_broker``).
 
     Each is stopped (SIGTERM, then kill) when the test ends, unless the test stopped it itself.
     """
     started: list[WorkerHandle] = []
 
     def spawn(queues: list[str], tag: str, concurrency: int = 2, task_events: bool = False,
-              extra_env: dict[str, str] | None = None) -> WorkerHandle:
-        handle = start_rust_worker(broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency,
+              extra_env: dict[str, str] | None = None, setup: BrokerSetup | None = None) -> WorkerHandle:
+        handle = start_rust_worker(setup or broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency,
                                    task_events=task_events, extra_env=extra_env)
         started.append(handle)
         return handle

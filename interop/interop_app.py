@@ -10,6 +10,11 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_CONTROL_DESTINATION``  comma-separated node names: remote-control broadcasts sent
   without a destination (Flower's inspect, enable_events, revoke, ...) go to these nodes only
 * ``INTEROP_CONTROL_STRICT``  ``1``: refuse remote-control broadcasts without a destination
+* ``INTEROP_BROKER_TRANSPORT_OPTIONS``  JSON object: ``broker_transport_options`` (e.g. a short
+  Redis ``visibility_timeout`` for the reliability tests)
+* ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``),
+  so this worker can finish what a Rust worker left; only workers of the reliability tests set
+  it, on queues of their own
 
 The brokers are shared with other test runs and developers, so no broadcast of the suite may
 reach a worker it did not start: see :class:`GuardedControl`.
@@ -20,6 +25,7 @@ so that no app object is ever re-pointed at another broker after it connected.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -80,10 +86,14 @@ def create_app(
     main: str = "interop",
     control_scope: tuple[str, ...] | list[str] = (),
     strict_control: bool = False,
+    transport_options: dict | None = None,
+    twin_tasks: bool = False,
 ) -> Celery:
     """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered.
 
-    ``control_scope`` / ``strict_control`` configure its :class:`GuardedControl`.
+    ``control_scope`` / ``strict_control`` configure its :class:`GuardedControl`;
+    ``transport_options`` become ``broker_transport_options``; ``twin_tasks`` also registers
+    :func:`sleep` as ``tasks.sleep`` (the Rust task's name and contract: returns its argument).
     """
     control = type("ScopedControl", (GuardedControl,), {"scope": tuple(control_scope), "strict": strict_control})
     celery_app = Celery(main, broker=broker_url, backend=result_backend, set_as_current=False, control=control)
@@ -102,6 +112,10 @@ def create_app(
     celery_app.task(name="py.mul")(mul)
     celery_app.task(name="py.concat")(concat)
     celery_app.task(name="py.sleep")(sleep)
+    if transport_options:
+        celery_app.conf.broker_transport_options = dict(transport_options)
+    if twin_tasks:
+        celery_app.task(name="tasks.sleep")(sleep)
     return celery_app
 
 
@@ -111,4 +125,6 @@ app = create_app(
     os.environ.get("INTEROP_DEFAULT_QUEUE", "celery"),
     control_scope=_node_list(os.environ.get("INTEROP_CONTROL_DESTINATION")),
     strict_control=os.environ.get("INTEROP_CONTROL_STRICT") == "1",
+    transport_options=json.loads(os.environ.get("INTEROP_BROKER_TRANSPORT_OPTIONS") or "{}"),
+    twin_tasks=os.environ.get("INTEROP_TWIN_TASKS") == "1",
 )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -58,6 +59,50 @@ def wait_for(
             text = describe() if callable(describe) else describe
             pytest.fail(f"timed out after {timeout:.1f}s waiting for {text}", pytrace=False)
         time.sleep(interval)
+
+
+def wait_state(result: Any, states: str | Iterable[str], timeout: float = 15.0, interval: float = 0.05) -> str:
+    """Poll ``result.state`` (an ``AsyncResult``) until it is one of ``states``; returns it."""
+    wanted = {states} if isinstance(states, str) else set(states)
+    seen: list[str] = []
+
+    def check() -> str | None:
+        state = result.state
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        return state if state in wanted else None
+
+    return wait_for(check, timeout, interval=interval,
+                    describe=lambda: f"task {result.id} to be {' or '.join(sorted(wanted))} (states seen: {seen})")
+
+
+# --------------------------------------------------------------------------------------------
+# Brokers
+
+
+@dataclass
+class Backlog:
+    """What a broker holds for one queue (``BrokerSetup.backlog``): ``ready`` messages; on RabbitMQ
+    the ``consumers`` count, on Redis the ids waiting (``ready_ids``) and the ids delivered but
+    never acked (``unacked_ids``, re-queued once older than a consumer's visibility timeout)."""
+
+    ready: int
+    consumers: int | None = None
+    ready_ids: list[str] | None = None
+    unacked_ids: list[str] | None = None
+
+
+def task_id_of(envelope: bytes | str | Mapping[str, Any]) -> str | None:
+    """The task id in a kombu (Redis) message envelope, raw JSON or parsed."""
+    if not isinstance(envelope, Mapping):
+        envelope = json.loads(envelope)
+    return (envelope.get("headers") or {}).get("id")
+
+
+def with_redis_db(url: str, db: int) -> str:
+    """``url`` (``redis://host:port/<db>``) pointing at database ``db``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +202,11 @@ class ManagedProcess:
             describe=lambda: f"{self.name} to log {pattern.pattern!r}; log {self.log_path}:\n{self.tail()}",
         )
 
+    def kill(self, timeout: float = 10.0) -> int | None:
+        """SIGKILL (a crash: nothing is settled, nothing is given back) and reap it; returns the
+        exit code (``-9``)."""
+        return self.stop(signal.SIGKILL, timeout=timeout)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         """Send ``sig``, wait up to ``timeout``, then kill. Returns the exit code seen after ``sig``
         (``None`` if the process had to be killed)."""
@@ -205,6 +255,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+_LOGGED_ID = re.compile(r"\bid=([0-9a-fA-F-]{36})\b")
+
+
+def logged_task_ids(process: ManagedProcess, message: str) -> list[str]:
+    """The ``id=`` of every line of a Rust worker's log that contains ``message`` (e.g.
+    ``"task succeeded"``), in order, repeats kept."""
+    return [m.group(1) for line in process.log_text().splitlines() if message in line
+            for m in [_LOGGED_ID.search(line)] if m]
 
 
 def panic_lines(process: ManagedProcess) -> list[str]:

@@ -472,7 +472,6 @@ def test_pool_grow_and_shrink(broker, spawn_rust_worker):
 @pytest.mark.timeout(60)
 def test_unsupported_and_unknown_commands_answer_errors(broker, rust):
     for command, arguments in (
-        ("rate_limit", {"task_name": "tasks.add", "rate_limit": "1/s"}),
         ("time_limit", {"task_name": "tasks.add", "soft": 10, "hard": 20}),
         ("autoscale", {"max": 4, "min": 1}),
         ("pool_restart", {}),
@@ -482,6 +481,22 @@ def test_unsupported_and_unknown_commands_answer_errors(broker, rust):
     unknown = f"no_such_command_{uuid.uuid4().hex[:6]}"
     assert control_node(broker.app, rust.hostname, unknown) == {"error": f"KeyError('{unknown}')"}
     assert_runs_add(rust)
+
+
+@pytest.mark.timeout(90)
+def test_rate_limit_spaces_task_starts(broker, spawn_rust_worker):
+    """A worker of its own: a rate limit on the shared worker would slow every other test."""
+    worker = spawn_rust_worker([broker.new_queue("rate")], tag="rate", concurrency=4)
+    node = worker.hostname
+    assert control_node(broker.app, node, "rate_limit", task_name="tasks.add", rate_limit="ten/s") == {
+        "error": "configuration: invalid rate limit \"ten/s\": use N/s, N/m or N/h"}
+    assert control_node(broker.app, node, "rate_limit", task_name="tasks.add", rate_limit="2/s") == {
+        "ok": "new rate limit set successfully"}
+    results = [broker.app.send_task("tasks.add", (i, i), queue=worker.queue) for i in range(5)]
+    assert [r.get(timeout=GET_TIMEOUT) for r in results] == [0, 2, 4, 6, 8]
+    done = sorted(r.date_done for r in results)
+    # Five starts at 2/s take at least two seconds, however fast the machine.
+    assert (done[-1] - done[0]).total_seconds() >= 1.9, done
 
 
 @pytest.mark.timeout(90)

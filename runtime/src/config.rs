@@ -52,6 +52,14 @@ impl Default for TransportOptions {
     }
 }
 
+/// Per-task settings of `task_annotations`, as Celery's annotations set task attributes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskAnnotation {
+    /// `"10/s"`, `"100/m"`, `"1000/h"`: task starts allowed per unit of time on one worker.
+    pub rate_limit: Option<String>,
+}
+
 /// Every setting the worker, the client and the web app read.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -64,6 +72,8 @@ pub struct CeleryConfig {
     pub broker_transport_options: TransportOptions,
     /// Queue used when a task has no route and the sender names none.
     pub task_default_queue: String,
+    /// Task name to per-task settings (`rate_limit`).
+    pub task_annotations: BTreeMap<String, TaskAnnotation>,
     /// Task name (exact or glob with `*`) to route.
     pub task_routes: BTreeMap<String, Route>,
     /// Ack after the task ends instead of when it starts.
@@ -112,6 +122,7 @@ impl Default for CeleryConfig {
             result_backend: None,
             broker_transport_options: TransportOptions::default(),
             task_default_queue: "celery".into(),
+            task_annotations: BTreeMap::new(),
             task_routes: BTreeMap::new(),
             task_acks_late: false,
             task_track_started: false,
@@ -193,6 +204,11 @@ impl CeleryConfig {
             return Err(Error::Config(
                 "worker_heartbeat_interval must be more than 0 seconds".into(),
             ));
+        }
+        for annotation in self.task_annotations.values() {
+            if let Some(rate) = &annotation.rate_limit {
+                crate::rate::parse(rate)?;
+            }
         }
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(

@@ -5,6 +5,7 @@
 //! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
 //! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
@@ -22,6 +23,7 @@ pub mod events;
 pub mod logging;
 pub mod progress;
 pub mod protocol;
+pub mod rate;
 pub mod registry;
 pub mod state;
 pub mod worker;

@@ -204,7 +204,26 @@ impl Worker {
                 self.resize_pool(method == "pool_grow", n);
                 json!({"ok": if method == "pool_grow" { "pool will grow" } else { "pool will shrink" }})
             }
-            "rate_limit" | "time_limit" | "autoscale" | "pool_restart" => {
+            "rate_limit" => {
+                let task = arguments.get("task_name").and_then(Value::as_str).unwrap_or_default();
+                let rate = match arguments.get("rate_limit") {
+                    Some(Value::String(rate)) => rate.clone(),
+                    Some(Value::Number(n)) => n.to_string(),
+                    _ => String::new(),
+                };
+                if self.registry.get(task).is_none() {
+                    json!({"error": format!("unknown task {task:?}")})
+                } else {
+                    match crate::rate::parse(&rate) {
+                        Ok(per_second) => {
+                            self.set_rate_limit(task, per_second);
+                            json!({"ok": "new rate limit set successfully"})
+                        }
+                        Err(error) => json!({"error": error.to_string()}),
+                    }
+                }
+            }
+            "time_limit" | "autoscale" | "pool_restart" => {
                 json!({"error": format!("{method} is not supported by this worker")})
             }
             unknown => json!({"error": format!("KeyError('{unknown}')")}),

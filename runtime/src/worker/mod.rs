@@ -32,6 +32,7 @@ use crate::progress::{TaskContext, Updates};
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
+use crate::rate::TokenBucket;
 use crate::registry::{Outcome, Registry};
 use crate::state::WorkerState;
 
@@ -90,6 +91,8 @@ pub struct Worker {
     shutdown_requested: CancellationToken,
     /// Cancelled to stop at once, without waiting for running tasks (a second signal).
     cold_shutdown: CancellationToken,
+    /// Per-task rate limits, from `task_annotations` and the `rate_limit` control command.
+    rate_limits: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
 }
 
 /// How a run ended, beyond the task's own outcome.
@@ -127,6 +130,18 @@ impl Worker {
             config.worker_send_task_events,
         );
         let (deliveries, received) = mpsc::channel(usize::from(prefetch_of(&config)));
+        let mut rate_limits = std::collections::HashMap::new();
+        for (task, annotation) in &config.task_annotations {
+            if let Some(per_second) = annotation
+                .rate_limit
+                .as_deref()
+                .map(crate::rate::parse)
+                .transpose()?
+                .flatten()
+            {
+                rate_limits.insert(task.clone(), TokenBucket::new(per_second));
+            }
+        }
         Ok(Self {
             app,
             registry,
@@ -147,7 +162,17 @@ impl Worker {
             stopping: CancellationToken::new(),
             shutdown_requested: CancellationToken::new(),
             cold_shutdown: CancellationToken::new(),
+            rate_limits: std::sync::Mutex::new(rate_limits),
         })
+    }
+
+    /// Sets (or with `None` removes) the rate limit of `task`.
+    fn set_rate_limit(&self, task: &str, per_second: Option<f64>) {
+        let mut limits = self.rate_limits.lock().expect("rate lock");
+        match per_second {
+            Some(per_second) => limits.insert(task.to_string(), TokenBucket::new(per_second)),
+            None => limits.remove(task),
+        };
     }
 
     /// A handle that, once cancelled, turns the warm shutdown in progress into a cold one.
@@ -396,6 +421,15 @@ impl Worker {
         // back to the broker, and so does a shutdown.
         let due_and_free = async {
             if let Some(wait) = request.eta.and_then(|eta| (eta - Utc::now()).to_std().ok()) {
+                tokio::time::sleep(wait).await;
+            }
+            let rate_wait = self
+                .rate_limits
+                .lock()
+                .expect("rate lock")
+                .get_mut(&request.task)
+                .map(|b| b.reserve(Instant::now()));
+            if let Some(wait) = rate_wait.filter(|wait| !wait.is_zero()) {
                 tokio::time::sleep(wait).await;
             }
             self.slots.acquire().await
