@@ -237,3 +237,22 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
     survivor.delete_queue(&queue).await.unwrap();
     survivor.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn deliveries_end_when_the_connection_does() {
+    for url in broker_urls() {
+        let queue = unique_queue("lost");
+        let broker = broker::connect(&url).await.unwrap();
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 1)
+            .await
+            .unwrap();
+        let cleanup = broker::connect(&url).await.unwrap();
+        broker.close().await.unwrap();
+        // The worker reads this end of the channel as "connection lost" and reconnects.
+        let ended = within(10, "the end of the deliveries", deliveries.recv()).await;
+        assert!(ended.is_none(), "{url}");
+        cleanup.delete_queue(&queue).await.unwrap();
+        cleanup.close().await.unwrap();
+    }
+}

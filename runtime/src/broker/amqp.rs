@@ -159,6 +159,7 @@ impl Broker for AmqpBroker {
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut tags = Vec::new();
+        let mut forwarders = tokio::task::JoinSet::new();
         for queue in queues {
             self.ensure_queue(queue).await?;
             let mut consumer = channel
@@ -172,7 +173,7 @@ impl Broker for AmqpBroker {
             tags.push(consumer.tag());
             let sender = sender.clone();
             let queue = queue.clone();
-            tokio::spawn(async move {
+            forwarders.spawn(async move {
                 while let Some(next) = consumer.next().await {
                     let delivery = match next {
                         Ok(delivery) => delivery,
@@ -198,13 +199,18 @@ impl Broker for AmqpBroker {
             });
         }
         // When the receiver goes, stop the deliveries; the channel stays open so messages
-        // already handed out can still be acked.
+        // already handed out can still be acked. When the connection goes, the forwarders end
+        // and this last sender is dropped, so the receiver learns it.
         tokio::spawn(async move {
-            sender.closed().await;
-            for tag in tags {
-                let _ = channel
-                    .basic_cancel(tag.as_str(), BasicCancelOptions::default())
-                    .await;
+            tokio::select! {
+                () = sender.closed() => {
+                    for tag in tags {
+                        let _ = channel.basic_cancel(tag.as_str(), BasicCancelOptions::default()).await;
+                    }
+                    // Let them give back what was prefetched (dropping the set would abort them).
+                    while forwarders.join_next().await.is_some() {}
+                }
+                () = async { while forwarders.join_next().await.is_some() {} } => {}
             }
         });
         Ok(receiver)

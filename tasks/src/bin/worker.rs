@@ -1,11 +1,13 @@
 //! `worker`: runs the Rust tasks as a Celery worker node (`celery worker` options).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use runtime::worker::{expand_hostname, Worker};
-use runtime::CeleryConfig;
+use runtime::{CeleryConfig, Error};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(about = "Run the Rust tasks as a Celery worker")]
@@ -44,27 +46,59 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.queues
     };
-    let worker = Worker::new(
-        config,
-        tasks::registry(),
-        expand_hostname(&args.hostname),
-        queues,
-    )
-    .await
-    .context("starting the worker")?;
-    let cold = worker.cold_shutdown();
-    worker
-        .run(async move {
-            shutdown_signal().await;
-            tracing::info!("warm shutdown: finishing running tasks; signal again to stop at once");
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                cold.cancel();
-            });
-        })
-        .await?;
+    let hostname = expand_hostname(&args.hostname);
+    let (warm, cold) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(watch_signals(warm.clone(), cold.clone()));
+    // The first start must succeed (a wrong URL is a clear error at once); after a lost
+    // connection the worker reconnects with backoff instead of exiting.
+    let mut worker = Worker::new(config.clone(), tasks::registry(), hostname.clone(), queues.clone())
+        .await
+        .context("starting the worker")?;
+    loop {
+        let worker_cold = worker.cold_shutdown();
+        let link = cold.clone();
+        tokio::spawn(async move {
+            link.cancelled().await;
+            worker_cold.cancel();
+        });
+        match worker.run(warm.clone().cancelled_owned()).await {
+            Ok(()) => break,
+            Err(Error::ConnectionLost) => tracing::warn!("broker connection lost; reconnecting"),
+            Err(error) => return Err(error.into()),
+        }
+        worker = match reconnect(&config, &hostname, &queues, &warm).await {
+            Some(worker) => worker,
+            None => break,
+        };
+    }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// A new worker once the broker answers again, retrying with backoff up to 30 s between tries;
+/// `None` if shutdown is asked for meanwhile.
+async fn reconnect(config: &CeleryConfig, hostname: &str, queues: &[String], warm: &CancellationToken) -> Option<Worker> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match Worker::new(config.clone(), tasks::registry(), hostname.to_string(), queues.to_vec()).await {
+            Ok(worker) => return Some(worker),
+            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "cannot reconnect yet"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = warm.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// First SIGINT/SIGTERM: warm shutdown (finish running tasks); second: cold (stop at once).
+async fn watch_signals(warm: CancellationToken, cold: CancellationToken) {
+    shutdown_signal().await;
+    tracing::info!("warm shutdown: finishing running tasks; signal again to stop at once");
+    warm.cancel();
+    shutdown_signal().await;
+    cold.cancel();
 }
 
 /// Resolves on the next SIGINT or SIGTERM.
