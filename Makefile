@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build run migrate test fmt lint clean
+.PHONY: services venv build run migrate test fuzz fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -26,6 +26,10 @@ test: services venv
 	$(CARGO) test --workspace
 	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
+
+# Property-based fuzzing of the wire decoders, bounded: PROPTEST_CASES inputs per property.
+fuzz:
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p runtime --release --test decode_fuzz
 
 fmt:
 	$(CARGO) fmt --all
