@@ -51,9 +51,14 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(watch_signals(warm.clone(), cold.clone()));
     // The first start must succeed (a wrong URL is a clear error at once); after a lost
     // connection the worker reconnects with backoff instead of exiting.
-    let mut worker = Worker::new(config.clone(), tasks::registry(), hostname.clone(), queues.clone())
-        .await
-        .context("starting the worker")?;
+    let mut worker = Worker::new(
+        config.clone(),
+        tasks::registry(),
+        hostname.clone(),
+        queues.clone(),
+    )
+    .await
+    .context("starting the worker")?;
     loop {
         let worker_cold = worker.cold_shutdown();
         let link = cold.clone();
@@ -77,10 +82,22 @@ async fn main() -> anyhow::Result<()> {
 
 /// A new worker once the broker answers again, retrying with backoff up to 30 s between tries;
 /// `None` if shutdown is asked for meanwhile.
-async fn reconnect(config: &CeleryConfig, hostname: &str, queues: &[String], warm: &CancellationToken) -> Option<Worker> {
+async fn reconnect(
+    config: &CeleryConfig,
+    hostname: &str,
+    queues: &[String],
+    warm: &CancellationToken,
+) -> Option<Worker> {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match Worker::new(config.clone(), tasks::registry(), hostname.to_string(), queues.to_vec()).await {
+        match Worker::new(
+            config.clone(),
+            tasks::registry(),
+            hostname.to_string(),
+            queues.to_vec(),
+        )
+        .await
+        {
             Ok(worker) => return Some(worker),
             Err(error) => tracing::warn!(%error, retry_in = ?backoff, "cannot reconnect yet"),
         }
