@@ -83,6 +83,25 @@ impl Running {
     }
 }
 
+/// Polls until every one of `results` is STARTED at the same moment (at most 20 s).
+async fn wait_all_started(results: &[runtime::client::AsyncResult], what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut started = 0;
+        for result in results {
+            started += usize::from(result.state().await.unwrap() == state::STARTED);
+        }
+        if started == results.len() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn failure(result: runtime::Result<Value>) -> (String, String) {
     match result {
         Err(Error::TaskFailed { exc_type, message }) => (exc_type, message),
@@ -389,21 +408,7 @@ async fn hard_time_limits_stop_async_and_blocking_tasks_and_free_their_slots() {
                 .unwrap(),
         );
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut started = 0;
-        for sent in &sleeps {
-            started += usize::from(sent.state().await.unwrap() == state::STARTED);
-        }
-        if started == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "two sleeps never ran at once"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_all_started(&sleeps, "two sleeps running at once").await;
     for sent in sleeps {
         assert_eq!(sent.get(Duration::from_secs(20)).await.unwrap(), json!(1.5));
     }
@@ -428,14 +433,7 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
             )
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while running.state().await.unwrap() != state::STARTED {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{url}: never started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_all_started(std::slice::from_ref(&running), url).await;
         let _ = worker.stop.send(());
         worker.cold.cancel();
         let stopped = tokio::time::timeout(Duration::from_secs(20), worker.done).await;
