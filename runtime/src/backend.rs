@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 
 use crate::error::{Error, Result};
 use crate::protocol::result::{state, ResultMeta};
@@ -36,11 +36,12 @@ pub fn result_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
 }
 
-/// A connection to the result backend.
+/// A connection to the result backend. It reconnects by itself after the server drops it: the
+/// command that met the broken connection fails, the next one runs on a new connection.
 #[derive(Clone)]
 pub struct RedisBackend {
     client: redis::Client,
-    connection: MultiplexedConnection,
+    connection: ConnectionManager,
     store: redis::Script,
     expires: u64,
 }
@@ -49,7 +50,7 @@ impl RedisBackend {
     /// Connects to `url`; results expire after `expires` seconds (0: never).
     pub async fn connect(url: &str, expires: u64) -> Result<Self> {
         let client = redis::Client::open(url)?;
-        let connection = client.get_multiplexed_async_connection().await?;
+        let connection = ConnectionManager::new(client.clone()).await?;
         Ok(Self {
             client,
             connection,

@@ -78,6 +78,9 @@ pub struct CeleryConfig {
     pub task_routes: BTreeMap<String, Route>,
     /// Ack after the task ends instead of when it starts.
     pub task_acks_late: bool,
+    /// With `task_acks_late`: a task whose run was lost (its code panicked, the analogue of a
+    /// pool process dying) goes back to its queue instead of ending as FAILURE `WorkerLostError`.
+    pub task_reject_on_worker_lost: bool,
     /// Store STARTED when a task begins.
     pub task_track_started: bool,
     /// Store no result for any task.
@@ -111,6 +114,9 @@ pub struct CeleryConfig {
     pub web_body_limit: u64,
     /// Bearer token the web app's job routes require; unset, they are open.
     pub web_auth_token: Option<String>,
+    /// Secret of the HS256-signed JWTs the web app's job routes accept as bearer tokens (with
+    /// `exp` required), besides `web_auth_token`; unset, no JWT is accepted.
+    pub web_jwt_secret: Option<String>,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
 }
@@ -125,6 +131,7 @@ impl Default for CeleryConfig {
             task_annotations: BTreeMap::new(),
             task_routes: BTreeMap::new(),
             task_acks_late: false,
+            task_reject_on_worker_lost: false,
             task_track_started: false,
             task_ignore_result: false,
             worker_prefetch_multiplier: 4,
@@ -141,6 +148,7 @@ impl Default for CeleryConfig {
             web_allowed_tasks: Vec::new(),
             web_body_limit: 1 << 20,
             web_auth_token: None,
+            web_jwt_secret: None,
             web_sweep_interval: 5,
         }
     }
@@ -218,6 +226,10 @@ impl CeleryConfig {
         if self.task_default_queue.is_empty() {
             return Err(Error::Config("task_default_queue must not be empty".into()));
         }
+        // An empty HMAC key would let anyone sign a JWT the web app accepts.
+        if self.web_jwt_secret.as_deref() == Some("") {
+            return Err(Error::Config("web_jwt_secret must not be empty".into()));
+        }
         Ok(())
     }
 
@@ -244,6 +256,7 @@ impl CeleryConfig {
             result_backend: self.result_backend.as_deref().map(redact_url),
             database_url: redact_url(&self.database_url),
             web_auth_token: self.web_auth_token.as_ref().map(|_| "********".to_string()),
+            web_jwt_secret: self.web_jwt_secret.as_ref().map(|_| "********".to_string()),
             ..self.clone()
         }
     }
@@ -353,6 +366,12 @@ mod tests {
         assert!(err.to_string().contains("kafka"), "{err}");
         let err = CeleryConfig::from_sources("result_backend = \"rpc://\"", env(&[])).unwrap_err();
         assert!(err.to_string().contains("not supported"), "{err}");
+        let err =
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "")])).unwrap_err();
+        assert!(err.to_string().contains("web_jwt_secret"), "{err}");
+        let config =
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
+        assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));
     }
 
     #[test]
@@ -368,13 +387,22 @@ mod tests {
         let config = CeleryConfig {
             result_backend: Some("redis://:pw@127.0.0.1/1".into()),
             web_auth_token: Some("t0ken".into()),
+            web_jwt_secret: Some("jwt-s3cret".into()),
             ..CeleryConfig::default()
         };
         let shown = format!("{:?}", config.redacted());
         assert!(
-            !shown.contains("pw@") && !shown.contains(":guest@") && !shown.contains("t0ken"),
+            !shown.contains("pw@")
+                && !shown.contains(":guest@")
+                && !shown.contains("t0ken")
+                && !shown.contains("jwt-s3cret"),
             "{shown}"
         );
+        assert_eq!(
+            config.redacted().web_jwt_secret.as_deref(),
+            Some("********")
+        );
+        assert_eq!(CeleryConfig::default().redacted().web_jwt_secret, None);
     }
 
     #[test]

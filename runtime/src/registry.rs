@@ -38,6 +38,9 @@ pub enum Outcome {
         /// What to store as the RETRY state (and as FAILURE once retries run out).
         exc: ExceptionInfo,
     },
+    /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
+    /// The panic message says where.
+    Panicked(String),
 }
 
 /// One registered task, its type erased.
@@ -173,11 +176,9 @@ where
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
             Ok(Err(error)) => outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true)),
-            Err(join) => Outcome::Failure(ExceptionInfo::new(
-                "rcelery.exceptions",
-                "TaskPanicked",
-                format!("{}() panicked: {}", T::NAME, panic_message(join)),
-            )),
+            Err(join) => {
+                Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
+            }
         }
     }
 }

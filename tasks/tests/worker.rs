@@ -1,6 +1,9 @@
 //! The worker end to end on both brokers: our client sends, our worker runs the Rust tasks, and
 //! results come back through the Redis backend.
 
+// The crate's task macro implements `Task` inside a const block, which this lint flags.
+#![allow(non_local_definitions)]
+
 use std::time::Duration;
 
 use runtime::client::{Client, SendOptions};
@@ -25,6 +28,14 @@ struct Running {
 }
 
 async fn start(broker_url: &str, customize: impl FnOnce(&mut CeleryConfig)) -> Running {
+    start_with(broker_url, tasks::registry(), customize).await
+}
+
+async fn start_with(
+    broker_url: &str,
+    registry: runtime::registry::Registry,
+    customize: impl FnOnce(&mut CeleryConfig),
+) -> Running {
     let queue = format!("test-worker-{}", uuid::Uuid::new_v4().simple());
     let mut config = CeleryConfig {
         broker_url: broker_url.into(),
@@ -39,7 +50,7 @@ async fn start(broker_url: &str, customize: impl FnOnce(&mut CeleryConfig)) -> R
     customize(&mut config);
     let worker = Worker::new(
         config.clone(),
-        tasks::registry(),
+        registry,
         // Node names are unique in a cluster (each owns its pidbox queue).
         format!("{queue}@host"),
         vec![queue.clone()],
@@ -464,5 +475,47 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
         worker.client.close().await.unwrap();
         broker.delete_queue(&worker.queue).await.unwrap();
         broker.close().await.unwrap();
+    }
+}
+
+/// Runs of `panics_once` so far; it panics on the first.
+static PANICKY_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[celery::task(name = "test.panics_once")]
+fn panics_once() -> celery::task::TaskResult<usize> {
+    let run = PANICKY_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    assert!(run > 1, "first run dies");
+    Ok(run)
+}
+
+/// A panic is a lost run, as a dead pool process in Celery: by default FAILURE `WorkerLostError`;
+/// with `task_acks_late` and `task_reject_on_worker_lost` the message goes back and runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_task_is_a_lost_run_requeued_only_when_asked() {
+    use std::sync::atomic::Ordering;
+    let registry = || runtime::registry::Registry::new().task::<panics_once>();
+    for url in BROKERS {
+        PANICKY_RUNS.store(0, Ordering::SeqCst);
+        let worker = start_with(url, registry(), |c| c.task_acks_late = true).await;
+        let (exc_type, message) =
+            failure(worker.call("test.panics_once", json!([]), json!({})).await);
+        assert_eq!(exc_type, "WorkerLostError", "{url}");
+        assert!(message.contains("first run dies"), "{url}: {message}");
+        assert_eq!(PANICKY_RUNS.load(Ordering::SeqCst), 1, "{url}");
+        worker.stop().await;
+
+        PANICKY_RUNS.store(0, Ordering::SeqCst);
+        let worker = start_with(url, registry(), |c| {
+            c.task_acks_late = true;
+            c.task_reject_on_worker_lost = true;
+        })
+        .await;
+        let second = worker.call("test.panics_once", json!([]), json!({})).await;
+        assert_eq!(
+            second.unwrap(),
+            json!(2),
+            "{url}: the requeued message ran again"
+        );
+        worker.stop().await;
     }
 }

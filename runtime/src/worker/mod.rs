@@ -105,6 +105,9 @@ enum Ending {
 /// Retries a task gets when it declares no `max_retries`, as Celery's `Task.max_retries`.
 const DEFAULT_MAX_RETRIES: u32 = 3;
 
+/// Tries of one result write, 0.1 s apart and doubling: about 6 s in all.
+const STORE_ATTEMPTS: u32 = 7;
+
 impl Worker {
     /// Connects to the broker and backend of `config`; consumes `queues` as node `hostname`.
     pub async fn new(
@@ -503,7 +506,8 @@ impl Worker {
             Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
         }
         self.state.release(&request.id);
-        match ending {
+        // Whether the final state is on record (or none is wanted).
+        let ended = match ending {
             Ending::Ran(Outcome::Success(value)) => {
                 info!(task = %request.task, id = %request.id, runtime, result = %value, "task succeeded");
                 self.events.task(
@@ -512,20 +516,33 @@ impl Worker {
                     fields(json!({"result": repr(&value), "runtime": runtime})),
                 );
                 self.finish(&request, &queue, state::SUCCESS, value, None)
-                    .await;
+                    .await
             }
             Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
-                self.fail(&request, &queue, exc).await;
+                self.fail(&request, &queue, exc).await
+            }
+            Ending::Ran(Outcome::Panicked(message))
+                if settle.is_some() && self.config.task_reject_on_worker_lost =>
+            {
+                // No state is stored: the task runs again, as Celery requeues a task whose pool
+                // process died. A task that always panics comes back for ever, as in Celery.
+                error!(task = %request.task, id = %request.id, %message, "task run lost; giving it back to the broker (task_reject_on_worker_lost)");
+                false
+            }
+            Ending::Ran(Outcome::Panicked(message)) => {
+                error!(task = %request.task, id = %request.id, %message, "task run lost");
+                let exc = ExceptionInfo::new("billiard.exceptions", "WorkerLostError", message);
+                self.fail(&request, &queue, exc).await
             }
             Ending::Ran(Outcome::Retry { eta, exc }) => {
                 let max_retries = options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
                 if request.retries >= max_retries {
                     error!(task = %request.task, id = %request.id, retries = request.retries, exception = %exc.repr(), "task failed after its last retry");
-                    self.fail(&request, &queue, exc).await;
+                    self.fail(&request, &queue, exc).await
                 } else {
                     let eta = eta.unwrap_or_else(|| backoff(request.retries, &options));
-                    self.retry(&request, &queue, eta, exc).await;
+                    self.retry(&request, &queue, eta, exc).await
                 }
             }
             Ending::TimedOut(limit) => {
@@ -535,7 +552,7 @@ impl Worker {
                     &queue,
                     ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", limit.to_string()),
                 )
-                .await;
+                .await
             }
             Ending::Terminated => {
                 warn!(task = %request.task, id = %request.id, runtime, "task terminated by revoke");
@@ -546,16 +563,23 @@ impl Worker {
                 );
                 let exc = ExceptionInfo::celery("TaskRevokedError", "terminated");
                 self.finish(&request, &queue, state::REVOKED, exc.to_value(), None)
-                    .await;
+                    .await
             }
-        }
-        if let Some(settle) = settle {
-            settle_with(settle.ack(), &tag).await;
+        };
+        match settle {
+            Some(settle) if ended => settle_with(settle.ack(), &tag).await,
+            // With acks_late, a run whose end is not on record goes back to the broker and runs
+            // again: a duplicate run is better than a caller waiting for ever.
+            Some(settle) => {
+                warn!(task = %request.task, id = %request.id, "giving the message back: its run did not end on record");
+                settle_with(settle.reject(true), &tag).await;
+            }
+            None => {}
         }
     }
 
-    /// Stores FAILURE with `exc` and tells Flower.
-    async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) {
+    /// Stores FAILURE with `exc` and tells Flower; `false` when it could not be stored.
+    async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
         let tb = traceback(&exc);
         self.events.task(
             "task-failed",
@@ -563,19 +587,19 @@ impl Worker {
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
         self.finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
-            .await;
+            .await
     }
 
     /// Stores RETRY, then sends the task again as Celery does: same id, one more retry, due at
     /// `eta`, with itself as parent. Only then is the original acked (by the caller), so a crash
-    /// in between runs it twice rather than never.
+    /// in between runs it twice rather than never. `false` when the retry is not on its way.
     async fn retry(
         &self,
         request: &TaskRequest,
         queue: &str,
         eta: chrono::DateTime<Utc>,
         exc: ExceptionInfo,
-    ) {
+    ) -> bool {
         let tb = traceback(&exc);
         info!(task = %request.task, id = %request.id, retries = request.retries + 1, %eta, exception = %exc.repr(), "task will retry");
         self.events.task(
@@ -592,14 +616,20 @@ impl Worker {
         again.retries += 1;
         again.eta = Some(eta);
         again.parent_id = Some(request.id.clone());
-        if let Err(error) = self.broker.publish(queue, &again.encode()).await {
-            error!(id = %request.id, %error, "cannot send the retry");
-            self.fail(
-                request,
-                queue,
-                ExceptionInfo::builtin("RuntimeError", format!("retry could not be sent: {error}")),
-            )
-            .await;
+        match self.broker.publish(queue, &again.encode()).await {
+            Ok(()) => true,
+            Err(error) => {
+                error!(id = %request.id, %error, "cannot send the retry");
+                self.fail(
+                    request,
+                    queue,
+                    ExceptionInfo::builtin(
+                        "RuntimeError",
+                        format!("retry could not be sent: {error}"),
+                    ),
+                )
+                .await
+            }
         }
     }
 
@@ -679,7 +709,8 @@ impl Worker {
         self.backend.is_some() && !request.ignore_result && !self.config.task_ignore_result
     }
 
-    /// Stores a final state unless the request asked for no result.
+    /// Stores a final state unless the request asked for no result; `false` when it could not
+    /// be stored.
     async fn finish(
         &self,
         request: &TaskRequest,
@@ -687,12 +718,13 @@ impl Worker {
         status: &str,
         result: Value,
         traceback: Option<String>,
-    ) {
-        if self.stores(request) {
-            let mut meta = self.meta(request, queue, status, result);
-            meta.traceback = traceback;
-            self.store(meta).await;
+    ) -> bool {
+        if !self.stores(request) {
+            return true;
         }
+        let mut meta = self.meta(request, queue, status, result);
+        meta.traceback = traceback;
+        self.store(meta).await
     }
 
     fn meta(&self, request: &TaskRequest, queue: &str, status: &str, result: Value) -> ResultMeta {
@@ -712,11 +744,27 @@ impl Worker {
         meta
     }
 
-    async fn store(&self, meta: ResultMeta) {
-        let Some(backend) = &self.backend else { return };
-        if let Err(error) = backend.store(&meta).await {
-            error!(id = %meta.task_id, status = %meta.status, %error, "cannot store result");
+    /// Writes `meta`, trying again through a short backend outage (the connection reconnects
+    /// by itself); `false` when every try failed.
+    async fn store(&self, meta: ResultMeta) -> bool {
+        let Some(backend) = &self.backend else {
+            return true;
+        };
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=STORE_ATTEMPTS {
+            match backend.store(&meta).await {
+                Ok(_) => return true,
+                Err(error) if attempt < STORE_ATTEMPTS => {
+                    warn!(id = %meta.task_id, status = %meta.status, attempt, %error, "cannot store result yet; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(error) => {
+                    error!(id = %meta.task_id, status = %meta.status, %error, "cannot store result");
+                }
+            }
         }
+        false
     }
 }
 
