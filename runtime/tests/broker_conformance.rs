@@ -256,3 +256,77 @@ async fn deliveries_end_when_the_connection_does() {
         cleanup.close().await.unwrap();
     }
 }
+
+/// A Redis consumer takes a message and records it as unacked in one step (no instant when a
+/// crash could lose it); the record holds the envelope exactly as published. An envelope Rust
+/// cannot decode is recorded too, and settling it drops the record.
+#[tokio::test]
+async fn redis_records_what_it_takes_in_the_same_step() {
+    let url = common::redis_url();
+    let queue = unique_queue("record");
+    let broker = broker::connect(&url).await.unwrap();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let sent = request(7);
+    broker.publish(&queue, &sent.encode()).await.unwrap();
+    let published: String = redis::cmd("LINDEX")
+        .arg(&queue)
+        .arg(0)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 2)
+        .await
+        .unwrap();
+    let taken = next(&mut deliveries).await;
+    let entry: String = redis::cmd("HGET")
+        .arg("unacked")
+        .arg(&taken.tag)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let entry: serde_json::Value = serde_json::from_str(&entry).unwrap();
+    let published: serde_json::Value = serde_json::from_str(&published).unwrap();
+    assert_eq!(entry, serde_json::json!([published, "", queue]));
+    taken.settle.ack().await.unwrap();
+
+    let tag = format!("undecodable-{}", uuid::Uuid::new_v4());
+    let bad = serde_json::json!({
+        "body": "*** not base64 ***",
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {},
+        "properties": {"body_encoding": "base64", "delivery_tag": tag,
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    });
+    redis::cmd("LPUSH")
+        .arg(&queue)
+        .arg(bad.to_string())
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let taken = next(&mut deliveries).await;
+    assert!(taken.message.is_err());
+    assert_eq!(taken.tag, tag);
+    let recorded: bool = redis::cmd("HEXISTS")
+        .arg("unacked")
+        .arg(&tag)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(recorded, "the undecodable envelope was recorded as taken");
+    taken.settle.reject(false).await.unwrap();
+    let recorded: bool = redis::cmd("HEXISTS")
+        .arg("unacked")
+        .arg(&tag)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!recorded, "settling dropped the record");
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}

@@ -173,6 +173,7 @@ impl Broker for AmqpBroker {
             tags.push(consumer.tag());
             let sender = sender.clone();
             let queue = queue.clone();
+            let channel = channel.clone();
             forwarders.spawn(async move {
                 while let Some(next) = consumer.next().await {
                     let delivery = match next {
@@ -184,7 +185,10 @@ impl Broker for AmqpBroker {
                     };
                     let tag = delivery.delivery_tag.to_string();
                     let message = Ok(message_of(&delivery.properties, delivery.data));
-                    let settle = Settle::new(AmqpAcker(delivery.acker));
+                    let settle = Settle::new(AmqpAcker {
+                        acker: delivery.acker,
+                        _channel: channel.clone(),
+                    });
                     let delivery = Delivery {
                         message,
                         queue: queue.clone(),
@@ -317,16 +321,22 @@ impl Broker for AmqpBroker {
     }
 }
 
-struct AmqpAcker(lapin::acker::Acker);
+struct AmqpAcker {
+    acker: lapin::acker::Acker,
+    /// Keeps the channel open while the delivery is unsettled: a closed channel requeues all it
+    /// held, so a task that finishes after its consumer was cancelled (a warm shutdown with
+    /// `task_acks_late`) could not be acked and would run again.
+    _channel: Channel,
+}
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(self.0.ack(BasicAckOptions::default()).await?)
+        Ok(self.acker.ack(BasicAckOptions::default()).await?)
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        Ok(self.0.reject(BasicRejectOptions { requeue }).await?)
+        Ok(self.acker.reject(BasicRejectOptions { requeue }).await?)
     }
 }
 

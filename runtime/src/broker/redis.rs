@@ -1,6 +1,12 @@
 //! Redis as kombu uses it: each queue a list (plus priority sub-lists), messages as JSON
 //! envelopes, acks emulated with the `unacked` hash and `unacked_index` sorted set so Python
 //! and Rust workers share queues and recovery state.
+//!
+//! Unlike kombu, which takes a message with BRPOP and records it as unacked with a later command
+//! (a consumer killed in between loses the message), we take and record it in one server-side
+//! script. A script cannot block, so an idle consumer polls, backing off to
+//! [`IDLE_POLL_MAX`] between tries: that bounds the pickup delay on an idle queue, and costs a
+//! few dozen cheap calls a second per idle consumer.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,8 +32,33 @@ const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
 const UNACKED_MUTEX: &str = "unacked_mutex";
-/// Seconds one BRPOP waits before the consumer loop looks around again.
-const BRPOP_TIMEOUT: f64 = 1.0;
+/// Longest pause between two polls of empty queues.
+const IDLE_POLL_MAX: Duration = Duration::from_millis(20);
+
+/// Pops the first message of the lists `KEYS[3..]` and, when its envelope is readable, records it
+/// as kombu does (`unacked` = KEYS[1], `unacked_index` = KEYS[2], scored ARGV[1]) in the same
+/// atomic step. Returns `{list, envelope}`, or nil when every list is empty. The entry embeds
+/// the envelope's own text, so what is restored is byte for byte what was published.
+const POP_AND_RECORD: &str = r#"
+for i = 3, #KEYS do
+  local raw = redis.call('RPOP', KEYS[i])
+  if raw then
+    local ok, envelope = pcall(cjson.decode, raw)
+    local properties = ok and type(envelope) == 'table' and envelope['properties']
+    if type(properties) == 'table' and type(properties['delivery_tag']) == 'string'
+        and type(properties['delivery_info']) == 'table' then
+      local info = properties['delivery_info']
+      local text = function(v) if type(v) == 'string' then return v end return '' end
+      local entry = '[' .. raw .. ',' .. cjson.encode(text(info['exchange'])) .. ','
+        .. cjson.encode(text(info['routing_key'])) .. ']'
+      redis.call('HSET', KEYS[1], properties['delivery_tag'], entry)
+      redis.call('ZADD', KEYS[2], ARGV[1], properties['delivery_tag'])
+    end
+    return {KEYS[i], raw}
+  end
+end
+return false
+"#;
 
 /// The list holding messages of `priority` for `queue`.
 fn list_for(queue: &str, priority: u8) -> String {
@@ -44,8 +75,8 @@ fn list_for(queue: &str, priority: u8) -> String {
     }
 }
 
-/// The BRPOP key order kombu uses: every queue's top-priority list first.
-fn brpop_keys(queues: &[String]) -> Vec<String> {
+/// The order kombu's BRPOP takes lists in: every queue's top-priority list first.
+fn fetch_order(queues: &[String]) -> Vec<String> {
     PRIORITY_STEPS
         .iter()
         .flat_map(|&step| queues.iter().map(move |q| list_for(q, step)))
@@ -63,7 +94,7 @@ pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
     bound: Mutex<HashSet<String>>,
-    /// The fetch loops, awaited at close so a message popped in the last BRPOP goes back.
+    /// The fetch loops, awaited at close so a message taken by the last poll goes back.
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
@@ -189,14 +220,14 @@ impl Broker for RedisBroker {
             self.bind(queue).await?;
         }
         self.start_restoring();
-        // BRPOP blocks its connection, so the consumer gets one of its own.
-        let mut blocking = self.client.get_multiplexed_async_connection().await?;
-        let acks = self.connection.clone();
+        let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
         let fetching = tokio::spawn(async move {
+            let pop = redis::Script::new(POP_AND_RECORD);
+            let mut idle = Duration::ZERO;
             loop {
                 // A held slot is an unsettled message: stop fetching while all are taken.
                 let slot = tokio::select! {
@@ -207,8 +238,12 @@ impl Broker for RedisBroker {
                 if sender.is_closed() || closing.is_cancelled() {
                     break;
                 }
+                let mut call = pop.key(UNACKED);
+                call.key(UNACKED_INDEX)
+                    .key(fetch_order(&queues))
+                    .arg(now_seconds());
                 let popped: Option<(String, Vec<u8>)> =
-                    match blocking.brpop(brpop_keys(&queues), BRPOP_TIMEOUT).await {
+                    match call.invoke_async(&mut connection.clone()).await {
                         Ok(popped) => popped,
                         Err(error) => {
                             tracing::error!(%error, "Redis consumer failed");
@@ -217,30 +252,36 @@ impl Broker for RedisBroker {
                     };
                 // Rotate so a busy queue cannot starve the others.
                 queues.rotate_left(1);
-                let Some((list, raw)) = popped else { continue };
+                let Some((list, raw)) = popped else {
+                    drop(slot);
+                    idle = (idle * 2).clamp(Duration::from_millis(1), IDLE_POLL_MAX);
+                    tokio::select! {
+                        () = tokio::time::sleep(idle) => continue,
+                        () = closing.cancelled() => break,
+                    }
+                };
+                idle = Duration::ZERO;
                 let queue = list.split(SEP).next().unwrap_or(&list).to_string();
-                let delivery = match envelope::decode(&raw) {
-                    Ok(received) => {
-                        if let Err(error) = mark_unacked(&acks, &received, &raw).await {
-                            tracing::error!(%error, "cannot record unacked message");
-                        }
-                        let acker = RedisAcker {
-                            connection: acks.clone(),
-                            tag: received.delivery_tag.clone(),
+                let (message, tag) = match envelope::decode(&raw) {
+                    Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
+                    // The script recorded it if its envelope had a tag: settling drops the record.
+                    Err(error) => (Err(error), recorded_tag(&raw)),
+                };
+                let delivery = match tag {
+                    Some(tag) => Delivery {
+                        message,
+                        queue,
+                        tag: tag.clone(),
+                        settle: Settle::new(RedisAcker {
+                            connection: connection.clone(),
+                            tag,
                             list,
                             raw,
                             _slot: slot,
-                        };
-                        Delivery {
-                            message: Ok(received.message),
-                            queue,
-                            tag: received.delivery_tag,
-                            settle: Settle::new(acker),
-                        }
-                    }
-                    // Nothing to ack for an unreadable envelope: BRPOP already removed it.
-                    Err(error) => Delivery {
-                        message: Err(error),
+                        }),
+                    },
+                    None => Delivery {
+                        message,
                         queue,
                         tag: "(no delivery tag)".into(),
                         settle: Settle::new(Dropped { _slot: slot }),
@@ -346,7 +387,7 @@ impl Broker for RedisBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        // A fetch loop ends within one BRPOP timeout; what that BRPOP took is delivered or given back.
+        // A fetch loop ends at its next turn; what its last poll took is delivered or given back.
         self.closing.cancel();
         for fetching in self.consumers.lock().await.drain(..) {
             let _ = fetching.await;
@@ -441,22 +482,12 @@ fn redelivered(entry: &str) -> Option<(String, String)> {
     ))
 }
 
-/// Records a delivered message the way kombu does, so a crashed consumer's work can be restored.
-async fn mark_unacked(
-    connection: &MultiplexedConnection,
-    received: &envelope::Received,
-    raw: &[u8],
-) -> Result<()> {
-    let envelope: serde_json::Value = serde_json::from_slice(raw)?;
-    let info = &received.delivery_info;
-    let entry = serde_json::json!([envelope, info.exchange, info.routing_key]).to_string();
-    redis::pipe()
-        .atomic()
-        .zadd(UNACKED_INDEX, &received.delivery_tag, now_seconds())
-        .hset(UNACKED, &received.delivery_tag, entry)
-        .query_async::<()>(&mut connection.clone())
-        .await?;
-    Ok(())
+/// The delivery tag under which [`POP_AND_RECORD`] recorded an envelope Rust cannot decode.
+fn recorded_tag(raw: &[u8]) -> Option<String> {
+    let envelope: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    let properties = envelope.get("properties")?;
+    properties.get("delivery_info")?.as_object()?;
+    Some(properties.get("delivery_tag")?.as_str()?.to_string())
 }
 
 struct RedisAcker {
@@ -522,7 +553,7 @@ mod tests {
         assert_eq!(list_for("celery", 5), "celery\x06\x163");
         assert_eq!(list_for("celery", 9), "celery\x06\x169");
         assert_eq!(list_for("celery", 255), "celery\x06\x169");
-        let keys = brpop_keys(&["a".into(), "b".into()]);
+        let keys = fetch_order(&["a".into(), "b".into()]);
         assert_eq!(
             keys[..3],
             ["a".to_string(), "b".into(), "a\x06\x163".into()]
