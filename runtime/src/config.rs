@@ -226,9 +226,13 @@ impl CeleryConfig {
         if self.task_default_queue.is_empty() {
             return Err(Error::Config("task_default_queue must not be empty".into()));
         }
-        // An empty HMAC key would let anyone sign a JWT the web app accepts.
+        // An empty HMAC key would let anyone sign a JWT the web app accepts, and an empty token
+        // would let `Authorization: Bearer ` in.
         if self.web_jwt_secret.as_deref() == Some("") {
             return Err(Error::Config("web_jwt_secret must not be empty".into()));
+        }
+        if self.web_auth_token.as_deref() == Some("") {
+            return Err(Error::Config("web_auth_token must not be empty".into()));
         }
         Ok(())
     }
@@ -369,6 +373,8 @@ mod tests {
         let err =
             CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "")])).unwrap_err();
         assert!(err.to_string().contains("web_jwt_secret"), "{err}");
+        let err = CeleryConfig::from_sources("web_auth_token = \"\"", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("web_auth_token"), "{err}");
         let config =
             CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
         assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));

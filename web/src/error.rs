@@ -31,15 +31,35 @@ pub enum Error {
     /// The database could not be reached.
     #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
-    /// A query failed.
+    /// A query failed (a server that went away is [`Error::DatabaseUnavailable`] instead).
     #[error("database error: {0}")]
-    Database(#[from] diesel::result::Error),
+    Database(diesel::result::Error),
     /// Migrations could not be applied.
     #[error("migrations: {0}")]
     Migration(String),
     /// The Celery runtime failed (config, broker, backend).
     #[error(transparent)]
     Runtime(#[from] runtime::Error),
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as Kind, Error as Diesel};
+        match &error {
+            // The connection broke, or the server refused the statement for its own state
+            // (shutting down, starting up, out of connections or space): the request was fine
+            // and may be sent again. Only a broken constraint or a bug of ours is a 500.
+            Diesel::DatabaseError(
+                Kind::UnableToSendCommand
+                | Kind::ClosedConnection
+                | Kind::SerializationFailure
+                | Kind::ReadOnlyTransaction
+                | Kind::Unknown,
+                info,
+            ) => Error::DatabaseUnavailable(info.message().to_string()),
+            _ => Error::Database(error),
+        }
+    }
 }
 
 impl From<deadpool::managed::PoolError<diesel_async::pooled_connection::PoolError>> for Error {
@@ -87,4 +107,35 @@ impl<'r> Responder<'r, 'static> for Error {
 #[rocket::catch(default)]
 pub fn catch_all(status: Status, _request: &Request<'_>) -> Json<serde_json::Value> {
     Json(json!({ "error": status.reason_lossy() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error as Diesel};
+
+    fn database_error(kind: DatabaseErrorKind, message: &str) -> Error {
+        Diesel::DatabaseError(kind, Box::new(message.to_string())).into()
+    }
+
+    #[test]
+    fn a_database_gone_away_is_503_and_a_broken_constraint_500() {
+        for (kind, message) in [
+            (DatabaseErrorKind::UnableToSendCommand, "connection closed"),
+            (
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to administrator command",
+            ),
+        ] {
+            let error = database_error(kind, message);
+            assert_eq!(error.status(), Status::ServiceUnavailable, "{error}");
+            assert!(error.to_string().contains(message), "{error}");
+        }
+        let duplicate = database_error(DatabaseErrorKind::UniqueViolation, "duplicate key");
+        assert_eq!(duplicate.status(), Status::InternalServerError);
+        assert_eq!(
+            Error::from(Diesel::NotFound).status(),
+            Status::InternalServerError
+        );
+    }
 }

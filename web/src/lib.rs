@@ -4,7 +4,7 @@
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
-//! - [`auth`]: the optional bearer token of the job routes.
+//! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
 
@@ -36,19 +36,12 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
         None => None,
     };
-    let accepts = Accepts {
-        tasks: tasks::registry()
-            .names()
-            .map(str::to_owned)
-            .chain(config.web_allowed_tasks.iter().cloned())
-            .collect(),
-        default_task: config.web_default_task.clone(),
-        body_limit: config.web_body_limit,
-    };
+    let accepts = Accepts::new(&config);
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
-    let auth = auth::Auth {
-        token: config.web_auth_token.clone(),
-    };
+    let auth = auth::Auth::new(
+        config.web_auth_token.clone(),
+        config.web_jwt_secret.as_deref(),
+    );
     let client = Client::new(config).await?;
     let tracker_pool = pool.clone();
     let outbox = (pool.clone(), client.clone());

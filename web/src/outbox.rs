@@ -56,17 +56,19 @@ pub async fn publish_one(
     }
 }
 
-/// One round: publishes what is waiting, oldest first, until the broker refuses one.
+/// One round: publishes what is waiting, oldest first, until the broker refuses one; the jobs
+/// claimed after that one are freed at once rather than held for the lease.
 pub async fn publish_waiting(pool: &Pool, client: &Client) -> Result<usize, Error> {
     let mut connection = pool.get().await?;
-    let mut published = 0;
-    for job in store::claim_unpublished(&mut connection, BATCH).await? {
-        if !publish_one(&mut connection, client, &job).await? {
-            break;
+    let claimed = store::claim_unpublished(&mut connection, BATCH).await?;
+    for (published, job) in claimed.iter().enumerate() {
+        if !publish_one(&mut connection, client, job).await? {
+            let rest: Vec<_> = claimed[published + 1..].iter().map(|j| j.task_id).collect();
+            store::release(&mut connection, &rest).await?;
+            return Ok(published);
         }
-        published += 1;
     }
-    Ok(published)
+    Ok(claimed.len())
 }
 
 /// Runs rounds until the process ends.

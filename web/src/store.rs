@@ -141,6 +141,8 @@ pub async fn insert(connection: &mut AsyncPgConnection, job: &NewJob) -> QueryRe
 
 /// Takes up to `limit` jobs not yet published and not leased to another publisher, oldest
 /// first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
+/// A job a worker has reported on (past PENDING) was published, whatever its row says (the
+/// database may have failed right after the broker took it): it is not sent again.
 pub async fn claim_unpublished(
     connection: &mut AsyncPgConnection,
     limit: i64,
@@ -148,7 +150,8 @@ pub async fn claim_unpublished(
     diesel::sql_query(
         "UPDATE tasks SET publish_lease_until = now() + make_interval(secs => $1) \
          WHERE task_id IN (SELECT task_id FROM tasks \
-             WHERE published_at IS NULL AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
+             WHERE published_at IS NULL AND state_rank = 0 \
+               AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id, task_name, args, kwargs, queue, eta, expires",
     )
@@ -165,6 +168,15 @@ pub async fn mark_published(connection: &mut AsyncPgConnection, id: Uuid) -> Que
             tasks::published_at.eq(Utc::now()),
             tasks::publish_error.eq(None::<String>),
         ))
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// Frees jobs a publisher claimed and will not publish now, for the next round of any publisher.
+pub async fn release(connection: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<()> {
+    diesel::update(tasks::table.filter(tasks::task_id.eq_any(ids)))
+        .set(tasks::publish_lease_until.eq(None::<DateTime<Utc>>))
         .execute(connection)
         .await
         .map(drop)
@@ -285,11 +297,11 @@ pub async fn apply(
     Ok(updated == 1)
 }
 
-/// Ids of published jobs not yet final, least recently updated first.
+/// Ids of jobs not yet final, least recently updated first. Jobs whose publish is not on record
+/// are among them: the database may have failed just after the broker took one.
 pub async fn unfinished(connection: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {
     tasks::table
         .filter(tasks::state_rank.lt(3))
-        .filter(tasks::published_at.is_not_null())
         .order(tasks::updated_at.asc())
         .select(tasks::task_id)
         .limit(limit)

@@ -484,3 +484,144 @@ async fn a_configured_token_guards_the_job_routes_but_not_health() {
     assert_eq!(client.get("/health").dispatch().await.status(), Status::Ok);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jwt_signed_with_the_configured_secret_opens_the_job_routes() {
+    use jsonwebtoken::{
+        encode, get_current_timestamp, Algorithm, EncodingKey, Header as JwtHeader,
+    };
+
+    const SECRET: &str = "web-test-jwt-secret";
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.web_jwt_secret = Some(SECRET.into())
+    })
+    .await;
+    let sign = |algorithm: Algorithm, secret: &str, claims: Value| {
+        encode(
+            &JwtHeader::new(algorithm),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = get_current_timestamp();
+    let valid = sign(
+        Algorithm::HS256,
+        SECRET,
+        json!({"sub": "svc", "exp": now + 300}),
+    );
+    let client = &stack.client;
+    let body = r#"{"task":"tasks.add","args":[1,2]}"#;
+    let post = |authorization: Option<String>| {
+        let mut request = client.post("/receive").header(ContentType::JSON).body(body);
+        if let Some(value) = authorization {
+            request = request.header(Header::new("Authorization", value));
+        }
+        request.dispatch()
+    };
+
+    let accepted = post(Some(format!("Bearer {valid}"))).await;
+    assert_eq!(accepted.status(), Status::Accepted);
+    let id = accepted.into_json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let bearer =
+        |algorithm, secret, claims| Some(format!("Bearer {}", sign(algorithm, secret, claims)));
+    let refused = [
+        None,
+        Some(valid.clone()),
+        bearer(
+            Algorithm::HS256,
+            "not-the-secret",
+            json!({"exp": now + 300}),
+        ),
+        bearer(Algorithm::HS256, SECRET, json!({"exp": now - 3600})),
+        bearer(Algorithm::HS256, SECRET, json!({"sub": "no exp"})),
+        bearer(Algorithm::HS512, SECRET, json!({"exp": now + 300})),
+        Some("Bearer not.a.jwt".to_string()),
+        Some(format!("Bearer {SECRET}")),
+    ];
+    for authorization in refused {
+        let response = post(authorization.clone()).await;
+        assert_eq!(response.status(), Status::Unauthorized, "{authorization:?}");
+        let answer: Value = response.into_json().await.unwrap();
+        assert_eq!(
+            answer,
+            json!({"error": "Unauthorized"}),
+            "the refusal says nothing of why"
+        );
+    }
+
+    let status = client
+        .get(format!("/status/{id}"))
+        .header(Header::new("Authorization", format!("Bearer {valid}")))
+        .dispatch()
+        .await
+        .status();
+    assert_eq!(status, Status::Ok);
+    assert_eq!(
+        client
+            .get(format!("/status/{id}"))
+            .dispatch()
+            .await
+            .status(),
+        Status::Unauthorized
+    );
+    assert_eq!(client.get("/health").dispatch().await.status(), Status::Ok);
+    stack.stop().await;
+}
+
+/// The outbox takes only jobs no worker has reported on (one seen STARTED was published, even if
+/// its row missed the record), and what a publisher claimed but did not send is freed at once.
+#[tokio::test]
+async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
+    use runtime::protocol::result::ResultMeta;
+    use web::store;
+
+    let database = format!("rcelery_test_{}", uuid::Uuid::new_v4().simple());
+    admin(&format!("CREATE DATABASE {database}")).await;
+    let url = format!("{POSTGRES}/{database}");
+    web::db::migrate(&url).await.unwrap();
+    let pool = web::db::pool(&url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    let job = |x: i64| store::NewJob {
+        task_id: uuid::Uuid::new_v4(),
+        task_name: "tasks.add".into(),
+        args: json!([x, x]),
+        kwargs: json!({}),
+        queue: "celery".into(),
+        eta: None,
+        expires: None,
+    };
+    let (seen, unseen) = (job(1), job(2));
+    for job in [&seen, &unseen] {
+        store::insert(&mut connection, job).await.unwrap();
+        store::mark_publish_failed(&mut connection, job.task_id, "database went away")
+            .await
+            .unwrap();
+    }
+    let started = ResultMeta::new(
+        &seen.task_id.to_string(),
+        "STARTED",
+        json!({}),
+        chrono::Utc::now(),
+    );
+    store::apply(&mut connection, seen.task_id, &started)
+        .await
+        .unwrap();
+    let ids = |jobs: Vec<store::NewJob>| jobs.iter().map(|j| j.task_id).collect::<Vec<_>>();
+    let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
+    assert_eq!(ids(claimed), [unseen.task_id]);
+    let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
+    assert!(claimed.is_empty(), "leased");
+    store::release(&mut connection, &[unseen.task_id])
+        .await
+        .unwrap();
+    let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
+    assert_eq!(ids(claimed), [unseen.task_id], "freed");
+    drop(connection);
+    drop(pool);
+    admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}

@@ -8,6 +8,7 @@ use rocket::http::{ContentType, Header};
 use rocket::serde::json::Json;
 use rocket::{Request, State};
 use runtime::client::Client;
+use runtime::CeleryConfig;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -19,7 +20,7 @@ use crate::store::{self, NewJob};
 
 /// The longest `countdown` or `expires` taken: ten years, far past any sane schedule and far
 /// from the limits of date arithmetic.
-const MAX_DELAY_SECONDS: f64 = 315_360_000.0;
+pub const MAX_DELAY_SECONDS: f64 = 315_360_000.0;
 
 /// What the deployment accepts: task names it may run, and the task for bare payloads.
 pub struct Accepts {
@@ -29,6 +30,21 @@ pub struct Accepts {
     pub default_task: String,
     /// Body size limit in bytes.
     pub body_limit: u64,
+}
+
+impl Accepts {
+    /// What `config` accepts: the Rust registry's tasks plus `web_allowed_tasks`.
+    pub fn new(config: &CeleryConfig) -> Self {
+        Self {
+            tasks: tasks::registry()
+                .names()
+                .map(str::to_owned)
+                .chain(config.web_allowed_tasks.iter().cloned())
+                .collect(),
+            default_task: config.web_default_task.clone(),
+            body_limit: config.web_body_limit,
+        }
+    }
 }
 
 /// A validated job request.
@@ -164,7 +180,13 @@ async fn read(
     if !body.is_complete() {
         return Err(Error::TooLarge(accepts.body_limit));
     }
-    let value: Value = serde_json::from_slice(&body)
+    parse_job(&body, accepts)
+}
+
+/// A `POST /receive` body read into a job request: 400 malformed JSON, 422 wrong fields or a
+/// task not accepted. Pure (no I/O): what the route does once the body is read within the limit.
+pub fn parse_job(body: &[u8], accepts: &Accepts) -> Result<JobRequest, Error> {
+    let value: Value = serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("malformed JSON: {e}")))?;
     JobRequest::from_json(value, accepts)
 }
@@ -205,7 +227,12 @@ pub async fn receive(
     };
     let mut connection = pool.get().await?;
     store::insert(&mut connection, &row).await?;
-    outbox::publish_one(&mut connection, client, &row).await?;
+    // Committed: the job is durable and will run. Should the database fail before the publish
+    // is recorded, the outbox publishes the job again later (at least once), so the answer is
+    // still 202: a 503 now would make the client send the same work twice.
+    if let Err(error) = outbox::publish_one(&mut connection, client, &row).await {
+        tracing::warn!(%id, %error, "job accepted; its publish is not on record, the outbox will send it");
+    }
     let status_url = format!("/status/{id}");
     Ok(Accepted {
         body: Json(json!({ "task_id": id, "status_url": status_url })),
