@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build run migrate test fuzz fmt lint clean
+.PHONY: services venv build run migrate test fuzz chaos fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -27,9 +27,17 @@ test: services venv
 	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
 
-# Property-based fuzzing of the wire decoders, bounded: PROPTEST_CASES inputs per property.
+# Property-based fuzzing of the wire decoders and the web app's request parsing, bounded:
+# PROPTEST_CASES inputs per property.
 fuzz:
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p runtime --release --test decode_fuzz
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p web --release --test request_fuzz
+
+# The chaos run at full size (make test runs it at 1,500 tasks and 300 web jobs per broker):
+# 10,000 tasks and 2,000 web jobs per broker; figures in interop/artifacts/chaos-*.json.
+chaos: services venv build
+	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_WEB_JOBS=$${CHAOS_WEB_JOBS:-2000} RCELERY_BIN_DIR=$(BIN_DIR) \
+		.venv/bin/pytest -q -rP interop/test_chaos.py
 
 fmt:
 	$(CARGO) fmt --all

@@ -379,14 +379,14 @@ def run_command(
 # PostgreSQL (the web app's database)
 
 
-def database_url(name: str) -> str:
-    return f"{POSTGRES_URL}/{name}"
+def database_url(name: str, server: str = POSTGRES_URL) -> str:
+    return f"{server}/{name}"
 
 
-def psql(sql: str, database: str = "postgres", timeout: float = 30.0) -> str:
-    """Run one SQL command with `psql` (unaligned, tuples only) and return its stdout; fails the
-    test with psql's message when the command fails."""
-    argv = ["psql", database_url(database), "-v", "ON_ERROR_STOP=1", "-X", "-A", "-t", "-c", sql]
+def psql(sql: str, database: str = "postgres", timeout: float = 30.0, server: str = POSTGRES_URL) -> str:
+    """Run one SQL command with `psql` (unaligned, tuples only) on ``server`` and return its
+    stdout; fails the test with psql's message when the command fails."""
+    argv = ["psql", database_url(database, server), "-v", "ON_ERROR_STOP=1", "-X", "-A", "-t", "-c", sql]
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:

@@ -14,126 +14,30 @@ import http.client
 import json
 import random
 import shutil
-import signal
 import subprocess
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterator
 from urllib.parse import quote
 
 import pytest
 
-from interop_helpers import (
-    ARTIFACTS_DIR,
-    ManagedProcess,
-    Reply,
-    database_url,
-    drop_database,
-    free_port,
-    http_request,
-    panic_lines,
-    psql,
-    rust_binary,
-    rust_config,
-    start_process,
-    wait_for,
+from interop_helpers import Reply, wait_for
+from web_process import (
+    BODY_LIMIT,
+    FINAL_STATES,
+    JOB_TIMEOUT,
+    STATE_RANK,
+    STATUS_KEYS,
+    SWEEP_INTERVAL,
+    WebApp,
+    accepted_task_id,
+    own_database,
+    running_web,
+    stop_web,
 )
-
-HOST = "127.0.0.1"
-READY_TIMEOUT = 60.0
-BODY_LIMIT = 64 * 1024  # CELERY_WEB_BODY_LIMIT of the test processes (so 413 needs no megabyte)
-SWEEP_INTERVAL = 5  # CELERY_WEB_SWEEP_INTERVAL (the repo default, pinned)
-ALLOWED_PY_TASKS = "py.mul,py.concat"
-FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
-STATE_RANK = {"PENDING": 0, "STARTED": 1, "RETRY": 1, "SUCCESS": 3, "FAILURE": 3, "REVOKED": 3}  # else 2
-STATUS_KEYS = {
-    "task_id", "task", "state", "progress", "result", "error", "worker", "retries",
-    "created_at", "started_at", "finished_at",
-}
-JOB_TIMEOUT = 30.0  # seconds for one job to become final
-
-
-# --------------------------------------------------------------------------------------------
-# HTTP
-
-
-@dataclass
-class WebApp:
-    """A running `web` process: its port, database and log."""
-
-    name: str
-    database: str
-    port: int
-    process: ManagedProcess
-
-    def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                conn: http.client.HTTPConnection | None = None) -> Reply:
-        """One request; on ``conn`` (kept alive) when given, else on a connection of its own."""
-        return http_request(HOST, self.port, method, path, body=body, headers=headers, conn=conn)
-
-    def get(self, path: str, conn: http.client.HTTPConnection | None = None) -> Reply:
-        return self.request("GET", path, conn=conn)
-
-    def post(self, payload: Any = None, *, raw: bytes | None = None, content_type: str | None = "application/json",
-             conn: http.client.HTTPConnection | None = None) -> Reply:
-        """POST /receive with ``payload`` as JSON (or the ``raw`` bytes) and ``content_type``
-        (``None``: no Content-Type header at all)."""
-        body = raw if raw is not None else json.dumps(payload).encode()
-        headers = {"Content-Type": content_type} if content_type is not None else {}
-        return self.request("POST", "/receive", body=body, headers=headers, conn=conn)
-
-    def submit(self, payload: Any, conn: http.client.HTTPConnection | None = None) -> str:
-        """POST a job that must be accepted; returns its task id after checking the 202 answer."""
-        reply = self.post(payload, conn=conn)
-        return accepted_task_id(reply)
-
-    def status(self, task_id: str) -> dict:
-        reply = self.get(f"/status/{task_id}")
-        assert reply.status == 200, reply
-        job = reply.json()
-        assert set(job) == STATUS_KEYS, f"/status keys differ: {sorted(job)}"
-        assert job["task_id"] == task_id, job
-        return job
-
-    def wait_final(self, task_id: str, timeout: float = JOB_TIMEOUT) -> dict:
-        last: dict = {}
-
-        def final():
-            last.update(self.status(task_id))
-            return last["state"] in FINAL_STATES and dict(last)
-
-        return wait_for(final, timeout, interval=0.05,
-                        describe=lambda: f"job {task_id} to become final; last /status {last}; log {self.process.log_path}")
-
-    def health(self) -> Reply | None:
-        try:
-            return self.get("/health")
-        except OSError:
-            return None
-
-    def count_rows(self) -> int:
-        return int(psql("SELECT count(*) FROM tasks", database=self.database))
-
-
-def accepted_task_id(reply: Reply) -> str:
-    """Checks a 202 answer of POST /receive (body, Location header) and returns the task id."""
-    assert reply.status == 202, reply
-    assert reply.headers.get("content-type", "").startswith("application/json"), reply
-    body = reply.json()
-    assert set(body) == {"task_id", "status_url"}, body
-    task_id = body["task_id"]
-    assert str(uuid.UUID(task_id)) == task_id, f"task_id is not a lower-case hyphenated UUID: {task_id!r}"
-    assert body["status_url"] == f"/status/{task_id}", body
-    assert reply.headers.get("location") == body["status_url"], f"Location header differs from status_url: {reply}"
-    return task_id
 
 
 def parse_time(text: str) -> datetime:
@@ -148,89 +52,6 @@ def check_times(job: dict) -> None:
     assert job["started_at"] and job["finished_at"], f"final job without start/finish times: {job}"
     started, finished = parse_time(job["started_at"]), parse_time(job["finished_at"])
     assert created <= started <= finished, f"times out of order: {job}"
-
-
-# --------------------------------------------------------------------------------------------
-# The web process
-
-
-def _web_env(setup, database: str, port: int) -> dict[str, str]:
-    env = setup.rust_env(
-        CELERY_DATABASE_URL=database_url(database),
-        CELERY_WEB_ALLOWED_TASKS=ALLOWED_PY_TASKS,
-        CELERY_WEB_BODY_LIMIT=str(BODY_LIMIT),
-        CELERY_WEB_SWEEP_INTERVAL=str(SWEEP_INTERVAL),
-    )
-    env = {k: v for k, v in env.items() if not k.startswith("ROCKET_")}
-    env.update(ROCKET_ADDRESS=HOST, ROCKET_PORT=str(port), ROCKET_CLI_COLORS="false")
-    return env
-
-
-def start_web(setup, database: str, tag: str) -> WebApp:
-    """``web --migrate`` (creates ``database``), then ``web`` on a free port until /health is 200."""
-    binary, config = rust_binary("web"), rust_config()
-    name = f"web-{setup.name}-{setup.session_id}-{tag}"
-    migrate = subprocess.run(
-        [str(binary), "--config", str(config), "--migrate"],
-        env=_web_env(setup, database, port=0), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=READY_TIMEOUT,
-    )
-    if migrate.returncode != 0:
-        pytest.fail(f"`web --migrate` exited with {migrate.returncode}:\n{migrate.stdout}\n{migrate.stderr}",
-                    pytrace=False)
-    for attempt in range(3):  # the free port may be taken between choosing and binding it
-        port = free_port(HOST)
-        process = start_process(name, [binary, "--config", config], _web_env(setup, database, port),
-                                ARTIFACTS_DIR / f"{name}.log")
-        app = WebApp(name=name, database=database, port=port, process=process)
-
-        def healthy():
-            if not process.alive():
-                return "exited"
-            reply = app.health()
-            return reply is not None and reply.status == 200 and reply.json().get("status") == "ok"
-
-        try:
-            outcome = wait_for(healthy, READY_TIMEOUT, interval=0.1,
-                               describe=lambda: f"{name} /health to answer 200; log {process.log_path}:\n{process.tail()}")
-        except BaseException:
-            process.stop()
-            raise
-        if outcome is True:
-            return app
-        process.stop()
-        if "in use" not in process.log_text() or attempt == 2:
-            pytest.fail(f"{name} exited with {process.popen.returncode} before answering /health; "
-                        f"log {process.log_path}:\n{process.tail()}", pytrace=False)
-    raise AssertionError("unreachable")
-
-
-def stop_web(app: WebApp) -> int | None:
-    """SIGTERM (then kill); fails if the process panicked at any point. Returns the exit code."""
-    code = app.process.stop(signal.SIGTERM, timeout=20)
-    panics = panic_lines(app.process)
-    if panics:
-        pytest.fail(f"{app.name} panicked; log {app.process.log_path}:\n" + "\n".join(panics[:10]), pytrace=False)
-    return code
-
-
-@contextmanager
-def own_database(name: str) -> Iterator[str]:
-    """Drops database ``name`` (which `web --migrate` creates) on the way out, whatever happened."""
-    try:
-        yield name
-    finally:
-        drop_database(name)
-
-
-@contextmanager
-def running_web(setup, database: str, tag: str) -> Iterator[WebApp]:
-    """A web process for the ``with`` block; stopped (and checked for panics) on the way out."""
-    app = start_web(setup, database, tag)
-    try:
-        yield app
-    finally:
-        stop_web(app)
 
 
 @pytest.fixture(scope="session")
