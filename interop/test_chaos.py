@@ -177,6 +177,7 @@ class WebBurst:
     postgres: PrivatePostgres
     accepted: dict[str, int] = field(default_factory=dict)  # task id -> x of tasks.add(x, 1)
     refused_503: int = 0
+    slowest_503: float = 0.0  # seconds
     health_in_outage: tuple[int, dict] | None = None
     outage: Disruption | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -189,9 +190,11 @@ class WebBurst:
             while True:
                 assert time.monotonic() < deadline, "web burst: a job was not accepted within 120 s"
                 try:
+                    sent = time.monotonic()
                     conn.request("POST", "/receive", body=body, headers={"Content-Type": "application/json"})
                     response = conn.getresponse()
                     data = response.read()
+                    took = time.monotonic() - sent
                 except (OSError, http.client.HTTPException):
                     conn.close()
                     conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
@@ -204,6 +207,7 @@ class WebBurst:
                 assert response.status == 503, f"POST /receive answered {response.status}: {data[:300]!r}"
                 with self.lock:
                     self.refused_503 += 1
+                    self.slowest_503 = max(self.slowest_503, took)
                 time.sleep(0.05)
         conn.close()
 
@@ -403,6 +407,7 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
         "web_jobs_lost": len(web_lost),
         "web_jobs_wrong": len(web_wrong),
         "web_503_retried": burst.refused_503,
+        "web_slowest_503_seconds": round(burst.slowest_503, 3),
         "health_during_outage": burst.health_in_outage,
         "completed_more_than_once": len(repeated),
         "repeats_unexplained": len(unexplained),
@@ -423,6 +428,7 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
     assert not web_lost, f"{len(web_lost)} accepted web jobs not final, e.g. {web_lost[:5]}: {figures}"
     assert not web_wrong, f"{len(web_wrong)} web jobs ended wrong, e.g. {[final_rows[i] for i in web_wrong[:3]]}"
     assert not unexplained, f"completed twice with no kill or cut between: {unexplained[:5]}: {figures}"
+    assert burst.refused_503 > 0, "no POST /receive was answered 503 while PostgreSQL was down"
     status, health = burst.health_in_outage
     assert status == 503 and health["database"]["ok"] is False and health["database"]["error"], \
         f"/health while PostgreSQL was down: {burst.health_in_outage}"

@@ -203,7 +203,7 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
 #[tokio::test]
 async fn redis_restores_what_a_dead_consumer_left_unacked() {
     use runtime::config::TransportOptions;
-    let url = common::redis_url();
+    let url = common::isolated_redis_url();
     let queue = unique_queue("restore");
     let options = TransportOptions {
         visibility_timeout: 1,

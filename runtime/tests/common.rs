@@ -15,6 +15,14 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// A Redis database of its own for tests whose consumers use a short visibility timeout: such a
+/// consumer restores every message of its database unacked for longer, so in the shared database
+/// it would re-run other tests' work, and it would share kombu's restore mutex with them
+/// (override with `TEST_ISOLATED_REDIS_URL`).
+pub fn isolated_redis_url() -> String {
+    std::env::var("TEST_ISOLATED_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/12".into())
+}
+
 /// Both broker URLs, so each behaviour is checked on each transport.
 pub fn broker_urls() -> [String; 2] {
     [amqp_url(), redis_url()]

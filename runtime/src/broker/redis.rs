@@ -94,7 +94,8 @@ pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
     bound: Mutex<HashSet<String>>,
-    /// The fetch loops, awaited at close so a message taken by the last poll goes back.
+    /// The fetch loops, awaited at close so a message taken by the last poll goes back, and the
+    /// restorer, awaited so it never leaves kombu's restore mutex held.
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
@@ -121,7 +122,7 @@ impl RedisBroker {
     /// Starts, once per connection, the periodic restore of messages whose consumer kept them
     /// unacked past the visibility timeout (it died): kombu's recovery, so Python and Rust
     /// consumers recover each other's work.
-    fn start_restoring(&self) {
+    async fn start_restoring(&self) {
         if self
             .restoring
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -132,7 +133,7 @@ impl RedisBroker {
         let timeout = self.visibility_timeout;
         let closing = self.closing.clone();
         let every = Duration::from_secs((timeout / 2).clamp(1, 60));
-        tokio::spawn(async move {
+        let restorer = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             loop {
                 tokio::select! {
@@ -149,6 +150,7 @@ impl RedisBroker {
                 }
             }
         });
+        self.consumers.lock().await.push(restorer);
     }
 
     /// Records the queue's binding to its direct exchange, as Celery's declare does, so
@@ -219,7 +221,7 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
-        self.start_restoring();
+        self.start_restoring().await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
