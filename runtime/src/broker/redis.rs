@@ -4,9 +4,9 @@
 //!
 //! Unlike kombu, which takes a message with BRPOP and records it as unacked with a later command
 //! (a consumer killed in between loses the message), we take and record it in one server-side
-//! script. A script cannot block, so an idle consumer polls, backing off to
-//! [`IDLE_POLL_MAX`] between tries: that bounds the pickup delay on an idle queue, and costs a
-//! few dozen cheap calls a second per idle consumer.
+//! script. A script cannot block, so an idle consumer waits apart from taking: it blocks (on a
+//! connection of its own) until its queue's list holds a message, without removing it, then runs
+//! the script. See [`wait_for_work`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -32,8 +32,14 @@ const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
 const UNACKED_MUTEX: &str = "unacked_mutex";
-/// Longest pause between two polls of empty queues.
-const IDLE_POLL_MAX: Duration = Duration::from_millis(20);
+/// How long our hold of `unacked_mutex` lasts if we die holding it. kombu takes 300 s; a restore
+/// pass takes milliseconds, and a worker killed during one would otherwise stop every restore
+/// of its database for five minutes. (A pass outliving this may run beside another: both could
+/// put the same message back, a duplicate, never a loss.)
+const RESTORE_MUTEX_MS: u64 = 30_000;
+/// Longest wait of an idle consumer before it looks at every list again: a message on a list it
+/// is not blocked on (another queue's, a priority sub-list) waits at most this long.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Pops the first message of the lists `KEYS[3..]` and, when its envelope is readable, records it
 /// as kombu does (`unacked` = KEYS[1], `unacked_index` = KEYS[2], scored ARGV[1]) in the same
@@ -227,9 +233,10 @@ impl Broker for RedisBroker {
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
+        // Blocking commands hold their connection, so the idle wait gets one of its own.
+        let mut waiting = Some(self.client.get_multiplexed_async_connection().await?);
         let fetching = tokio::spawn(async move {
             let pop = redis::Script::new(POP_AND_RECORD);
-            let mut idle = Duration::ZERO;
             loop {
                 // A held slot is an unsettled message: stop fetching while all are taken.
                 let slot = tokio::select! {
@@ -256,13 +263,17 @@ impl Broker for RedisBroker {
                 queues.rotate_left(1);
                 let Some((list, raw)) = popped else {
                     drop(slot);
-                    idle = (idle * 2).clamp(Duration::from_millis(1), IDLE_POLL_MAX);
                     tokio::select! {
-                        () = tokio::time::sleep(idle) => continue,
+                        waited = wait_for_work(&mut waiting, &queues[0]) => match waited {
+                            Ok(()) => continue,
+                            Err(error) => {
+                                tracing::error!(%error, "Redis consumer failed");
+                                break;
+                            }
+                        },
                         () = closing.cancelled() => break,
                     }
                 };
-                idle = Duration::ZERO;
                 let queue = list.split(SEP).next().unwrap_or(&list).to_string();
                 let (message, tag) = match envelope::decode(&raw) {
                     Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
@@ -398,6 +409,39 @@ impl Broker for RedisBroker {
     }
 }
 
+/// Waits, at most [`IDLE_WAIT`], until `list` holds a message, leaving it there for the taking
+/// script: `BLMOVE list list RIGHT RIGHT` moves a list's last element onto its own tail, which
+/// changes nothing, and blocks while the list is empty. Before Redis 6.2 there is no BLMOVE:
+/// `waiting` becomes `None` and the consumer sleeps instead (it then polls).
+async fn wait_for_work(waiting: &mut Option<MultiplexedConnection>, list: &str) -> Result<()> {
+    let Some(connection) = waiting else {
+        tokio::time::sleep(IDLE_WAIT).await;
+        return Ok(());
+    };
+    let waited = redis::cmd("BLMOVE")
+        .arg(list)
+        .arg(list)
+        .arg("RIGHT")
+        .arg("RIGHT")
+        .arg(IDLE_WAIT.as_secs_f64())
+        .query_async::<Option<Vec<u8>>>(connection)
+        .await;
+    match waited {
+        Ok(_) => Ok(()),
+        Err(error)
+            if error
+                .to_string()
+                .to_ascii_lowercase()
+                .contains("unknown command") =>
+        {
+            tracing::warn!("this Redis has no BLMOVE (before 6.2): idle consumers poll");
+            *waiting = None;
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Releases the restore mutex only if this restorer still holds it.
 const RELEASE_MUTEX: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -418,7 +462,7 @@ async fn restore_visible(
         .arg(&token)
         .arg("NX")
         .arg("PX")
-        .arg(300_000)
+        .arg(RESTORE_MUTEX_MS)
         .query_async(&mut connection)
         .await?;
     if locked.is_none() {
