@@ -101,6 +101,9 @@ pub struct CeleryConfig {
     pub worker_send_task_events: bool,
     /// Seconds between `worker-heartbeat` events.
     pub worker_heartbeat_interval: f64,
+    /// Seconds a cold shutdown still gives running tasks to finish before abandoning them (Celery
+    /// 5.5's soft shutdown); 0 abandons them at once.
+    pub worker_soft_shutdown_timeout: f64,
     /// The client sends `task-sent` events.
     pub task_send_sent_event: bool,
     /// PostgreSQL URL of the web app's jobs table.
@@ -142,6 +145,7 @@ impl Default for CeleryConfig {
             task_soft_time_limit: None,
             worker_send_task_events: false,
             worker_heartbeat_interval: 2.0,
+            worker_soft_shutdown_timeout: 0.0,
             task_send_sent_event: false,
             database_url: "postgres://postgres@127.0.0.1:5432/rcelery".into(),
             web_default_task: "tasks.echo".into(),

@@ -480,6 +480,40 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
     }
 }
 
+/// A cold shutdown gives running tasks `worker_soft_shutdown_timeout` to finish: a 1 s task sent
+/// just before it ends SUCCESS on the worker going down, not back on the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_shutdown_waits_the_soft_shutdown_timeout_for_running_tasks() {
+    let worker = start(BROKERS[0], |c| {
+        c.task_acks_late = true;
+        c.worker_soft_shutdown_timeout = 30.0;
+    })
+    .await;
+    let running = worker
+        .client
+        .send_task(
+            "tasks.sleep",
+            vec![json!(1)],
+            Map::new(),
+            SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    wait_all_started(std::slice::from_ref(&running), "the sleep").await;
+    let _ = worker.stop.send(());
+    worker.cold.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker.done)
+        .await
+        .expect("the worker stopped once its task ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(running.get(Duration::from_secs(5)).await.unwrap(), json!(1.0));
+    worker.client.close().await.unwrap();
+    let broker = runtime::broker::connect(BROKERS[0]).await.unwrap();
+    broker.delete_queue(&worker.queue).await.unwrap();
+    broker.close().await.unwrap();
+}
+
 /// Runs of `panics_once` so far; it panics on the first.
 static PANICKY_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 

@@ -320,15 +320,32 @@ impl Worker {
             tasks = running.len(),
             "stopped consuming; giving back tasks not started, finishing the others"
         );
-        let drained = async { while running.join_next().await.is_some() {} };
-        tokio::select! {
-            () = drained => {}
-            () = worker.cold_shutdown.cancelled() => {
-                // Running tasks are dropped unfinished: with acks_late their messages go back to
-                // the broker; early-acked ones are lost, as in Celery's cold shutdown.
-                warn!(tasks = running.len(), "cold shutdown: abandoning running tasks");
-                running.abort_all();
+        let soft_limit =
+            Duration::from_secs_f64(worker.config.worker_soft_shutdown_timeout.max(0.0));
+        let cold = async {
+            worker.cold_shutdown.cancelled().await;
+            if !soft_limit.is_zero() {
+                warn!(
+                    tasks = worker.state.active_count(),
+                    seconds = soft_limit.as_secs_f64(),
+                    "cold shutdown: running tasks get worker_soft_shutdown_timeout to finish"
+                );
+                tokio::time::sleep(soft_limit).await;
             }
+        };
+        let drained = async { while running.join_next().await.is_some() {} };
+        let abandoned = tokio::select! {
+            () = drained => false,
+            () = cold => true,
+        };
+        if abandoned {
+            // Running tasks are dropped unfinished: with acks_late their messages go back to
+            // the broker; early-acked ones are lost, as in Celery's cold shutdown.
+            warn!(
+                tasks = running.len(),
+                "cold shutdown: abandoning running tasks"
+            );
+            running.abort_all();
         }
         heartbeat.abort();
         control.abort();
