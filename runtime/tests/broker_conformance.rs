@@ -312,21 +312,25 @@ async fn redis_records_what_it_takes_in_the_same_step() {
     let taken = next(&mut deliveries).await;
     assert!(taken.message.is_err());
     assert_eq!(taken.tag, tag);
-    let recorded: bool = redis::cmd("HEXISTS")
-        .arg("unacked")
-        .arg(&tag)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(recorded, "the undecodable envelope was recorded as taken");
+    assert!(
+        is_unacked(&mut redis, &tag).await,
+        "the undecodable envelope was recorded as taken"
+    );
     taken.settle.reject(false).await.unwrap();
-    let recorded: bool = redis::cmd("HEXISTS")
-        .arg("unacked")
-        .arg(&tag)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(!recorded, "settling dropped the record");
+    assert!(
+        !is_unacked(&mut redis, &tag).await,
+        "settling dropped the record"
+    );
     broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
+}
+
+/// Whether kombu's `unacked` hash holds a record for `tag`.
+async fn is_unacked(redis: &mut redis::aio::MultiplexedConnection, tag: &str) -> bool {
+    redis::cmd("HEXISTS")
+        .arg("unacked")
+        .arg(tag)
+        .query_async(redis)
+        .await
+        .unwrap()
 }

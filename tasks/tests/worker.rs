@@ -74,6 +74,15 @@ async fn start_with(
 }
 
 impl Running {
+    /// Sends `name` with positional `args` and default options.
+    async fn send(&self, name: &str, args: Value) -> runtime::client::AsyncResult {
+        let args = args.as_array().cloned().unwrap_or_default();
+        self.client
+            .send_task(name, args, Map::new(), SendOptions::default())
+            .await
+            .unwrap()
+    }
+
     async fn call(&self, name: &str, args: Value, kwargs: Value) -> runtime::Result<Value> {
         let args = args.as_array().cloned().unwrap_or_default();
         let kwargs: Map<String, Value> = kwargs.as_object().cloned().unwrap_or_default();
@@ -288,16 +297,7 @@ async fn task_events_reach_celeryev_subscribers() {
             .await
             .unwrap();
         let worker = start(url, |c| c.worker_send_task_events = true).await;
-        let sent = worker
-            .client
-            .send_task(
-                "tasks.progress",
-                vec![json!(2), json!(10)],
-                Map::new(),
-                SendOptions::default(),
-            )
-            .await
-            .unwrap();
+        let sent = worker.send("tasks.progress", json!([2, 10])).await;
         assert_eq!(sent.get(Duration::from_secs(20)).await.unwrap(), json!(2));
         // Other test runs share the exchange: keep only this task's events, in order.
         let mut seen = Vec::new();
@@ -347,16 +347,7 @@ async fn expected_errors_retry_with_backoff_until_max_retries() {
     for url in BROKERS {
         let worker = start(url, |_| {}).await;
         // Two failures, then success on the third run (retries 0, 1, 2).
-        let retried = worker
-            .client
-            .send_task(
-                "tasks.flaky",
-                vec![json!(2)],
-                Map::new(),
-                SendOptions::default(),
-            )
-            .await
-            .unwrap();
+        let retried = worker.send("tasks.flaky", json!([2])).await;
         assert_eq!(
             retried.get(Duration::from_secs(30)).await.unwrap(),
             json!(2),
@@ -406,18 +397,7 @@ async fn hard_time_limits_stop_async_and_blocking_tasks_and_free_their_slots() {
     // Both slots are free again: two sleeps run side by side.
     let mut sleeps = Vec::new();
     for _ in 0..2 {
-        sleeps.push(
-            worker
-                .client
-                .send_task(
-                    "tasks.sleep",
-                    vec![json!(1.5)],
-                    Map::new(),
-                    SendOptions::default(),
-                )
-                .await
-                .unwrap(),
-        );
+        sleeps.push(worker.send("tasks.sleep", json!([1.5])).await);
     }
     wait_all_started(&sleeps, "two sleeps running at once").await;
     for sent in sleeps {
@@ -436,16 +416,7 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
             c.broker_transport_options.visibility_timeout = 1;
         })
         .await;
-        let running = worker
-            .client
-            .send_task(
-                "tasks.sleep",
-                vec![json!(60)],
-                Map::new(),
-                SendOptions::default(),
-            )
-            .await
-            .unwrap();
+        let running = worker.send("tasks.sleep", json!([60])).await;
         wait_all_started(std::slice::from_ref(&running), url).await;
         let _ = worker.stop.send(());
         worker.cold.cancel();
@@ -489,16 +460,7 @@ async fn a_cold_shutdown_waits_the_soft_shutdown_timeout_for_running_tasks() {
         c.worker_soft_shutdown_timeout = 30.0;
     })
     .await;
-    let running = worker
-        .client
-        .send_task(
-            "tasks.sleep",
-            vec![json!(1)],
-            Map::new(),
-            SendOptions::default(),
-        )
-        .await
-        .unwrap();
+    let running = worker.send("tasks.sleep", json!([1])).await;
     wait_all_started(std::slice::from_ref(&running), "the sleep").await;
     let _ = worker.stop.send(());
     worker.cold.cancel();
@@ -507,7 +469,10 @@ async fn a_cold_shutdown_waits_the_soft_shutdown_timeout_for_running_tasks() {
         .expect("the worker stopped once its task ended")
         .unwrap()
         .unwrap();
-    assert_eq!(running.get(Duration::from_secs(5)).await.unwrap(), json!(1.0));
+    assert_eq!(
+        running.get(Duration::from_secs(5)).await.unwrap(),
+        json!(1.0)
+    );
     worker.client.close().await.unwrap();
     let broker = runtime::broker::connect(BROKERS[0]).await.unwrap();
     broker.delete_queue(&worker.queue).await.unwrap();
