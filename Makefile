@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build run migrate test fuzz chaos fmt lint clean
+.PHONY: services venv build release run migrate test fuzz chaos bench bench-quick fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -14,6 +14,9 @@ venv:
 
 build:
 	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
 
 run: services build
 	BIN_DIR=$(BIN_DIR) bash scripts/run.sh
@@ -39,6 +42,18 @@ chaos: services venv build
 	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_WEB_JOBS=$${CHAOS_WEB_JOBS:-2000} RCELERY_BIN_DIR=$(BIN_DIR) \
 		.venv/bin/pytest -q -rP interop/test_chaos.py
 
+# Ours against Python Celery on this machine, both brokers: bench/RESULTS.md, bench/results/.
+bench: services release
+	bash scripts/venv.sh bench/requirements.txt
+	bash scripts/tool.sh wrk
+	cd bench && ../.venv/bin/python bench.py
+
+# The same, one small repetition of everything (about 2 minutes).
+bench-quick: services release
+	bash scripts/venv.sh bench/requirements.txt
+	bash scripts/tool.sh wrk
+	cd bench && ../.venv/bin/python bench.py --quick
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -47,4 +62,4 @@ lint:
 
 clean:
 	$(CARGO) clean
-	rm -rf .venv .pytest_cache interop/.pytest_cache interop/artifacts
+	rm -rf .venv .pytest_cache interop/.pytest_cache interop/artifacts bench/results

@@ -1,0 +1,581 @@
+"""``make bench``: our worker and web app against Python Celery, side by side in one run.
+
+Every measurement runs on both brokers, alternating Rust and Python repetition by repetition so
+that the machine's noise falls on both; tables give the median and the range of the repetitions,
+and ratios of medians. Raw samples go to ``bench/results/samples.jsonl``, the report to
+``bench/RESULTS.md`` with charts in ``bench/results/``.
+
+Services: the local RabbitMQ (queues named ``bench-<id>``), Redis databases 11 (broker) and 10
+(results) of this benchmark alone (flushed), PostgreSQL databases ``rcelery_bench_*``.
+
+``--quick`` runs one repetition of everything, small (under 3 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import amqp
+import redis
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+BIN = Path(os.environ.get("BENCH_BIN_DIR", REPO / "target" / "release"))
+VENV_BIN = Path(sys.executable).parent
+REDIS_BROKER_DB, REDIS_RESULTS_DB = 11, 10
+BROKERS = {
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+    "redis": f"redis://127.0.0.1:6379/{REDIS_BROKER_DB}",
+}
+RESULTS_URL = f"redis://127.0.0.1:6379/{REDIS_RESULTS_DB}"
+POSTGRES = "postgres://postgres@127.0.0.1:5432"
+
+
+@dataclass
+class Plan:
+    reps: int
+    seconds: float  # target length of one drain run
+    rtt_calls: int
+    publish_count: int
+    http_seconds: int
+    python_pools: list[tuple[str, int]]
+    concurrencies: list[int]
+    processes: list[int]
+
+
+FULL = Plan(reps=3, seconds=8.0, rtt_calls=2000, publish_count=5000, http_seconds=10,
+            python_pools=[("prefork", 2), ("threads", 8), ("gevent", 64)],
+            concurrencies=[1, 8, 64, 512], processes=[1, 2, 4])
+QUICK = Plan(reps=1, seconds=1.0, rtt_calls=200, publish_count=500, http_seconds=2,
+             python_pools=[("prefork", 2)], concurrencies=[8, 64], processes=[1, 2])
+
+
+class Recorder:
+    """Appends every sample to ``samples.jsonl`` and keeps it for the report."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w")
+        self.samples: list[dict] = []
+
+    def add(self, bench: str, broker: str, system: str, value: float, **extra) -> None:
+        sample = {"bench": bench, "broker": broker, "system": system, "value": value, **extra}
+        self.samples.append(sample)
+        self.file.write(json.dumps(sample) + "\n")
+        self.file.flush()
+        print(f"  {bench:<28} {broker:<8} {system:<26} {value:>12.1f} {json.dumps(extra) if extra else ''}",
+              flush=True)
+
+    def values(self, bench: str, broker: str, system: str, **match) -> list[float]:
+        return [s["value"] for s in self.samples if s["bench"] == bench and s["broker"] == broker
+                and s["system"] == system and all(s.get(k) == v for k, v in match.items())]
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (a prefork pool), in MB."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total / 1024
+
+
+def children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    kids = [int(x) for x in out.split()]
+    return kids + [g for k in kids for g in children(k)]
+
+
+@contextmanager
+def process(argv: list[str], env: dict, ready: Callable[[str], bool], log: Path, cwd: Path | None = None,
+            timeout: float = 60) -> Iterator[subprocess.Popen]:
+    """Runs ``argv`` until the block ends; waits until ``ready(log text)``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready(log.read_text(errors="replace")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start; log {log}:\n{log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.05)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def base_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "ROCKET_"))}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def worker(system: str, broker: str, queue: str, concurrency: int, results: bool, tag: str) -> Iterator[subprocess.Popen]:
+    """A Rust worker (``system`` ``rust``) or a Python one (``python-<pool>``) on ``queue``."""
+    node = f"bench-{tag}-{uuid.uuid4().hex[:6]}@%h"
+    log = RESULTS / "logs" / f"{tag}-{queue}.log"
+    if system == "rust":
+        env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
+                       CELERY_TASK_ACKS_LATE="true", CELERY_TASK_TRACK_STARTED="false",
+                       CELERY_RESULT_EXTENDED="false", CELERY_TASK_IGNORE_RESULT=str(not results).lower())
+        # Info level, as the Python worker: both log a line per task.
+        argv = [str(BIN / "worker"), "--config", str(REPO / "celeryconfig.toml"), "-Q", queue,
+                "-c", str(concurrency), "-n", node, "--loglevel", "info"]
+        with process(argv, env, lambda text: " ready." in text, log) as proc:
+            yield proc
+        return
+    pool = system.split("-", 1)[1]
+    env = base_env(BENCH_BROKER_URL=BROKERS[broker], BENCH_RESULT_BACKEND=RESULTS_URL if results else "",
+                   PYTHONUNBUFFERED="1")
+    argv = [str(VENV_BIN / "celery"), "-A", "py_app", "worker", "-P", pool, "-c", str(concurrency), "-Q", queue,
+            "-n", node, "--loglevel", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with process(argv, env, lambda text: " ready." in text, log, cwd=BENCH_DIR) as proc:
+        yield proc
+
+
+# --------------------------------------------------------------------------------------------
+# Broker state
+
+
+_amqp_channel = None
+
+
+def depth(broker: str, queue: str) -> int:
+    """Messages waiting in ``queue`` (not counting those delivered and unacked)."""
+    global _amqp_channel
+    if broker == "redis":
+        return redis.Redis.from_url(BROKERS[broker]).llen(queue)
+    if _amqp_channel is None:
+        connection = amqp.Connection("127.0.0.1:5672")
+        connection.connect()
+        _amqp_channel = connection.channel()
+    try:
+        return _amqp_channel.queue_declare(queue, passive=True).message_count
+    except amqp.exceptions.NotFound:
+        _amqp_channel = None  # the error closed the channel; start afresh
+        return 0
+
+
+def delete_queue(broker: str, queue: str) -> None:
+    if broker == "redis":
+        redis.Redis.from_url(BROKERS[broker]).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        return
+    with amqp.Connection("127.0.0.1:5672") as connection:
+        connection.channel().queue_delete(queue)
+
+
+
+def loadgen(broker: str, queue: str, count: int, *args: str) -> dict:
+    out = subprocess.run([str(BIN / "loadgen"), "--broker-url", BROKERS[broker], "--queue", queue,
+                          "--count", str(count), *args], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# 1, 6, 7. Draining a full queue
+
+
+def drain(broker: str, system: str, concurrency: int, results: bool, count: int, processes: int = 1) -> dict:
+    """Fills a queue with ``count`` ``tasks.add``, starts ``processes`` workers and times how long
+    they take to empty it. Returns tasks/s and the largest RSS seen (MB, all processes)."""
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    redis.Redis.from_url(RESULTS_URL).flushdb()
+    loadgen(broker, queue, count, "publish", *([] if results else ["--ignore-result"]))
+    peak = 0.0
+    with contextmanager_stack([lambda i=i: worker(system, broker, queue, concurrency, results, f"{system}-{i}")
+                               for i in range(processes)]) as procs:
+        began = time.monotonic()
+        done = None
+        results_db = redis.Redis.from_url(RESULTS_URL)
+        while time.monotonic() - began < 900:
+            peak = max(peak, sum(rss_mb(p.pid) for p in procs))
+            left = depth(broker, queue)
+            if left == 0 and (not results or results_db.dbsize() >= count):
+                done = time.monotonic()
+                break
+            time.sleep(0.05)
+        if done is None:
+            raise RuntimeError(f"{system} did not drain {queue} in 900 s")
+    delete_queue(broker, queue)
+    seconds = done - began
+    return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": peak}
+
+
+@contextmanager
+def contextmanager_stack(factories: list[Callable]) -> Iterator[list]:
+    from contextlib import ExitStack
+    with ExitStack() as stack:
+        yield [stack.enter_context(f()) for f in factories]
+
+
+def sized(rate_guess: float, plan: Plan) -> int:
+    """Tasks for a run of about ``plan.seconds`` at ``rate_guess`` tasks/s."""
+    return int(min(400_000, max(500, rate_guess * plan.seconds)))
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmarks
+
+
+def bench_throughput(rec: Recorder, plan: Plan, broker: str) -> None:
+    """1. Worker throughput, results ignored and stored: Rust (-c 8) vs each Python pool."""
+    guesses: dict[str, float] = {}
+    systems = [("rust", 8)] + [(f"python-{pool}", c) for pool, c in plan.python_pools]
+    for results in (False, True):
+        mode = "stored" if results else "ignored"
+        for rep in range(plan.reps):
+            for system, concurrency in systems:
+                key = f"{system}-{mode}"
+                count = sized(guesses.get(key, 6_000 if system == "rust" else 800), plan)
+                run = drain(broker, system, concurrency, results, count)
+                guesses[key] = run["per_second"]
+                rec.add("throughput", broker, system, run["per_second"], results=mode, rep=rep,
+                        tasks=count, concurrency=concurrency, peak_rss_mb=round(run["peak_rss_mb"], 1))
+
+
+def bench_ceiling(rec: Recorder, plan: Plan, broker: str) -> None:
+    """2. The transport's own ceiling: publish and consume raw messages, no task logic."""
+    for rep in range(plan.reps):
+        run = loadgen(broker, f"bench-ceiling-{uuid.uuid4().hex[:8]}", sized(8_000, plan), "ceiling", "--prefetch", "32")
+        rec.add("ceiling_consume", broker, "transport", run["consumed_per_second"], rep=rep)
+        rec.add("ceiling_publish", broker, "transport", run["published_per_second"], rep=rep)
+
+
+def bench_rtt(rec: Recorder, plan: Plan, broker: str) -> None:
+    """3. ``send_task(...).get()`` round trips on an idle system, from a Python client."""
+    from celery import Celery
+    client = Celery("bench-client", broker=BROKERS[broker], backend=RESULTS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    for system, concurrency in [("rust", 8), ("python-prefork", 2)]:
+        queue = f"bench-rtt-{uuid.uuid4().hex[:8]}"
+        with worker(system, broker, queue, concurrency, True, f"rtt-{system}"):
+            for _ in range(20):  # warm up connections and pools
+                client.send_task("tasks.add", (1, 1), queue=queue).get(timeout=30)
+            samples = []
+            for i in range(plan.rtt_calls):
+                began = time.perf_counter()
+                assert client.send_task("tasks.add", (i, 1), queue=queue).get(timeout=30) == i + 1
+                samples.append((time.perf_counter() - began) * 1000)
+        delete_queue(broker, queue)
+        samples.sort()
+        rec.add("rtt_p50_ms", broker, system, statistics.median(samples))
+        rec.add("rtt_p99_ms", broker, system, samples[int(len(samples) * 0.99) - 1])
+        (RESULTS / f"rtt-{broker}-{system}.json").write_text(json.dumps(samples))
+    client.close()
+
+
+def bench_publish(rec: Recorder, plan: Plan, broker: str) -> None:
+    """4. Publishing: our client vs Celery's ``apply_async`` loop (one at a time), and ours
+    with 256 publishes in flight."""
+    from celery import Celery
+    client = Celery("bench-client", broker=BROKERS[broker])
+    client.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
+    for rep in range(plan.reps):
+        queue = f"bench-pub-{uuid.uuid4().hex[:8]}"
+        run = loadgen(broker, queue, plan.publish_count, "--in-flight", "1", "publish", "--ignore-result")
+        rec.add("publish_loop", broker, "rust", run["per_second"], rep=rep)
+        run = loadgen(broker, queue, plan.publish_count * 4, "--in-flight", "256", "publish", "--ignore-result")
+        rec.add("publish_pipelined", broker, "rust", run["per_second"], rep=rep)
+        client.send_task("tasks.add", (0, 0), queue=queue)  # connect first
+        began = time.perf_counter()
+        for i in range(plan.publish_count):
+            client.send_task("tasks.add", (i, i), queue=queue, ignore_result=True)
+        rec.add("publish_loop", broker, "python", plan.publish_count / (time.perf_counter() - began), rep=rep)
+        delete_queue(broker, queue)
+    client.close()
+
+
+def bench_scaling(rec: Recorder, plan: Plan, broker: str) -> None:
+    """7. Rust worker throughput (results stored) by concurrency, and by worker processes."""
+    count = sized(2_500, plan)  # half a throughput run's length: the scan has many points
+    for rep in range(plan.reps):
+        for concurrency in plan.concurrencies:
+            run = drain(broker, "rust", concurrency, True, count)
+            rec.add("scale_concurrency", broker, "rust", run["per_second"], concurrency=concurrency, rep=rep)
+        for processes in plan.processes:
+            run = drain(broker, "rust", 8, True, count, processes=processes)
+            rec.add("scale_processes", broker, "rust", run["per_second"], processes=processes, rep=rep)
+
+
+def bench_idle_memory(rec: Recorder, broker: str) -> None:
+    """6. Resident memory of an idle worker, 3 s after it started."""
+    for system, concurrency in [("rust", 8), ("python-prefork", 2)]:
+        queue = f"bench-idle-{uuid.uuid4().hex[:8]}"
+        with worker(system, broker, queue, concurrency, True, f"idle-{system}") as proc:
+            time.sleep(3)
+            rec.add("idle_rss_mb", broker, system, rss_mb(proc.pid))
+        delete_queue(broker, queue)
+
+
+# 5. POST /receive under wrk
+
+FLASK_JOBS_TABLE = """CREATE TABLE jobs (
+    task_id UUID PRIMARY KEY, task_name TEXT NOT NULL, args JSONB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'PENDING', created_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '{"task": "tasks.add", "args": [1, 2]}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def wrk(port: int, connections: int, seconds: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT + 'done = function(summary, latency, requests)\n'
+                     '  io.write(string.format("JSON {\\"requests\\": %d, \\"errors\\": %d, \\"p50\\": %f, \\"p99\\": %f}\\n",'
+                     ' summary.requests, summary.errors.status + summary.errors.connect + summary.errors.read'
+                     ' + summary.errors.write + summary.errors.timeout, latency:percentile(50), latency:percentile(99)))\n'
+                     'end\n')
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s",
+                          "-s", script.name, f"http://127.0.0.1:{port}/receive"],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    os.unlink(script.name)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("JSON "))
+    result = json.loads(line[5:])
+    result["per_second"] = result["requests"] / seconds
+    return result
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def psql(sql: str, database: str = "postgres") -> None:
+    subprocess.run(["psql", f"{POSTGRES}/{database}", "-X", "-q", "-c", sql], check=True, capture_output=True)
+
+
+def http_ok(port: int, path: str) -> bool:
+    import http.client
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", path)
+        return connection.getresponse().status < 500
+    except OSError:
+        return False
+
+
+def bench_receive(rec: Recorder, plan: Plan, broker: str) -> None:
+    queue = f"bench-web-{uuid.uuid4().hex[:8]}"
+    for system in ("rust", "python-flask"):
+        database = f"rcelery_bench_{system.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
+        port = free_port()
+        psql(f"CREATE DATABASE {database}")
+        if system == "rust":
+            env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
+                           CELERY_DATABASE_URL=f"{POSTGRES}/{database}", CELERY_TASK_DEFAULT_QUEUE=queue,
+                           ROCKET_PORT=str(port), ROCKET_ADDRESS="127.0.0.1", ROCKET_LOG_LEVEL="critical",
+                           RUST_LOG="warn")
+            argv = [str(BIN / "web"), "--config", str(REPO / "celeryconfig.toml")]
+            cwd = None
+        else:
+            psql(FLASK_JOBS_TABLE, database)
+            env = base_env(BENCH_BROKER_URL=BROKERS[broker], BENCH_DATABASE_URL=f"{POSTGRES}/{database}",
+                           BENCH_QUEUE=queue)
+            argv = [str(VENV_BIN / "gunicorn"), "-w", str(2 * (os.cpu_count() or 1) + 1), "-b",
+                    f"127.0.0.1:{port}", "--log-level", "warning", "flask_app:web"]
+            cwd = BENCH_DIR
+        try:
+            with process(argv, env, lambda _: http_ok(port, "/health"), RESULTS / "logs" / f"web-{system}.log",
+                         cwd=cwd) as proc:
+                for connections in (1, 16, 64):
+                    for rep in range(plan.reps):
+                        run = wrk(port, connections, plan.http_seconds)
+                        rec.add("receive_rps", broker, system, run["per_second"], connections=connections, rep=rep,
+                                p50_ms=run["p50"] / 1000, p99_ms=run["p99"] / 1000, errors=run["errors"],
+                                rss_mb=round(rss_mb(proc.pid), 1))
+        finally:
+            psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    delete_queue(broker, queue)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:,.0f}" if med >= 100 else f"{med:.2f}"
+    fmt = (lambda v: f"{v:,.0f}") if med >= 100 else (lambda v: f"{v:.2f}")
+    return f"{fmt(med)} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
+    versions = subprocess.run([str(VENV_BIN / "python"), "-c",
+                               "import celery, kombu; print(celery.__version__, kombu.__version__)"],
+                              capture_output=True, text=True).stdout.split()
+    lines = [
+        "# make bench: results",
+        "",
+        f"Generated by `make {'bench-quick' if quick else 'bench'}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}, "
+        f"Celery {versions[0] if versions else '?'} / kombu {versions[1] if len(versions) > 1 else '?'}, "
+        f"our binaries built `--release`. {plan.reps} repetition(s) each, Rust and Python alternating; "
+        f"cells are median (min–max). Whole run {time.monotonic() - started:.0f} s. Raw samples: "
+        "[results/samples.jsonl](results/samples.jsonl).",
+        "",
+    ]
+    for broker in BROKERS:
+        lines += [f"## {broker}", ""]
+        lines += ["### 1. Worker throughput, `tasks.add`, tasks/s (queue pre-filled)", "",
+                  "| system | results ignored | results stored | peak RSS MB |", "|---|---|---|---|"]
+        systems = ["rust"] + [f"python-{p}" for p, _ in plan.python_pools]
+        for system in systems:
+            peaks = [s["peak_rss_mb"] for s in rec.samples if s["bench"] == "throughput" and s["broker"] == broker
+                     and s["system"] == system]
+            lines.append(f"| {system} | {spread(rec.values('throughput', broker, system, results='ignored'))} | "
+                         f"{spread(rec.values('throughput', broker, system, results='stored'))} | "
+                         f"{max(peaks) if peaks else '–'} |")
+        for mode in ("ignored", "stored"):
+            best = max(systems[1:], key=lambda s: median(rec.values("throughput", broker, s, results=mode)) or 0)
+            ratio = median(rec.values("throughput", broker, "rust", results=mode)) / median(
+                rec.values("throughput", broker, best, results=mode))
+            lines.append(f"\nResults {mode}: Rust is **{ratio:.1f}×** Python's best pool ({best}).")
+        ceiling = median(rec.values("ceiling_consume", broker, "transport"))
+        ours = median(rec.values("throughput", broker, "rust", results="ignored"))
+        lines += ["", "### 2. Ceiling", "",
+                  f"Raw consume+ack through our transport layer, no task logic: {spread(rec.values('ceiling_consume', broker, 'transport'))} msg/s "
+                  f"(publish {spread(rec.values('ceiling_publish', broker, 'transport'))} msg/s). "
+                  f"The worker (results ignored) reaches **{100 * ours / ceiling:.0f} %** of it.", ""]
+        lines += ["### 3. Round trip, Python `send_task(...).get()` on an idle system, ms", "",
+                  "| worker | p50 | p99 |", "|---|---|---|"]
+        for system in ("rust", "python-prefork"):
+            lines.append(f"| {system} | {spread(rec.values('rtt_p50_ms', broker, system))} | "
+                         f"{spread(rec.values('rtt_p99_ms', broker, system))} |")
+        lines += ["", "### 4. Publishing, messages/s", "", "| client | one at a time | 256 in flight |", "|---|---|---|",
+                  f"| rust (`loadgen`, our client) | {spread(rec.values('publish_loop', broker, 'rust'))} | "
+                  f"{spread(rec.values('publish_pipelined', broker, 'rust'))} |",
+                  f"| python (`send_task` loop) | {spread(rec.values('publish_loop', broker, 'python'))} | – |", ""]
+        lines += ["### 5. `POST /receive` (insert row + publish), requests/s under wrk", "",
+                  "| connections | rust (Rocket) | python (Flask + gunicorn) | ratio | rust p50 / p99 ms | python p50 / p99 ms |",
+                  "|---|---|---|---|---|---|"]
+        for connections in (1, 16, 64):
+            def of(system, key="value"):
+                return [s[key] for s in rec.samples if s["bench"] == "receive_rps" and s["broker"] == broker
+                        and s["system"] == system and s["connections"] == connections]
+            ratio = median(of("rust")) / median(of("python-flask")) if of("python-flask") else float("nan")
+            lines.append(f"| {connections} | {spread(of('rust'))} | {spread(of('python-flask'))} | {ratio:.1f}× | "
+                         f"{median(of('rust', 'p50_ms')):.2f} / {median(of('rust', 'p99_ms')):.2f} | "
+                         f"{median(of('python-flask', 'p50_ms')):.2f} / {median(of('python-flask', 'p99_ms')):.2f} |")
+        web_rss = [s["rss_mb"] for s in rec.samples if s["bench"] == "receive_rps" and s["broker"] == broker
+                   and s["system"] == "rust"]
+        lines += ["", "### 6. Memory, MB", "",
+                  f"Idle worker RSS: rust {spread(rec.values('idle_rss_mb', broker, 'rust'))}, python prefork -c 2 "
+                  f"(all processes) {spread(rec.values('idle_rss_mb', broker, 'python-prefork'))}. Under load (the "
+                  f"throughput runs, queue pre-filled): see the peak RSS column above. Web app RSS under wrk: "
+                  f"{max(web_rss) if web_rss else '–'} MB at most.", ""]
+        lines += ["### 7. Scaling of the Rust worker (results stored), tasks/s", "",
+                  "| -c | tasks/s |", "|---|---|"]
+        for c in plan.concurrencies:
+            lines.append(f"| {c} | {spread(rec.values('scale_concurrency', broker, 'rust', concurrency=c))} |")
+        lines += ["", "| worker processes (-c 8 each) | tasks/s |", "|---|---|"]
+        for p in plan.processes:
+            lines.append(f"| {p} | {spread(rec.values('scale_processes', broker, 'rust', processes=p))} |")
+        lines += ["", f"![throughput](results/throughput-{broker}.png) ![round trips](results/rtt-{broker}.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def charts(rec: Recorder, plan: Plan) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for broker in BROKERS:
+        systems = ["rust"] + [f"python-{p}" for p, _ in plan.python_pools]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.38
+        for i, mode in enumerate(("ignored", "stored")):
+            ax.bar([x + i * width for x in range(len(systems))],
+                   [median(rec.values("throughput", broker, s, results=mode)) for s in systems], width,
+                   label=f"results {mode}")
+        ax.set_xticks([x + width / 2 for x in range(len(systems))], systems)
+        ax.set_ylabel("tasks/s (median)")
+        ax.set_title(f"Worker throughput, tasks.add, {broker}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"throughput-{broker}.png", dpi=100)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for system in ("rust", "python-prefork"):
+            path = RESULTS / f"rtt-{broker}-{system}.json"
+            if path.exists():
+                samples = json.loads(path.read_text())
+                ax.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=system)
+        ax.set_xscale("log")
+        ax.set_xlabel("send_task().get() round trip, ms (log)")
+        ax.set_ylabel("fraction of calls")
+        ax.set_title(f"Round-trip latency CDF, {broker}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"rtt-{broker}.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    started = time.monotonic()
+    rec = Recorder(RESULTS / "samples.jsonl")
+    for db in (REDIS_BROKER_DB, REDIS_RESULTS_DB):
+        redis.Redis(db=db).flushdb()
+    for broker in BROKERS:
+        print(f"== {broker}", flush=True)
+        bench_idle_memory(rec, broker)
+        bench_ceiling(rec, plan, broker)
+        bench_throughput(rec, plan, broker)
+        bench_rtt(rec, plan, broker)
+        bench_publish(rec, plan, broker)
+        bench_receive(rec, plan, broker)
+        bench_scaling(rec, plan, broker)
+    charts(rec, plan)
+    (BENCH_DIR / "RESULTS.md").write_text(report(rec, plan, args.quick, started))
+    print(f"bench: wrote {BENCH_DIR / 'RESULTS.md'} in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
