@@ -621,6 +621,14 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
         .unwrap();
     let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
     assert_eq!(ids(claimed), [unseen.task_id], "freed");
+    store::release(&mut connection, &[unseen.task_id])
+        .await
+        .unwrap();
+    store::mark_published(&mut connection, unseen.task_id)
+        .await
+        .unwrap();
+    let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
+    assert!(claimed.is_empty(), "a published job is not claimed again");
     drop(connection);
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
