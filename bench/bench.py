@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,6 +43,7 @@ BROKERS = {
     "redis": f"redis://127.0.0.1:6379/{REDIS_BROKER_DB}",
 }
 RESULTS_URL = f"redis://127.0.0.1:6379/{REDIS_RESULTS_DB}"
+REDIS_BROKER = redis.Redis.from_url(BROKERS["redis"])
 POSTGRES = "postgres://postgres@127.0.0.1:5432"
 
 
@@ -177,7 +178,7 @@ def depth(broker: str, queue: str) -> int:
     """Messages waiting in ``queue`` (not counting those delivered and unacked)."""
     global _amqp_channel
     if broker == "redis":
-        return redis.Redis.from_url(BROKERS[broker]).llen(queue)
+        return REDIS_BROKER.llen(queue)
     if _amqp_channel is None:
         connection = amqp.Connection("127.0.0.1:5672")
         connection.connect()
@@ -191,7 +192,7 @@ def depth(broker: str, queue: str) -> int:
 
 def delete_queue(broker: str, queue: str) -> None:
     if broker == "redis":
-        redis.Redis.from_url(BROKERS[broker]).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        REDIS_BROKER.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         return
     with amqp.Connection("127.0.0.1:5672") as connection:
         connection.channel().queue_delete(queue)
@@ -217,8 +218,9 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
     redis.Redis.from_url(RESULTS_URL).flushdb()
     loadgen(broker, queue, count, "publish", *([] if results else ["--ignore-result"]))
     peak = 0.0
-    with contextmanager_stack([lambda i=i: worker(system, broker, queue, concurrency, results, f"{system}-{i}")
-                               for i in range(processes)]) as procs:
+    with ExitStack() as stack:
+        procs = [stack.enter_context(worker(system, broker, queue, concurrency, results, f"{system}-{i}"))
+                 for i in range(processes)]
         began = time.monotonic()
         done = None
         results_db = redis.Redis.from_url(RESULTS_URL)
@@ -234,13 +236,6 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
     delete_queue(broker, queue)
     seconds = done - began
     return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": peak}
-
-
-@contextmanager
-def contextmanager_stack(factories: list[Callable]) -> Iterator[list]:
-    from contextlib import ExitStack
-    with ExitStack() as stack:
-        yield [stack.enter_context(f()) for f in factories]
 
 
 def sized(rate_guess: float, plan: Plan) -> int:

@@ -146,27 +146,6 @@ def unexplained_repeats(runs: dict[str, list[tuple[float, str]]], disruptions: l
     return unexplained
 
 
-def read_metas(results_url: str, ids: list[str]) -> dict[str, dict]:
-    """The stored result metas of ``ids`` (absent: nothing stored), retrying a cut connection."""
-    client = redis_py.Redis.from_url(results_url, decode_responses=True)
-    metas: dict[str, dict] = {}
-    try:
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start:start + 1000]
-            for attempt in range(5):
-                try:
-                    raws = client.mget([f"celery-task-meta-{task_id}" for task_id in chunk])
-                    break
-                except redis_py.ConnectionError:
-                    if attempt == 4:
-                        raise
-                    time.sleep(0.2)
-            metas.update({task_id: json.loads(raw) for task_id, raw in zip(chunk, raws) if raw})
-    finally:
-        client.close()
-    return metas
-
-
 @dataclass
 class WebBurst:
     """``CHAOS_WEB_JOBS`` posts from ``WEB_THREADS`` keep-alive clients; a 503 or a dropped
@@ -347,8 +326,9 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
                     def all_ended() -> bool:
                         if chaos_done.done():
                             chaos_done.result()  # raises what stopped the chaos
-                        metas = read_metas(setup.result_backend, ids)
-                        ended["count"] = sum(m["status"] in ("SUCCESS", "FAILURE") for m in metas.values())
+                        # redis-py retries a command whose connection was cut.
+                        metas = setup.result_metas(ids)
+                        ended["count"] = sum(m is not None and m["status"] in ("SUCCESS", "FAILURE") for m in metas)
                         return ended["count"] == len(ids)
 
                     wait_for(all_ended, FINISH_TIMEOUT, interval=1.0,
@@ -378,7 +358,8 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
             stop_web(web)
     elapsed = time.monotonic() - began
 
-    metas = read_metas(setup.result_backend, [task_id for task_id, *_ in plan])
+    planned = [task_id for task_id, *_ in plan]
+    metas = {task_id: meta for task_id, meta in zip(planned, setup.result_metas(planned)) if meta}
     expected = {task_id: value for task_id, _, _, value in plan}
     lost = [task_id for task_id in published if task_id not in metas]
     wrong = [task_id for task_id in published if task_id in metas
