@@ -5,10 +5,12 @@
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
+//! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
 
 pub mod auth;
+pub mod batch;
 pub mod db;
 pub mod error;
 pub mod outbox;
@@ -17,6 +19,7 @@ pub mod schema;
 pub mod store;
 pub mod tracking;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rocket::fairing::AdHoc;
@@ -43,10 +46,12 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         config.web_jwt_secret.as_deref(),
     );
     let client = Client::new(config).await?;
+    let journal = Arc::new(outbox::Journal::start(&pool));
     let tracker_pool = pool.clone();
-    let outbox = (pool.clone(), client.clone());
+    let outbox = (pool.clone(), journal.clone(), client.clone());
     Ok(rocket::build()
         .manage(pool)
+        .manage(journal)
         .manage(client)
         .manage(accepts)
         .manage(auth)
@@ -54,7 +59,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .register("/", rocket::catchers![error::catch_all])
         .attach(AdHoc::on_liftoff("outbox", move |_| {
             Box::pin(async move {
-                tokio::spawn(outbox::run(outbox.0, outbox.1));
+                tokio::spawn(outbox::run(outbox.0, outbox.1, outbox.2));
             })
         }))
         .attach(AdHoc::on_liftoff("tracking", move |_| {

@@ -3,12 +3,14 @@
 //! publish) are published by a loop in every web process, under a lease in the row so that
 //! replicas never publish the same job at the same time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::AsyncPgConnection;
 use runtime::client::{Client, SendOptions};
 use serde_json::Value;
+use uuid::Uuid;
 
+use crate::batch::{Batcher, Written};
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, NewJob};
@@ -17,14 +19,46 @@ use crate::store::{self, NewJob};
 const BATCH: i64 = 100;
 /// Pause between rounds.
 const INTERVAL: Duration = Duration::from_secs(1);
+/// Rows one group commit writes at most, and group commits under way at once (each holds a
+/// pooled connection while it runs).
+const GROUP_COMMIT: (usize, usize) = (256, 4);
 
-/// Publishes `job` and records the outcome in its row: published, or why not (then the outbox
-/// takes it). Errors only when the database fails; a broker failure is recorded, not raised.
-pub async fn publish_one(
-    connection: &mut AsyncPgConnection,
+/// Where jobs and their publishes are recorded, in group commits.
+pub struct Journal {
+    /// New jobs' rows.
+    pub jobs: Batcher<NewJob>,
+    /// Jobs whose message the broker confirmed.
+    pub published: Batcher<Uuid>,
+}
+
+impl Journal {
+    /// Starts the writers, on connections of `pool`.
+    pub fn start(pool: &Pool) -> Self {
+        let (max, parallel) = GROUP_COMMIT;
+        let rows_pool = pool.clone();
+        let marks_pool = pool.clone();
+        Self {
+            jobs: Batcher::start(max, parallel, move |jobs: Vec<NewJob>| {
+                let pool = rows_pool.clone();
+                async move { Ok(store::insert(&mut *pool.get().await?, &jobs).await?) }
+            }),
+            published: Batcher::start(max, parallel, move |ids: Vec<Uuid>| {
+                let pool = marks_pool.clone();
+                async move { Ok(store::mark_published(&mut *pool.get().await?, &ids).await?) }
+            }),
+        }
+    }
+}
+
+/// Publishes `job`, then records the outcome: published (queued for the journal; the answer
+/// tells when it is on record), or why not (in the row at once, which frees it for the outbox;
+/// then `None`). Errors only when the database fails; a broker failure is recorded, not raised.
+pub async fn publish(
+    pool: &Pool,
+    journal: &Journal,
     client: &Client,
     job: &NewJob,
-) -> Result<bool, Error> {
+) -> Result<Option<Written>, Error> {
     let options = SendOptions {
         task_id: Some(job.task_id.to_string()),
         queue: Some(job.queue.clone()),
@@ -44,39 +78,49 @@ pub async fn publish_one(
         .send_task(&job.task_name, args, kwargs, options)
         .await
     {
-        Ok(_) => {
-            store::mark_published(connection, job.task_id).await?;
-            Ok(true)
-        }
+        Ok(_) => Ok(Some(journal.published.queue(job.task_id).await?)),
         Err(error) => {
             tracing::warn!(id = %job.task_id, %error, "job not published yet; the outbox will retry");
-            store::mark_publish_failed(connection, job.task_id, &error.to_string()).await?;
-            Ok(false)
+            let mut connection = pool.get().await?;
+            store::mark_publish_failed(&mut connection, job.task_id, &error.to_string()).await?;
+            Ok(None)
         }
     }
 }
 
 /// One round: publishes what is waiting, oldest first, until the broker refuses one; the jobs
-/// claimed after that one are freed at once rather than held for the lease.
-pub async fn publish_waiting(pool: &Pool, client: &Client) -> Result<usize, Error> {
-    let mut connection = pool.get().await?;
-    let claimed = store::claim_unpublished(&mut connection, BATCH).await?;
-    for (published, job) in claimed.iter().enumerate() {
-        if !publish_one(&mut connection, client, job).await? {
-            let rest: Vec<_> = claimed[published + 1..].iter().map(|j| j.task_id).collect();
-            store::release(&mut connection, &rest).await?;
-            return Ok(published);
+/// claimed after that one are freed at once rather than held for the lease. Ends once the
+/// publishes it made are on record.
+pub async fn publish_waiting(
+    pool: &Pool,
+    journal: &Journal,
+    client: &Client,
+) -> Result<usize, Error> {
+    let claimed = store::claim_unpublished(&mut *pool.get().await?, BATCH).await?;
+    let mut recorded = Vec::with_capacity(claimed.len());
+    for (sent, job) in claimed.iter().enumerate() {
+        match publish(pool, journal, client, job).await? {
+            Some(written) => recorded.push(written),
+            None => {
+                let rest: Vec<_> = claimed[sent + 1..].iter().map(|j| j.task_id).collect();
+                store::release(&mut *pool.get().await?, &rest).await?;
+                break;
+            }
         }
     }
-    Ok(claimed.len())
+    let published = recorded.len();
+    for written in recorded {
+        written.wait().await?;
+    }
+    Ok(published)
 }
 
 /// Runs rounds until the process ends.
-pub async fn run(pool: Pool, client: Client) {
+pub async fn run(pool: Pool, journal: Arc<Journal>, client: Client) {
     let mut ticks = tokio::time::interval(INTERVAL);
     loop {
         ticks.tick().await;
-        match publish_waiting(&pool, &client).await {
+        match publish_waiting(&pool, &journal, &client).await {
             Ok(0) => {}
             Ok(published) => tracing::info!(published, "outbox published waiting jobs"),
             Err(error) => tracing::warn!(%error, "outbox round failed"),

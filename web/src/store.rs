@@ -129,11 +129,16 @@ impl StateChange {
     }
 }
 
-/// Records a new job as PENDING, leased to the caller who is about to publish it.
-pub async fn insert(connection: &mut AsyncPgConnection, job: &NewJob) -> QueryResult<()> {
+/// Records new jobs as PENDING, in one statement, leased to the caller who is about to publish
+/// them.
+pub async fn insert(connection: &mut AsyncPgConnection, jobs: &[NewJob]) -> QueryResult<()> {
     let lease = Utc::now() + chrono::Duration::milliseconds((PUBLISH_LEASE_SECONDS * 1e3) as i64);
+    let rows: Vec<_> = jobs
+        .iter()
+        .map(|job| (job, tasks::publish_lease_until.eq(lease)))
+        .collect();
     diesel::insert_into(tasks::table)
-        .values((job, tasks::publish_lease_until.eq(lease)))
+        .values(rows)
         .execute(connection)
         .await
         .map(drop)
@@ -161,9 +166,9 @@ pub async fn claim_unpublished(
     .await
 }
 
-/// Records that the broker confirmed the job's message.
-pub async fn mark_published(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<()> {
-    diesel::update(tasks::table.find(id))
+/// Records that the broker confirmed these jobs' messages.
+pub async fn mark_published(connection: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<()> {
+    diesel::update(tasks::table.filter(tasks::task_id.eq_any(ids)))
         .set((
             tasks::published_at.eq(Utc::now()),
             tasks::publish_error.eq(None::<String>),

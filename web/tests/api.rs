@@ -392,7 +392,7 @@ async fn a_job_the_broker_did_not_take_is_published_by_the_outbox() {
     };
     let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
     let mut connection = pool.get().await.unwrap();
-    web::store::insert(&mut connection, &job).await.unwrap();
+    web::store::insert(&mut connection, &[job]).await.unwrap();
     web::store::mark_publish_failed(&mut connection, id, "broker down")
         .await
         .unwrap();
@@ -597,7 +597,9 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
     };
     let (seen, unseen) = (job(1), job(2));
     for job in [&seen, &unseen] {
-        store::insert(&mut connection, job).await.unwrap();
+        store::insert(&mut connection, std::slice::from_ref(job))
+            .await
+            .unwrap();
         store::mark_publish_failed(&mut connection, job.task_id, "database went away")
             .await
             .unwrap();
@@ -624,7 +626,7 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
     store::release(&mut connection, &[unseen.task_id])
         .await
         .unwrap();
-    store::mark_published(&mut connection, unseen.task_id)
+    store::mark_published(&mut connection, &[unseen.task_id])
         .await
         .unwrap();
     let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
@@ -632,4 +634,45 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
     drop(connection);
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}
+
+/// Jobs that arrive together share group commits: each is recorded, published once, marked
+/// published and run, with its own result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_jobs_are_each_recorded_published_and_run() {
+    let stack = Stack::start(BROKERS[1], true).await;
+    let ids: Vec<String> = futures::future::join_all(
+        (0..100).map(|i| stack.submit(json!({"task": "tasks.add", "args": [i, 1000]}))),
+    )
+    .await;
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        100
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let done = stack.wait_for(id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(done["result"], json!(i + 1000), "{done}");
+    }
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for id in &ids {
+        loop {
+            let job = web::store::find(&mut connection, id.parse().unwrap())
+                .await
+                .unwrap()
+                .unwrap();
+            if job.published_at.is_some() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} never marked published"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(connection);
+    drop(pool);
+    stack.stop().await;
 }

@@ -490,7 +490,17 @@ proptest! {
     #[test]
     fn valid_task_calls_are_jobs(call in call(true)) {
         let body = serde_json::to_vec(&call).unwrap();
-        prop_assert!(parse_job(&body, &accepts()).is_ok(), "{}", call);
+        // Save text holding NUL, which jsonb cannot store: that is a 422 naming it.
+        let parsed = parse_job(&body, &accepts());
+        if call.to_string().contains("\\u0000") {
+            prop_assert!(
+                matches!(&parsed, Err(e) if e.status() == Status::UnprocessableEntity
+                    && e.to_string().contains("NUL")),
+                "{}: {:?}", call, parsed.map(|_| ())
+            );
+        } else {
+            prop_assert!(parsed.is_ok(), "{}", call);
+        }
         check_parse(&body, &accepts())?;
     }
 

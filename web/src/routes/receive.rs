@@ -1,6 +1,7 @@
 //! `POST /receive`: records a job, publishes it, answers its task id at once.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::Utc;
 use rocket::data::{self, Data, FromData, ToByteUnit};
@@ -15,8 +16,8 @@ use uuid::Uuid;
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::Error;
-use crate::outbox;
-use crate::store::{self, NewJob};
+use crate::outbox::{self, Journal};
+use crate::store::NewJob;
 
 /// The longest `countdown` or `expires` taken: ten years, far past any sane schedule and far
 /// from the limits of date arithmetic.
@@ -62,6 +63,12 @@ impl JobRequest {
     /// A task call (`{"task": ..., "args": ..., ...}`), or any other JSON as the default task's
     /// one argument.
     pub fn from_json(body: Value, accepts: &Accepts) -> Result<Self, Error> {
+        if holds_nul(&body) {
+            return Err(Error::Unprocessable(
+                "text may not hold the NUL character (\\u0000): PostgreSQL's jsonb cannot store it"
+                    .into(),
+            ));
+        }
         let call = match body {
             Value::Object(ref fields) if fields.contains_key("task") => fields.clone(),
             payload => {
@@ -130,6 +137,17 @@ impl JobRequest {
             countdown: seconds("countdown", false)?,
             expires: seconds("expires", true)?,
         })
+    }
+}
+
+/// Whether any string or key in `value` holds U+0000, which a jsonb column refuses. The depth is
+/// bounded by serde_json's recursion limit.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -207,6 +225,7 @@ pub async fn receive(
     _auth: Authorized,
     job: Result<JobRequest, Error>,
     pool: &State<Pool>,
+    journal: &State<Arc<Journal>>,
     client: &State<Client>,
 ) -> Result<Accepted, Error> {
     let job = job?;
@@ -225,12 +244,12 @@ pub async fn receive(
         eta: job.countdown.map(after),
         expires: job.expires.map(after),
     };
-    let mut connection = pool.get().await?;
-    store::insert(&mut connection, &row).await?;
-    // Committed: the job is durable and will run. Should the database fail before the publish
-    // is recorded, the outbox publishes the job again later (at least once), so the answer is
-    // still 202: a 503 now would make the client send the same work twice.
-    if let Err(error) = outbox::publish_one(&mut connection, client, &row).await {
+    journal.jobs.write(row.clone()).await?;
+    // Committed: the job is durable and will run. Its published mark is written in the
+    // background (the answer need not wait for it). Should the database fail before the
+    // publish is recorded, the outbox publishes the job again later (at least once), so the
+    // answer is still 202: a 503 now would make the client send the same work twice.
+    if let Err(error) = outbox::publish(pool, journal, client, &row).await {
         tracing::warn!(%id, %error, "job accepted; its publish is not on record, the outbox will send it");
     }
     let status_url = format!("/status/{id}");
@@ -313,6 +332,14 @@ mod tests {
             (
                 json!({"task": "tasks.add", "arsg": []}),
                 "unknown field `arsg`",
+            ),
+            (
+                json!({"task": "tasks.add", "kwargs": {"x": [{"y": "a\u{0}b"}]}}),
+                "text may not hold the NUL character",
+            ),
+            (
+                json!({"document": "\u{0}"}),
+                "text may not hold the NUL character",
             ),
         ];
         for (body, reason) in cases {
