@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build release run migrate test fuzz chaos bench bench-quick fmt lint clean
+.PHONY: services venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -53,6 +53,16 @@ bench-quick: services release
 	bash scripts/venv.sh bench/requirements.txt
 	bash scripts/tool.sh wrk
 	cd bench && ../.venv/bin/python bench.py --quick
+
+# Where the CPU time goes in our worker and web app, each broker: bench/PROFILE.md and flame
+# graphs in bench/results/profile/ (perf from Debian's linux-perf, inferno from crates.io).
+profile: services
+	$(CARGO) build --profile profiling --workspace --bins
+	bash scripts/venv.sh bench/requirements.txt
+	bash scripts/tool.sh wrk
+	bash scripts/tool.sh perf linux-perf
+	command -v inferno-flamegraph >/dev/null || $(CARGO) install --locked inferno
+	cd bench && ../.venv/bin/python profile.py
 
 fmt:
 	$(CARGO) fmt --all

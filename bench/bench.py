@@ -57,13 +57,14 @@ class Plan:
     python_pools: list[tuple[str, int]]
     concurrencies: list[int]
     processes: list[int]
+    loaded_queue: int  # messages queued for the memory-under-load run
 
 
 FULL = Plan(reps=3, seconds=8.0, rtt_calls=2000, publish_count=5000, http_seconds=10,
             python_pools=[("prefork", 2), ("threads", 8), ("gevent", 64)],
-            concurrencies=[1, 8, 64, 512], processes=[1, 2, 4])
+            concurrencies=[1, 8, 64, 512], processes=[1, 2, 4], loaded_queue=100_000)
 QUICK = Plan(reps=1, seconds=1.0, rtt_calls=200, publish_count=500, http_seconds=2,
-             python_pools=[("prefork", 2)], concurrencies=[8, 64], processes=[1, 2])
+             python_pools=[("prefork", 2)], concurrencies=[8, 64], processes=[1, 2], loaded_queue=10_000)
 
 
 class Recorder:
@@ -199,6 +200,14 @@ def delete_queue(broker: str, queue: str) -> None:
 
 
 
+def purge_queue(broker: str, queue: str) -> None:
+    if broker == "redis":
+        REDIS_BROKER.delete(queue)
+        return
+    with amqp.Connection("127.0.0.1:5672") as connection:
+        connection.channel().queue_purge(queue)
+
+
 def loadgen(broker: str, queue: str, count: int, *args: str) -> dict:
     out = subprocess.run([str(BIN / "loadgen"), "--broker-url", BROKERS[broker], "--queue", queue,
                           "--count", str(count), *args], capture_output=True, text=True, timeout=900)
@@ -213,11 +222,12 @@ def loadgen(broker: str, queue: str, count: int, *args: str) -> dict:
 
 def drain(broker: str, system: str, concurrency: int, results: bool, count: int, processes: int = 1) -> dict:
     """Fills a queue with ``count`` ``tasks.add``, starts ``processes`` workers and times how long
-    they take to empty it. Returns tasks/s and the largest RSS seen (MB, all processes)."""
+    they take to empty it. Returns tasks/s, the largest RSS seen and the RSS over time (MB, all
+    processes)."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     redis.Redis.from_url(RESULTS_URL).flushdb()
     loadgen(broker, queue, count, "publish", *([] if results else ["--ignore-result"]))
-    peak = 0.0
+    trace: list[float] = []
     with ExitStack() as stack:
         procs = [stack.enter_context(worker(system, broker, queue, concurrency, results, f"{system}-{i}"))
                  for i in range(processes)]
@@ -225,7 +235,7 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
         done = None
         results_db = redis.Redis.from_url(RESULTS_URL)
         while time.monotonic() - began < 900:
-            peak = max(peak, sum(rss_mb(p.pid) for p in procs))
+            trace.append(sum(rss_mb(p.pid) for p in procs))
             left = depth(broker, queue)
             if left == 0 and (not results or results_db.dbsize() >= count):
                 done = time.monotonic()
@@ -235,7 +245,7 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
             raise RuntimeError(f"{system} did not drain {queue} in 900 s")
     delete_queue(broker, queue)
     seconds = done - began
-    return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": peak}
+    return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": max(trace), "rss_trace": trace}
 
 
 def sized(rate_guess: float, plan: Plan) -> int:
@@ -337,6 +347,16 @@ def bench_idle_memory(rec: Recorder, broker: str) -> None:
         delete_queue(broker, queue)
 
 
+def bench_loaded_memory(rec: Recorder, plan: Plan, broker: str) -> None:
+    """6. Rust worker RSS over a drain of ``plan.loaded_queue`` messages (results stored): it
+    stays flat when prefetch bounds what the worker holds."""
+    run = drain(broker, "rust", 8, True, plan.loaded_queue)
+    trace = run["rss_trace"]
+    at = {f"at_{tenth}0pct_mb": trace[len(trace) * tenth // 10] for tenth in (1, 5, 9)}
+    rec.add("loaded_rss_mb", broker, "rust", run["peak_rss_mb"], queued=plan.loaded_queue,
+            per_second=run["per_second"], **at)
+
+
 # 5. POST /receive under wrk
 
 FLASK_JOBS_TABLE = """CREATE TABLE jobs (
@@ -387,37 +407,47 @@ def http_ok(port: int, path: str) -> bool:
         return False
 
 
+@contextmanager
+def web_app(system: str, broker: str, queue: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Our web app (``rust``) or the Flask twin (``python-flask``) on a database of its own,
+    publishing to ``queue``; yields the process and its port."""
+    database = f"rcelery_bench_{system.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    psql(f"CREATE DATABASE {database}")
+    if system == "rust":
+        env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
+                       CELERY_DATABASE_URL=f"{POSTGRES}/{database}", CELERY_TASK_DEFAULT_QUEUE=queue,
+                       ROCKET_PORT=str(port), ROCKET_ADDRESS="127.0.0.1", ROCKET_LOG_LEVEL="critical",
+                       RUST_LOG="warn")
+        argv = [str(BIN / "web"), "--config", str(REPO / "celeryconfig.toml")]
+        cwd = None
+    else:
+        psql(FLASK_JOBS_TABLE, database)
+        env = base_env(BENCH_BROKER_URL=BROKERS[broker], BENCH_DATABASE_URL=f"{POSTGRES}/{database}",
+                       BENCH_QUEUE=queue)
+        argv = [str(VENV_BIN / "gunicorn"), "-w", str(2 * (os.cpu_count() or 1) + 1), "-b",
+                f"127.0.0.1:{port}", "--log-level", "warning", "flask_app:web"]
+        cwd = BENCH_DIR
+    try:
+        with process(argv, env, lambda _: http_ok(port, "/health"), RESULTS / "logs" / f"web-{system}.log",
+                     cwd=cwd) as proc:
+            yield proc, port
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
 def bench_receive(rec: Recorder, plan: Plan, broker: str) -> None:
     queue = f"bench-web-{uuid.uuid4().hex[:8]}"
     for system in ("rust", "python-flask"):
-        database = f"rcelery_bench_{system.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
-        port = free_port()
-        psql(f"CREATE DATABASE {database}")
-        if system == "rust":
-            env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
-                           CELERY_DATABASE_URL=f"{POSTGRES}/{database}", CELERY_TASK_DEFAULT_QUEUE=queue,
-                           ROCKET_PORT=str(port), ROCKET_ADDRESS="127.0.0.1", ROCKET_LOG_LEVEL="critical",
-                           RUST_LOG="warn")
-            argv = [str(BIN / "web"), "--config", str(REPO / "celeryconfig.toml")]
-            cwd = None
-        else:
-            psql(FLASK_JOBS_TABLE, database)
-            env = base_env(BENCH_BROKER_URL=BROKERS[broker], BENCH_DATABASE_URL=f"{POSTGRES}/{database}",
-                           BENCH_QUEUE=queue)
-            argv = [str(VENV_BIN / "gunicorn"), "-w", str(2 * (os.cpu_count() or 1) + 1), "-b",
-                    f"127.0.0.1:{port}", "--log-level", "warning", "flask_app:web"]
-            cwd = BENCH_DIR
-        try:
-            with process(argv, env, lambda _: http_ok(port, "/health"), RESULTS / "logs" / f"web-{system}.log",
-                         cwd=cwd) as proc:
-                for connections in (1, 16, 64):
-                    for rep in range(plan.reps):
-                        run = wrk(port, connections, plan.http_seconds)
-                        rec.add("receive_rps", broker, system, run["per_second"], connections=connections, rep=rep,
-                                p50_ms=run["p50"] / 1000, p99_ms=run["p99"] / 1000, errors=run["errors"],
-                                rss_mb=round(rss_mb(proc.pid), 1))
-        finally:
-            psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        with web_app(system, broker, queue) as (proc, port):
+            for connections in (1, 16, 64):
+                for rep in range(plan.reps):
+                    run = wrk(port, connections, plan.http_seconds)
+                    rec.add("receive_rps", broker, system, run["per_second"], connections=connections, rep=rep,
+                            p50_ms=run["p50"] / 1000, p99_ms=run["p99"] / 1000, errors=run["errors"],
+                            rss_mb=round(rss_mb(proc.pid), 1))
+                    # Every run starts on an empty queue: a long one slows the broker down.
+                    purge_queue(broker, queue)
     delete_queue(broker, queue)
 
 
@@ -503,6 +533,12 @@ def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
                   f"(all processes) {spread(rec.values('idle_rss_mb', broker, 'python-prefork'))}. Under load (the "
                   f"throughput runs, queue pre-filled): see the peak RSS column above. Web app RSS under wrk: "
                   f"{max(web_rss) if web_rss else '–'} MB at most.", ""]
+        for run in (s for s in rec.samples if s["bench"] == "loaded_rss_mb" and s["broker"] == broker):
+            lines += [f"Rust worker draining {run['queued']:,} queued tasks (results stored, "
+                      f"{run['per_second']:,.0f}/s): RSS {run['at_10pct_mb']:.1f} MB a tenth of the way through, "
+                      f"{run['at_50pct_mb']:.1f} halfway, {run['at_90pct_mb']:.1f} at nine tenths, "
+                      f"{run['value']:.1f} at most; it grew {run['at_90pct_mb'] - run['at_10pct_mb']:+.1f} MB "
+                      f"from a tenth to nine tenths (prefetch bounds what the worker holds).", ""]
         lines += ["### 7. Scaling of the Rust worker (results stored), tasks/s", "",
                   "| -c | tasks/s |", "|---|---|"]
         for c in plan.concurrencies:
@@ -561,6 +597,7 @@ def main() -> None:
     for broker in BROKERS:
         print(f"== {broker}", flush=True)
         bench_idle_memory(rec, broker)
+        bench_loaded_memory(rec, plan, broker)
         bench_ceiling(rec, plan, broker)
         bench_throughput(rec, plan, broker)
         bench_rtt(rec, plan, broker)
