@@ -334,3 +334,93 @@ async fn is_unacked(redis: &mut redis::aio::MultiplexedConnection, tag: &str) ->
         .await
         .unwrap()
 }
+
+/// One Redis fetch fills every free prefetch slot at once, oldest messages first, and records
+/// each as taken; an envelope it cannot read among them is handed over as an error, in its
+/// place, and recorded too.
+#[tokio::test]
+async fn redis_takes_what_prefetch_allows_in_one_step_in_queue_order() {
+    let url = common::redis_url();
+    let queue = unique_queue("take-many");
+    let broker = broker::connect(&url).await.unwrap();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let sent: Vec<TaskRequest> = (0..7).map(request).collect();
+    for message in &sent[..3] {
+        broker.publish(&queue, &message.encode()).await.unwrap();
+    }
+    let bad_tag = format!("undecodable-{}", uuid::Uuid::new_v4());
+    let bad = json!({
+        "body": "*** not base64 ***", "content-type": "application/json",
+        "content-encoding": "utf-8", "headers": {},
+        "properties": {"body_encoding": "base64", "delivery_tag": bad_tag,
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    });
+    redis::cmd("LPUSH")
+        .arg(&queue)
+        .arg(bad.to_string())
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    for message in &sent[3..] {
+        broker.publish(&queue, &message.encode()).await.unwrap();
+    }
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 5)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(next(&mut deliveries).await);
+    }
+    let left: usize = redis::cmd("LLEN")
+        .arg(&queue)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(left, 3, "five taken, no more");
+    let ids: Vec<Option<String>> = held
+        .iter()
+        .map(|d| {
+            d.message
+                .as_ref()
+                .ok()
+                .map(|m| TaskRequest::decode(m).unwrap().id)
+        })
+        .collect();
+    let expected: Vec<Option<String>> = [0, 1, 2]
+        .iter()
+        .map(|&n| Some(sent[n].id.clone()))
+        .chain([None, Some(sent[3].id.clone())])
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "oldest first, the unreadable one in its place"
+    );
+    assert_eq!(held[3].tag, bad_tag);
+    for delivery in &held {
+        assert!(
+            is_unacked(&mut redis, &delivery.tag).await,
+            "{}",
+            delivery.tag
+        );
+    }
+    for delivery in held {
+        delivery.settle.ack().await.unwrap();
+    }
+    let mut rest = Vec::new();
+    for _ in 0..3 {
+        let delivery = next(&mut deliveries).await;
+        rest.push(TaskRequest::decode(&delivery.message.unwrap()).unwrap().id);
+        delivery.settle.ack().await.unwrap();
+    }
+    assert_eq!(
+        rest,
+        sent[4..].iter().map(|m| m.id.clone()).collect::<Vec<_>>()
+    );
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}

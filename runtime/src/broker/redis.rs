@@ -41,14 +41,18 @@ const RESTORE_MUTEX_MS: u64 = 30_000;
 /// is not blocked on (another queue's, a priority sub-list) waits at most this long.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-/// Pops the first message of the lists `KEYS[3..]` and, when its envelope is readable, records it
-/// as kombu does (`unacked` = KEYS[1], `unacked_index` = KEYS[2], scored ARGV[1]) in the same
-/// atomic step. Returns `{list, envelope}`, or nil when every list is empty. The entry embeds
-/// the envelope's own text, so what is restored is byte for byte what was published.
+/// Pops up to ARGV[2] messages from the lists `KEYS[3..]`, the first lists first, and records
+/// each whose envelope is readable as kombu does (`unacked` = KEYS[1], `unacked_index` = KEYS[2],
+/// scored ARGV[1]) in the same atomic step. Returns `{list, envelope, list, envelope, ...}`, empty
+/// when every list is. The entry embeds the envelope's own text, so what is restored is byte
+/// for byte what was published.
 const POP_AND_RECORD: &str = r#"
+local taken = {}
+local wanted = tonumber(ARGV[2])
 for i = 3, #KEYS do
-  local raw = redis.call('RPOP', KEYS[i])
-  if raw then
+  while #taken < 2 * wanted do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
     local ok, envelope = pcall(cjson.decode, raw)
     local properties = ok and type(envelope) == 'table' and envelope['properties']
     if type(properties) == 'table' and type(properties['delivery_tag']) == 'string'
@@ -60,11 +64,15 @@ for i = 3, #KEYS do
       redis.call('HSET', KEYS[1], properties['delivery_tag'], entry)
       redis.call('ZADD', KEYS[2], ARGV[1], properties['delivery_tag'])
     end
-    return {KEYS[i], raw}
+    taken[#taken + 1] = KEYS[i]
+    taken[#taken + 1] = raw
   end
 end
-return false
+return taken
 "#;
+
+/// Messages one fetch takes at most: one round trip fills up to this many free prefetch slots.
+const TAKE_AT_ONCE: usize = 64;
 
 /// The list holding messages of `priority` for `queue`.
 fn list_for(queue: &str, priority: u8) -> String {
@@ -238,20 +246,29 @@ impl Broker for RedisBroker {
         let fetching = tokio::spawn(async move {
             let pop = redis::Script::new(POP_AND_RECORD);
             loop {
-                // A held slot is an unsettled message: stop fetching while all are taken.
+                // A held slot is an unsettled message: stop fetching while all are taken, and
+                // take as many messages at once as there are free slots.
                 let slot = tokio::select! {
                     slot = slots.clone().acquire_owned() => slot,
                     () = closing.cancelled() => break,
                 };
                 let Ok(slot) = slot else { break };
+                let mut free = vec![slot];
+                while free.len() < TAKE_AT_ONCE {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(slot) => free.push(slot),
+                        Err(_) => break,
+                    }
+                }
                 if sender.is_closed() || closing.is_cancelled() {
                     break;
                 }
                 let mut call = pop.key(UNACKED);
                 call.key(UNACKED_INDEX)
                     .key(fetch_order(&queues))
-                    .arg(now_seconds());
-                let popped: Option<(String, Vec<u8>)> =
+                    .arg(now_seconds())
+                    .arg(free.len());
+                let popped: Vec<(String, Vec<u8>)> =
                     match call.invoke_async(&mut connection.clone()).await {
                         Ok(popped) => popped,
                         Err(error) => {
@@ -261,8 +278,8 @@ impl Broker for RedisBroker {
                     };
                 // Rotate so a busy queue cannot starve the others.
                 queues.rotate_left(1);
-                let Some((list, raw)) = popped else {
-                    drop(slot);
+                if popped.is_empty() {
+                    drop(free);
                     tokio::select! {
                         waited = wait_for_work(&mut waiting, &queues[0]) => match waited {
                             Ok(()) => continue,
@@ -273,35 +290,23 @@ impl Broker for RedisBroker {
                         },
                         () = closing.cancelled() => break,
                     }
-                };
-                let queue = list.split(SEP).next().unwrap_or(&list).to_string();
-                let (message, tag) = match envelope::decode(&raw) {
-                    Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
-                    // The script recorded it if its envelope had a tag: settling drops the record.
-                    Err(error) => (Err(error), recorded_tag(&raw)),
-                };
-                let delivery = match tag {
-                    Some(tag) => Delivery {
-                        message,
-                        queue,
-                        tag: tag.clone(),
-                        settle: Settle::new(RedisAcker {
-                            connection: connection.clone(),
-                            tag,
-                            list,
-                            raw,
-                            _slot: slot,
-                        }),
-                    },
-                    None => Delivery {
-                        message,
-                        queue,
-                        tag: "(no delivery tag)".into(),
-                        settle: Settle::new(Dropped { _slot: slot }),
-                    },
-                };
-                if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
-                    give_back(unwanted).await;
+                }
+                let mut deliveries = popped
+                    .into_iter()
+                    .zip(free)
+                    .map(|((list, raw), slot)| delivery(&connection, list, raw, slot));
+                for delivery in deliveries.by_ref() {
+                    if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
+                        give_back(unwanted).await;
+                        break;
+                    }
+                }
+                // Taken but not handed over (the worker stopped): back to their queues.
+                let rest: Vec<_> = deliveries.collect();
+                if !rest.is_empty() {
+                    for unwanted in rest {
+                        give_back(unwanted).await;
+                    }
                     break;
                 }
             }
@@ -406,6 +411,41 @@ impl Broker for RedisBroker {
             let _ = fetching.await;
         }
         Ok(())
+    }
+}
+
+/// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`.
+fn delivery(
+    connection: &MultiplexedConnection,
+    list: String,
+    raw: Vec<u8>,
+    slot: OwnedSemaphorePermit,
+) -> Delivery {
+    let queue = list.split(SEP).next().unwrap_or(&list).to_string();
+    let (message, tag) = match envelope::decode(&raw) {
+        Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
+        // The script recorded it if its envelope had a tag: settling drops the record.
+        Err(error) => (Err(error), recorded_tag(&raw)),
+    };
+    match tag {
+        Some(tag) => Delivery {
+            message,
+            queue,
+            tag: tag.clone(),
+            settle: Settle::new(RedisAcker {
+                connection: connection.clone(),
+                tag,
+                list,
+                raw,
+                _slot: slot,
+            }),
+        },
+        None => Delivery {
+            message,
+            queue,
+            tag: "(no delivery tag)".into(),
+            settle: Settle::new(Dropped { _slot: slot }),
+        },
     }
 }
 
