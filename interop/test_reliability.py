@@ -193,7 +193,10 @@ def test_no_task_lost_when_acks_late_worker_is_killed(isolated_broker, spawn_rus
     setup = isolated_broker
     queue = setup.new_queue("batch")
     env = {**ACKS_LATE, **SHORT_VISIBILITY}
-    results = [setup.app.send_task("tasks.add", (i, i), queue=queue) for i in range(BATCH)]
+    # 20 ms each (4 at a time: about a second for the batch), so the kill lands in the middle of
+    # it; each task's own duration is its result.
+    durations = [0.02 + i / 1e6 for i in range(BATCH)]
+    results = [setup.app.send_task("tasks.sleep", (d,), queue=queue) for d in durations]
     ids = [r.id for r in results]
 
     def succeeded_ids() -> set[str]:
@@ -221,7 +224,7 @@ def test_no_task_lost_when_acks_late_worker_is_killed(isolated_broker, spawn_rus
     wait_for(lambda: succeeded() == BATCH, 90, interval=0.2,
              describe=lambda: f"all {BATCH} results SUCCESS (have {succeeded()}; "
                               f"backlog {setup.backlog(queue)}; log {second.log_path})")
-    assert [r.get(timeout=GET_TIMEOUT) for r in results] == [2 * i for i in range(BATCH)]
+    assert [r.get(timeout=GET_TIMEOUT) for r in results] == durations
 
     runs = Counter(logged_task_ids(first.process, "task succeeded") + logged_task_ids(second.process, "task succeeded"))
     assert set(runs) == set(ids), "every task ran (each SUCCESS was stored after its log line)"
