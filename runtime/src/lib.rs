@@ -5,6 +5,7 @@
 //! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod broker;
+pub mod canvas;
 pub mod client;
 pub mod config;
 pub mod error;

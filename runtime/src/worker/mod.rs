@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
+use crate::canvas::{self, Next};
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
@@ -532,8 +533,7 @@ impl Worker {
                     &request.id,
                     fields(json!({"result": repr(&value), "runtime": runtime})),
                 );
-                self.finish(&request, &queue, state::SUCCESS, value, None)
-                    .await
+                self.succeed(&request, &queue, value).await
             }
             Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
@@ -595,7 +595,25 @@ impl Worker {
         }
     }
 
-    /// Stores FAILURE with `exc` and tells Flower; `false` when it could not be stored.
+    /// Stores SUCCESS, with the tasks it sends next as its children, then sends them: link
+    /// callbacks and the next step of its chain. `false` when the result is not on record or a
+    /// next task was not sent.
+    async fn succeed(&self, request: &TaskRequest, queue: &str, value: Value) -> bool {
+        let next = canvas::after_success(request, &value).unwrap_or_else(|error| {
+            error!(task = %request.task, id = %request.id, %error, "cannot follow the task's links or chain");
+            Vec::new()
+        });
+        let stored = !self.stores(request) || {
+            let mut meta = self.meta(request, queue, state::SUCCESS, value);
+            meta.children = canvas::children(&next);
+            self.store(meta).await
+        };
+        stored && self.send_next(next).await
+    }
+
+    /// Stores FAILURE with `exc` and tells Flower; then stores the same failure for the chain
+    /// steps that will now never run, and sends the errbacks. `false` when the failure is not
+    /// on record or an errback was not sent.
     async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
         let tb = traceback(&exc);
         self.events.task(
@@ -603,8 +621,41 @@ impl Worker {
             &request.id,
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
-        self.finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
-            .await
+        let stored = self
+            .finish(
+                request,
+                queue,
+                state::FAILURE,
+                exc.to_value(),
+                Some(tb.clone()),
+            )
+            .await;
+        let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
+            error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
+            (Vec::new(), Vec::new())
+        });
+        for id in never {
+            let mut meta = ResultMeta::new(&id, state::FAILURE, exc.to_value(), Utc::now());
+            meta.traceback = Some(tb.clone());
+            meta.parent_id = Some(request.id.clone());
+            self.store(meta).await;
+        }
+        stored && self.send_next(errbacks).await
+    }
+
+    /// Publishes the tasks a finished task sends, each to the queue its options name or its
+    /// route; `false` when one could not be sent.
+    async fn send_next(&self, next: Vec<Next>) -> bool {
+        let mut all_sent = true;
+        for Next { mut request, queue } in next {
+            request.origin = Some(self.hostname.clone());
+            let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());
+            if let Err(error) = self.broker.publish(&queue, &request.encode()).await {
+                error!(task = %request.task, id = %request.id, %queue, %error, "cannot send the next task");
+                all_sent = false;
+            }
+        }
+        all_sent
     }
 
     /// Stores RETRY, then sends the task again as Celery does: same id, one more retry, due at

@@ -1,0 +1,127 @@
+"""Celery canvas across languages: chains, links and errbacks built in Python, with steps that run
+on the Rust worker (``tasks.*``, the ``rust`` fixture's queue) and on a stock Python worker
+(``py.*``, the ``py_worker`` fixture's queue), each broker.
+
+The Rust worker follows what the message carries: the next chain step (the last element of
+``embed.chain``), ``callbacks`` and ``errbacks``, with ``parent_id`` / ``root_id`` and the
+``children`` of the stored result, as a Python worker does. Chords are not followed yet.
+"""
+
+from __future__ import annotations
+
+import pytest
+from celery import chain, group
+
+from interop_helpers import wait_state
+
+GET_TIMEOUT = 30
+
+
+def rust_sig(setup, name: str, *args, immutable: bool = False):
+    sig = setup.app.signature(name, args=args, queue=setup.queue)
+    return sig.set(immutable=True) if immutable else sig
+
+
+def py_sig(setup, name: str, *args, immutable: bool = False):
+    sig = setup.app.signature(name, args=args, queue=setup.py_queue)
+    return sig.set(immutable=True) if immutable else sig
+
+
+def meta(setup, task_id: str) -> dict:
+    return setup.app.backend.get_task_meta(task_id)
+
+
+@pytest.mark.timeout(90)
+def test_chain_of_python_and_rust_steps(rust, py_worker):
+    setup = rust.setup
+    result = chain(
+        py_sig(setup, "py.mul", 2, 3),
+        rust_sig(setup, "tasks.add", 4),
+        py_sig(setup, "py.mul", 10),
+        rust_sig(setup, "tasks.add", 1),
+    ).apply_async()
+    assert result.get(timeout=GET_TIMEOUT) == 101
+    rust_step, py_step, first = result.parent.parent, result.parent, result.parent.parent.parent
+    assert [r.get(timeout=GET_TIMEOUT) for r in (first, rust_step, py_step)] == [6, 10, 100]
+    stored = meta(setup, rust_step.id)
+    assert stored["parent_id"] == first.id, stored
+    assert [child[0][0] for child in stored["children"]] == [py_step.id], stored
+    assert meta(setup, result.id)["parent_id"] == py_step.id
+
+
+@pytest.mark.timeout(60)
+def test_chain_on_the_rust_worker_alone(rust):
+    setup = rust.setup
+    result = (rust_sig(setup, "tasks.add", 1, 1) | rust_sig(setup, "tasks.add", 2)
+              | rust_sig(setup, "tasks.mul", 3)).apply_async()
+    assert result.get(timeout=GET_TIMEOUT) == 12
+    assert result.parent.get(timeout=GET_TIMEOUT) == 4
+
+
+@pytest.mark.timeout(60)
+def test_link_callbacks_run_with_the_result(rust, py_worker):
+    setup = rust.setup
+    to_python = py_sig(setup, "py.mul", 10)
+    to_rust = rust_sig(setup, "tasks.add", 1)
+    ignores = rust_sig(setup, "tasks.add", 20, 22, immutable=True)
+    result = rust_sig(setup, "tasks.add", 2, 2).apply_async(link=[to_python, to_rust, ignores])
+    assert result.get(timeout=GET_TIMEOUT) == 4
+    children = result.children
+    assert children is not None and len(children) == 3, meta(setup, result.id)
+    assert [c.get(timeout=GET_TIMEOUT) for c in children] == [40, 5, 42]
+    for child in children:
+        assert meta(setup, child.id)["parent_id"] == result.id
+
+
+@pytest.mark.timeout(60)
+def test_link_error_runs_after_a_rust_failure(rust, py_worker):
+    setup = rust.setup
+    errback = py_sig(setup, "py.mul", 6, 7, immutable=True)
+    errback_id = errback.freeze().id
+    result = rust_sig(setup, "tasks.fail", "boom").apply_async(link_error=errback)
+    with pytest.raises(RuntimeError, match="boom"):
+        result.get(timeout=GET_TIMEOUT)
+    assert setup.app.AsyncResult(errback_id).get(timeout=GET_TIMEOUT) == 42
+
+
+@pytest.mark.timeout(60)
+def test_an_old_style_errback_gets_the_failed_task_id(rust, py_worker):
+    setup = rust.setup
+    errback = py_sig(setup, "py.concat", "-failed")
+    errback_id = errback.freeze().id
+    result = rust_sig(setup, "tasks.fail", "boom").apply_async(link_error=errback)
+    with pytest.raises(RuntimeError):
+        result.get(timeout=GET_TIMEOUT)
+    assert setup.app.AsyncResult(errback_id).get(timeout=GET_TIMEOUT) == f"{result.id}-failed"
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_rust_step_fails_the_rest_of_the_chain(rust, py_worker):
+    setup = rust.setup
+    result = chain(
+        rust_sig(setup, "tasks.add", 1, 1),
+        rust_sig(setup, "tasks.fail", "step two broke", immutable=True),
+        py_sig(setup, "py.mul", 2),
+        rust_sig(setup, "tasks.add", 3),
+    ).apply_async()
+    with pytest.raises(RuntimeError, match="step two broke"):
+        result.get(timeout=GET_TIMEOUT)  # raises the failed parent's error as soon as it is stored
+    # The steps that never ran share the failure (stored just after the failed step's own).
+    assert wait_state(result, "FAILURE") == "FAILURE"
+    assert wait_state(result.parent, "FAILURE") == "FAILURE", "the Python step never ran"
+    assert result.parent.parent.state == "FAILURE"
+    with pytest.raises(RuntimeError, match="step two broke"):
+        result.parent.get(timeout=GET_TIMEOUT, propagate=True)
+    assert result.parent.parent.parent.get(timeout=GET_TIMEOUT) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_chain_ending_in_a_group_fans_out_from_rust(rust, py_worker):
+    setup = rust.setup
+    result = chain(
+        rust_sig(setup, "tasks.add", 1, 1),
+        group(py_sig(setup, "py.mul", 10), rust_sig(setup, "tasks.mul", 100), rust_sig(setup, "tasks.add", 5)),
+    ).apply_async()
+    assert result.get(timeout=GET_TIMEOUT) == [20, 200, 7]
+    members = [meta(setup, r.id) for r in result.results]
+    assert {m["group_id"] for m in members} == {result.id}, members

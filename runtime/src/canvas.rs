@@ -1,0 +1,448 @@
+//! Celery's canvas as a worker follows it when a task ends: the signatures a message carries in
+//! its embed (`callbacks`, `errbacks`, `chain`) become the requests to send next. Pure: the
+//! worker stores and sends.
+//!
+//! A signature is `celery.canvas.Signature` as JSON: `{task, args, kwargs, options,
+//! subtask_type, immutable}`. The `chain` list is stored last step first, so the next step is its
+//! last element, and the step after it receives what is left (an empty list at the end).
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+
+use crate::protocol::TaskRequest;
+
+/// A task call to make later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    /// Task name.
+    pub task: String,
+    /// Positional arguments (the parent's result goes first unless `immutable`).
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// `apply_async` options: `task_id`, `queue`, `link`, `countdown`, ...
+    pub options: Map<String, Value>,
+    /// `None` for a task; `chain`, `group` or `chord` for a canvas of signatures in `kwargs`.
+    pub subtask_type: Option<String>,
+    /// Whether the parent's result is left out of the arguments (`.si()`).
+    pub immutable: bool,
+}
+
+/// Why the next steps could not be worked out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CanvasError(pub String);
+
+impl Signature {
+    /// Reads a signature; a value that is not one is an error naming what is wrong.
+    pub fn from_value(value: &Value) -> Result<Self, CanvasError> {
+        let fields = value
+            .as_object()
+            .ok_or_else(|| CanvasError(format!("a signature must be an object, not {value}")))?;
+        let task = fields
+            .get("task")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| CanvasError(format!("a signature names no task: {value}")))?;
+        let object = |key: &str| match fields.get(key) {
+            Some(Value::Object(map)) => Ok(map.clone()),
+            None | Some(Value::Null) => Ok(Map::new()),
+            Some(other) => Err(CanvasError(format!(
+                "a signature's {key} must be an object, not {other}"
+            ))),
+        };
+        Ok(Self {
+            task: task.to_string(),
+            args: match fields.get("args") {
+                Some(Value::Array(args)) => args.clone(),
+                None | Some(Value::Null) => Vec::new(),
+                Some(other) => {
+                    return Err(CanvasError(format!(
+                        "a signature's args must be a list, not {other}"
+                    )))
+                }
+            },
+            kwargs: object("kwargs")?,
+            options: object("options")?,
+            subtask_type: fields
+                .get("subtask_type")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            immutable: fields
+                .get("immutable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    fn option_str(&self, key: &str) -> Option<String> {
+        self.options
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
+    /// The signatures of a `chain` or `group` (its `kwargs.tasks`).
+    fn members(&self) -> Result<Vec<Signature>, CanvasError> {
+        match self.kwargs.get("tasks") {
+            Some(Value::Array(tasks)) => tasks.iter().map(Signature::from_value).collect(),
+            _ => Err(CanvasError(format!(
+                "a {} signature without its tasks",
+                self.subtask_type.as_deref().unwrap_or("task")
+            ))),
+        }
+    }
+}
+
+/// A request to send, and the queue its options name (`None`: route it by task name).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Next {
+    pub request: TaskRequest,
+    pub queue: Option<String>,
+}
+
+/// What `parent` sends after it succeeded with `result`: its link callbacks, then the next step
+/// of its chain.
+pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Vec<Next>, CanvasError> {
+    let mut next = Vec::new();
+    for callback in signatures(parent.embed.get("callbacks"))? {
+        next.extend(apply(&callback, parent, Some(result), None)?);
+    }
+    let mut chain = match parent.embed.get("chain") {
+        Some(Value::Array(steps)) => steps.clone(),
+        _ => Vec::new(),
+    };
+    if let Some(step) = chain.pop() {
+        next.extend(apply(
+            &Signature::from_value(&step)?,
+            parent,
+            Some(result),
+            Some(chain),
+        )?);
+    }
+    Ok(next)
+}
+
+/// What follows the failure of `parent`: its errbacks, sent as Celery sends them to a worker of
+/// any language (the failed task's id first unless the errback is immutable, then its own
+/// arguments), and the ids of
+/// the chain steps that will now never run, each to be stored failed as well.
+pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<String>), CanvasError> {
+    let mut errbacks = Vec::new();
+    for errback in signatures(parent.embed.get("errbacks"))? {
+        let id = Value::String(parent.id.clone());
+        errbacks.extend(apply(&errback, parent, Some(&id), None)?);
+    }
+    let mut never = Vec::new();
+    if let Some(Value::Array(steps)) = parent.embed.get("chain") {
+        for step in steps {
+            if let Some(id) = Signature::from_value(step)?.option_str("task_id") {
+                never.push(id);
+            }
+        }
+    }
+    Ok((errbacks, never))
+}
+
+/// `children` of the parent's stored result: one `[[id, null], null]` per request it sent.
+pub fn children(next: &[Next]) -> Vec<Value> {
+    next.iter()
+        .map(|n| json!([[n.request.id, null], null]))
+        .collect()
+}
+
+/// `link` / `callbacks` values: one signature, a list of them, or none.
+fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().map(Signature::from_value).collect(),
+        Some(one) => Ok(vec![Signature::from_value(one)?]),
+    }
+}
+
+/// The requests that start `signature`, sent by `parent` with `result` (if any) as the first
+/// argument; `rest` is the remainder of the chain it is a step of (last step first), to run
+/// after it, or `None` when it is no chain's step.
+fn apply(
+    signature: &Signature,
+    parent: &TaskRequest,
+    result: Option<&Value>,
+    rest: Option<Vec<Value>>,
+) -> Result<Vec<Next>, CanvasError> {
+    let chained_after = rest.as_ref().is_some_and(|r| !r.is_empty());
+    match signature.subtask_type.as_deref() {
+        None => Ok(vec![request_for(signature, parent, result, rest)]),
+        Some("chain") => {
+            let mut steps = signature.members()?.into_iter();
+            let first = steps
+                .next()
+                .ok_or_else(|| CanvasError("an empty chain".into()))?;
+            // The inner chain's steps run before what is left of the outer one.
+            let mut chain = rest.unwrap_or_default();
+            chain.extend(steps.rev().map(|s| to_value(&s)));
+            apply(&first, parent, result, Some(chain))
+        }
+        Some("group") if !chained_after => {
+            let group_id = signature
+                .option_str("group_id")
+                .or_else(|| signature.option_str("task_id"))
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let mut sent = Vec::new();
+            for (index, member) in signature.members()?.iter().enumerate() {
+                for mut next in apply(member, parent, result, None)? {
+                    next.request.group = Some(group_id.clone());
+                    next.request.group_index = Some(index as u64);
+                    sent.push(next);
+                }
+            }
+            Ok(sent)
+        }
+        Some(kind) => Err(CanvasError(format!(
+            "this worker cannot start a {kind} from a {} step yet (task {})",
+            if chained_after { "chain" } else { "final" },
+            signature.task
+        ))),
+    }
+}
+
+/// The request for a plain task signature.
+fn request_for(
+    signature: &Signature,
+    parent: &TaskRequest,
+    result: Option<&Value>,
+    chain: Option<Vec<Value>>,
+) -> Next {
+    let mut args = Vec::with_capacity(signature.args.len() + 1);
+    if let (Some(result), false) = (result, signature.immutable) {
+        args.push(result.clone());
+    }
+    args.extend(signature.args.iter().cloned());
+    let mut request = TaskRequest::new(&signature.task, args, signature.kwargs.clone());
+    let options = &signature.options;
+    if let Some(id) = signature.option_str("task_id") {
+        request.id = id;
+    }
+    request.root_id = Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone()));
+    request.parent_id = Some(parent.id.clone());
+    request.group = signature.option_str("group_id");
+    request.group_index = options.get("group_index").and_then(Value::as_u64);
+    let null = || Value::Null;
+    request.embed = json!({
+        "callbacks": options.get("link").cloned().unwrap_or_else(null),
+        "errbacks": options.get("link_error").cloned().unwrap_or_else(null),
+        "chain": chain.map_or(Value::Null, Value::Array),
+        "chord": options.get("chord").cloned().unwrap_or_else(null),
+    });
+    let now = Utc::now();
+    let seconds_from_now = |v: &Value| {
+        v.as_f64()
+            .and_then(|s| chrono::Duration::try_milliseconds((s * 1e3) as i64))
+            .and_then(|d| now.checked_add_signed(d))
+    };
+    let date = |v: &Value| {
+        v.as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|d| d.to_utc())
+    };
+    request.eta = options
+        .get("eta")
+        .and_then(date)
+        .or_else(|| options.get("countdown").and_then(seconds_from_now));
+    request.expires = options
+        .get("expires")
+        .and_then(|v| date(v).or_else(|| seconds_from_now(v)));
+    if let Some(priority) = options.get("priority").and_then(Value::as_u64) {
+        request.properties.priority = priority.min(255) as u8;
+    }
+    request.properties.reply_to = signature.option_str("reply_to");
+    request.ignore_result = options
+        .get("ignore_result")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    request.timelimit = (
+        options.get("time_limit").and_then(Value::as_f64),
+        options.get("soft_time_limit").and_then(Value::as_f64),
+    );
+    Next {
+        request,
+        queue: signature.option_str("queue"),
+    }
+}
+
+fn to_value(signature: &Signature) -> Value {
+    json!({
+        "task": signature.task,
+        "args": signature.args,
+        "kwargs": signature.kwargs,
+        "options": signature.options,
+        "subtask_type": signature.subtask_type,
+        "immutable": signature.immutable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig(task: &str, args: Value, options: Value) -> Value {
+        json!({"task": task, "args": args, "kwargs": {}, "options": options,
+               "subtask_type": null, "immutable": false})
+    }
+
+    fn parent(embed: Value) -> TaskRequest {
+        let mut request = TaskRequest::new("tasks.add", vec![json!(1), json!(1)], Map::new());
+        request.id = "t".into();
+        request.root_id = Some("r".into());
+        request.embed = embed;
+        request
+    }
+
+    #[test]
+    fn the_next_chain_step_is_the_last_element_and_gets_the_rest() {
+        // chain(add.s(1, 1), mul.s(10), xsum.s()) as the first step's embed carries it.
+        let first = parent(
+            json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [
+                sig("xsum", json!([]), json!({"task_id": "c3"})),
+                sig("mul", json!([10]), json!({"task_id": "c2", "queue": "q2"})),
+            ]}),
+        );
+        let next = after_success(&first, &json!(2)).unwrap();
+        assert_eq!(next.len(), 1);
+        let step = &next[0];
+        assert_eq!(step.queue.as_deref(), Some("q2"));
+        let r = &step.request;
+        assert_eq!((r.id.as_str(), r.task.as_str()), ("c2", "mul"));
+        assert_eq!(r.args, vec![json!(2), json!(10)]);
+        assert_eq!(
+            (r.parent_id.as_deref(), r.root_id.as_deref()),
+            (Some("t"), Some("r"))
+        );
+        assert_eq!(
+            r.embed["chain"],
+            json!([sig("xsum", json!([]), json!({"task_id": "c3"}))])
+        );
+        // The last step gets an empty list, as Celery sends it.
+        let last = after_success(r, &json!(20)).unwrap();
+        assert_eq!(last[0].request.embed["chain"], json!([]));
+        assert_eq!(last[0].request.root_id.as_deref(), Some("r"));
+        assert!(after_success(&last[0].request, &json!(20))
+            .unwrap()
+            .is_empty());
+        assert_eq!(children(&next), vec![json!([["c2", null], null])]);
+    }
+
+    #[test]
+    fn links_get_the_result_unless_immutable_and_keep_their_own_options() {
+        let mut immutable = sig("log", json!(["done"]), json!({}));
+        immutable["immutable"] = json!(true);
+        let link = sig(
+            "mul",
+            json!([10]),
+            json!({"link": sig("after", json!([]), json!({})), "countdown": 60}),
+        );
+        let first = parent(
+            json!({"callbacks": [link, immutable], "errbacks": null, "chain": null, "chord": null}),
+        );
+        let next = after_success(&first, &json!(5)).unwrap();
+        let args: Vec<_> = next.iter().map(|n| n.request.args.clone()).collect();
+        assert_eq!(args, vec![vec![json!(5), json!(10)], vec![json!("done")]]);
+        assert_eq!(next[0].request.embed["callbacks"]["task"], "after");
+        assert_eq!(next[0].request.embed["chain"], Value::Null);
+        let eta = next[0].request.eta.expect("countdown makes an eta");
+        assert!(eta > Utc::now() + chrono::Duration::seconds(50));
+    }
+
+    #[test]
+    fn a_failure_sends_errbacks_with_the_failed_id_and_names_the_steps_that_never_run() {
+        let mut immutable = sig("log", json!(["eb"]), json!({}));
+        immutable["immutable"] = json!(true);
+        let first = parent(json!({
+            "callbacks": [sig("never", json!([]), json!({}))],
+            "errbacks": [sig("on_error", json!([1]), json!({})), immutable],
+            "chord": null,
+            "chain": [sig("c", json!([]), json!({"task_id": "c3"})), sig("b", json!([]), json!({"task_id": "c2"}))],
+        }));
+        let (errbacks, never) = after_failure(&first).unwrap();
+        let calls: Vec<_> = errbacks
+            .iter()
+            .map(|n| (n.request.task.as_str(), n.request.args.clone()))
+            .collect();
+        assert_eq!(
+            calls,
+            vec![
+                ("on_error", vec![json!("t"), json!(1)]),
+                ("log", vec![json!("eb")])
+            ]
+        );
+        assert_eq!(never, vec!["c3".to_string(), "c2".to_string()]);
+    }
+
+    #[test]
+    fn a_group_step_fans_out_with_group_id_and_index() {
+        let group = json!({"task": "celery.group", "args": [], "options": {"task_id": "g1"},
+            "subtask_type": "group", "immutable": false,
+            "kwargs": {"tasks": [sig("a", json!([1]), json!({})), sig("b", json!([2]), json!({}))]}});
+        let first =
+            parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [group]}));
+        let next = after_success(&first, &json!(7)).unwrap();
+        let members: Vec<_> = next
+            .iter()
+            .map(|n| {
+                (
+                    n.request.task.as_str(),
+                    n.request.args.clone(),
+                    n.request.group.as_deref(),
+                    n.request.group_index,
+                )
+            })
+            .collect();
+        assert_eq!(
+            members,
+            vec![
+                ("a", vec![json!(7), json!(1)], Some("g1"), Some(0)),
+                ("b", vec![json!(7), json!(2)], Some("g1"), Some(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_nested_chain_runs_its_steps_before_the_rest_of_the_outer_one() {
+        let inner = json!({"task": "celery.chain", "args": [], "options": {}, "subtask_type": "chain",
+            "immutable": false, "kwargs": {"tasks": [sig("x", json!([]), json!({})), sig("y", json!([]), json!({}))]}});
+        let first = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
+            "chain": [sig("z", json!([]), json!({})), inner]}));
+        let next = after_success(&first, &json!(1)).unwrap();
+        assert_eq!(next[0].request.task, "x");
+        let rest: Vec<_> = next[0].request.embed["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(rest, ["z", "y"], "y next (last), then z");
+    }
+
+    #[test]
+    fn what_cannot_be_followed_is_a_clear_error() {
+        let chord = json!({"task": "celery.chord", "args": [], "options": {}, "subtask_type": "chord",
+            "immutable": false, "kwargs": {}});
+        let first =
+            parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [chord]}));
+        let error = after_success(&first, &json!(1)).unwrap_err();
+        assert!(error.0.contains("cannot start a chord"), "{error}");
+        let bad = parent(
+            json!({"callbacks": [{"args": []}], "errbacks": null, "chord": null, "chain": null}),
+        );
+        assert!(after_success(&bad, &json!(1))
+            .unwrap_err()
+            .0
+            .contains("names no task"));
+        let bad = parent(
+            json!({"callbacks": [sig("a", json!({"x": 1}), json!({}))], "errbacks": null, "chord": null, "chain": null}),
+        );
+        assert!(after_success(&bad, &json!(1))
+            .unwrap_err()
+            .0
+            .contains("args must be a list"));
+    }
+}
