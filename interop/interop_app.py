@@ -73,6 +73,11 @@ def _node_list(text: str | None) -> tuple[str, ...]:
     return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
+def xsum(numbers):
+    """``py.xsum``: a Python chord body (sums the header's results)."""
+    return sum(numbers)
+
+
 def sleep(seconds):
     """``py.sleep``: a Python task that stays active for a while (monitoring tests)."""
     time.sleep(seconds)
@@ -112,6 +117,7 @@ def create_app(
     celery_app.task(name="py.mul")(mul)
     celery_app.task(name="py.concat")(concat)
     celery_app.task(name="py.sleep")(sleep)
+    celery_app.task(name="py.xsum")(xsum)
     if transport_options:
         celery_app.conf.broker_transport_options = dict(transport_options)
     if twin_tasks:

@@ -4,15 +4,18 @@ on the Rust worker (``tasks.*``, the ``rust`` fixture's queue) and on a stock Py
 
 The Rust worker follows what the message carries: the next chain step (the last element of
 ``embed.chain``), ``callbacks`` and ``errbacks``, with ``parent_id`` / ``root_id`` and the
-``children`` of the stored result, as a Python worker does. Chords are not followed yet.
+``children`` of the stored result, as a Python worker does; chord header members run by
+either kind of worker are counted in the chord join Celery's Redis backend keeps, and whichever
+completes the chord sends its body.
 """
 
 from __future__ import annotations
 
 import pytest
-from celery import chain, group
+from celery import chain, chord, group
+from celery.exceptions import ChordError
 
-from interop_helpers import wait_state
+from interop_helpers import logged_task_ids, wait_state
 
 GET_TIMEOUT = 30
 
@@ -125,3 +128,40 @@ def test_a_chain_ending_in_a_group_fans_out_from_rust(rust, py_worker):
     assert result.get(timeout=GET_TIMEOUT) == [20, 200, 7]
     members = [meta(setup, r.id) for r in result.results]
     assert {m["group_id"] for m in members} == {result.id}, members
+
+
+@pytest.mark.timeout(60)
+def test_chord_with_a_rust_header_and_body(rust):
+    setup = rust.setup
+    result = chord([rust_sig(setup, "tasks.mul", i, 2) for i in range(10)], rust_sig(setup, "tasks.xsum")).apply_async()
+    assert result.get(timeout=GET_TIMEOUT) == 90
+
+
+@pytest.mark.timeout(60)
+def test_chord_members_from_both_languages_reach_the_body_in_header_order(rust, py_worker):
+    setup = rust.setup
+    header = [rust_sig(setup, "tasks.mul", i, 2) if i % 2 else py_sig(setup, "py.mul", i, 2) for i in range(20)]
+    expected = [2 * i for i in range(20)]
+    assert chord(header, rust_sig(setup, "tasks.echo")).apply_async().get(timeout=GET_TIMEOUT) == expected
+    header = [rust_sig(setup, "tasks.mul", i, 2) if i % 2 else py_sig(setup, "py.mul", i, 2) for i in range(20)]
+    assert chord(header, py_sig(setup, "py.xsum")).apply_async().get(timeout=GET_TIMEOUT) == sum(expected)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_rust_member_fails_the_chord_body(rust, py_worker):
+    setup = rust.setup
+    header = [rust_sig(setup, "tasks.add", 1, 1), rust_sig(setup, "tasks.fail", "boom"), py_sig(setup, "py.mul", 2, 3)]
+    result = chord(header, py_sig(setup, "py.xsum")).apply_async()
+    with pytest.raises(RuntimeError, match="boom"):
+        result.get(timeout=GET_TIMEOUT)  # the failed member's own error first, as Celery raises it
+    assert wait_state(result, "FAILURE") == "FAILURE"
+    assert isinstance(result.result, ChordError), result.result
+    assert "raised RuntimeError('boom')" in str(result.result)
+
+
+@pytest.mark.timeout(120)
+def test_a_chord_of_a_thousand_rust_members_completes_exactly_once(rust):
+    setup = rust.setup
+    result = chord([rust_sig(setup, "tasks.add", i, 0) for i in range(1000)], rust_sig(setup, "tasks.xsum")).apply_async()
+    assert result.get(timeout=90) == sum(range(1000))
+    assert logged_task_ids(rust.process, "task succeeded").count(result.id) == 1

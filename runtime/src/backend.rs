@@ -59,6 +59,16 @@ impl RedisBackend {
         })
     }
 
+    /// A handle on the shared connection, for the backend's other records (chords).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// Seconds results are kept (0: for ever).
+    pub(crate) fn expires(&self) -> u64 {
+        self.expires
+    }
+
     /// Writes and publishes `meta`; `false` when the task already holds SUCCESS.
     pub async fn store(&self, meta: &ResultMeta) -> Result<bool> {
         let text = serde_json::to_string(meta)?;

@@ -75,7 +75,8 @@ impl Signature {
         })
     }
 
-    fn option_str(&self, key: &str) -> Option<String> {
+    /// A string option, such as `task_id` or `queue`.
+    pub fn option_str(&self, key: &str) -> Option<String> {
         self.options
             .get(key)
             .and_then(Value::as_str)
@@ -142,6 +143,24 @@ pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<String>), C
         }
     }
     Ok((errbacks, never))
+}
+
+/// The body of the chord `parent` is a header member of, if any.
+pub fn chord_of(parent: &TaskRequest) -> Result<Option<Signature>, CanvasError> {
+    match parent.embed.get("chord") {
+        None | Some(Value::Null) => Ok(None),
+        Some(body) => Signature::from_value(body).map(Some),
+    }
+}
+
+/// The requests that start a chord's `body`, sent by the member `parent` that completed the
+/// chord, with the members' results in header order as the body's first argument.
+pub fn chord_body(
+    body: &Signature,
+    parent: &TaskRequest,
+    results: Vec<Value>,
+) -> Result<Vec<Next>, CanvasError> {
+    apply(body, parent, Some(&Value::Array(results)), None)
 }
 
 /// `children` of the parent's stored result: one `[[id, null], null]` per request it sent.

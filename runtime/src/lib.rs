@@ -6,6 +6,7 @@
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
+//! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod broker;
 pub mod canvas;
+pub mod chord;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
 use crate::canvas::{self, Next};
+use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
@@ -604,11 +605,81 @@ impl Worker {
             Vec::new()
         });
         let stored = !self.stores(request) || {
-            let mut meta = self.meta(request, queue, state::SUCCESS, value);
+            let mut meta = self.meta(request, queue, state::SUCCESS, value.clone());
             meta.children = canvas::children(&next);
             self.store(meta).await
         };
-        stored && self.send_next(next).await
+        let joined = self
+            .join_chord(request, queue, state::SUCCESS, &value)
+            .await;
+        stored && joined && self.send_next(next).await
+    }
+
+    /// Counts a chord header member in its chord (Celery's Redis join, shared with Python
+    /// workers). The member that completes the chord sends the body with every member's result,
+    /// or, when one failed, fails the body with `ChordError`. `false` when the count could not
+    /// be recorded.
+    async fn join_chord(
+        &self,
+        request: &TaskRequest,
+        queue: &str,
+        status: &str,
+        result: &Value,
+    ) -> bool {
+        let (Some(backend), Some(chord_id)) = (&self.backend, &request.group) else {
+            return true;
+        };
+        let body = match canvas::chord_of(request) {
+            Ok(Some(body)) => body,
+            Ok(None) => return true,
+            Err(error) => {
+                error!(task = %request.task, id = %request.id, %error, "cannot read the chord body");
+                return true;
+            }
+        };
+        let member = chord::Member {
+            task_id: request.id.clone(),
+            state: status.to_string(),
+            result: result.clone(),
+        };
+        let (members, claim) = match chord::count(backend, chord_id, request.group_index, &member)
+            .await
+        {
+            Ok(chord::Join::Waiting) => return true,
+            Ok(chord::Join::Complete { members, claim }) => (members, claim),
+            Err(error) => {
+                error!(chord = %chord_id, id = %request.id, %error, "cannot count the chord member");
+                return false;
+            }
+        };
+        let failed = chord::failure(&members);
+        let results = members.into_iter().map(|m| m.result).collect();
+        let sent = match (canvas::chord_body(&body, request, results), failed) {
+            (Ok(next), None) => {
+                info!(chord = %chord_id, body = %body.task, "chord complete; sending its body");
+                self.send_next(next).await
+            }
+            (Ok(next), Some(exc)) => {
+                error!(chord = %chord_id, exception = %exc.repr(), "chord failed");
+                for Next {
+                    request: body,
+                    queue: body_queue,
+                } in next
+                {
+                    let queue = body_queue.unwrap_or_else(|| queue.to_string());
+                    Box::pin(self.fail(&body, &queue, exc.clone())).await;
+                }
+                true
+            }
+            (Err(error), _) => {
+                error!(chord = %chord_id, %error, "cannot start the chord body");
+                true
+            }
+        };
+        if let Err(error) = chord::finish(backend, chord_id, &claim).await {
+            warn!(chord = %chord_id, %error, "cannot mark the chord done; its data will expire");
+        }
+        sent
     }
 
     /// Stores FAILURE with `exc` and tells Flower; then stores the same failure for the chain
@@ -630,6 +701,9 @@ impl Worker {
                 Some(tb.clone()),
             )
             .await;
+        let joined = self
+            .join_chord(request, queue, state::FAILURE, &exc.to_value())
+            .await;
         let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
             (Vec::new(), Vec::new())
@@ -640,7 +714,7 @@ impl Worker {
             meta.parent_id = Some(request.id.clone());
             self.store(meta).await;
         }
-        stored && self.send_next(errbacks).await
+        stored && joined && self.send_next(errbacks).await
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its

@@ -1,0 +1,188 @@
+//! The chord join as Celery's Redis result backend keeps it, so header tasks run by Python and
+//! by Rust workers finish the same chord. Keys are `celery-taskset-meta-<chord id>` plus:
+//!
+//! - `.s`: the header's size, set by the client that applied the chord;
+//! - `.t`: members added later (a counter);
+//! - `.j`: the members' outcomes, a sorted set scored by `group_index`, each `[1, id, state,
+//!   result]` as JSON;
+//! - `.d`: `"<id>:<index>"` of each member counted, so a member that ran twice counts once;
+//! - `.c`: the claim on sending the body: a token while one worker sends it, then `done`.
+//!
+//! The member that completes the count claims `.c` in the same atomic step, so exactly one
+//! worker reads the outcomes and sends the body.
+
+use serde_json::{json, Value};
+
+use crate::backend::RedisBackend;
+use crate::error::Result;
+use crate::protocol::result::{state, ExceptionInfo};
+
+/// Counts a member's outcome and, when it completes the chord, claims sending the body.
+/// KEYS: `.j`, `.t`, `.s`, `.d`, the chord's meta key, `.c`. ARGV: member id, entry, index,
+/// expiry seconds (0: none), claim seconds, claim token. Returns 1 when the caller holds the
+/// claim, 0 otherwise (not complete yet, another worker claimed it, or the chord is done).
+const COUNT_MEMBER: &str = r#"
+local joined, extra, size_key, counted, meta, claim = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('GET', claim) == 'done' then return 0 end
+local member = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SADD', counted, member) == 1 then
+  redis.call('ZADD', joined, ARGV[3], ARGV[2])
+end
+local expiry = tonumber(ARGV[4])
+if expiry > 0 then
+  for _, key in ipairs({joined, extra, size_key, counted, meta}) do
+    redis.call('EXPIRE', key, expiry)
+  end
+end
+local size = redis.call('GET', size_key)
+if not size then return 0 end
+local wanted = tonumber(size) + tonumber(redis.call('GET', extra) or '0')
+if redis.call('ZCARD', joined) ~= wanted then return 0 end
+if redis.call('SET', claim, ARGV[6], 'NX', 'EX', tonumber(ARGV[5])) then return 1 end
+return 0
+"#;
+
+/// Ends a chord whose body was sent under the claim ARGV[1]: drops its data and marks it done
+/// for ARGV[2] seconds, so a member that runs again later cannot start it over.
+/// KEYS: `.c`, `.j`, `.t`, `.s`, `.d`.
+const FINISH: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
+return 1
+"#;
+
+/// How long a claim holds: a worker that dies holding it leaves the chord to expire.
+const CLAIM_SECONDS: u64 = 10;
+/// How long a finished chord stays marked done.
+const DONE_SECONDS: u64 = 300;
+
+fn key(chord_id: &str, suffix: &str) -> String {
+    format!("celery-taskset-meta-{chord_id}{suffix}")
+}
+
+/// The outcome of a header member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub task_id: String,
+    pub state: String,
+    pub result: Value,
+}
+
+/// What counting a member led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Join {
+    /// Not complete, or another worker sends the body.
+    Waiting,
+    /// This worker completed the chord: here are the members in header order, and the claim
+    /// to hand back with [`finish`] once the body is sent.
+    Complete { members: Vec<Member>, claim: String },
+}
+
+/// Counts `member` (at `index` in the header) in chord `chord_id`.
+pub async fn count(
+    backend: &RedisBackend,
+    chord_id: &str,
+    index: Option<u64>,
+    member: &Member,
+) -> Result<Join> {
+    let score = index.map_or_else(|| "+inf".to_string(), |i| i.to_string());
+    let entry = json!([1, member.task_id, member.state, member.result]).to_string();
+    let claim = uuid::Uuid::new_v4().simple().to_string();
+    let mut connection = backend.connection();
+    let claimed: i64 = redis::Script::new(COUNT_MEMBER)
+        .key(key(chord_id, ".j"))
+        .key(key(chord_id, ".t"))
+        .key(key(chord_id, ".s"))
+        .key(key(chord_id, ".d"))
+        .key(key(chord_id, ""))
+        .key(key(chord_id, ".c"))
+        .arg(&member.task_id)
+        .arg(entry)
+        .arg(score)
+        .arg(backend.expires())
+        .arg(CLAIM_SECONDS)
+        .arg(&claim)
+        .invoke_async(&mut connection)
+        .await?;
+    if claimed == 0 {
+        return Ok(Join::Waiting);
+    }
+    let entries: Vec<String> = redis::cmd("ZRANGE")
+        .arg(key(chord_id, ".j"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut connection)
+        .await?;
+    let members = entries
+        .iter()
+        .filter_map(|entry| match serde_json::from_str::<Value>(entry) {
+            Ok(Value::Array(fields)) if fields.len() == 4 => Some(Member {
+                task_id: fields[1].as_str().unwrap_or_default().to_string(),
+                state: fields[2].as_str().unwrap_or_default().to_string(),
+                result: fields[3].clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok(Join::Complete { members, claim })
+}
+
+/// Marks chord `chord_id` done after its body was sent (or failed) under `claim`.
+pub async fn finish(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
+    redis::Script::new(FINISH)
+        .key(key(chord_id, ".c"))
+        .key(key(chord_id, ".j"))
+        .key(key(chord_id, ".t"))
+        .key(key(chord_id, ".s"))
+        .key(key(chord_id, ".d"))
+        .arg(claim)
+        .arg(DONE_SECONDS)
+        .invoke_async::<i64>(&mut backend.connection())
+        .await?;
+    Ok(())
+}
+
+/// The `ChordError` the body fails with when a member failed, as Celery words it; `None` when
+/// every member succeeded.
+pub fn failure(members: &[Member]) -> Option<ExceptionInfo> {
+    let failed = members
+        .iter()
+        .find(|m| m.state == state::FAILURE || m.state == state::REVOKED)?;
+    let raised = serde_json::from_value::<ExceptionInfo>(failed.result.clone())
+        .map(|exc| exc.repr())
+        .unwrap_or_else(|_| failed.result.to_string());
+    Some(ExceptionInfo::celery(
+        "ChordError",
+        format!("Dependency {} raised {raised}", failed.task_id),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, state: &str, result: Value) -> Member {
+        Member {
+            task_id: id.into(),
+            state: state.into(),
+            result,
+        }
+    }
+
+    #[test]
+    fn a_failed_member_names_itself_in_the_chord_error() {
+        let boom = ExceptionInfo::builtin("RuntimeError", "boom").to_value();
+        let members = [
+            member("a", "SUCCESS", json!(1)),
+            member("b", "FAILURE", boom),
+        ];
+        let error = failure(&members).unwrap();
+        assert_eq!(
+            (error.exc_module.as_str(), error.exc_type.as_str()),
+            ("celery.exceptions", "ChordError")
+        );
+        assert_eq!(error.message(), "Dependency b raised RuntimeError('boom')");
+        assert_eq!(failure(&members[..1]), None);
+    }
+}
