@@ -265,11 +265,7 @@ async fn redis_records_what_it_takes_in_the_same_step() {
     let url = common::redis_url();
     let queue = unique_queue("record");
     let broker = broker::connect(&url).await.unwrap();
-    let mut redis = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = raw_redis(&url).await;
     let sent = request(7);
     broker.publish(&queue, &sent.encode()).await.unwrap();
     let published: String = redis::cmd("LINDEX")
@@ -294,21 +290,7 @@ async fn redis_records_what_it_takes_in_the_same_step() {
     assert_eq!(entry, serde_json::json!([published, "", queue]));
     taken.settle.ack().await.unwrap();
 
-    let tag = format!("undecodable-{}", uuid::Uuid::new_v4());
-    let bad = serde_json::json!({
-        "body": "*** not base64 ***",
-        "content-type": "application/json",
-        "content-encoding": "utf-8",
-        "headers": {},
-        "properties": {"body_encoding": "base64", "delivery_tag": tag,
-                       "delivery_info": {"exchange": "", "routing_key": queue}},
-    });
-    redis::cmd("LPUSH")
-        .arg(&queue)
-        .arg(bad.to_string())
-        .query_async::<()>(&mut redis)
-        .await
-        .unwrap();
+    let tag = push_undecodable(&mut redis, &queue).await;
     let taken = next(&mut deliveries).await;
     assert!(taken.message.is_err());
     assert_eq!(taken.tag, tag);
@@ -323,6 +305,35 @@ async fn redis_records_what_it_takes_in_the_same_step() {
     );
     broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
+}
+
+/// A plain connection to the Redis broker, to look at kombu's records.
+async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Pushes onto `queue` an envelope whose body cannot be decoded; returns its delivery tag.
+async fn push_undecodable(redis: &mut redis::aio::MultiplexedConnection, queue: &str) -> String {
+    let tag = format!("undecodable-{}", uuid::Uuid::new_v4());
+    let bad = json!({
+        "body": "*** not base64 ***",
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {},
+        "properties": {"body_encoding": "base64", "delivery_tag": tag,
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    });
+    redis::cmd("LPUSH")
+        .arg(queue)
+        .arg(bad.to_string())
+        .query_async::<()>(redis)
+        .await
+        .unwrap();
+    tag
 }
 
 /// Whether kombu's `unacked` hash holds a record for `tag`.
@@ -343,28 +354,12 @@ async fn redis_takes_what_prefetch_allows_in_one_step_in_queue_order() {
     let url = common::redis_url();
     let queue = unique_queue("take-many");
     let broker = broker::connect(&url).await.unwrap();
-    let mut redis = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = raw_redis(&url).await;
     let sent: Vec<TaskRequest> = (0..7).map(request).collect();
     for message in &sent[..3] {
         broker.publish(&queue, &message.encode()).await.unwrap();
     }
-    let bad_tag = format!("undecodable-{}", uuid::Uuid::new_v4());
-    let bad = json!({
-        "body": "*** not base64 ***", "content-type": "application/json",
-        "content-encoding": "utf-8", "headers": {},
-        "properties": {"body_encoding": "base64", "delivery_tag": bad_tag,
-                       "delivery_info": {"exchange": "", "routing_key": queue}},
-    });
-    redis::cmd("LPUSH")
-        .arg(&queue)
-        .arg(bad.to_string())
-        .query_async::<()>(&mut redis)
-        .await
-        .unwrap();
+    let bad_tag = push_undecodable(&mut redis, &queue).await;
     for message in &sent[3..] {
         broker.publish(&queue, &message.encode()).await.unwrap();
     }
