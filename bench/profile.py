@@ -37,7 +37,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 COMPONENTS = [
     ("kernel (syscalls, network, scheduling)", ("_[k]",)),
     ("JSON (serde_json)", ("serde_json::", "serde::")),
-    ("AMQP client (lapin, amq-protocol)", ("lapin::", "amq_protocol", "pinky_swear", "flume::")),
+    ("AMQP client (lapin, amq-protocol)", ("lapin::", "amq_protocol", "pinky_swear", "flume::", "nom::")),
     ("Redis client", ("redis::", "combine::")),
     ("PostgreSQL client (diesel, tokio-postgres)", ("diesel", "tokio_postgres", "postgres_protocol",
                                                     "deadpool")),
@@ -45,8 +45,18 @@ COMPONENTS = [
     ("logging (tracing)", ("tracing", "nu_ansi_term", "sharded_slab")),
     ("tokio runtime", ("tokio::",)),
     ("our code (runtime, tasks, web)", ("runtime::", "tasks::", "web::", "worker::")),
-    ("memory (malloc, memcpy)", ("malloc", "free", "memmove", "memcpy", "memset", "realloc", "_int_",
-                                  "cfree")),
+    ("memory (malloc, memcpy)", ("malloc", "free", "memmove", "memcpy", "memset", "memcmp", "realloc",
+                                  "_int_", "cfree", "unlink_chunk", "tcache_", "GlobalAlloc", "drop_slow",
+                                  "finish_grow")),
+    ("Rust collections and hashing", ("alloc::collections", "alloc::vec", "core::hash", "hashbrown", "bytes::")),
+]
+
+# What our process was doing in the kernel, by the last frame of ours before it entered it.
+KERNEL_CAUSES = [
+    ("waking or parking threads (futex)", ("syscall", "futex", "lll_lock", "pthread_cond")),
+    ("writing to sockets and pipes", ("writev", "write", "send")),
+    ("reading from sockets", ("recv", "read")),
+    ("waiting for events (epoll)", ("epoll",)),
 ]
 
 
@@ -108,23 +118,37 @@ def component(leaf: str) -> str:
     return "other"
 
 
+def kernel_cause(frames: list[str]) -> str:
+    ours = [f for f in frames if not f.endswith("_[k]")]
+    last = ours[-1] if ours else ""
+    for name, patterns in KERNEL_CAUSES:
+        if any(p in last for p in patterns):
+            return name
+    return "interrupts and other"
+
+
 def summary(title: str, found: dict, work: str) -> str:
     stacks: Counter = found["stacks"]
-    total = sum(stacks.values()) or 1
-    leaves, parts = Counter(), Counter()
+    total = sum(stacks.values()) or 1  # perf's cpu-clock weights each sample by its period, in ns
+    leaves, parts, kernel = Counter(), Counter(), Counter()
     for stack, count in stacks.items():
-        leaf = stack.rsplit(";", 1)[-1]
+        frames = stack.split(";")
+        leaf = frames[-1]
         leaves[leaf] += count
         parts[component(leaf)] += count
+        if leaf.endswith("_[k]"):
+            kernel[kernel_cause(frames)] += count
     wall = found["wall"]
     busy = sorted(((s, p) for p, s in found["cpu"].items() if s >= 0.05 * wall), reverse=True)
     lines = [f"### {title}", "", f"{work} in {wall:.1f} s.", "",
              "CPU used by each program in that time (2 cores = 2.0 s per second):", "",
              "| program | CPU s | cores busy |", "|---|---|---|"]
     lines += [f"| {p} | {s:.1f} | {s / wall:.2f} |" for s, p in busy]
-    lines += ["", f"Our process, {total} samples, by the component of the sampled frame:", "",
+    lines += ["", f"Our process, {total / 1e9:.1f} CPU s sampled, by the component of the sampled frame:", "",
               "| component | share |", "|---|---|"]
     lines += [f"| {name} | {100 * n / total:.1f} % |" for name, n in parts.most_common()]
+    lines += ["", "Its time in the kernel, by what it asked for:", "", "| cause | share of all |", "|---|---|"]
+    lines += [f"| {name} | {100 * n / total:.1f} % |" for name, n in kernel.most_common()]
     lines += ["", "Hottest frames:", "", "| frame | share |", "|---|---|"]
     lines += [f"| `{leaf[:110]}` | {100 * n / total:.1f} % |" for leaf, n in leaves.most_common(12)]
     lines += ["", f"![{title}](results/profile/{found['name']}.svg)", ""]
