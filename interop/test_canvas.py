@@ -11,11 +11,13 @@ completes the chord sends its body.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from celery import chain, chord, group
 from celery.exceptions import ChordError
 
-from interop_helpers import logged_task_ids, wait_state
+from interop_helpers import logged_task_ids, run_command, rust_binary, rust_config, wait_state
 
 GET_TIMEOUT = 30
 
@@ -165,3 +167,30 @@ def test_a_chord_of_a_thousand_rust_members_completes_exactly_once(rust):
     result = chord([rust_sig(setup, "tasks.add", i, 0) for i in range(1000)], rust_sig(setup, "tasks.xsum")).apply_async()
     assert result.get(timeout=90) == sum(range(1000))
     assert logged_task_ids(rust.process, "task succeeded").count(result.id) == 1
+
+
+def call_canvas(setup, canvas) -> list:
+    """Sends ``canvas`` (frozen, serialized as Celery serializes it) with our Rust client,
+    ``call --canvas``, and returns the results it ends with."""
+    canvas.freeze()
+    argv = [rust_binary("call"), "--canvas", json.dumps(canvas), "--config", rust_config(),
+            "--wait", "--timeout", "30"]
+    out = run_command(argv, setup.rust_env())
+    assert out.returncode == 0, out
+    lines = out.stdout.split()
+    ids, values = lines[:len(lines) // 2], lines[len(lines) // 2:]
+    assert len(ids) == len(values), out
+    return [json.loads(v) for v in values]
+
+
+@pytest.mark.timeout(90)
+def test_canvases_sent_by_the_rust_client_run_on_python_and_rust_workers(rust, py_worker):
+    setup = rust.setup
+    steps = chain(py_sig(setup, "py.mul", 2, 3), rust_sig(setup, "tasks.add", 4), py_sig(setup, "py.mul", 10))
+    assert call_canvas(setup, steps) == [100]
+    members = group(py_sig(setup, "py.mul", 1, 2), rust_sig(setup, "tasks.add", 1, 2))
+    assert call_canvas(setup, members) == [2, 3]
+    header = [py_sig(setup, "py.mul", i, 2) if i % 2 else rust_sig(setup, "tasks.mul", i, 2) for i in range(10)]
+    assert call_canvas(setup, chord(header, py_sig(setup, "py.xsum"))) == [90]
+    header = [py_sig(setup, "py.mul", i, 2) for i in range(5)]
+    assert call_canvas(setup, chord(header, rust_sig(setup, "tasks.echo"))) == [[0, 2, 4, 6, 8]]

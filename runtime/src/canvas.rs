@@ -83,6 +83,25 @@ impl Signature {
             .map(str::to_owned)
     }
 
+    /// A chord's header members and body (`kwargs.header`, a group or a list, and
+    /// `kwargs.body`).
+    fn chord_parts(&self) -> Result<(Vec<Signature>, Signature), CanvasError> {
+        let header = match self.kwargs.get("header") {
+            Some(Value::Array(members)) => members
+                .iter()
+                .map(Signature::from_value)
+                .collect::<Result<_, _>>()?,
+            Some(group @ Value::Object(_)) => Signature::from_value(group)?.members()?,
+            _ => return Err(CanvasError("a chord without its header".into())),
+        };
+        let body = self
+            .kwargs
+            .get("body")
+            .ok_or_else(|| CanvasError("a chord without its body".into()))
+            .and_then(Signature::from_value)?;
+        Ok((header, body))
+    }
+
     /// The signatures of a `chain` or `group` (its `kwargs.tasks`).
     fn members(&self) -> Result<Vec<Signature>, CanvasError> {
         match self.kwargs.get("tasks") {
@@ -95,11 +114,151 @@ impl Signature {
     }
 }
 
+/// Building a canvas to send, as `celery.canvas` does for Python callers. A signature is frozen
+/// when built (its `task_id` is set), so the caller knows the ids of the results it will read.
+impl Signature {
+    /// A call of `task` with `args`.
+    pub fn new(task: impl Into<String>, args: Vec<Value>) -> Self {
+        let mut options = Map::new();
+        options.insert("task_id".into(), uuid::Uuid::new_v4().to_string().into());
+        Self {
+            task: task.into(),
+            args,
+            kwargs: Map::new(),
+            options,
+            subtask_type: None,
+            immutable: false,
+        }
+    }
+
+    /// With keyword arguments.
+    pub fn with_kwargs(mut self, kwargs: Map<String, Value>) -> Self {
+        self.kwargs = kwargs;
+        self
+    }
+
+    /// Leaves the previous step's result out of the arguments (Celery's `.si()`).
+    pub fn set_immutable(mut self) -> Self {
+        self.immutable = true;
+        self
+    }
+
+    /// Sent to `queue` instead of the task's route.
+    pub fn on_queue(mut self, queue: impl Into<String>) -> Self {
+        self.options.insert("queue".into(), queue.into().into());
+        self
+    }
+
+    /// Runs `callback` with this task's result when it succeeds.
+    pub fn link(self, callback: Signature) -> Self {
+        self.linked("link", callback)
+    }
+
+    /// Runs `errback` (with this task's id first) when it fails.
+    pub fn link_error(self, errback: Signature) -> Self {
+        self.linked("link_error", errback)
+    }
+
+    fn linked(mut self, option: &str, signature: Signature) -> Self {
+        let mut all = signatures(self.options.get(option))
+            .unwrap_or_default()
+            .iter()
+            .map(Signature::to_value)
+            .collect::<Vec<_>>();
+        all.push(signature.to_value());
+        self.options.insert(option.into(), Value::Array(all));
+        self
+    }
+
+    /// The signature as Celery serializes it.
+    pub fn to_value(&self) -> Value {
+        json!({
+            "task": self.task,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "options": self.options,
+            "subtask_type": self.subtask_type,
+            "immutable": self.immutable,
+        })
+    }
+
+    /// The ids of the results this canvas ends with: a task's own, a chain's last step's, a
+    /// group's members', a chord's body's.
+    pub fn final_ids(&self) -> Vec<String> {
+        match self.subtask_type.as_deref() {
+            Some("chain") => self
+                .members()
+                .ok()
+                .and_then(|steps| steps.last().map(Signature::final_ids))
+                .unwrap_or_default(),
+            Some("group") => self
+                .members()
+                .map(|members| members.iter().flat_map(Signature::final_ids).collect())
+                .unwrap_or_default(),
+            Some("chord") => self
+                .chord_parts()
+                .map(|(_, body)| body.final_ids())
+                .unwrap_or_default(),
+            _ => self.option_str("task_id").into_iter().collect(),
+        }
+    }
+
+    fn canvas(kind: &str, kwargs: Value, options: Map<String, Value>) -> Self {
+        Self {
+            task: format!("celery.{kind}"),
+            args: Vec::new(),
+            kwargs: match kwargs {
+                Value::Object(kwargs) => kwargs,
+                _ => Map::new(),
+            },
+            options,
+            subtask_type: Some(kind.into()),
+            immutable: false,
+        }
+    }
+}
+
+/// Steps run one after another, each given the previous one's result.
+pub fn chain(steps: Vec<Signature>) -> Signature {
+    let tasks: Vec<Value> = steps.iter().map(Signature::to_value).collect();
+    Signature::canvas("chain", json!({ "tasks": tasks }), Map::new())
+}
+
+/// Members run in parallel, as one group.
+pub fn group(members: Vec<Signature>) -> Signature {
+    let tasks: Vec<Value> = members.iter().map(Signature::to_value).collect();
+    let mut options = Map::new();
+    options.insert("task_id".into(), uuid::Uuid::new_v4().to_string().into());
+    Signature::canvas("group", json!({ "tasks": tasks }), options)
+}
+
+/// `body` runs once with the results of every `header` member, in header order.
+pub fn chord(header: Vec<Signature>, body: Signature) -> Signature {
+    let header = group(header);
+    let options = header.options.clone();
+    Signature::canvas(
+        "chord",
+        json!({"header": header.to_value(), "body": body.to_value(), "kwargs": {}}),
+        options,
+    )
+}
+
+/// `chain![a, b, c]`: the chain of those signatures.
+#[macro_export]
+macro_rules! chain {
+    ($($step:expr),+ $(,)?) => {
+        $crate::canvas::chain(vec![$($step),+])
+    };
+}
+
 /// A request to send, and the queue its options name (`None`: route it by task name).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Next {
     pub request: TaskRequest,
     pub queue: Option<String>,
+    /// `(chord id, header size)` when this request is the first of a chord's header: the sender
+    /// records the size with [`crate::chord::open`] before sending it.
+    pub opens_chord: Option<(String, usize)>,
 }
 
 /// What `parent` sends after it succeeded with `result`: its link callbacks, then the next step
@@ -107,7 +266,7 @@ pub struct Next {
 pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Vec<Next>, CanvasError> {
     let mut next = Vec::new();
     for callback in signatures(parent.embed.get("callbacks"))? {
-        next.extend(apply(&callback, parent, Some(result), None)?);
+        next.extend(apply(&callback, Some(parent), Some(result), None)?);
     }
     let mut chain = match parent.embed.get("chain") {
         Some(Value::Array(steps)) => steps.clone(),
@@ -116,7 +275,7 @@ pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Vec<Next>, 
     if let Some(step) = chain.pop() {
         next.extend(apply(
             &Signature::from_value(&step)?,
-            parent,
+            Some(parent),
             Some(result),
             Some(chain),
         )?);
@@ -132,7 +291,7 @@ pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<String>), C
     let mut errbacks = Vec::new();
     for errback in signatures(parent.embed.get("errbacks"))? {
         let id = Value::String(parent.id.clone());
-        errbacks.extend(apply(&errback, parent, Some(&id), None)?);
+        errbacks.extend(apply(&errback, Some(parent), Some(&id), None)?);
     }
     let mut never = Vec::new();
     if let Some(Value::Array(steps)) = parent.embed.get("chain") {
@@ -160,7 +319,12 @@ pub fn chord_body(
     parent: &TaskRequest,
     results: Vec<Value>,
 ) -> Result<Vec<Next>, CanvasError> {
-    apply(body, parent, Some(&Value::Array(results)), None)
+    apply(body, Some(parent), Some(&Value::Array(results)), None)
+}
+
+/// The requests that start `signature` when a client sends it, with no task before it.
+pub fn start(signature: &Signature) -> Result<Vec<Next>, CanvasError> {
+    apply(signature, None, None, None)
 }
 
 /// `children` of the parent's stored result: one `[[id, null], null]` per request it sent.
@@ -184,7 +348,7 @@ fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
 /// after it, or `None` when it is no chain's step.
 fn apply(
     signature: &Signature,
-    parent: &TaskRequest,
+    parent: Option<&TaskRequest>,
     result: Option<&Value>,
     rest: Option<Vec<Value>>,
 ) -> Result<Vec<Next>, CanvasError> {
@@ -198,36 +362,71 @@ fn apply(
                 .ok_or_else(|| CanvasError("an empty chain".into()))?;
             // The inner chain's steps run before what is left of the outer one.
             let mut chain = rest.unwrap_or_default();
-            chain.extend(steps.rev().map(|s| to_value(&s)));
+            chain.extend(steps.rev().map(|s| s.to_value()));
             apply(&first, parent, result, Some(chain))
         }
         Some("group") if !chained_after => {
-            let group_id = signature
-                .option_str("group_id")
-                .or_else(|| signature.option_str("task_id"))
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let mut sent = Vec::new();
-            for (index, member) in signature.members()?.iter().enumerate() {
-                for mut next in apply(member, parent, result, None)? {
-                    next.request.group = Some(group_id.clone());
-                    next.request.group_index = Some(index as u64);
-                    sent.push(next);
-                }
+            let members = signature.members()?;
+            members_of(&members, &group_id(signature), None, parent, result)
+        }
+        Some("chord") if !chained_after => {
+            let (header, body) = signature.chord_parts()?;
+            let chord_id = group_id(signature);
+            let mut body = body;
+            body.options
+                .insert("group_id".into(), chord_id.clone().into());
+            let body_value = body.to_value();
+            let mut sent = members_of(&header, &chord_id, Some(&body_value), parent, result)?;
+            let size = sent.len();
+            match sent.first_mut() {
+                Some(first) => first.opens_chord = Some((chord_id, size)),
+                // An empty header: the body runs at once, with no results.
+                None => sent = apply(&body, parent, Some(&Value::Array(Vec::new())), None)?,
             }
             Ok(sent)
         }
         Some(kind) => Err(CanvasError(format!(
-            "this worker cannot start a {kind} from a {} step yet (task {})",
-            if chained_after { "chain" } else { "final" },
+            "cannot start a {kind} as a chain step with steps after it (task {})",
             signature.task
         ))),
     }
 }
 
+/// The id of a group or chord: its `group_id` or `task_id` option, else a new one.
+fn group_id(signature: &Signature) -> String {
+    signature
+        .option_str("group_id")
+        .or_else(|| signature.option_str("task_id"))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The requests of group `id`'s `members`, each with its index, and with `chord` as the chord
+/// they are header members of, if any.
+fn members_of(
+    members: &[Signature],
+    id: &str,
+    chord: Option<&Value>,
+    parent: Option<&TaskRequest>,
+    result: Option<&Value>,
+) -> Result<Vec<Next>, CanvasError> {
+    let mut sent = Vec::new();
+    for (index, member) in members.iter().enumerate() {
+        for mut next in apply(member, parent, result, None)? {
+            next.request.group = Some(id.to_string());
+            next.request.group_index = Some(index as u64);
+            if let Some(body) = chord {
+                next.request.embed["chord"] = body.clone();
+            }
+            sent.push(next);
+        }
+    }
+    Ok(sent)
+}
+
 /// The request for a plain task signature.
 fn request_for(
     signature: &Signature,
-    parent: &TaskRequest,
+    parent: Option<&TaskRequest>,
     result: Option<&Value>,
     chain: Option<Vec<Value>>,
 ) -> Next {
@@ -241,8 +440,11 @@ fn request_for(
     if let Some(id) = signature.option_str("task_id") {
         request.id = id;
     }
-    request.root_id = Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone()));
-    request.parent_id = Some(parent.id.clone());
+    request.root_id = Some(match parent {
+        Some(parent) => parent.root_id.clone().unwrap_or_else(|| parent.id.clone()),
+        None => request.id.clone(),
+    });
+    request.parent_id = parent.map(|p| p.id.clone());
     request.group = signature.option_str("group_id");
     request.group_index = options.get("group_index").and_then(Value::as_u64);
     let null = || Value::Null;
@@ -285,18 +487,8 @@ fn request_for(
     Next {
         request,
         queue: signature.option_str("queue"),
+        opens_chord: None,
     }
-}
-
-fn to_value(signature: &Signature) -> Value {
-    json!({
-        "task": signature.task,
-        "args": signature.args,
-        "kwargs": signature.kwargs,
-        "options": signature.options,
-        "subtask_type": signature.subtask_type,
-        "immutable": signature.immutable,
-    })
 }
 
 #[cfg(test)]
@@ -443,12 +635,23 @@ mod tests {
 
     #[test]
     fn what_cannot_be_followed_is_a_clear_error() {
-        let chord = json!({"task": "celery.chord", "args": [], "options": {}, "subtask_type": "chord",
+        let headless = json!({"task": "celery.chord", "args": [], "options": {}, "subtask_type": "chord",
             "immutable": false, "kwargs": {}});
-        let first =
-            parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [chord]}));
+        let first = parent(
+            json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [headless]}),
+        );
         let error = after_success(&first, &json!(1)).unwrap_err();
-        assert!(error.0.contains("cannot start a chord"), "{error}");
+        assert!(error.0.contains("a chord without its header"), "{error}");
+        let body = Signature::new("b", vec![]);
+        let chord_then_more = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
+            "chain": [sig("after", json!([]), json!({})), chord(vec![Signature::new("a", vec![])], body).to_value()]}));
+        let error = after_success(&chord_then_more, &json!(1)).unwrap_err();
+        assert!(
+            error
+                .0
+                .contains("cannot start a chord as a chain step with steps after it"),
+            "{error}"
+        );
         let bad = parent(
             json!({"callbacks": [{"args": []}], "errbacks": null, "chord": null, "chain": null}),
         );
@@ -463,5 +666,89 @@ mod tests {
             .unwrap_err()
             .0
             .contains("args must be a list"));
+    }
+
+    #[test]
+    fn a_built_chain_starts_with_its_first_step_carrying_the_rest() {
+        let (a, b, c) = (
+            Signature::new("a", vec![json!(1)]),
+            Signature::new("b", vec![]).on_queue("qb"),
+            Signature::new("c", vec![]).set_immutable(),
+        );
+        let ids: Vec<_> = [&a, &b, &c]
+            .iter()
+            .map(|s| s.option_str("task_id").unwrap())
+            .collect();
+        let canvas = crate::chain![a, b, c];
+        assert_eq!(canvas.final_ids(), vec![ids[2].clone()]);
+        let sent = start(&canvas).unwrap();
+        assert_eq!(sent.len(), 1);
+        let first = &sent[0].request;
+        assert_eq!(
+            (first.id.as_str(), first.args.clone()),
+            (ids[0].as_str(), vec![json!(1)])
+        );
+        assert_eq!(first.root_id.as_deref(), Some(ids[0].as_str()));
+        assert_eq!(first.parent_id, None);
+        let rest: Vec<_> = first.embed["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["options"]["task_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            rest,
+            [ids[2].clone(), ids[1].clone()],
+            "the next step is the last element"
+        );
+    }
+
+    #[test]
+    fn a_built_chord_opens_with_its_size_and_carries_its_body() {
+        let body = Signature::new("sum", vec![]);
+        let body_id = body.option_str("task_id").unwrap();
+        let header: Vec<_> = (0..3)
+            .map(|i| Signature::new("mul", vec![json!(i), json!(2)]))
+            .collect();
+        let canvas = chord(header, body);
+        assert_eq!(canvas.final_ids(), vec![body_id.clone()]);
+        let sent = start(&canvas).unwrap();
+        let chord_id = sent[0].request.group.clone().unwrap();
+        assert_eq!(sent[0].opens_chord, Some((chord_id.clone(), 3)));
+        assert!(sent[1..].iter().all(|n| n.opens_chord.is_none()));
+        for (index, next) in sent.iter().enumerate() {
+            assert_eq!(next.request.group.as_deref(), Some(chord_id.as_str()));
+            assert_eq!(next.request.group_index, Some(index as u64));
+            let carried = &next.request.embed["chord"];
+            assert_eq!(carried["options"]["task_id"], json!(body_id));
+            assert_eq!(carried["options"]["group_id"], json!(chord_id));
+        }
+    }
+
+    #[test]
+    fn links_accumulate_and_a_group_ends_with_its_members() {
+        let linked = Signature::new("a", vec![])
+            .link(Signature::new("l1", vec![]))
+            .link(Signature::new("l2", vec![]))
+            .link_error(Signature::new("e", vec![]));
+        let tasks: Vec<_> = linked.options["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task"].clone())
+            .collect();
+        assert_eq!(tasks, [json!("l1"), json!("l2")]);
+        let sent = start(&linked).unwrap();
+        assert_eq!(
+            sent[0].request.embed["callbacks"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(sent[0].request.embed["errbacks"][0]["task"], "e");
+        let members = vec![Signature::new("x", vec![]), Signature::new("y", vec![])];
+        let ids: Vec<_> = members
+            .iter()
+            .map(|m| m.option_str("task_id").unwrap())
+            .collect();
+        assert_eq!(group(members).final_ids(), ids);
     }
 }

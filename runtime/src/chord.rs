@@ -79,6 +79,23 @@ pub enum Join {
     Complete { members: Vec<Member>, claim: String },
 }
 
+/// Records that chord `chord_id` has `size` header members, before they are sent, as Celery's
+/// client does: the size, and no claim left from an earlier run of the same chord id.
+pub async fn open(backend: &RedisBackend, chord_id: &str, size: usize) -> Result<()> {
+    let mut set = redis::cmd("SET");
+    set.arg(key(chord_id, ".s")).arg(size);
+    if backend.expires() > 0 {
+        set.arg("EX").arg(backend.expires());
+    }
+    redis::pipe()
+        .atomic()
+        .del(key(chord_id, ".c"))
+        .add_command(set)
+        .query_async::<()>(&mut backend.connection())
+        .await?;
+    Ok(())
+}
+
 /// Counts `member` (at `index` in the header) in chord `chord_id`.
 pub async fn count(
     backend: &RedisBackend,

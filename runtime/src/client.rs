@@ -9,6 +9,8 @@ use tokio::sync::Mutex;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker};
+use crate::canvas::{self, Next, Signature};
+use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
@@ -151,15 +153,51 @@ impl Client {
         let queue = options
             .queue
             .unwrap_or_else(|| self.config.queue_for(name).to_string());
+        self.publish(&request, &queue).await?;
+        Ok(self.result(&request.id))
+    }
+
+    /// Sends a canvas built with [`canvas`]: a task, a chain, a group or a chord, in any
+    /// nesting. Returns the results it ends with: a task's own, a chain's last step's, a group's
+    /// members', a chord's body's.
+    pub async fn apply(&self, signature: &Signature) -> Result<Vec<AsyncResult>> {
+        let next = canvas::start(signature).map_err(|e| Error::InvalidOption(e.to_string()))?;
+        for Next {
+            mut request,
+            queue,
+            opens_chord,
+        } in next
+        {
+            if let Some((chord_id, size)) = opens_chord {
+                let backend = self
+                    .backend
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidOption("a chord needs a result backend".into()))?;
+                chord::open(backend, &chord_id, size).await?;
+            }
+            request.origin = Some(self.origin.clone());
+            let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());
+            self.publish(&request, &queue).await?;
+        }
+        Ok(signature
+            .final_ids()
+            .iter()
+            .map(|id| self.result(id))
+            .collect())
+    }
+
+    /// Publishes `request` to `queue` (and tells Flower, when asked to); a failed publish drops
+    /// the connection, so the next send connects afresh.
+    async fn publish(&self, request: &TaskRequest, queue: &str) -> Result<()> {
         let connection = self.connection().await?;
-        if let Err(error) = connection.broker.publish(&queue, &request.encode()).await {
+        if let Err(error) = connection.broker.publish(queue, &request.encode()).await {
             self.disconnect(&connection).await;
             return Err(error);
         }
         if let Some(events) = &connection.events {
-            events.send("task-sent", sent_fields(&request, &queue));
+            events.send("task-sent", sent_fields(request, queue));
         }
-        Ok(self.result(&request.id))
+        Ok(())
     }
 
     /// The queue a task goes to when the caller names none.

@@ -664,6 +664,7 @@ impl Worker {
                 for Next {
                     request: body,
                     queue: body_queue,
+                    ..
                 } in next
                 {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
@@ -721,7 +722,25 @@ impl Worker {
     /// route; `false` when one could not be sent.
     async fn send_next(&self, next: Vec<Next>) -> bool {
         let mut all_sent = true;
-        for Next { mut request, queue } in next {
+        for Next {
+            mut request,
+            queue,
+            opens_chord,
+        } in next
+        {
+            if let Some((chord_id, size)) = opens_chord {
+                let opened = match &self.backend {
+                    Some(backend) => chord::open(backend, &chord_id, size).await,
+                    None => Err(Error::InvalidOption(
+                        "a chord needs a result backend".into(),
+                    )),
+                };
+                if let Err(error) = opened {
+                    error!(chord = %chord_id, %error, "cannot start the chord");
+                    all_sent = false;
+                    continue;
+                }
+            }
             request.origin = Some(self.hostname.clone());
             let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());
             if let Err(error) = self.broker.publish(&queue, &request.encode()).await {

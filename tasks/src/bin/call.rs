@@ -1,7 +1,9 @@
-//! `call`: sends a task by name, like `celery call`, and optionally waits for its result.
+//! `call`: sends a task by name, like `celery call`, or a whole canvas (`--canvas`), and
+//! optionally waits for the result.
 //!
-//! Prints the task id; with `--wait`, then the result as JSON. Exit status 1 when the task
-//! failed (its exception on stderr), 2 when waiting timed out.
+//! Prints the task id (for a canvas, the id of each result it ends with); with `--wait`, then
+//! each result as JSON. Exit status 1 when a task failed (its exception on stderr), 2 when
+//! waiting timed out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Parser;
+use runtime::canvas::Signature;
 use runtime::client::{Client, SendOptions};
 use runtime::{CeleryConfig, Error};
 use serde_json::{Map, Value};
@@ -18,7 +21,12 @@ use serde_json::{Map, Value};
 #[command(about = "Send a Celery task by name")]
 struct Args {
     /// Task name, e.g. tasks.add or proj.tasks.mul.
-    name: String,
+    #[arg(required_unless_present = "canvas")]
+    name: Option<String>,
+    /// A canvas to send instead (task, chain, group or chord), as Celery serializes a signature:
+    /// `json.dumps(sig)` in Python, `Signature::to_value` in Rust.
+    #[arg(long, conflicts_with = "name")]
+    canvas: Option<String>,
     /// Positional arguments as a JSON list.
     #[arg(short = 'a', long, default_value = "[]")]
     args: String,
@@ -68,31 +76,38 @@ async fn main() -> anyhow::Result<ExitCode> {
         expires: args.expires,
         ..SendOptions::default()
     };
-    let result = client
-        .send_task(&args.name, positional, keyword, options)
-        .await?;
-    println!("{}", result.id);
-    let outcome = match args.wait {
-        true => Some(result.get(Duration::from_secs_f64(args.timeout)).await),
-        false => None,
+    let results = match (&args.canvas, &args.name) {
+        (Some(canvas), _) => {
+            let value: Value = serde_json::from_str(canvas).context("--canvas must be JSON")?;
+            let signature = Signature::from_value(&value).context("--canvas")?;
+            client.apply(&signature).await?
+        }
+        (None, Some(name)) => vec![client.send_task(name, positional, keyword, options).await?],
+        (None, None) => unreachable!("clap requires a task name or --canvas"),
     };
-    client.close().await?;
-    let Some(outcome) = outcome else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    match outcome {
-        Ok(value) => {
-            println!("{value}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(error @ Error::TaskFailed { .. }) => {
-            eprintln!("{error}");
-            Ok(ExitCode::from(1))
-        }
-        Err(error @ Error::Timeout(_)) => {
-            eprintln!("{error}");
-            Ok(ExitCode::from(2))
-        }
-        Err(error) => Err(error.into()),
+    for result in &results {
+        println!("{}", result.id);
     }
+    let mut outcomes = Vec::new();
+    if args.wait {
+        for result in &results {
+            outcomes.push(result.get(Duration::from_secs_f64(args.timeout)).await);
+        }
+    }
+    client.close().await?;
+    for outcome in outcomes {
+        match outcome {
+            Ok(value) => println!("{value}"),
+            Err(error @ Error::TaskFailed { .. }) => {
+                eprintln!("{error}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(error @ Error::Timeout(_)) => {
+                eprintln!("{error}");
+                return Ok(ExitCode::from(2));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
