@@ -379,6 +379,19 @@ def py_worker(broker: BrokerSetup) -> WorkerHandle:
         handle.process.stop()
 
 
+@pytest.fixture(scope="session")
+def py_twin(broker: BrokerSetup) -> WorkerHandle:
+    """A stock Python worker running the Python twins of the Rust tasks (``tasks.add``, ...) on a
+    queue of its own: with ``py_worker``, the all-Python run a canvas is compared with."""
+    queue = broker.new_queue("twin")
+    handle = start_py_worker(broker, [queue], node=f"twin-{broker.session_id}",
+                             extra_env={"INTEROP_TWIN_TASKS": "1"})
+    try:
+        yield handle
+    finally:
+        handle.process.stop()
+
+
 @pytest.fixture
 def spawn_py_worker(broker: BrokerSetup):
     """Start extra Python workers for one test:

@@ -12,9 +12,10 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_CONTROL_STRICT``  ``1``: refuse remote-control broadcasts without a destination
 * ``INTEROP_BROKER_TRANSPORT_OPTIONS``  JSON object: ``broker_transport_options`` (e.g. a short
   Redis ``visibility_timeout`` for the reliability tests)
-* ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``),
-  so this worker can finish what a Rust worker left; only workers of the reliability tests set
-  it, on queues of their own
+* ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
+  ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``), so this worker
+  can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
+  queues of their own set it
 
 The brokers are shared with other test runs and developers, so no broadcast of the suite may
 reach a worker it did not start: see :class:`GuardedControl`.
@@ -73,8 +74,23 @@ def _node_list(text: str | None) -> tuple[str, ...]:
     return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
+def add(x, y):
+    """``tasks.add``'s Python twin."""
+    return x + y
+
+
+def echo(value):
+    """``tasks.echo``'s Python twin."""
+    return value
+
+
+def fail(message):
+    """``tasks.fail``'s Python twin: raises ``RuntimeError(message)``, as the Rust task does."""
+    raise RuntimeError(message)
+
+
 def xsum(numbers):
-    """``py.xsum``: a Python chord body (sums the header's results)."""
+    """``py.xsum`` (and ``tasks.xsum``'s twin): a chord body that sums the header's results."""
     return sum(numbers)
 
 
@@ -122,6 +138,11 @@ def create_app(
         celery_app.conf.broker_transport_options = dict(transport_options)
     if twin_tasks:
         celery_app.task(name="tasks.sleep")(sleep)
+        celery_app.task(name="tasks.add")(add)
+        celery_app.task(name="tasks.mul")(mul)
+        celery_app.task(name="tasks.xsum")(xsum)
+        celery_app.task(name="tasks.echo")(echo)
+        celery_app.task(name="tasks.fail")(fail)
     return celery_app
 
 

@@ -2,6 +2,9 @@
 on the Rust worker (``tasks.*``, the ``rust`` fixture's queue) and on a stock Python worker
 (``py.*``, the ``py_worker`` fixture's queue), each broker.
 
+Each shape is also run with Python workers only (``py_twin`` runs Python twins of the Rust
+tasks) and must give the same value as Celery does there.
+
 The Rust worker follows what the message carries: the next chain step (the last element of
 ``embed.chain``), ``callbacks`` and ``errbacks``, with ``parent_id`` / ``root_id`` and the
 ``children`` of the stored result, as a Python worker does; chord header members run by
@@ -22,8 +25,9 @@ from interop_helpers import logged_task_ids, run_command, rust_binary, rust_conf
 GET_TIMEOUT = 30
 
 
-def rust_sig(setup, name: str, *args, immutable: bool = False):
-    sig = setup.app.signature(name, args=args, queue=setup.queue)
+def rust_sig(setup, name: str, *args, immutable: bool = False, queue: str | None = None):
+    """A ``tasks.*`` step, for the Rust worker's queue unless ``queue`` names another."""
+    sig = setup.app.signature(name, args=args, queue=queue or setup.queue)
     return sig.set(immutable=True) if immutable else sig
 
 
@@ -36,15 +40,26 @@ def meta(setup, task_id: str) -> dict:
     return setup.app.backend.get_task_meta(task_id)
 
 
+def compared(setup, twin, build, read=None):
+    """Runs ``build(queue)`` with the Rust worker's queue and with the Python twin's; asserts
+    both give the same (``read(result)``, by default ``get()``) and returns it."""
+    read = read or (lambda result: result.get(timeout=GET_TIMEOUT))
+    ours = read(build(setup.queue).apply_async())
+    celerys = read(build(twin.queue).apply_async())
+    assert ours == celerys, f"Rust steps gave {ours!r}, Python-only workers {celerys!r}"
+    return ours
+
+
 @pytest.mark.timeout(90)
-def test_chain_of_python_and_rust_steps(rust, py_worker):
+def test_chain_of_python_and_rust_steps(rust, py_worker, py_twin):
     setup = rust.setup
-    result = chain(
-        py_sig(setup, "py.mul", 2, 3),
-        rust_sig(setup, "tasks.add", 4),
-        py_sig(setup, "py.mul", 10),
-        rust_sig(setup, "tasks.add", 1),
-    ).apply_async()
+
+    def build(queue):
+        return chain(py_sig(setup, "py.mul", 2, 3), rust_sig(setup, "tasks.add", 4, queue=queue),
+                     py_sig(setup, "py.mul", 10), rust_sig(setup, "tasks.add", 1, queue=queue))
+
+    assert compared(setup, py_twin, build) == 101
+    result = build(setup.queue).apply_async()
     assert result.get(timeout=GET_TIMEOUT) == 101
     rust_step, py_step, first = result.parent.parent, result.parent, result.parent.parent.parent
     assert [r.get(timeout=GET_TIMEOUT) for r in (first, rust_step, py_step)] == [6, 10, 100]
@@ -64,18 +79,30 @@ def test_chain_on_the_rust_worker_alone(rust):
 
 
 @pytest.mark.timeout(60)
-def test_link_callbacks_run_with_the_result(rust, py_worker):
+def test_link_callbacks_run_with_the_result(rust, py_worker, py_twin):
     setup = rust.setup
-    to_python = py_sig(setup, "py.mul", 10)
-    to_rust = rust_sig(setup, "tasks.add", 1)
-    ignores = rust_sig(setup, "tasks.add", 20, 22, immutable=True)
-    result = rust_sig(setup, "tasks.add", 2, 2).apply_async(link=[to_python, to_rust, ignores])
+
+    def build(queue):
+        links = [py_sig(setup, "py.mul", 10), rust_sig(setup, "tasks.add", 1, queue=queue),
+                 rust_sig(setup, "tasks.add", 20, 22, immutable=True, queue=queue)]
+        return rust_sig(setup, "tasks.add", 2, 2, queue=queue).set(link=links)
+
+    def children_values(result):
+        result.get(timeout=GET_TIMEOUT)
+        wait_state(result, "SUCCESS")
+        return [c.get(timeout=GET_TIMEOUT) for c in result.children or []]
+
+    # Several callbacks go out as one group, so the one child is a GroupResult.
+    assert compared(setup, py_twin, build, children_values) == [[40, 5, 42]]
+    result = build(setup.queue).apply_async()
     assert result.get(timeout=GET_TIMEOUT) == 4
-    children = result.children
-    assert children is not None and len(children) == 3, meta(setup, result.id)
-    assert [c.get(timeout=GET_TIMEOUT) for c in children] == [40, 5, 42]
-    for child in children:
+    (callbacks,) = result.children
+    assert [c.get(timeout=GET_TIMEOUT) for c in callbacks.results] == [40, 5, 42]
+    for child in callbacks.results:
         assert meta(setup, child.id)["parent_id"] == result.id
+    single = rust_sig(setup, "tasks.add", 1, 1).set(link=py_sig(setup, "py.mul", 3)).apply_async()
+    assert single.get(timeout=GET_TIMEOUT) == 2
+    assert [c.get(timeout=GET_TIMEOUT) for c in single.children] == [6]
 
 
 @pytest.mark.timeout(60)
@@ -121,12 +148,16 @@ def test_a_failed_rust_step_fails_the_rest_of_the_chain(rust, py_worker):
 
 
 @pytest.mark.timeout(60)
-def test_a_chain_ending_in_a_group_fans_out_from_rust(rust, py_worker):
+def test_a_chain_ending_in_a_group_fans_out_from_rust(rust, py_worker, py_twin):
     setup = rust.setup
-    result = chain(
-        rust_sig(setup, "tasks.add", 1, 1),
-        group(py_sig(setup, "py.mul", 10), rust_sig(setup, "tasks.mul", 100), rust_sig(setup, "tasks.add", 5)),
-    ).apply_async()
+
+    def build(queue):
+        return chain(rust_sig(setup, "tasks.add", 1, 1, queue=queue),
+                     group(py_sig(setup, "py.mul", 10), rust_sig(setup, "tasks.mul", 100, queue=queue),
+                           rust_sig(setup, "tasks.add", 5, queue=queue)))
+
+    assert compared(setup, py_twin, build) == [20, 200, 7]
+    result = build(setup.queue).apply_async()
     assert result.get(timeout=GET_TIMEOUT) == [20, 200, 7]
     members = [meta(setup, r.id) for r in result.results]
     assert {m["group_id"] for m in members} == {result.id}, members
@@ -140,13 +171,17 @@ def test_chord_with_a_rust_header_and_body(rust):
 
 
 @pytest.mark.timeout(60)
-def test_chord_members_from_both_languages_reach_the_body_in_header_order(rust, py_worker):
+def test_chord_members_from_both_languages_reach_the_body_in_header_order(rust, py_worker, py_twin):
     setup = rust.setup
-    header = [rust_sig(setup, "tasks.mul", i, 2) if i % 2 else py_sig(setup, "py.mul", i, 2) for i in range(20)]
+
+    def header(queue):
+        return [rust_sig(setup, "tasks.mul", i, 2, queue=queue) if i % 2 else py_sig(setup, "py.mul", i, 2)
+                for i in range(20)]
+
     expected = [2 * i for i in range(20)]
-    assert chord(header, rust_sig(setup, "tasks.echo")).apply_async().get(timeout=GET_TIMEOUT) == expected
-    header = [rust_sig(setup, "tasks.mul", i, 2) if i % 2 else py_sig(setup, "py.mul", i, 2) for i in range(20)]
-    assert chord(header, py_sig(setup, "py.xsum")).apply_async().get(timeout=GET_TIMEOUT) == sum(expected)
+    to_rust_body = compared(setup, py_twin, lambda q: chord(header(q), rust_sig(setup, "tasks.echo", queue=q)))
+    assert to_rust_body == expected
+    assert compared(setup, py_twin, lambda q: chord(header(q), py_sig(setup, "py.xsum"))) == sum(expected)
 
 
 @pytest.mark.timeout(60)

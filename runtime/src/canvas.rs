@@ -263,24 +263,72 @@ pub struct Next {
 
 /// What `parent` sends after it succeeded with `result`: its link callbacks, then the next step
 /// of its chain.
-pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Vec<Next>, CanvasError> {
-    let mut next = Vec::new();
-    for callback in signatures(parent.embed.get("callbacks"))? {
-        next.extend(apply(&callback, Some(parent), Some(result), None)?);
+pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Sent, CanvasError> {
+    let mut sent = Sent::default();
+    let mut callbacks = signatures(parent.embed.get("callbacks"))?;
+    if callbacks.len() == 1 {
+        let callback = callbacks.remove(0);
+        sent.add(
+            &callback,
+            apply(&callback, Some(parent), Some(result), None)?,
+        );
+    } else if !callbacks.is_empty() {
+        // Several callbacks go out as Celery sends them: each group as it is, and the plain ones
+        // together as one new group.
+        let (groups, plain): (Vec<_>, Vec<_>) = callbacks
+            .into_iter()
+            .partition(|c| c.subtask_type.as_deref() == Some("group"));
+        for callback in &groups {
+            sent.add(callback, apply(callback, Some(parent), Some(result), None)?);
+        }
+        if !plain.is_empty() {
+            let together = group(plain);
+            let members = together.members()?;
+            let next = members_of(
+                &members,
+                &group_id(&together),
+                None,
+                Some(parent),
+                Some(result),
+            )?;
+            sent.add(&together, next);
+        }
     }
     let mut chain = match parent.embed.get("chain") {
         Some(Value::Array(steps)) => steps.clone(),
         _ => Vec::new(),
     };
     if let Some(step) = chain.pop() {
-        next.extend(apply(
-            &Signature::from_value(&step)?,
-            Some(parent),
-            Some(result),
-            Some(chain),
-        )?);
+        let step = Signature::from_value(&step)?;
+        let next = apply(&step, Some(parent), Some(result), Some(chain))?;
+        sent.add(&step, next);
     }
-    Ok(next)
+    Ok(sent)
+}
+
+/// What a finished task sends, and the `children` of its stored result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sent {
+    /// The requests, in the order to send them.
+    pub next: Vec<Next>,
+    /// One result tuple per thing sent: `[[id, null], null]` for a task, `[[group id, null],
+    /// [member tuples]]` for a group, as Celery's `as_tuple()` writes them.
+    pub children: Vec<Value>,
+}
+
+impl Sent {
+    fn add(&mut self, signature: &Signature, next: Vec<Next>) {
+        let tuple = |n: &Next| json!([[n.request.id, null], null]);
+        match (signature.subtask_type.as_deref(), next.first()) {
+            (Some("group"), Some(first)) => {
+                let members: Vec<Value> = next.iter().map(tuple).collect();
+                self.children
+                    .push(json!([[first.request.group, null], members]));
+            }
+            _ => self.children.extend(next.iter().map(tuple)),
+        }
+        self.next.extend(next);
+    }
 }
 
 /// What follows the failure of `parent`: its errbacks, sent as Celery sends them to a worker of
@@ -325,13 +373,6 @@ pub fn chord_body(
 /// The requests that start `signature` when a client sends it, with no task before it.
 pub fn start(signature: &Signature) -> Result<Vec<Next>, CanvasError> {
     apply(signature, None, None, None)
-}
-
-/// `children` of the parent's stored result: one `[[id, null], null]` per request it sent.
-pub fn children(next: &[Next]) -> Vec<Value> {
-    next.iter()
-        .map(|n| json!([[n.request.id, null], null]))
-        .collect()
 }
 
 /// `link` / `callbacks` values: one signature, a list of them, or none.
@@ -517,7 +558,8 @@ mod tests {
                 sig("mul", json!([10]), json!({"task_id": "c2", "queue": "q2"})),
             ]}),
         );
-        let next = after_success(&first, &json!(2)).unwrap();
+        let sent = after_success(&first, &json!(2)).unwrap();
+        let next = &sent.next;
         assert_eq!(next.len(), 1);
         let step = &next[0];
         assert_eq!(step.queue.as_deref(), Some("q2"));
@@ -533,13 +575,14 @@ mod tests {
             json!([sig("xsum", json!([]), json!({"task_id": "c3"}))])
         );
         // The last step gets an empty list, as Celery sends it.
-        let last = after_success(r, &json!(20)).unwrap();
+        let last = after_success(r, &json!(20)).unwrap().next;
         assert_eq!(last[0].request.embed["chain"], json!([]));
         assert_eq!(last[0].request.root_id.as_deref(), Some("r"));
         assert!(after_success(&last[0].request, &json!(20))
             .unwrap()
+            .next
             .is_empty());
-        assert_eq!(children(&next), vec![json!([["c2", null], null])]);
+        assert_eq!(sent.children, vec![json!([["c2", null], null])]);
     }
 
     #[test]
@@ -554,9 +597,28 @@ mod tests {
         let first = parent(
             json!({"callbacks": [link, immutable], "errbacks": null, "chain": null, "chord": null}),
         );
-        let next = after_success(&first, &json!(5)).unwrap();
+        let sent = after_success(&first, &json!(5)).unwrap();
+        let next = &sent.next;
         let args: Vec<_> = next.iter().map(|n| n.request.args.clone()).collect();
         assert_eq!(args, vec![vec![json!(5), json!(10)], vec![json!("done")]]);
+        // Several callbacks go out as one group, as Celery's worker sends them.
+        let group_id = next[0].request.group.clone().expect("a group");
+        let indexes: Vec<_> = next
+            .iter()
+            .map(|n| (n.request.group.clone(), n.request.group_index))
+            .collect();
+        assert_eq!(
+            indexes,
+            [
+                (Some(group_id.clone()), Some(0)),
+                (Some(group_id.clone()), Some(1))
+            ]
+        );
+        let members: Vec<_> = next
+            .iter()
+            .map(|n| json!([[n.request.id, null], null]))
+            .collect();
+        assert_eq!(sent.children, vec![json!([[group_id, null], members])]);
         assert_eq!(next[0].request.embed["callbacks"]["task"], "after");
         assert_eq!(next[0].request.embed["chain"], Value::Null);
         let eta = next[0].request.eta.expect("countdown makes an eta");
@@ -595,7 +657,7 @@ mod tests {
             "kwargs": {"tasks": [sig("a", json!([1]), json!({})), sig("b", json!([2]), json!({}))]}});
         let first =
             parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [group]}));
-        let next = after_success(&first, &json!(7)).unwrap();
+        let next = after_success(&first, &json!(7)).unwrap().next;
         let members: Vec<_> = next
             .iter()
             .map(|n| {
@@ -622,7 +684,7 @@ mod tests {
             "immutable": false, "kwargs": {"tasks": [sig("x", json!([]), json!({})), sig("y", json!([]), json!({}))]}});
         let first = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
             "chain": [sig("z", json!([]), json!({})), inner]}));
-        let next = after_success(&first, &json!(1)).unwrap();
+        let next = after_success(&first, &json!(1)).unwrap().next;
         assert_eq!(next[0].request.task, "x");
         let rest: Vec<_> = next[0].request.embed["chain"]
             .as_array()

@@ -600,19 +600,19 @@ impl Worker {
     /// callbacks and the next step of its chain. `false` when the result is not on record or a
     /// next task was not sent.
     async fn succeed(&self, request: &TaskRequest, queue: &str, value: Value) -> bool {
-        let next = canvas::after_success(request, &value).unwrap_or_else(|error| {
+        let sent = canvas::after_success(request, &value).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's links or chain");
-            Vec::new()
+            canvas::Sent::default()
         });
         let stored = !self.stores(request) || {
             let mut meta = self.meta(request, queue, state::SUCCESS, value.clone());
-            meta.children = canvas::children(&next);
+            meta.children = sent.children;
             self.store(meta).await
         };
         let joined = self
             .join_chord(request, queue, state::SUCCESS, &value)
             .await;
-        stored && joined && self.send_next(next).await
+        stored && joined && self.send_next(sent.next).await
     }
 
     /// Counts a chord header member in its chord (Celery's Redis join, shared with Python
