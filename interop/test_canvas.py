@@ -229,3 +229,47 @@ def test_canvases_sent_by_the_rust_client_run_on_python_and_rust_workers(rust, p
     assert call_canvas(setup, chord(header, py_sig(setup, "py.xsum"))) == [90]
     header = [py_sig(setup, "py.mul", i, 2) for i in range(5)]
     assert call_canvas(setup, chord(header, rust_sig(setup, "tasks.echo"))) == [[0, 2, 4, 6, 8]]
+
+
+@pytest.mark.timeout(90)
+def test_a_chain_in_a_chord_header_counts_through_its_last_step(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        header = [chain(py_sig(setup, "py.mul", 1, 2), rust_sig(setup, "tasks.add", 3, queue=queue)),
+                  chain(rust_sig(setup, "tasks.add", 1, 1, queue=queue), py_sig(setup, "py.mul", 10)),
+                  rust_sig(setup, "tasks.mul", 2, 3, queue=queue)]
+        return chord(header, rust_sig(setup, "tasks.echo", queue=queue))
+
+    assert compared(setup, py_twin, build) == [5, 20, 6]
+    # The same canvas sent by our Rust client, which tags each chain's last step itself.
+    assert call_canvas(setup, build(setup.queue)) == [[5, 20, 6]]
+
+
+@pytest.mark.timeout(90)
+def test_steps_after_a_chord_run_after_its_body(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        return chain(rust_sig(setup, "tasks.add", 1, 1, queue=queue),
+                     chord([rust_sig(setup, "tasks.mul", 10, queue=queue), py_sig(setup, "py.mul", 100)],
+                           rust_sig(setup, "tasks.xsum", queue=queue)),
+                     py_sig(setup, "py.mul", 2))
+
+    assert compared(setup, py_twin, build) == 440
+
+
+@pytest.mark.timeout(90)
+def test_a_failure_inside_a_header_chain_fails_the_chord(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        header = [chain(rust_sig(setup, "tasks.fail", "boom", queue=queue, immutable=True),
+                        py_sig(setup, "py.mul", 2)),
+                  rust_sig(setup, "tasks.add", 1, 1, queue=queue)]
+        return chord(header, py_sig(setup, "py.xsum"))
+
+    def outcome(result):
+        return wait_state(result, "FAILURE"), type(result.result).__name__
+
+    assert compared(setup, py_twin, build, outcome) == ("FAILURE", "ChordError")

@@ -322,8 +322,10 @@ impl Sent {
         match (signature.subtask_type.as_deref(), next.first()) {
             (Some("group"), Some(first)) => {
                 let members: Vec<Value> = next.iter().map(tuple).collect();
-                self.children
-                    .push(json!([[first.request.group, null], members]));
+                let id = signature
+                    .option_str("task_id")
+                    .or_else(|| first.request.group.clone());
+                self.children.push(json!([[id, null], members]));
             }
             _ => self.children.extend(next.iter().map(tuple)),
         }
@@ -333,9 +335,9 @@ impl Sent {
 
 /// What follows the failure of `parent`: its errbacks, sent as Celery sends them to a worker of
 /// any language (the failed task's id first unless the errback is immutable, then its own
-/// arguments), and the ids of
-/// the chain steps that will now never run, each to be stored failed as well.
-pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<String>), CanvasError> {
+/// arguments), and the chain steps that will now never run (a chord step: its body), each to be
+/// stored failed as well and, when it is a chord member, counted in its chord.
+pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<TaskRequest>), CanvasError> {
     let mut errbacks = Vec::new();
     for errback in signatures(parent.embed.get("errbacks"))? {
         let id = Value::String(parent.id.clone());
@@ -344,8 +346,14 @@ pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<String>), C
     let mut never = Vec::new();
     if let Some(Value::Array(steps)) = parent.embed.get("chain") {
         for step in steps {
-            if let Some(id) = Signature::from_value(step)?.option_str("task_id") {
-                never.push(id);
+            let step = Signature::from_value(step)?;
+            // A chord step's caller waits on its body.
+            let step = match step.subtask_type.as_deref() {
+                Some("chord") => step.chord_parts()?.1,
+                _ => step,
+            };
+            if step.subtask_type.is_none() && step.option_str("task_id").is_some() {
+                never.push(request_for(&step, Some(parent), None, None).request);
             }
         }
     }
@@ -373,6 +381,15 @@ pub fn chord_body(
 /// The requests that start `signature` when a client sends it, with no task before it.
 pub fn start(signature: &Signature) -> Result<Vec<Next>, CanvasError> {
     apply(signature, None, None, None)
+}
+
+/// A `link` option as the embed carries it: always a list (Python workers iterate it), or null.
+fn as_list(value: Option<&Value>) -> Value {
+    match value {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::Array(items)) => Value::Array(items.clone()),
+        Some(one) => Value::Array(vec![one.clone()]),
+    }
 }
 
 /// `link` / `callbacks` values: one signature, a list of them, or none.
@@ -410,15 +427,19 @@ fn apply(
             let members = signature.members()?;
             members_of(&members, &group_id(signature), None, parent, result)
         }
-        Some("chord") if !chained_after => {
+        Some("chord") => {
             let (header, body) = signature.chord_parts()?;
             let chord_id = group_id(signature);
             let mut body = body;
             body.options
                 .insert("group_id".into(), chord_id.clone().into());
+            // What follows the chord in a chain runs after its body, as Celery hands it on.
+            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                body.options.insert("chain".into(), Value::Array(rest));
+            }
             let body_value = body.to_value();
             let mut sent = members_of(&header, &chord_id, Some(&body_value), parent, result)?;
-            let size = sent.len();
+            let size = header.len();
             match sent.first_mut() {
                 Some(first) => first.opens_chord = Some((chord_id, size)),
                 // An empty header: the body runs at once, with no results.
@@ -433,11 +454,47 @@ fn apply(
     }
 }
 
+/// `member` tagged as the member at `index` of group `id` (and of the chord whose body is
+/// `chord`). The tags go on the step whose result is the member's, as Celery puts them: a
+/// chain's last step.
+fn tagged(
+    member: &Signature,
+    id: &str,
+    index: usize,
+    chord: Option<&Value>,
+) -> Result<Signature, CanvasError> {
+    let mut member = member.clone();
+    match member.subtask_type.as_deref() {
+        None => {
+            member.options.insert("group_id".into(), id.into());
+            member.options.insert("group_index".into(), index.into());
+            if let Some(body) = chord {
+                member.options.insert("chord".into(), body.clone());
+            }
+        }
+        Some("chain") => {
+            let mut steps = member.members()?;
+            let last = steps
+                .pop()
+                .ok_or_else(|| CanvasError("an empty chain".into()))?;
+            steps.push(tagged(&last, id, index, chord)?);
+            let tasks = steps.iter().map(Signature::to_value).collect();
+            member.kwargs.insert("tasks".into(), Value::Array(tasks));
+        }
+        Some(kind) => {
+            return Err(CanvasError(format!(
+                "a {kind} as a member of a group or chord header is not supported yet"
+            )))
+        }
+    }
+    Ok(member)
+}
+
 /// The id of a group or chord: its `group_id` or `task_id` option, else a new one.
 fn group_id(signature: &Signature) -> String {
     signature
-        .option_str("group_id")
-        .or_else(|| signature.option_str("task_id"))
+        .option_str("task_id")
+        .or_else(|| signature.option_str("group_id"))
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
@@ -452,14 +509,12 @@ fn members_of(
 ) -> Result<Vec<Next>, CanvasError> {
     let mut sent = Vec::new();
     for (index, member) in members.iter().enumerate() {
-        for mut next in apply(member, parent, result, None)? {
-            next.request.group = Some(id.to_string());
-            next.request.group_index = Some(index as u64);
-            if let Some(body) = chord {
-                next.request.embed["chord"] = body.clone();
-            }
-            sent.push(next);
-        }
+        sent.extend(apply(
+            &tagged(member, id, index, chord)?,
+            parent,
+            result,
+            None,
+        )?);
     }
     Ok(sent)
 }
@@ -490,9 +545,12 @@ fn request_for(
     request.group_index = options.get("group_index").and_then(Value::as_u64);
     let null = || Value::Null;
     request.embed = json!({
-        "callbacks": options.get("link").cloned().unwrap_or_else(null),
-        "errbacks": options.get("link_error").cloned().unwrap_or_else(null),
-        "chain": chain.map_or(Value::Null, Value::Array),
+        "callbacks": as_list(options.get("link")),
+        "errbacks": as_list(options.get("link_error")),
+        "chain": chain
+            .map(Value::Array)
+            .or_else(|| options.get("chain").filter(|c| c.is_array()).cloned())
+            .unwrap_or_else(null),
         "chord": options.get("chord").cloned().unwrap_or_else(null),
     });
     let now = Utc::now();
@@ -619,7 +677,10 @@ mod tests {
             .map(|n| json!([[n.request.id, null], null]))
             .collect();
         assert_eq!(sent.children, vec![json!([[group_id, null], members])]);
-        assert_eq!(next[0].request.embed["callbacks"]["task"], "after");
+        assert_eq!(
+            next[0].request.embed["callbacks"][0]["task"], "after",
+            "always a list"
+        );
         assert_eq!(next[0].request.embed["chain"], Value::Null);
         let eta = next[0].request.eta.expect("countdown makes an eta");
         assert!(eta > Utc::now() + chrono::Duration::seconds(50));
@@ -647,7 +708,8 @@ mod tests {
                 ("log", vec![json!("eb")])
             ]
         );
-        assert_eq!(never, vec!["c3".to_string(), "c2".to_string()]);
+        let never: Vec<_> = never.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(never, ["c3", "c2"]);
     }
 
     #[test]
@@ -704,14 +766,13 @@ mod tests {
         );
         let error = after_success(&first, &json!(1)).unwrap_err();
         assert!(error.0.contains("a chord without its header"), "{error}");
-        let body = Signature::new("b", vec![]);
-        let chord_then_more = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
-            "chain": [sig("after", json!([]), json!({})), chord(vec![Signature::new("a", vec![])], body).to_value()]}));
-        let error = after_success(&chord_then_more, &json!(1)).unwrap_err();
+        let group_then_more = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
+            "chain": [sig("after", json!([]), json!({})), group(vec![Signature::new("a", vec![])]).to_value()]}));
+        let error = after_success(&group_then_more, &json!(1)).unwrap_err();
         assert!(
             error
                 .0
-                .contains("cannot start a chord as a chain step with steps after it"),
+                .contains("cannot start a group as a chain step with steps after it"),
             "{error}"
         );
         let bad = parent(
@@ -812,5 +873,70 @@ mod tests {
             .map(|m| m.option_str("task_id").unwrap())
             .collect();
         assert_eq!(group(members).final_ids(), ids);
+    }
+
+    #[test]
+    fn a_chain_in_a_chord_header_counts_through_its_last_step() {
+        let body = Signature::new("sum", vec![]);
+        let (a, b) = (Signature::new("a", vec![]), Signature::new("b", vec![]));
+        let b_id = b.option_str("task_id").unwrap();
+        let canvas = chord(vec![crate::chain![a, b], Signature::new("c", vec![])], body);
+        let sent = start(&canvas).unwrap();
+        assert_eq!(sent.len(), 2);
+        let chord_id = sent[1].request.group.clone().unwrap();
+        assert_eq!(
+            sent[0].opens_chord,
+            Some((chord_id.clone(), 2)),
+            "two members"
+        );
+        let first_step = &sent[0].request;
+        assert_eq!(
+            (first_step.group.as_ref(), &first_step.embed["chord"]),
+            (None, &Value::Null)
+        );
+        let last_step = &first_step.embed["chain"][0];
+        assert_eq!(last_step["options"]["task_id"], json!(b_id));
+        assert_eq!(last_step["options"]["group_id"], json!(chord_id));
+        assert_eq!(last_step["options"]["group_index"], json!(0));
+        assert_eq!(last_step["options"]["chord"]["task"], "sum");
+        // When that last step runs, it carries the chord.
+        let b_request = after_success(first_step, &json!(1))
+            .unwrap()
+            .next
+            .remove(0)
+            .request;
+        assert_eq!(
+            (b_request.group.as_deref(), b_request.group_index),
+            (Some(chord_id.as_str()), Some(0))
+        );
+        assert_eq!(chord_of(&b_request).unwrap().unwrap().task, "sum");
+    }
+
+    #[test]
+    fn steps_after_a_chord_run_after_its_body() {
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h", vec![])],
+                Signature::new("body", vec![])
+            ),
+            Signature::new("y", vec![])
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let header = after_success(&x, &json!(1)).unwrap().next;
+        assert_eq!(header[0].request.task, "h");
+        let body = chord_of(&header[0].request).unwrap().unwrap();
+        let body_request = chord_body(&body, &header[0].request, vec![json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(body_request.embed["chain"][0]["task"], "y");
+        let (_, never) = after_failure(&x).unwrap();
+        let never: Vec<_> = never.iter().map(|r| r.task.as_str()).collect();
+        assert_eq!(
+            never,
+            ["y", "body"],
+            "a failure before the chord fails its body too"
+        );
     }
 }

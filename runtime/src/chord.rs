@@ -52,6 +52,12 @@ redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
 "#;
 
+/// Deletes the claim KEYS[1] if it is still ARGV[1]'s.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// How long a claim holds: a worker that dies holding it leaves the chord to expire.
 const CLAIM_SECONDS: u64 = 10;
 /// How long a finished chord stays marked done.
@@ -125,12 +131,20 @@ pub async fn count(
     if claimed == 0 {
         return Ok(Join::Waiting);
     }
-    let entries: Vec<String> = redis::cmd("ZRANGE")
+    let entries: Vec<String> = match redis::cmd("ZRANGE")
         .arg(key(chord_id, ".j"))
         .arg(0)
         .arg(-1)
         .query_async(&mut connection)
-        .await?;
+        .await
+    {
+        Ok(entries) => entries,
+        Err(error) => {
+            // Not ours to keep: the member's next delivery claims it again.
+            let _ = release(backend, chord_id, &claim).await;
+            return Err(error.into());
+        }
+    };
     let members = entries
         .iter()
         .filter_map(|entry| match serde_json::from_str::<Value>(entry) {
@@ -155,6 +169,17 @@ pub async fn finish(backend: &RedisBackend, chord_id: &str, claim: &str) -> Resu
         .key(key(chord_id, ".d"))
         .arg(claim)
         .arg(DONE_SECONDS)
+        .invoke_async::<i64>(&mut backend.connection())
+        .await?;
+    Ok(())
+}
+
+/// Gives back the claim on chord `chord_id` (if still ours) without ending the chord, so that
+/// the next delivery of a member can claim it and send the body.
+pub async fn release(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
+    redis::Script::new(RELEASE)
+        .key(key(chord_id, ".c"))
+        .arg(claim)
         .invoke_async::<i64>(&mut backend.connection())
         .await?;
     Ok(())

@@ -580,8 +580,7 @@ impl Worker {
                     fields(json!({"terminated": true, "signum": 15, "expired": false})),
                 );
                 let exc = ExceptionInfo::celery("TaskRevokedError", "terminated");
-                self.finish(&request, &queue, state::REVOKED, exc.to_value(), None)
-                    .await
+                self.revoke(&request, &queue, exc).await
             }
         };
         match settle {
@@ -596,14 +595,24 @@ impl Worker {
         }
     }
 
-    /// Stores SUCCESS, with the tasks it sends next as its children, then sends them: link
-    /// callbacks and the next step of its chain. `false` when the result is not on record or a
-    /// next task was not sent.
+    /// Sends what follows a success (link callbacks, the next chain step), then stores SUCCESS
+    /// with them as its children, as Celery does: a redelivered message whose result has
+    /// children is known to have sent them. Then counts the task in its chord, if any. `false`
+    /// when any of the three failed (all are tried).
     async fn succeed(&self, request: &TaskRequest, queue: &str, value: Value) -> bool {
-        let sent = canvas::after_success(request, &value).unwrap_or_else(|error| {
-            error!(task = %request.task, id = %request.id, %error, "cannot follow the task's links or chain");
-            canvas::Sent::default()
-        });
+        let sent = match canvas::after_success(request, &value) {
+            Ok(sent) => sent,
+            Err(error) => {
+                // As in Celery, a canvas that cannot be followed fails the task that carries it.
+                error!(task = %request.task, id = %request.id, %error, "cannot follow the task's links or chain");
+                let exc = ExceptionInfo::builtin(
+                    "ValueError",
+                    format!("cannot follow the canvas: {error}"),
+                );
+                return Box::pin(self.fail(request, queue, exc)).await;
+            }
+        };
+        let dispatched = self.send_next(sent.next).await;
         let stored = !self.stores(request) || {
             let mut meta = self.meta(request, queue, state::SUCCESS, value.clone());
             meta.children = sent.children;
@@ -612,13 +621,14 @@ impl Worker {
         let joined = self
             .join_chord(request, queue, state::SUCCESS, &value)
             .await;
-        stored && joined && self.send_next(sent.next).await
+        dispatched && stored && joined
     }
 
     /// Counts a chord header member in its chord (Celery's Redis join, shared with Python
     /// workers). The member that completes the chord sends the body with every member's result,
-    /// or, when one failed, fails the body with `ChordError`. `false` when the count could not
-    /// be recorded.
+    /// or, when one failed, fails the body with `ChordError`. `false` when the count or the body
+    /// could not be recorded: the claim is given back, so the member's next delivery completes
+    /// the chord.
     async fn join_chord(
         &self,
         request: &TaskRequest,
@@ -654,13 +664,14 @@ impl Worker {
         };
         let failed = chord::failure(&members);
         let results = members.into_iter().map(|m| m.result).collect();
-        let sent = match (canvas::chord_body(&body, request, results), failed) {
+        let recorded = match (canvas::chord_body(&body, request, results), failed) {
             (Ok(next), None) => {
                 info!(chord = %chord_id, body = %body.task, "chord complete; sending its body");
                 self.send_next(next).await
             }
             (Ok(next), Some(exc)) => {
                 error!(chord = %chord_id, exception = %exc.repr(), "chord failed");
+                let mut all = true;
                 for Next {
                     request: body,
                     queue: body_queue,
@@ -668,24 +679,35 @@ impl Worker {
                 } in next
                 {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
-                    Box::pin(self.fail(&body, &queue, exc.clone())).await;
+                    all &= Box::pin(self.fail(&body, &queue, exc.clone())).await;
                 }
-                true
+                all
             }
             (Err(error), _) => {
                 error!(chord = %chord_id, %error, "cannot start the chord body");
-                true
+                let exc = ExceptionInfo::celery("ChordError", format!("Join error: {error}"));
+                let mut all = true;
+                for id in body.final_ids() {
+                    let mut meta = ResultMeta::new(&id, state::FAILURE, exc.to_value(), Utc::now());
+                    meta.traceback = Some(traceback(&exc));
+                    all &= self.store(meta).await;
+                }
+                all
             }
         };
-        if let Err(error) = chord::finish(backend, chord_id, &claim).await {
-            warn!(chord = %chord_id, %error, "cannot mark the chord done; its data will expire");
+        let settled = match recorded {
+            true => chord::finish(backend, chord_id, &claim).await,
+            false => chord::release(backend, chord_id, &claim).await,
+        };
+        if let Err(error) = settled {
+            warn!(chord = %chord_id, %error, "cannot settle the chord's claim; it expires by itself");
         }
-        sent
+        recorded
     }
 
-    /// Stores FAILURE with `exc` and tells Flower; then stores the same failure for the chain
-    /// steps that will now never run, and sends the errbacks. `false` when the failure is not
-    /// on record or an errback was not sent.
+    /// Stores FAILURE with `exc` and tells Flower; then fails the chain steps that will now never
+    /// run (counting them in their chord, if any), and sends the errbacks. `false` when any of it
+    /// could not be done.
     async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
         let tb = traceback(&exc);
         self.events.task(
@@ -693,7 +715,7 @@ impl Worker {
             &request.id,
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
-        let stored = self
+        let mut done = self
             .finish(
                 request,
                 queue,
@@ -702,26 +724,32 @@ impl Worker {
                 Some(tb.clone()),
             )
             .await;
-        let joined = self
+        done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
             .await;
         let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
             (Vec::new(), Vec::new())
         });
-        for id in never {
-            let mut meta = ResultMeta::new(&id, state::FAILURE, exc.to_value(), Utc::now());
+        for step in never {
+            let mut meta = ResultMeta::new(&step.id, state::FAILURE, exc.to_value(), Utc::now());
             meta.traceback = Some(tb.clone());
-            meta.parent_id = Some(request.id.clone());
-            self.store(meta).await;
+            meta.parent_id = step.parent_id.clone();
+            meta.group_id = step.group.clone();
+            done &= self.store(meta).await;
+            done &= self
+                .join_chord(&step, queue, state::FAILURE, &exc.to_value())
+                .await;
         }
-        stored && joined && self.send_next(errbacks).await
+        done & self.send_next(errbacks).await
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its
-    /// route; `false` when one could not be sent.
+    /// route, opening a chord before its first header member; `false` when one could not be
+    /// sent. When a chord cannot be opened, none of its members is sent.
     async fn send_next(&self, next: Vec<Next>) -> bool {
         let mut all_sent = true;
+        let mut unopened: Option<String> = None;
         for Next {
             mut request,
             queue,
@@ -738,8 +766,11 @@ impl Worker {
                 if let Err(error) = opened {
                     error!(chord = %chord_id, %error, "cannot start the chord");
                     all_sent = false;
-                    continue;
+                    unopened = Some(chord_id);
                 }
+            }
+            if unopened.is_some() && request.group == unopened {
+                continue;
             }
             request.origin = Some(self.hostname.clone());
             let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());
@@ -836,9 +867,20 @@ impl Worker {
             fields(json!({"terminated": false, "signum": null, "expired": expired})),
         );
         let exc = ExceptionInfo::celery("TaskRevokedError", reason);
-        self.finish(request, queue, state::REVOKED, exc.to_value(), None)
-            .await;
+        self.revoke(request, queue, exc).await;
         true
+    }
+
+    /// Stores REVOKED with `exc` and counts the task in its chord, if any (a revoked member
+    /// fails the chord, as in Celery); `false` when either could not be recorded.
+    async fn revoke(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
+        let stored = self
+            .finish(request, queue, state::REVOKED, exc.to_value(), None)
+            .await;
+        let joined = self
+            .join_chord(request, queue, state::REVOKED, &exc.to_value())
+            .await;
+        stored && joined
     }
 
     /// Writes each state the task reports, the newest one each time, until the task ends.
