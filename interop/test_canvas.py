@@ -15,6 +15,7 @@ completes the chord sends its body.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from celery import chain, chord, group
@@ -267,6 +268,22 @@ def test_a_failure_inside_a_header_chain_fails_the_chord(rust, py_worker, py_twi
         header = [chain(rust_sig(setup, "tasks.fail", "boom", queue=queue, immutable=True),
                         py_sig(setup, "py.mul", 2)),
                   rust_sig(setup, "tasks.add", 1, 1, queue=queue)]
+        return chord(header, py_sig(setup, "py.xsum"))
+
+    def outcome(result):
+        return wait_state(result, "FAILURE"), type(result.result).__name__
+
+    assert compared(setup, py_twin, build, outcome) == ("FAILURE", "ChordError")
+
+
+@pytest.mark.timeout(60)
+def test_an_expired_rust_member_fails_the_chord(rust, py_worker, py_twin):
+    setup = rust.setup
+    past = datetime.now(timezone.utc) - timedelta(minutes=5)
+
+    def build(queue):
+        header = [rust_sig(setup, "tasks.add", 1, 1, queue=queue).set(expires=past),
+                  rust_sig(setup, "tasks.add", 2, 2, queue=queue)]
         return chord(header, py_sig(setup, "py.xsum"))
 
     def outcome(result):

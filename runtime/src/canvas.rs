@@ -182,6 +182,44 @@ impl Signature {
         })
     }
 
+    /// This canvas with an id on every task and group that has none yet (Celery's `freeze()`),
+    /// so the ids of its results are known before it is sent.
+    pub fn frozen(&self) -> Result<Self, CanvasError> {
+        let mut frozen = self.clone();
+        if frozen.subtask_type.as_deref() != Some("chain") && frozen.option_str("task_id").is_none()
+        {
+            frozen
+                .options
+                .insert("task_id".into(), uuid::Uuid::new_v4().to_string().into());
+        }
+        let each = |value: &Value| Signature::from_value(value)?.frozen().map(|s| s.to_value());
+        match frozen.subtask_type.as_deref() {
+            Some("chain") | Some("group") => {
+                let tasks = match frozen.kwargs.get("tasks") {
+                    Some(Value::Array(tasks)) => {
+                        tasks.iter().map(each).collect::<Result<_, _>>()?
+                    }
+                    _ => return Err(CanvasError(format!("a {} without its tasks", frozen.task))),
+                };
+                frozen.kwargs.insert("tasks".into(), Value::Array(tasks));
+            }
+            Some("chord") => {
+                for part in ["header", "body"] {
+                    let value = match frozen.kwargs.get(part) {
+                        Some(Value::Array(members)) => {
+                            Value::Array(members.iter().map(each).collect::<Result<_, _>>()?)
+                        }
+                        Some(value) => each(value)?,
+                        None => return Err(CanvasError(format!("a chord without its {part}"))),
+                    };
+                    frozen.kwargs.insert(part.into(), value);
+                }
+            }
+            _ => {}
+        }
+        Ok(frozen)
+    }
+
     /// The ids of the results this canvas ends with: a task's own, a chain's last step's, a
     /// group's members', a chord's body's.
     pub fn final_ids(&self) -> Vec<String> {
@@ -938,5 +976,27 @@ mod tests {
             ["y", "body"],
             "a failure before the chord fails its body too"
         );
+    }
+
+    #[test]
+    fn freezing_names_every_result_before_it_is_sent() {
+        let bare = |task: &str| json!({"task": task, "args": [], "kwargs": {}, "options": {}});
+        let canvas = json!({"task": "celery.chord", "subtask_type": "chord", "options": {},
+            "kwargs": {"header": {"task": "celery.group", "subtask_type": "group", "options": {},
+                                  "kwargs": {"tasks": [bare("a"), bare("b")]}},
+                       "body": {"task": "celery.chain", "subtask_type": "chain", "options": {},
+                                "kwargs": {"tasks": [bare("c"), bare("d")]}}}});
+        let unfrozen = Signature::from_value(&canvas).unwrap();
+        assert!(unfrozen.final_ids().is_empty());
+        let frozen = unfrozen.frozen().unwrap();
+        let ids = frozen.final_ids();
+        assert_eq!(ids.len(), 1, "the body chain's last step");
+        let sent = start(&frozen).unwrap();
+        let body = &sent[0].request.embed["chord"];
+        assert_eq!(
+            body["kwargs"]["tasks"][1]["options"]["task_id"],
+            json!(ids[0])
+        );
+        assert!(sent.iter().all(|n| n.request.group.is_some()));
     }
 }

@@ -161,7 +161,9 @@ impl Client {
     /// nesting. Returns the results it ends with: a task's own, a chain's last step's, a group's
     /// members', a chord's body's.
     pub async fn apply(&self, signature: &Signature) -> Result<Vec<AsyncResult>> {
-        let next = canvas::start(signature).map_err(|e| Error::InvalidOption(e.to_string()))?;
+        let invalid = |e: canvas::CanvasError| Error::InvalidOption(e.to_string());
+        let signature = signature.frozen().map_err(invalid)?;
+        let next = canvas::start(&signature).map_err(invalid)?;
         for Next {
             mut request,
             queue,
