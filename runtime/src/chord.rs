@@ -14,7 +14,7 @@
 use serde_json::{json, Value};
 
 use crate::backend::RedisBackend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::result::{state, ExceptionInfo};
 
 /// Counts a member's outcome and, when it completes the chord, claims sending the body.
@@ -86,8 +86,11 @@ pub enum Join {
 }
 
 /// Records that chord `chord_id` has `size` header members, before they are sent, as Celery's
-/// client does: the size, and no claim left from an earlier run of the same chord id.
-pub async fn open(backend: &RedisBackend, chord_id: &str, size: usize) -> Result<()> {
+/// client does: the size, and no claim left from an earlier run of the same chord id. A chord
+/// needs a result backend: without one this is an error.
+pub async fn open(backend: Option<&RedisBackend>, chord_id: &str, size: usize) -> Result<()> {
+    let backend =
+        backend.ok_or_else(|| Error::InvalidOption("a chord needs a result backend".into()))?;
     let mut set = redis::cmd("SET");
     set.arg(key(chord_id, ".s")).arg(size);
     if backend.expires() > 0 {

@@ -171,11 +171,7 @@ impl Client {
         } in next
         {
             if let Some((chord_id, size)) = opens_chord {
-                let backend = self
-                    .backend
-                    .as_ref()
-                    .ok_or_else(|| Error::InvalidOption("a chord needs a result backend".into()))?;
-                chord::open(backend, &chord_id, size).await?;
+                chord::open(self.backend.as_ref(), &chord_id, size).await?;
             }
             request.origin = Some(self.origin.clone());
             let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());

@@ -757,13 +757,7 @@ impl Worker {
         } in next
         {
             if let Some((chord_id, size)) = opens_chord {
-                let opened = match &self.backend {
-                    Some(backend) => chord::open(backend, &chord_id, size).await,
-                    None => Err(Error::InvalidOption(
-                        "a chord needs a result backend".into(),
-                    )),
-                };
-                if let Err(error) = opened {
+                if let Err(error) = chord::open(self.backend.as_ref(), &chord_id, size).await {
                     error!(chord = %chord_id, %error, "cannot start the chord");
                     all_sent = false;
                     unopened = Some(chord_id);
