@@ -31,6 +31,13 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// Deletes KEYS[1] if it still holds the token ARGV[1]: a lock or claim given back by its holder
+/// only.
+const DELETE_IF_HELD: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// The key (and pub/sub channel) of a task's result.
 pub fn result_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
@@ -62,6 +69,16 @@ impl RedisBackend {
     /// A handle on the shared connection, for the backend's other records (chords).
     pub(crate) fn connection(&self) -> ConnectionManager {
         self.connection.clone()
+    }
+
+    /// Gives back the lock or claim `key` if `token` still holds it.
+    pub(crate) async fn delete_if_held(&self, key: &str, token: &str) -> Result<()> {
+        redis::Script::new(DELETE_IF_HELD)
+            .key(key)
+            .arg(token)
+            .invoke_async::<i64>(&mut self.connection())
+            .await?;
+        Ok(())
     }
 
     /// Seconds results are kept (0: for ever).

@@ -52,12 +52,6 @@ redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
 "#;
 
-/// Deletes the claim KEYS[1] if it is still ARGV[1]'s.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
 /// How long a claim holds: a worker that dies holding it leaves the chord to expire.
 const CLAIM_SECONDS: u64 = 10;
 /// How long a finished chord stays marked done.
@@ -180,12 +174,7 @@ pub async fn finish(backend: &RedisBackend, chord_id: &str, claim: &str) -> Resu
 /// Gives back the claim on chord `chord_id` (if still ours) without ending the chord, so that
 /// the next delivery of a member can claim it and send the body.
 pub async fn release(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
-    redis::Script::new(RELEASE)
-        .key(key(chord_id, ".c"))
-        .arg(claim)
-        .invoke_async::<i64>(&mut backend.connection())
-        .await?;
-    Ok(())
+    backend.delete_if_held(&key(chord_id, ".c"), claim).await
 }
 
 /// The `ChordError` the body fails with when a member failed, as Celery words it; `None` when

@@ -60,6 +60,33 @@ pub struct TaskAnnotation {
     pub rate_limit: Option<String>,
 }
 
+/// One periodic task of `beat_schedule`: what to send and when (every `schedule` seconds, or
+/// at the times a `crontab` expression names, in UTC).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeatEntry {
+    /// Task name.
+    pub task: String,
+    /// Seconds between runs.
+    #[serde(default)]
+    pub schedule: Option<f64>,
+    /// `minute hour day-of-month month day-of-week`, as Celery's `crontab()` takes them.
+    #[serde(default)]
+    pub crontab: Option<String>,
+    /// Positional arguments.
+    #[serde(default)]
+    pub args: Vec<serde_json::Value>,
+    /// Keyword arguments.
+    #[serde(default)]
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Queue to send to (default: the task's route).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Seconds after which a sent run is discarded if not started.
+    #[serde(default)]
+    pub expires: Option<f64>,
+}
+
 /// Every setting the worker, the client and the web app read.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -122,6 +149,11 @@ pub struct CeleryConfig {
     pub web_jwt_secret: Option<String>,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
+    /// Periodic tasks `beat` sends, by entry name.
+    pub beat_schedule: BTreeMap<String, BeatEntry>,
+    /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
+    /// result backend's database), so separate deployments sharing a Redis keep apart.
+    pub beat_key_prefix: String,
 }
 
 impl Default for CeleryConfig {
@@ -154,6 +186,8 @@ impl Default for CeleryConfig {
             web_auth_token: None,
             web_jwt_secret: None,
             web_sweep_interval: 5,
+            beat_schedule: BTreeMap::new(),
+            beat_key_prefix: "celery-beat".into(),
         }
     }
 }
@@ -221,6 +255,10 @@ impl CeleryConfig {
             if let Some(rate) = &annotation.rate_limit {
                 crate::rate::parse(rate)?;
             }
+        }
+        for (name, entry) in &self.beat_schedule {
+            crate::beat::Schedule::of(entry)
+                .map_err(|reason| Error::Config(format!("beat_schedule {name}: {reason}")))?;
         }
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
@@ -382,6 +420,43 @@ mod tests {
         let config =
             CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
         assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));
+    }
+
+    #[test]
+    fn beat_schedule_reads_intervals_and_crontabs_and_refuses_bad_ones() {
+        let text = r#"
+            [beat_schedule.tick]
+            task = "tasks.add"
+            schedule = 1.5
+            args = [1, 2]
+            queue = "rust"
+
+            [beat_schedule.nightly]
+            task = "py.report"
+            crontab = "30 2 * * *"
+            kwargs = { full = true }
+            expires = 3600
+        "#;
+        let config = CeleryConfig::from_sources(text, env(&[])).unwrap();
+        let tick = &config.beat_schedule["tick"];
+        assert_eq!(
+            (tick.schedule, tick.queue.as_deref()),
+            (Some(1.5), Some("rust"))
+        );
+        let nightly = &config.beat_schedule["nightly"];
+        assert_eq!(
+            (nightly.crontab.as_deref(), nightly.expires),
+            (Some("30 2 * * *"), Some(3600.0))
+        );
+        let bad = "[beat_schedule.broken]\ntask = \"tasks.add\"\ncrontab = \"61 * * * *\"";
+        let err = CeleryConfig::from_sources(bad, env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("beat_schedule broken: crontab"),
+            "{err}"
+        );
+        let both = "[beat_schedule.both]\ntask = \"t\"\nschedule = 1\ncrontab = \"* * * * *\"";
+        let err = CeleryConfig::from_sources(both, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
     }
 
     #[test]

@@ -14,9 +14,12 @@
 //! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks, and
 //!   answers Celery's remote control.
 //! - [`logging`]: the tracing set-up every binary shares.
+//! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
+//! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
 pub mod backend;
+pub mod beat;
 pub mod broker;
 pub mod canvas;
 pub mod chord;
@@ -29,6 +32,7 @@ pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
+pub mod signals;
 pub mod state;
 pub mod worker;
 

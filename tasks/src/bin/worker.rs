@@ -111,19 +111,9 @@ async fn reconnect(
 
 /// First SIGINT/SIGTERM: warm shutdown (finish running tasks); second: cold (stop at once).
 async fn watch_signals(warm: CancellationToken, cold: CancellationToken) {
-    shutdown_signal().await;
+    runtime::signals::stop_requested().await;
     tracing::info!("warm shutdown: finishing running tasks; signal again to stop at once");
     warm.cancel();
-    shutdown_signal().await;
+    runtime::signals::stop_requested().await;
     cold.cancel();
-}
-
-/// Resolves on the next SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }
