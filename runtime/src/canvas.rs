@@ -358,10 +358,13 @@ impl Sent {
     fn add(&mut self, signature: &Signature, next: Vec<Next>) {
         let tuple = |n: &Next| json!([[n.request.id, null], null]);
         match (signature.subtask_type.as_deref(), next.first()) {
-            (Some("group"), Some(first)) => {
+            // A chord's child is its header, as a group.
+            (Some("group" | "chord"), Some(first)) => {
                 let members: Vec<Value> = next.iter().map(tuple).collect();
+                // The id `apply` gave it (see `group_id`).
                 let id = signature
                     .option_str("task_id")
+                    .or_else(|| signature.option_str("group_id"))
                     .or_else(|| first.request.group.clone());
                 self.children.push(json!([[id, null], members]));
             }
@@ -948,6 +951,26 @@ mod tests {
             (Some(chord_id.as_str()), Some(0))
         );
         assert_eq!(chord_of(&b_request).unwrap().unwrap().task, "sum");
+    }
+
+    #[test]
+    fn a_chord_step_is_one_group_child() {
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h1", vec![]), Signature::new("h2", vec![])],
+                Signature::new("body", vec![])
+            )
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let sent = after_success(&x, &json!(1)).unwrap();
+        let chord_id = sent.next[0].request.group.clone().unwrap();
+        let members: Vec<_> = sent
+            .next
+            .iter()
+            .map(|n| json!([[n.request.id, null], null]))
+            .collect();
+        assert_eq!(sent.children, vec![json!([[chord_id, null], members])]);
     }
 
     #[test]
