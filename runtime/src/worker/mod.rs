@@ -411,9 +411,7 @@ impl Worker {
                 if let Some(id) = &error.task_id {
                     let exc =
                         ExceptionInfo::new("kombu.exceptions", "DecodeError", error.reason.clone());
-                    let mut meta = ResultMeta::new(id, state::FAILURE, exc.to_value(), Utc::now());
-                    meta.traceback = Some(traceback(&exc));
-                    self.store(meta).await;
+                    self.store(failure_meta(id, &exc)).await;
                 }
                 settle_with(settle.reject(false), &tag).await;
                 return;
@@ -688,9 +686,7 @@ impl Worker {
                 let exc = ExceptionInfo::celery("ChordError", format!("Join error: {error}"));
                 let mut all = true;
                 for id in body.final_ids() {
-                    let mut meta = ResultMeta::new(&id, state::FAILURE, exc.to_value(), Utc::now());
-                    meta.traceback = Some(traceback(&exc));
-                    all &= self.store(meta).await;
+                    all &= self.store(failure_meta(&id, &exc)).await;
                 }
                 all
             }
@@ -716,13 +712,7 @@ impl Worker {
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
         let mut done = self
-            .finish(
-                request,
-                queue,
-                state::FAILURE,
-                exc.to_value(),
-                Some(tb.clone()),
-            )
+            .finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
             .await;
         done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
@@ -732,8 +722,7 @@ impl Worker {
             (Vec::new(), Vec::new())
         });
         for step in never {
-            let mut meta = ResultMeta::new(&step.id, state::FAILURE, exc.to_value(), Utc::now());
-            meta.traceback = Some(tb.clone());
+            let mut meta = failure_meta(&step.id, &exc);
             meta.parent_id = step.parent_id.clone();
             meta.group_id = step.group.clone();
             done &= self.store(meta).await;
@@ -1008,6 +997,14 @@ fn fields(value: Value) -> Map<String, Value> {
 /// The traceback text stored with an exception state.
 fn traceback(exc: &ExceptionInfo) -> String {
     format!("{}.{}: {}", exc.exc_module, exc.exc_type, exc.message())
+}
+
+/// The FAILURE meta of task `id` that ended with `exc`, for a task this worker did not run
+/// itself (an undecodable message, a chain step that never ran, a chord body that cannot start).
+fn failure_meta(id: &str, exc: &ExceptionInfo) -> ResultMeta {
+    let mut meta = ResultMeta::new(id, state::FAILURE, exc.to_value(), Utc::now());
+    meta.traceback = Some(traceback(exc));
+    meta
 }
 
 async fn settle_with(settlement: impl std::future::Future<Output = Result<()>>, tag: &str) {
