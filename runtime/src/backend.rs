@@ -5,6 +5,7 @@
 //! wakes at once and a late reader still finds the value. A stored SUCCESS is never overwritten,
 //! as Celery guarantees: a slow PROGRESS write cannot undo a finished task.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -33,10 +34,14 @@ return 1
 
 /// Deletes KEYS[1] if it still holds the token ARGV[1]: a lock or claim given back by its holder
 /// only.
-const DELETE_IF_HELD: &str = r#"
+static DELETE_IF_HELD: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"#;
+"#,
+    )
+});
 
 /// The key (and pub/sub channel) of a task's result.
 pub fn result_key(task_id: &str) -> String {
@@ -73,7 +78,7 @@ impl RedisBackend {
 
     /// Gives back the lock or claim `key` if `token` still holds it.
     pub(crate) async fn delete_if_held(&self, key: &str, token: &str) -> Result<()> {
-        redis::Script::new(DELETE_IF_HELD)
+        DELETE_IF_HELD
             .key(key)
             .arg(token)
             .invoke_async::<i64>(&mut self.connection())

@@ -8,6 +8,7 @@
 //!   mistake waits, and takes over within the expiry if the first one dies.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -25,14 +26,18 @@ const LOCK_MS: u64 = 5_000;
 
 /// Takes the lock KEYS[1] for token ARGV[1], or renews it if that token holds it, for ARGV[2]
 /// ms. Returns 1 while the caller holds it.
-const HOLD: &str = r#"
+static HOLD: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// When an entry runs.
 #[derive(Debug, Clone)]
@@ -165,7 +170,7 @@ impl Beat {
     }
 
     async fn hold(&self) -> Result<bool> {
-        let held: i64 = redis::Script::new(HOLD)
+        let held: i64 = HOLD
             .key(&self.lock_key)
             .arg(&self.token)
             .arg(LOCK_MS)

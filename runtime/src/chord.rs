@@ -11,6 +11,8 @@
 //! The member that completes the count claims `.c` in the same atomic step, so exactly one
 //! worker reads the outcomes and sends the body.
 
+use std::sync::LazyLock;
+
 use serde_json::{json, Value};
 
 use crate::backend::RedisBackend;
@@ -21,7 +23,9 @@ use crate::protocol::result::{state, ExceptionInfo};
 /// KEYS: `.j`, `.t`, `.s`, `.d`, the chord's meta key, `.c`. ARGV: member id, entry, index,
 /// expiry seconds (0: none), claim seconds, claim token. Returns 1 when the caller holds the
 /// claim, 0 otherwise (not complete yet, another worker claimed it, or the chord is done).
-const COUNT_MEMBER: &str = r#"
+static COUNT_MEMBER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local joined, extra, size_key, counted, meta, claim = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if redis.call('GET', claim) == 'done' then return 0 end
 local member = ARGV[1] .. ':' .. ARGV[3]
@@ -40,17 +44,23 @@ local wanted = tonumber(size) + tonumber(redis.call('GET', extra) or '0')
 if redis.call('ZCARD', joined) ~= wanted then return 0 end
 if redis.call('SET', claim, ARGV[6], 'NX', 'EX', tonumber(ARGV[5])) then return 1 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// Ends a chord whose body was sent under the claim ARGV[1]: drops its data and marks it done
 /// for ARGV[2] seconds, so a member that runs again later cannot start it over.
 /// KEYS: `.c`, `.j`, `.t`, `.s`, `.d`.
-const FINISH: &str = r#"
+static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
-"#;
+"#,
+    )
+});
 
 /// How long a claim holds: a worker that dies holding it leaves the chord to expire.
 const CLAIM_SECONDS: u64 = 10;
@@ -110,7 +120,7 @@ pub async fn count(
     let entry = json!([1, member.task_id, member.state, member.result]).to_string();
     let claim = uuid::Uuid::new_v4().simple().to_string();
     let mut connection = backend.connection();
-    let claimed: i64 = redis::Script::new(COUNT_MEMBER)
+    let claimed: i64 = COUNT_MEMBER
         .key(key(chord_id, ".j"))
         .key(key(chord_id, ".t"))
         .key(key(chord_id, ".s"))
@@ -158,7 +168,7 @@ pub async fn count(
 
 /// Marks chord `chord_id` done after its body was sent (or failed) under `claim`.
 pub async fn finish(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
-    redis::Script::new(FINISH)
+    FINISH
         .key(key(chord_id, ".c"))
         .key(key(chord_id, ".j"))
         .key(key(chord_id, ".t"))
