@@ -361,11 +361,7 @@ impl Sent {
             // A chord's child is its header, as a group.
             (Some("group" | "chord"), Some(first)) => {
                 let members: Vec<Value> = next.iter().map(tuple).collect();
-                // The id `apply` gave it (see `group_id`).
-                let id = signature
-                    .option_str("task_id")
-                    .or_else(|| signature.option_str("group_id"))
-                    .or_else(|| first.request.group.clone());
+                let id = given_group_id(signature).or_else(|| first.request.group.clone());
                 self.children.push(json!([[id, null], members]));
             }
             _ => self.children.extend(next.iter().map(tuple)),
@@ -531,12 +527,17 @@ fn tagged(
     Ok(member)
 }
 
-/// The id of a group or chord: its `group_id` or `task_id` option, else a new one.
-fn group_id(signature: &Signature) -> String {
+/// The id a group or chord signature carries: its `task_id` option (Celery's frozen group id),
+/// else its `group_id`.
+fn given_group_id(signature: &Signature) -> Option<String> {
     signature
         .option_str("task_id")
         .or_else(|| signature.option_str("group_id"))
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The id a group or chord is started under: the one it carries, else a new one.
+fn group_id(signature: &Signature) -> String {
+    given_group_id(signature).unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
 /// The requests of group `id`'s `members`, each with its index, and with `chord` as the chord
