@@ -295,16 +295,17 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .zip(free)
                     .map(|((list, raw), slot)| delivery(&connection, list, raw, slot));
+                let mut refused = false;
                 for delivery in deliveries.by_ref() {
                     if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
                         give_back(unwanted).await;
+                        refused = true;
                         break;
                     }
                 }
-                // Taken but not handed over (the worker stopped): back to their queues.
-                let rest: Vec<_> = deliveries.collect();
-                if !rest.is_empty() {
-                    for unwanted in rest {
+                if refused {
+                    // The worker stopped: what was taken but not handed over goes back too.
+                    for unwanted in deliveries {
                         give_back(unwanted).await;
                     }
                     break;
