@@ -584,6 +584,44 @@ def http_request(host: str, port: int, method: str, path: str, body: bytes | Non
 
 
 # --------------------------------------------------------------------------------------------
+# Flower
+
+
+def start_flower(setup: Any, scope: Sequence[str], tag: str = "") -> tuple[int, ManagedProcess]:
+    """Flower 2.x (``-A interop_app``) on a free port for broker setup ``setup``; waits (bounded)
+    for its ``/healthcheck``. Its own remote-control broadcasts go to the nodes of ``scope`` only
+    (``INTEROP_CONTROL_DESTINATION``); ``tag`` tells its log apart from other Flowers' of the
+    session. Returns the port and the process."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "celery", "-A", "interop_app", f"--broker={setup.broker_url}",
+        f"--result-backend={setup.result_backend}", "flower", "--address=127.0.0.1", f"--port={port}",
+        "--inspect_timeout=3000",
+    ]
+    env = setup.python_env(setup.queue)
+    env.update(FLOWER_UNAUTHENTICATED_API="1", INTEROP_CONTROL_DESTINATION=",".join(scope))
+    env.pop("INTEROP_CONTROL_STRICT", None)
+    log_path = ARTIFACTS_DIR / f"flower-{setup.name}-{setup.session_id}{f'-{tag}' if tag else ''}.log"
+    process = start_process(f"Flower ({setup.name})", argv, env, log_path, cwd=INTEROP_DIR)
+
+    def healthy():
+        if not process.alive():
+            pytest.fail(f"Flower exited with {process.popen.returncode}; log {log_path}:\n{process.tail()}",
+                        pytrace=False)
+        try:
+            return http_request("127.0.0.1", port, "GET", "/healthcheck", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 30, interval=0.2, describe=lambda: f"Flower /healthcheck; log {log_path}:\n{process.tail()}")
+    except BaseException:
+        process.stop()
+        raise
+    return port, process
+
+
+# --------------------------------------------------------------------------------------------
 # Headless Chromium (screenshots; scripts/chromium.sh installs it)
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -29,7 +29,6 @@ import json
 import re
 import signal
 import struct
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from kombu import Connection
 
 from interop_helpers import (
     ARTIFACTS_DIR,
-    INTEROP_DIR,
     EventCapture,
     ManagedProcess,
     Reply,
@@ -52,12 +50,11 @@ from interop_helpers import (
     chromium_dom,
     chromium_screenshot,
     control_node,
-    free_port,
     http_request,
     inspect_node,
     inspect_nodes,
     run_celery,
-    start_process,
+    start_flower,
     wait_for,
 )
 
@@ -559,36 +556,6 @@ class FlowerCluster:
 
     def online(self) -> dict[str, bool]:
         return self.get_json("/api/workers?status=1")
-
-
-def start_flower(setup, scope: list[str]) -> tuple[int, ManagedProcess]:
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "celery", "-A", "interop_app", f"--broker={setup.broker_url}",
-        f"--result-backend={setup.result_backend}", "flower", "--address=127.0.0.1", f"--port={port}",
-        "--inspect_timeout=3000",
-    ]
-    env = setup.python_env(setup.queue)
-    env.update(FLOWER_UNAUTHENTICATED_API="1", INTEROP_CONTROL_DESTINATION=",".join(scope))
-    env.pop("INTEROP_CONTROL_STRICT", None)
-    log_path = ARTIFACTS_DIR / f"flower-{setup.name}-{setup.session_id}.log"
-    process = start_process(f"Flower ({setup.name})", argv, env, log_path, cwd=INTEROP_DIR)
-
-    def healthy():
-        if not process.alive():
-            pytest.fail(f"Flower exited with {process.popen.returncode}; log {log_path}:\n{process.tail()}",
-                        pytrace=False)
-        try:
-            return http_request("127.0.0.1", port, "GET", "/healthcheck", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 30, interval=0.2, describe=lambda: f"Flower /healthcheck; log {log_path}:\n{process.tail()}")
-    except BaseException:
-        process.stop()
-        raise
-    return port, process
 
 
 @pytest.fixture(scope="module")
