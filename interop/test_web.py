@@ -32,6 +32,7 @@ from web_process import (
     STATE_RANK,
     STATUS_KEYS,
     SWEEP_INTERVAL,
+    WORKFLOW_KEYS,
     WebApp,
     accepted_task_id,
     own_database,
@@ -199,6 +200,125 @@ def test_python_worker_jobs_are_tracked(web, broker, py_worker, call, state, res
 
 
 # --------------------------------------------------------------------------------------------
+# Workflows: a chain or a group of task calls in one POST
+
+
+def _submit_workflow(web: WebApp, kind: str, steps: list[dict]) -> tuple[str, list[str]]:
+    """POSTs a workflow that must be accepted; returns its id and its steps' task ids."""
+    reply = web.post({kind: steps})
+    assert reply.status == 202, reply
+    body = reply.json()
+    assert set(body) == {"workflow_id", "workflow", "status_url", "task_ids"}, body
+    workflow_id = body["workflow_id"]
+    assert body["workflow"] == kind, body
+    assert body["status_url"] == reply.headers["location"] == f"/status/{workflow_id}", reply
+    assert len(body["task_ids"]) == len(steps) and len(set(body["task_ids"])) == len(steps), body
+    return workflow_id, body["task_ids"]
+
+
+def _workflow_status(web: WebApp, workflow_id: str) -> dict:
+    reply = web.get(f"/status/{workflow_id}")
+    assert reply.status == 200, reply
+    workflow = reply.json()
+    assert set(workflow) == WORKFLOW_KEYS, sorted(workflow)
+    assert workflow["workflow_id"] == workflow_id, workflow
+    return workflow
+
+
+def _wait_workflow(web: WebApp, workflow_id: str) -> tuple[dict, list[str]]:
+    """The workflow's final /status, and every workflow state seen on the way."""
+    seen: list[str] = []
+    last: dict = {}
+
+    def final():
+        last.clear()
+        last.update(_workflow_status(web, workflow_id))
+        seen.append(last["state"])
+        return last["state"] in FINAL_STATES and dict(last)
+
+    workflow = wait_for(final, JOB_TIMEOUT, interval=0.05,
+                        describe=lambda: f"workflow {workflow_id} to end; last {last}")
+    return workflow, seen
+
+
+@pytest.mark.timeout(60)
+def test_chain_of_rust_and_python_steps_runs_in_order(web, rust, broker, py_worker):
+    steps = [
+        {"task": "tasks.add", "args": [2, 3]},
+        {"task": "py.mul", "args": [10], "queue": broker.py_queue},
+        {"task": "tasks.add", "args": [1]},
+    ]
+    workflow_id, task_ids = _submit_workflow(web, "chain", steps)
+    first = _workflow_status(web, workflow_id)
+    assert first["workflow"] == "chain" and first["progress"]["total"] == 3, first
+    workflow, seen = _wait_workflow(web, workflow_id)
+    # Each step gets the result before it first: py.mul(5, 10), then tasks.add(50, 1).
+    assert (workflow["state"], workflow["result"], workflow["error"]) == ("SUCCESS", 51, None), workflow
+    assert workflow["progress"] == {"current": 3, "total": 3, "percent": 100.0}, workflow
+    children = workflow["children"]
+    assert [c["task_id"] for c in children] == task_ids, workflow
+    assert [(c["task"], c["state"], c["result"]) for c in children] == [
+        ("tasks.add", "SUCCESS", 5), ("py.mul", "SUCCESS", 50), ("tasks.add", "SUCCESS", 51),
+    ], workflow
+    assert [c["worker"] for c in children] == [rust.hostname, py_worker.hostname, rust.hostname], workflow
+    assert all(c["workflow_id"] == workflow_id for c in children), workflow
+    assert seen[-1] == "SUCCESS" and set(seen) <= {"PENDING", "STARTED", "SUCCESS"}, seen
+    for child in children:
+        check_times(child)
+    assert parse_time(workflow["finished_at"]) == max(parse_time(c["finished_at"]) for c in children)
+    # Each step is a job of its own too, and Celery reads the chain's result by its last id.
+    assert web.status(task_ids[1])["workflow_id"] == workflow_id
+    assert rust.app.AsyncResult(task_ids[-1]).get(timeout=10) == 51
+
+
+@pytest.mark.timeout(60)
+def test_group_runs_in_parallel_and_python_can_restore_it(web, rust, broker, py_worker):
+    steps = [{"task": "tasks.add", "args": [i, i]} for i in range(5)]
+    steps.append({"task": "py.mul", "args": [3, 4], "queue": broker.py_queue})
+    workflow_id, task_ids = _submit_workflow(web, "group", steps)
+    workflow, _ = _wait_workflow(web, workflow_id)
+    expected = [0, 2, 4, 6, 8, 12]
+    assert (workflow["state"], workflow["result"], workflow["error"]) == ("SUCCESS", expected, None), workflow
+    assert [c["result"] for c in workflow["children"]] == expected, workflow
+    assert workflow["progress"]["current"] == 6, workflow
+    # The workflow id is the group's id: Celery's client restores the group the web saved.
+    restored = rust.app.GroupResult.restore(workflow_id)
+    assert restored is not None, "the group was not saved in the result backend"
+    assert [r.id for r in restored.results] == task_ids
+    assert restored.get(timeout=10) == expected
+
+
+@pytest.mark.timeout(60)
+def test_failed_chain_step_fails_the_workflow_and_the_steps_after_it(web, rust):
+    steps = [
+        {"task": "tasks.echo", "args": ["boom"]},
+        {"task": "tasks.fail"},  # fail("boom"): given the result before it
+        {"task": "tasks.add", "args": [1]},
+    ]
+    workflow_id, task_ids = _submit_workflow(web, "chain", steps)
+    workflow, _ = _wait_workflow(web, workflow_id)
+    boom = {"type": "RuntimeError", "message": "boom"}
+    assert (workflow["state"], workflow["result"], workflow["error"]) == ("FAILURE", None, boom), workflow
+    assert [c["state"] for c in workflow["children"]] == ["SUCCESS", "FAILURE", "FAILURE"], workflow
+    # The step after the failure never runs; the worker marks it failed with the same error, as
+    # Celery's does, so Python's AsyncResult of the chain raises it.
+    assert workflow["children"][2]["error"] == boom, workflow
+    with pytest.raises(RuntimeError, match="boom"):
+        rust.app.AsyncResult(task_ids[2]).get(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_group_with_a_failed_member_fails_once_every_member_ends(web, rust):
+    steps = [{"task": "tasks.fail", "args": ["boom"]}, {"task": "tasks.progress", "args": [3, 100]}]
+    workflow_id, _ = _submit_workflow(web, "group", steps)
+    workflow, seen = _wait_workflow(web, workflow_id)
+    assert workflow["state"] == "FAILURE", workflow
+    assert workflow["error"] == {"type": "RuntimeError", "message": "boom"}, workflow
+    assert workflow["children"][1]["state"] == "SUCCESS", workflow
+    assert "FAILURE" not in seen[:-1], f"the group ended before its last member: {seen}"
+
+
+# --------------------------------------------------------------------------------------------
 # A burst
 
 
@@ -327,6 +447,11 @@ BAD_POSTS = {
     "python-task-not-allowed": (b'{"task": "py.nope"}', "application/json", 422, "unknown task `py.nope`"),
     "task-not-string": (b'{"task": 5}', "application/json", 422, "`task`"),
     "task-empty": (b'{"task": ""}', "application/json", 422, "`task`"),
+    "chain-empty": (b'{"chain": []}', "application/json", 422, "`chain` must be a list of 1 to"),
+    "group-step-unknown-task": (b'{"group": [{"task": "tasks.nope"}]}', "application/json", 422,
+                                "step 0 of the group: unknown task `tasks.nope`"),
+    "chain-step-countdown": (b'{"chain": [{"task": "tasks.add", "countdown": 1}]}', "application/json", 422,
+                             "unknown field `countdown`; a workflow step takes"),
 }
 
 
@@ -359,7 +484,7 @@ def test_countdown_or_expires_beyond_any_date_is_refused(web, field):
 
 BAD_GETS = {
     "status-not-uuid": ("/status/not-a-uuid", 400, "not a task id"),
-    "status-unknown": (f"/status/{uuid.UUID(int=0x1234)}", 404, "no job with task id"),
+    "status-unknown": (f"/status/{uuid.UUID(int=0x1234)}", 404, "no job or workflow with id"),
     "tasks-limit-zero": ("/tasks?limit=0", 422, "`limit`"),
     "tasks-limit-too-big": ("/tasks?limit=501", 422, "`limit`"),
     "tasks-limit-not-number": ("/tasks?limit=ten", 422, "`limit`"),

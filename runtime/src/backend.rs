@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::protocol::result::{state, ResultMeta};
@@ -46,6 +47,11 @@ return 0
 /// The key (and pub/sub channel) of a task's result.
 pub fn result_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
+}
+
+/// The key of a saved group result (Celery's `GroupResult.save()`).
+pub fn group_key(group_id: &str) -> String {
+    format!("celery-taskset-meta-{group_id}")
 }
 
 /// A connection to the result backend. It reconnects by itself after the server drops it: the
@@ -102,6 +108,25 @@ impl RedisBackend {
             .invoke_async(&mut self.connection.clone())
             .await?;
         Ok(written == 1)
+    }
+
+    /// Records that group `group_id` is made of the tasks `member_ids`, in order, as Python's
+    /// `GroupResult.save()` does, so that `GroupResult.restore(group_id)` finds them. Celery
+    /// stores the group as its result tuple: `[[group id, parent], [member tuples]]`, each member
+    /// `[[task id, parent], null]`; these groups have no parent.
+    pub async fn save_group(&self, group_id: &str, member_ids: &[String]) -> Result<()> {
+        let members: Vec<Value> = member_ids
+            .iter()
+            .map(|id| json!([[id, null], null]))
+            .collect();
+        let saved = json!({"result": [[group_id, null], members]}).to_string();
+        let mut set = redis::cmd("SET");
+        set.arg(group_key(group_id)).arg(saved);
+        if self.expires > 0 {
+            set.arg("EX").arg(self.expires);
+        }
+        set.query_async::<()>(&mut self.connection.clone()).await?;
+        Ok(())
     }
 
     /// The stored meta, or `None` while the task is PENDING (nothing stored).

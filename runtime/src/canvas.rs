@@ -149,6 +149,20 @@ impl Signature {
         self
     }
 
+    /// With `id` as its task id (a group's: its group id) instead of the one made for it.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.options.insert("task_id".into(), id.into().into());
+        self
+    }
+
+    /// Tagged as the member at `index` of the group `group_id`, for a member sent on its own.
+    pub fn member_of(mut self, group_id: impl Into<String>, index: usize) -> Self {
+        self.options
+            .insert("group_id".into(), group_id.into().into());
+        self.options.insert("group_index".into(), index.into());
+        self
+    }
+
     /// Runs `callback` with this task's result when it succeeds.
     pub fn link(self, callback: Signature) -> Self {
         self.linked("link", callback)

@@ -224,6 +224,16 @@ impl Client {
         connection.broker.close().await
     }
 
+    /// Saves group `group_id` of the tasks `member_ids` in the result backend, as Python's
+    /// `GroupResult.save()` does, so that `GroupResult.restore(group_id)` finds it.
+    pub async fn save_group(&self, group_id: &str, member_ids: &[String]) -> Result<()> {
+        self.backend
+            .as_ref()
+            .ok_or(Error::NoBackend)?
+            .save_group(group_id, member_ids)
+            .await
+    }
+
     /// The result handle of a task sent earlier, by id.
     pub fn result(&self, task_id: &str) -> AsyncResult {
         AsyncResult {

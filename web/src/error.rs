@@ -23,7 +23,7 @@ pub enum Error {
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// No job has that id.
-    #[error("no job with task id {0}")]
+    #[error("no job or workflow with id {0}")]
     NotFound(String),
     /// The broker did not take the message.
     #[error("the broker did not accept the job; it is recorded and was not sent: {0}")]

@@ -4,6 +4,7 @@
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
+//! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
 //! - [`db`]: the async connection pool and embedded migrations.
@@ -18,6 +19,7 @@ pub mod routes;
 pub mod schema;
 pub mod store;
 pub mod tracking;
+pub mod workflow;
 
 use std::sync::Arc;
 use std::time::Duration;

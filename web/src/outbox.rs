@@ -14,6 +14,7 @@ use crate::batch::{Batcher, Written};
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, NewJob};
+use crate::workflow::{self, Kind};
 
 /// Jobs one round publishes at most.
 const BATCH: i64 = 100;
@@ -50,15 +51,12 @@ impl Journal {
     }
 }
 
-/// Publishes `job`, then records the outcome: published (queued for the journal; the answer
-/// tells when it is on record), or why not (in the row at once, which frees it for the outbox;
-/// then `None`). Errors only when the database fails; a broker failure is recorded, not raised.
-pub async fn publish(
-    pool: &Pool,
-    journal: &Journal,
-    client: &Client,
-    job: &NewJob,
-) -> Result<Option<Written>, Error> {
+/// Sends `job`'s message: a job of its own as a task, a workflow's step as its canvas
+/// ([`workflow::signature`]), with `rest` after it when it starts a chain.
+async fn send(client: &Client, job: &NewJob, rest: &[NewJob]) -> runtime::Result<()> {
+    if let Some(signature) = workflow::signature(job, rest) {
+        return client.apply(&signature).await.map(drop);
+    }
     let options = SendOptions {
         task_id: Some(job.task_id.to_string()),
         queue: Some(job.queue.clone()),
@@ -74,11 +72,31 @@ pub async fn publish(
         Value::Object(kwargs) => kwargs.clone(),
         _ => Default::default(),
     };
-    match client
+    client
         .send_task(&job.task_name, args, kwargs, options)
         .await
-    {
-        Ok(_) => Ok(Some(journal.published.queue(job.task_id).await?)),
+        .map(drop)
+}
+
+/// Publishes `job` (and `rest`, the later steps of the chain it starts, if any), then records
+/// the outcome: published (queued for the journal, the later steps too since the message
+/// carries them; the answer tells when `job`'s mark is on record), or why not (in `job`'s row at
+/// once, which frees it for the outbox; then `None`). Errors only when the database fails; a
+/// broker failure is recorded, not raised.
+pub async fn publish(
+    pool: &Pool,
+    journal: &Journal,
+    client: &Client,
+    job: &NewJob,
+    rest: &[NewJob],
+) -> Result<Option<Written>, Error> {
+    match send(client, job, rest).await {
+        Ok(()) => {
+            for step in rest {
+                journal.published.queue(step.task_id).await?;
+            }
+            Ok(Some(journal.published.queue(job.task_id).await?))
+        }
         Err(error) => {
             tracing::warn!(id = %job.task_id, %error, "job not published yet; the outbox will retry");
             let mut connection = pool.get().await?;
@@ -99,7 +117,15 @@ pub async fn publish_waiting(
     let claimed = store::claim_unpublished(&mut *pool.get().await?, BATCH).await?;
     let mut recorded = Vec::with_capacity(claimed.len());
     for (sent, job) in claimed.iter().enumerate() {
-        match publish(pool, journal, client, job).await? {
+        let kind = job.workflow_kind.as_deref().and_then(Kind::from_name);
+        let rest = match (job.workflow_id, kind) {
+            (Some(id), Some(Kind::Chain)) => {
+                let position = job.workflow_position.unwrap_or_default();
+                store::steps_after(&mut *pool.get().await?, id, position).await?
+            }
+            _ => Vec::new(),
+        };
+        match publish(pool, journal, client, job, &rest).await? {
             Some(written) => recorded.push(written),
             None => {
                 let rest: Vec<_> = claimed[sent + 1..].iter().map(|j| j.task_id).collect();

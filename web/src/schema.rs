@@ -27,5 +27,8 @@ diesel::table! {
         eta -> Nullable<Timestamptz>,
         expires -> Nullable<Timestamptz>,
         publish_lease_until -> Nullable<Timestamptz>,
+        workflow_id -> Nullable<Uuid>,
+        workflow_kind -> Nullable<Text>,
+        workflow_position -> Nullable<Integer>,
     }
 }

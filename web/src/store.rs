@@ -38,11 +38,14 @@ pub struct Job {
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub publish_lease_until: Option<DateTime<Utc>>,
+    pub workflow_id: Option<Uuid>,
+    pub workflow_kind: Option<String>,
+    pub workflow_position: Option<i32>,
 }
 
 /// A job as `POST /receive` records it, and as the outbox publishes it.
-#[derive(Debug, Clone, PartialEq, Insertable, QueryableByName)]
-#[diesel(table_name = tasks)]
+#[derive(Debug, Clone, PartialEq, Insertable, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
 pub struct NewJob {
     pub task_id: Uuid,
     pub task_name: String,
@@ -51,6 +54,35 @@ pub struct NewJob {
     pub queue: String,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
+    /// The workflow this job is a step of, its kind and the step's place in it; all three are
+    /// set or none.
+    pub workflow_id: Option<Uuid>,
+    pub workflow_kind: Option<String>,
+    pub workflow_position: Option<i32>,
+}
+
+impl NewJob {
+    /// A job of its own, not a workflow's step.
+    pub fn single(
+        task_id: Uuid,
+        task_name: String,
+        args: Value,
+        kwargs: Value,
+        queue: String,
+    ) -> Self {
+        Self {
+            task_id,
+            task_name,
+            args,
+            kwargs,
+            queue,
+            eta: None,
+            expires: None,
+            workflow_id: None,
+            workflow_kind: None,
+            workflow_position: None,
+        }
+    }
 }
 
 /// How long a publisher owns a job it is publishing before another may take it over.
@@ -147,7 +179,8 @@ pub async fn insert(connection: &mut AsyncPgConnection, jobs: &[NewJob]) -> Quer
 /// Takes up to `limit` jobs not yet published and not leased to another publisher, oldest
 /// first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
 /// A job a worker has reported on (past PENDING) was published, whatever its row says (the
-/// database may have failed right after the broker took it): it is not sent again.
+/// database may have failed right after the broker took it): it is not sent again. A chain's
+/// later steps are never taken: the message of its first step carries them.
 pub async fn claim_unpublished(
     connection: &mut AsyncPgConnection,
     limit: i64,
@@ -157,8 +190,10 @@ pub async fn claim_unpublished(
          WHERE task_id IN (SELECT task_id FROM tasks \
              WHERE published_at IS NULL AND state_rank = 0 \
                AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
+               AND (workflow_kind IS DISTINCT FROM 'chain' OR workflow_position = 0) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         RETURNING task_id, task_name, args, kwargs, queue, eta, expires",
+         RETURNING task_id, task_name, args, kwargs, queue, eta, expires, \
+             workflow_id, workflow_kind, workflow_position",
     )
     .bind::<diesel::sql_types::Double, _>(PUBLISH_LEASE_SECONDS)
     .bind::<diesel::sql_types::BigInt, _>(limit)
@@ -212,6 +247,31 @@ pub async fn find(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<O
         .first(connection)
         .await
         .optional()
+}
+
+/// The steps of workflow `id` after `position`, in order.
+pub async fn steps_after(
+    connection: &mut AsyncPgConnection,
+    id: Uuid,
+    position: i32,
+) -> QueryResult<Vec<NewJob>> {
+    tasks::table
+        .filter(tasks::workflow_id.eq(id))
+        .filter(tasks::workflow_position.gt(position))
+        .order(tasks::workflow_position)
+        .select(NewJob::as_select())
+        .load(connection)
+        .await
+}
+
+/// The steps of workflow `id`, in order; none when there is no such workflow.
+pub async fn workflow(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Vec<Job>> {
+    tasks::table
+        .filter(tasks::workflow_id.eq(id))
+        .order(tasks::workflow_position)
+        .select(Job::as_select())
+        .load(connection)
+        .await
 }
 
 /// Where a listing page starts: after the job with this creation time and id.

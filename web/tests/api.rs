@@ -381,15 +381,13 @@ async fn a_job_the_broker_did_not_take_is_published_by_the_outbox() {
     let stack = Stack::start(BROKERS[1], true).await;
     // As if the broker had refused it: recorded, not published, free for the outbox.
     let id = uuid::Uuid::new_v4();
-    let job = web::store::NewJob {
-        task_id: id,
-        task_name: "tasks.add".into(),
-        args: json!([20, 22]),
-        kwargs: json!({}),
-        queue: stack.config.task_default_queue.clone(),
-        eta: None,
-        expires: None,
-    };
+    let job = web::store::NewJob::single(
+        id,
+        "tasks.add".into(),
+        json!([20, 22]),
+        json!({}),
+        stack.config.task_default_queue.clone(),
+    );
     let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
     let mut connection = pool.get().await.unwrap();
     web::store::insert(&mut connection, &[job]).await.unwrap();
@@ -408,6 +406,80 @@ async fn a_job_the_broker_did_not_take_is_published_by_the_outbox() {
     stack.stop().await;
 }
 
+/// Step `position` of workflow `id`, a `kind`, calling `task` with `args`.
+fn step(
+    kind: web::workflow::Kind,
+    id: uuid::Uuid,
+    position: i32,
+    args: Value,
+    queue: &str,
+) -> web::store::NewJob {
+    web::store::NewJob {
+        workflow_id: Some(id),
+        workflow_kind: Some(kind.name().into()),
+        workflow_position: Some(position),
+        ..web::store::NewJob::single(
+            uuid::Uuid::new_v4(),
+            "tasks.add".into(),
+            args,
+            json!({}),
+            queue.into(),
+        )
+    }
+}
+
+/// A chain the broker did not take is sent again from its first step with every later step; a
+/// group's members each from their own row. Both then run to their results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workflows_the_broker_did_not_take_are_published_by_the_outbox() {
+    use web::workflow::Kind;
+
+    let stack = Stack::start(BROKERS[0], true).await;
+    let queue = stack.config.task_default_queue.clone();
+    let (chain_id, group_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let chain: Vec<_> = [json!([1, 2]), json!([10]), json!([100])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, args)| step(Kind::Chain, chain_id, i as i32, args, &queue))
+        .collect();
+    let group: Vec<_> = (0..2)
+        .map(|i| step(Kind::Group, group_id, i, json!([i, i]), &queue))
+        .collect();
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    web::store::insert(&mut connection, &[chain.clone(), group.clone()].concat())
+        .await
+        .unwrap();
+    // As if the broker had refused each publish: the chain's first step, each member.
+    for refused in [&chain[0], &group[0], &group[1]] {
+        web::store::mark_publish_failed(&mut connection, refused.task_id, "broker down")
+            .await
+            .unwrap();
+    }
+    drop(connection);
+    drop(pool);
+    let chain_done = stack
+        .wait_for(&chain_id.to_string(), "chain SUCCESS", state_is("SUCCESS"))
+        .await;
+    assert_eq!(
+        (&chain_done["result"], &chain_done["workflow"]),
+        (&json!(113), &json!("chain")),
+        "{chain_done}"
+    );
+    let results: Vec<&Value> = chain_done["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|child| &child["result"])
+        .collect();
+    assert_eq!(results, [&json!(3), &json!(13), &json!(113)]);
+    let group_done = stack
+        .wait_for(&group_id.to_string(), "group SUCCESS", state_is("SUCCESS"))
+        .await;
+    assert_eq!(group_done["result"], json!([0, 2]), "{group_done}");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn receive_accepts_jobs_while_the_broker_is_down() {
     let stack = Stack::start_with(BROKERS[1], false, |c| {
@@ -423,6 +495,18 @@ async fn receive_accepts_jobs_while_the_broker_is_down() {
         (&json!("PENDING"), &json!("PublishError")),
         "{job}"
     );
+    // A workflow too: recorded whole, its first message waiting for the outbox.
+    let (status, answer) = stack
+        .post(&json!({"chain": [{"task": "tasks.add", "args": [1, 2]}, {"task": "tasks.add", "args": [3]}]}).to_string())
+        .await;
+    assert_eq!(status, Status::Accepted, "{answer}");
+    let (_, workflow) = stack.get(answer["status_url"].as_str().unwrap()).await;
+    assert_eq!(
+        (&workflow["state"], &workflow["error"]["type"]),
+        (&json!("PENDING"), &json!("PublishError")),
+        "{workflow}"
+    );
+    assert_eq!(workflow["children"].as_array().map(Vec::len), Some(2));
     let (status, _) = stack.get("/health").await;
     assert_eq!(status, Status::ServiceUnavailable);
     stack.stop().await;
@@ -586,14 +670,14 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
     web::db::migrate(&url).await.unwrap();
     let pool = web::db::pool(&url, 1).unwrap();
     let mut connection = pool.get().await.unwrap();
-    let job = |x: i64| store::NewJob {
-        task_id: uuid::Uuid::new_v4(),
-        task_name: "tasks.add".into(),
-        args: json!([x, x]),
-        kwargs: json!({}),
-        queue: "celery".into(),
-        eta: None,
-        expires: None,
+    let job = |x: i64| {
+        store::NewJob::single(
+            uuid::Uuid::new_v4(),
+            "tasks.add".into(),
+            json!([x, x]),
+            json!({}),
+            "celery".into(),
+        )
     };
     let (seen, unseen) = (job(1), job(2));
     for job in [&seen, &unseen] {
@@ -631,6 +715,32 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
         .unwrap();
     let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
     assert!(claimed.is_empty(), "a published job is not claimed again");
+    // Of a chain, only the first step is ever claimed: its message carries the others.
+    let chain_id = uuid::Uuid::new_v4();
+    let chain: Vec<_> = (0..3)
+        .map(|i| {
+            step(
+                web::workflow::Kind::Chain,
+                chain_id,
+                i,
+                json!([i]),
+                "celery",
+            )
+        })
+        .collect();
+    store::insert(&mut connection, &chain).await.unwrap();
+    store::release(&mut connection, &ids(chain.clone()))
+        .await
+        .unwrap();
+    let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
+    assert_eq!(ids(claimed.clone()), [chain[0].task_id]);
+    assert_eq!(claimed[0], chain[0], "claimed with its workflow place");
+    assert_eq!(
+        store::steps_after(&mut connection, chain_id, 0)
+            .await
+            .unwrap(),
+        chain[1..]
+    );
     drop(connection);
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;

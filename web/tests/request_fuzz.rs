@@ -1,10 +1,10 @@
-//! Property tests ("fuzz") of how `POST /receive` reads a body into a job: whatever arrives,
-//! parsing never panics, and answers either a job whose task is accepted or an error with a 4xx
+//! Property tests ("fuzz") of how `POST /receive` reads a body into a job or a workflow: whatever
+//! arrives, parsing never panics, and answers either jobs whose tasks are accepted or an error with a 4xx
 //! status and a JSON `{"error": reason}`. Bounded: `PROPTEST_CASES` cases per property (proptest's
 //! default, 256, keeps `cargo test -p web` fast); many more with
 //! `PROPTEST_CASES=20000 cargo test -p web --release --test request_fuzz`.
 //!
-//! No database or broker: [`parse_job`] is pure, and the through-Rocket properties mount a route
+//! No database or broker: [`parse_submission`] is pure, and the through-Rocket properties mount a route
 //! that uses the real body guard, error type and catcher, but stores and publishes nothing.
 
 use proptest::prelude::*;
@@ -15,7 +15,8 @@ use rocket::serde::json::Json;
 use runtime::CeleryConfig;
 use serde_json::{json, Map, Value};
 use web::error::Error;
-use web::routes::receive::{parse_job, Accepts, JobRequest, MAX_DELAY_SECONDS};
+use web::routes::receive::{parse_submission, Accepts, JobRequest, Submission, MAX_DELAY_SECONDS};
+use web::workflow::Kind;
 
 /// Python task names accepted besides the Rust registry's; one is not ASCII.
 const EXTRA_TASKS: [&str; 2] = ["py.mul", "proj.tâches.ünïcode"];
@@ -314,29 +315,55 @@ fn raw_body() -> impl Strategy<Value = Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // The oracle
 
-/// What any answer of `parse_job` must satisfy, given the body it read.
+/// What any answer of `parse_submission` must satisfy, given the body it read.
 fn check_parse(body: &[u8], accepts: &Accepts) -> Result<(), TestCaseError> {
-    let answer = parse_job(body, accepts);
+    let answer = parse_submission(body, accepts);
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     match answer {
-        Ok(job) => {
-            prop_assert!(
-                accepts.tasks.contains(&job.task),
-                "task {:?} is not accepted",
-                job.task
-            );
+        Ok(submission) => {
             let Some(value) = parsed else {
                 return Err(TestCaseError::fail("a body that is not JSON made a job"));
             };
-            check_job(&job, &value, accepts)?;
+            check_submission(&submission, &value, accepts)?;
         }
         Err(error) => check_refusal(&error, parsed.is_some())?,
     }
     Ok(())
 }
 
+/// A workflow is the body's list of task calls under its kind; anything else is one job.
+fn check_submission(
+    submission: &Submission,
+    value: &Value,
+    accepts: &Accepts,
+) -> Result<(), TestCaseError> {
+    match submission {
+        Submission::Job(job) => check_job(job, value, accepts),
+        Submission::Workflow { kind, steps } => {
+            let Some(calls) = value.get(kind.name()).and_then(Value::as_array) else {
+                return Err(TestCaseError::fail(format!(
+                    "not a {}: {value}",
+                    kind.name()
+                )));
+            };
+            prop_assert!(value.get("task").is_none(), "{}", value);
+            prop_assert_eq!(calls.len(), steps.len());
+            for (step, call) in steps.iter().zip(calls) {
+                prop_assert!(call.get("task").is_some(), "{}", call);
+                check_job(step, call, accepts)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// A job is the body's task call, or the body as the default task's one argument.
 fn check_job(job: &JobRequest, value: &Value, accepts: &Accepts) -> Result<(), TestCaseError> {
+    prop_assert!(
+        accepts.tasks.contains(&job.task),
+        "task {:?} is not accepted",
+        job.task
+    );
     match value.as_object().filter(|call| call.contains_key("task")) {
         Some(call) => {
             prop_assert_eq!(Some(job.task.as_str()), call["task"].as_str());
@@ -358,6 +385,14 @@ fn check_job(job: &JobRequest, value: &Value, accepts: &Accepts) -> Result<(), T
                 .is_none_or(|s| s > 0.0 && s <= MAX_DELAY_SECONDS));
         }
         None => {
+            let names_a_workflow = value
+                .as_object()
+                .is_some_and(|fields| Kind::ALL.iter().any(|k| fields.contains_key(k.name())));
+            prop_assert!(
+                !names_a_workflow,
+                "a workflow was read as a payload: {}",
+                value
+            );
             prop_assert_eq!(&job.task, &accepts.default_task);
             prop_assert_eq!(&job.args, &vec![value.clone()]);
             prop_assert!(job.kwargs.is_empty() && job.queue.is_none());
@@ -388,10 +423,13 @@ fn check_refusal(error: &Error, was_json: bool) -> Result<(), TestCaseError> {
 // ---------------------------------------------------------------------------------------------
 // Through Rocket: the real body guard, the real error answers, nothing stored.
 
-#[rocket::post("/receive", data = "<job>")]
-fn receive(job: Result<JobRequest, Error>) -> Result<Json<Value>, Error> {
-    let job = job?;
-    Ok(Json(json!({ "task": job.task })))
+#[rocket::post("/receive", data = "<submission>")]
+fn receive(submission: Result<Submission, Error>) -> Result<Json<Value>, Error> {
+    let tasks: Vec<String> = match submission? {
+        Submission::Job(job) => vec![job.task],
+        Submission::Workflow { steps, .. } => steps.into_iter().map(|step| step.task).collect(),
+    };
+    Ok(Json(json!({ "tasks": tasks })))
 }
 
 fn app() -> Client {
@@ -425,8 +463,12 @@ fn check_http(
         .map_err(|e| TestCaseError::fail(format!("{status}: not JSON ({e}): {answer:?}")))?;
     if status == Status::Ok {
         prop_assert!(read_as_json && !too_large, "{answer}");
-        let task = answer["task"].as_str().unwrap_or_default();
-        prop_assert!(accepts().tasks.contains(task), "{answer}");
+        let tasks = answer["tasks"].as_array().cloned().unwrap_or_default();
+        prop_assert!(!tasks.is_empty(), "{answer}");
+        for task in tasks {
+            let task = task.as_str().unwrap_or_default();
+            prop_assert!(accepts().tasks.contains(task), "{answer}");
+        }
     } else {
         prop_assert!(
             (400..500).contains(&status.code),
@@ -464,8 +506,28 @@ fn content_type() -> impl Strategy<Value = (Option<ContentType>, bool)> {
 }
 
 /// A body of any kind this file generates.
+/// A workflow of task calls, valid or not (a call may carry fields a step does not take), at
+/// times with a stray field beside its kind, or its calls as something other than a list.
+fn workflow() -> impl Strategy<Value = Value> {
+    let kind = prop_oneof![Just(Kind::Chain), Just(Kind::Group)];
+    let steps = prop_oneof![
+        4 => prop::collection::vec(task_call(), 0..5).prop_map(Value::Array),
+        1 => json_value(),
+    ];
+    let stray = prop::option::of((text(), json_value()));
+    (kind, steps, stray).prop_map(|(kind, steps, stray)| {
+        let mut fields = Map::new();
+        fields.insert(kind.name().into(), steps);
+        if let Some((field, value)) = stray {
+            fields.insert(field, value);
+        }
+        Value::Object(fields)
+    })
+}
+
 fn any_body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
+        workflow().prop_map(|v| serde_json::to_vec(&v).unwrap()),
         prop::collection::vec(any::<u8>(), 0..(2 * BODY_LIMIT as usize)),
         json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
         (task_call(), mutation()).prop_map(|(call, m)| mutate(&call, &m)),
@@ -491,7 +553,7 @@ proptest! {
     fn valid_task_calls_are_jobs(call in call(true)) {
         let body = serde_json::to_vec(&call).unwrap();
         // Save text holding NUL, which jsonb cannot store: that is a 422 naming it.
-        let parsed = parse_job(&body, &accepts());
+        let parsed = parse_submission(&body, &accepts());
         if call.to_string().contains("\\u0000") {
             prop_assert!(
                 matches!(&parsed, Err(e) if e.status() == Status::UnprocessableEntity
@@ -501,6 +563,37 @@ proptest! {
         } else {
             prop_assert!(parsed.is_ok(), "{}", call);
         }
+        check_parse(&body, &accepts())?;
+    }
+
+    #[test]
+    fn workflows_are_a_workflow_or_a_422(workflow in workflow()) {
+        check_parse(&serde_json::to_vec(&workflow).unwrap(), &accepts())?;
+    }
+
+    #[test]
+    fn workflows_of_plain_valid_calls_are_workflows(
+        kind in prop_oneof![Just(Kind::Chain), Just(Kind::Group)],
+        calls in prop::collection::vec(call(true), 1..5),
+    ) {
+        // Without the fields a step does not take, and text a jsonb can store.
+        let steps: Vec<Value> = calls
+            .into_iter()
+            .map(|mut call| {
+                let fields = call.as_object_mut().unwrap();
+                fields.remove("countdown");
+                fields.remove("expires");
+                call
+            })
+            .filter(|call| !call.to_string().contains("\\u0000"))
+            .collect();
+        prop_assume!(!steps.is_empty());
+        let body = serde_json::to_vec(&json!({kind.name(): steps})).unwrap();
+        let parsed = parse_submission(&body, &accepts());
+        prop_assert!(
+            matches!(&parsed, Ok(Submission::Workflow { kind: read, steps: got }) if *read == kind && got.len() == steps.len()),
+            "{}: {:?}", String::from_utf8_lossy(&body), parsed
+        );
         check_parse(&body, &accepts())?;
     }
 
@@ -547,14 +640,21 @@ fn through_rocket_every_answer_is_a_job_or_a_json_4xx() {
 #[test]
 fn known_bodies() {
     let accepts = accepts();
-    let ok = |body: &str| parse_job(body.as_bytes(), &accepts).unwrap().task;
+    let ok = |body: &str| match parse_submission(body.as_bytes(), &accepts).unwrap() {
+        Submission::Job(job) => job.task,
+        workflow => panic!("{body} is not one job: {workflow:?}"),
+    };
     assert_eq!(ok(r#"{"task":"tasks\u002eadd","args":[1,2]}"#), "tasks.add");
     assert_eq!(
         ok(r#"{"task":"proj.tâches.ünïcode"}"#),
         "proj.tâches.ünïcode"
     );
     assert_eq!(ok(&nested(json!(1), 120, false)), "tasks.echo");
-    let status = |body: &str| parse_job(body.as_bytes(), &accepts).unwrap_err().status();
+    let status = |body: &str| {
+        parse_submission(body.as_bytes(), &accepts)
+            .unwrap_err()
+            .status()
+    };
     assert_eq!(status(&nested(json!(1), 200, false)), Status::BadRequest);
     assert_eq!(status(r#"{"task":"tasks\ud800"}"#), Status::BadRequest);
     assert_eq!(
@@ -580,6 +680,6 @@ fn known_bodies() {
         format!("{:?}", String::from_utf8_lossy(&[0xff; 4])),
         String::new(),
     ] {
-        let _ = parse_job(body.as_bytes(), &accepts);
+        let _ = parse_submission(body.as_bytes(), &accepts);
     }
 }

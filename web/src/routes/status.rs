@@ -1,8 +1,10 @@
-//! `GET /status/<uuid>`: a job's state, progress, result or error, times and worker.
+//! `GET /status/<uuid>`: a job's state, progress, result or error, times and worker; or, for a
+//! workflow's id, what the workflow amounts to and each of its steps.
 
 use chrono::{DateTime, Utc};
 use rocket::serde::json::Json;
 use rocket::State;
+use runtime::protocol::result::state;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -11,6 +13,7 @@ use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store::{self, Job};
+use crate::workflow::{self, Kind};
 
 /// Progress of a running job.
 #[derive(Debug, Serialize, PartialEq)]
@@ -21,7 +24,7 @@ pub struct Progress {
 }
 
 /// A job's error.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct JobError {
     #[serde(rename = "type")]
     pub kind: String,
@@ -42,23 +45,86 @@ pub struct JobView {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The workflow this job is a step of.
+    pub workflow_id: Option<Uuid>,
+}
+
+/// What `/status` answers for a workflow: its kind, what it amounts to, and its steps in order
+/// as `children`. `progress` counts the steps that have ended.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct WorkflowView {
+    pub workflow_id: Uuid,
+    pub workflow: &'static str,
+    pub state: String,
+    pub progress: Progress,
+    pub result: Option<Value>,
+    pub error: Option<JobError>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub children: Vec<JobView>,
+}
+
+impl WorkflowView {
+    /// The view of workflow `id` of `kind`, from its steps in order (at least one).
+    fn new(id: Uuid, kind: Kind, steps: Vec<Job>) -> Self {
+        let outcome = workflow::outcome(kind, &steps);
+        let created_at = steps
+            .iter()
+            .map(|job| job.created_at)
+            .min()
+            .unwrap_or_default();
+        let children: Vec<JobView> = steps.into_iter().map(JobView::from).collect();
+        // The failed step's error; else, while nothing has run, why the first message is not
+        // published yet.
+        let error = match outcome.failed_step {
+            Some(index) => children[index].error.clone(),
+            None if outcome.state == state::PENDING => {
+                children.iter().find_map(|child| child.error.clone())
+            }
+            None => None,
+        };
+        Self {
+            workflow_id: id,
+            workflow: kind.name(),
+            state: outcome.state,
+            progress: Progress::new(outcome.done as i64, children.len() as i64),
+            result: outcome.result,
+            error,
+            created_at,
+            finished_at: outcome.finished_at,
+            children,
+        }
+    }
+}
+
+/// A job's view or a workflow's.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StatusView {
+    Job(JobView),
+    Workflow(WorkflowView),
+}
+
+impl Progress {
+    /// `current` of `total`, with the percentage to one decimal.
+    fn new(current: i64, total: i64) -> Self {
+        let percent = if total > 0 {
+            (current as f64 * 100.0 / total as f64 * 10.0).round() / 10.0
+        } else {
+            0.0
+        };
+        Self {
+            current,
+            total,
+            percent,
+        }
+    }
 }
 
 impl From<Job> for JobView {
     fn from(job: Job) -> Self {
         let progress = match (job.progress_current, job.progress_total) {
-            (Some(current), Some(total)) => {
-                let percent = if total > 0 {
-                    (current as f64 * 100.0 / total as f64 * 10.0).round() / 10.0
-                } else {
-                    0.0
-                };
-                Some(Progress {
-                    current,
-                    total,
-                    percent,
-                })
-            }
+            (Some(current), Some(total)) => Some(Progress::new(current, total)),
             _ => None,
         };
         let error = match (job.error_type, job.error_message, job.publish_error) {
@@ -84,22 +150,31 @@ impl From<Job> for JobView {
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
+            workflow_id: job.workflow_id,
         }
     }
 }
 
-/// The job with this task id.
+/// The job with this task id, or the workflow with this id.
 #[rocket::get("/status/<id>")]
 pub async fn status(
     _auth: Authorized,
     id: &str,
     pool: &State<Pool>,
-) -> Result<Json<JobView>, Error> {
-    let task_id = Uuid::parse_str(id)
+) -> Result<Json<StatusView>, Error> {
+    let uuid = Uuid::parse_str(id)
         .map_err(|_| Error::BadRequest(format!("{id:?} is not a task id (UUID)")))?;
     let mut connection = pool.get().await?;
-    let job = store::find(&mut connection, task_id)
-        .await?
+    if let Some(job) = store::find(&mut connection, uuid).await? {
+        return Ok(Json(StatusView::Job(job.into())));
+    }
+    let steps = store::workflow(&mut connection, uuid).await?;
+    let kind = steps
+        .first()
+        .and_then(|step| step.workflow_kind.as_deref())
+        .and_then(Kind::from_name)
         .ok_or_else(|| Error::NotFound(id.to_string()))?;
-    Ok(Json(job.into()))
+    Ok(Json(StatusView::Workflow(WorkflowView::new(
+        uuid, kind, steps,
+    ))))
 }
