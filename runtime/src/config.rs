@@ -131,6 +131,11 @@ pub struct CeleryConfig {
     /// Seconds a cold shutdown still gives running tasks to finish before abandoning them (Celery
     /// 5.5's soft shutdown); 0 abandons them at once.
     pub worker_soft_shutdown_timeout: f64,
+    /// Port of the worker's Prometheus listener (`GET /metrics`); unset, there is none.
+    pub worker_metrics_port: Option<u16>,
+    /// Address the worker's Prometheus listener binds: loopback unless a scraper on another
+    /// host needs it (`0.0.0.0`).
+    pub worker_metrics_host: String,
     /// The client sends `task-sent` events.
     pub task_send_sent_event: bool,
     /// PostgreSQL URL of the web app's jobs table.
@@ -178,6 +183,8 @@ impl Default for CeleryConfig {
             worker_send_task_events: false,
             worker_heartbeat_interval: 2.0,
             worker_soft_shutdown_timeout: 0.0,
+            worker_metrics_port: None,
+            worker_metrics_host: "127.0.0.1".into(),
             task_send_sent_event: false,
             database_url: "postgres://postgres@127.0.0.1:5432/rcelery".into(),
             web_default_task: "tasks.echo".into(),

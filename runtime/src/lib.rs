@@ -11,6 +11,7 @@
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
 //! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
+//! - [`metrics`]: a worker's Prometheus metrics and the listener that serves them.
 //! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks, and
 //!   answers Celery's remote control.
 //! - [`logging`]: the tracing set-up every binary shares.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod progress;
 pub mod protocol;
 pub mod rate;

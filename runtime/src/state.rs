@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::timestamp;
+use crate::metrics::WorkerMetrics;
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::TaskRequest;
 
@@ -40,6 +41,7 @@ struct Held {
 /// The node's bookkeeping, shared between dispatcher, control and heartbeat.
 pub struct WorkerState {
     hostname: String,
+    metrics: Arc<WorkerMetrics>,
     started: Instant,
     held: Mutex<HashMap<String, Held>>,
     totals: Mutex<BTreeMap<String, u64>>,
@@ -48,10 +50,11 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
-    /// Empty state for node `hostname`.
-    pub fn new(hostname: &str) -> Self {
+    /// Empty state for node `hostname`, counting what it holds in `metrics`.
+    pub fn new(hostname: &str, metrics: Arc<WorkerMetrics>) -> Self {
         Self {
             hostname: hostname.to_string(),
+            metrics,
             started: Instant::now(),
             held: Mutex::new(HashMap::new()),
             totals: Mutex::new(BTreeMap::new()),
@@ -74,16 +77,25 @@ impl WorkerState {
             acknowledged: false,
             terminate: terminate.clone(),
         };
-        self.held
+        let replaced = self
+            .held
             .lock()
             .expect("state lock")
             .insert(request.id.clone(), held);
+        // The same task id delivered twice at once: the newer message replaces the older here.
+        if let Some(older) = replaced {
+            self.metrics.let_go(matches!(older.phase, Phase::Active(_)));
+        }
+        self.metrics.held();
         terminate
     }
 
     /// Marks a held request as running (and whether its message is acked).
     pub fn activate(&self, id: &str, acknowledged: bool) {
         if let Some(held) = self.held.lock().expect("state lock").get_mut(id) {
+            if !matches!(held.phase, Phase::Active(_)) {
+                self.metrics.started();
+            }
             held.phase = Phase::Active(timestamp());
             held.acknowledged = acknowledged;
         }
@@ -92,6 +104,9 @@ impl WorkerState {
     /// Stops holding a request; counts it when it ran.
     pub fn release(&self, id: &str) {
         let held = self.held.lock().expect("state lock").remove(id);
+        if let Some(held) = &held {
+            self.metrics.let_go(matches!(held.phase, Phase::Active(_)));
+        }
         if let Some(Held {
             phase: Phase::Active(_),
             request,
@@ -248,7 +263,7 @@ mod tests {
 
     #[test]
     fn requests_move_from_reserved_to_active_to_counted() {
-        let state = WorkerState::new("w@h");
+        let state = WorkerState::new("w@h", Arc::default());
         let add = request("tasks.add");
         state.hold(&add, "celery");
         assert_eq!(state.infos(|p| *p == Phase::Reserved, false).len(), 1);
@@ -264,7 +279,7 @@ mod tests {
 
     #[test]
     fn revoke_terminates_only_running_requests_and_is_bounded() {
-        let state = WorkerState::new("w@h");
+        let state = WorkerState::new("w@h", Arc::default());
         let running = request("tasks.sleep");
         let waiting = request("tasks.sleep");
         let running_token = state.hold(&running, "celery");

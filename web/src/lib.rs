@@ -1,6 +1,8 @@
 //! The web app: jobs in over HTTP, out to Celery workers, tracked in PostgreSQL.
 //!
-//! - [`routes`]: `POST /receive`, `GET /status/<uuid>`, `GET /tasks`, `GET /health`.
+//! - [`routes`]: `POST /receive`, `GET /status/<uuid>`, `GET /tasks`, `GET /health`,
+//!   `GET /metrics`.
+//! - [`metrics`]: the Prometheus metrics of requests and the outbox.
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
@@ -14,6 +16,7 @@ pub mod auth;
 pub mod batch;
 pub mod db;
 pub mod error;
+pub mod metrics;
 pub mod outbox;
 pub mod routes;
 pub mod schema;
@@ -57,6 +60,8 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(client)
         .manage(accepts)
         .manage(auth)
+        .manage(Arc::new(metrics::WebMetrics::new()))
+        .attach(metrics::RequestMetrics)
         .mount("/", routes::all())
         .register("/", rocket::catchers![error::catch_all])
         .attach(AdHoc::on_liftoff("outbox", move |_| {

@@ -176,6 +176,24 @@ pub async fn insert(connection: &mut AsyncPgConnection, jobs: &[NewJob]) -> Quer
         .map(drop)
 }
 
+/// The rows waiting to be published: none is on record as published and no worker has reported
+/// on them (past PENDING), and a chain's later steps are left out, since the message of its first
+/// step carries them.
+const AWAITING_PUBLISH: &str = "published_at IS NULL AND state_rank = 0 \
+    AND (workflow_kind IS DISTINCT FROM 'chain' OR workflow_position = 0)";
+
+/// Jobs waiting to be published (the outbox's backlog).
+pub async fn awaiting_publish(connection: &mut AsyncPgConnection) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        count: i64,
+    }
+    let query = format!("SELECT count(*) AS count FROM tasks WHERE {AWAITING_PUBLISH}");
+    let counted: Count = diesel::sql_query(query).get_result(connection).await?;
+    Ok(counted.count)
+}
+
 /// Takes up to `limit` jobs not yet published and not leased to another publisher, oldest
 /// first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
 /// A job a worker has reported on (past PENDING) was published, whatever its row says (the
@@ -185,16 +203,15 @@ pub async fn claim_unpublished(
     connection: &mut AsyncPgConnection,
     limit: i64,
 ) -> QueryResult<Vec<NewJob>> {
-    diesel::sql_query(
+    diesel::sql_query(format!(
         "UPDATE tasks SET publish_lease_until = now() + make_interval(secs => $1) \
          WHERE task_id IN (SELECT task_id FROM tasks \
-             WHERE published_at IS NULL AND state_rank = 0 \
+             WHERE {AWAITING_PUBLISH} \
                AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
-               AND (workflow_kind IS DISTINCT FROM 'chain' OR workflow_position = 0) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id, task_name, args, kwargs, queue, eta, expires, \
              workflow_id, workflow_kind, workflow_position",
-    )
+    ))
     .bind::<diesel::sql_types::Double, _>(PUBLISH_LEASE_SECONDS)
     .bind::<diesel::sql_types::BigInt, _>(limit)
     .load(connection)

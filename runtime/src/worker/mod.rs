@@ -30,6 +30,7 @@ use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
+use crate::metrics::{Ended, Rejected, WorkerMetrics};
 use crate::progress::{TaskContext, Updates};
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
@@ -77,6 +78,8 @@ pub struct Worker {
     /// Tasks run at once: `worker_concurrency`, changed by `pool_grow`/`pool_shrink`.
     pool_size: AtomicUsize,
     state: WorkerState,
+    /// What it counts for Prometheus; kept across reconnects by whoever makes the workers.
+    metrics: Arc<WorkerMetrics>,
     /// One consumer per queue, each feeding `deliveries`; `add_consumer`/`cancel_consumer`
     /// change the set while the worker runs.
     consumers: Mutex<BTreeMap<String, CancellationToken>>,
@@ -126,6 +129,7 @@ impl Worker {
         };
         let app = app_handle(&config).await?;
         let pool_size = AtomicUsize::new(config.concurrency());
+        let metrics = Arc::new(WorkerMetrics::new());
         let slots = Arc::new(Semaphore::new(config.concurrency()));
         let clock = Arc::new(Clock::default());
         let events = Events::start(
@@ -152,7 +156,8 @@ impl Worker {
             registry,
             broker,
             backend,
-            state: WorkerState::new(&hostname),
+            state: WorkerState::new(&hostname, metrics.clone()),
+            metrics,
             config,
             hostname,
             slots,
@@ -169,6 +174,14 @@ impl Worker {
             cold_shutdown: CancellationToken::new(),
             rate_limits: std::sync::Mutex::new(rate_limits),
         })
+    }
+
+    /// Counts into `metrics` instead of metrics of its own, so that a process keeps one set
+    /// of counters across the workers it makes (one per broker connection). Call before `run`.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.state = WorkerState::new(&self.hostname, metrics.clone());
+        self.metrics = metrics;
+        self
     }
 
     /// Sets (or with `None` removes) the rate limit of `task`.
@@ -408,6 +421,7 @@ impl Worker {
             Ok(request) => request,
             Err(error) => {
                 error!(delivery_tag = %tag, %queue, task_id = ?error.task_id, reason = %error.reason, "rejecting undecodable message");
+                self.metrics.rejected(Rejected::Undecodable);
                 if let Some(id) = &error.task_id {
                     let exc =
                         ExceptionInfo::new("kombu.exceptions", "DecodeError", error.reason.clone());
@@ -419,6 +433,7 @@ impl Worker {
         };
         let Some(handler) = self.registry.get(&request.task) else {
             error!(task = %request.task, id = %request.id, "received unregistered task");
+            self.metrics.rejected(Rejected::Unregistered);
             let exc = ExceptionInfo::celery("NotRegistered", request.task.clone());
             self.events.task(
                 "task-failed",
@@ -430,6 +445,7 @@ impl Worker {
             settle_with(settle.ack(), &tag).await;
             return;
         };
+        self.metrics.received(&request.task);
         if self.discard_if_dead(&request, &queue).await {
             settle_with(settle.ack(), &tag).await;
             return;
@@ -512,6 +528,7 @@ impl Worker {
             timer.abort();
         }
         let runtime = began.elapsed().as_secs_f64();
+        self.metrics.ran(&request.task, runtime);
         // A finished task's reporter ends once its last write is sent, so the final state is
         // what stays. A stopped task's code may live on (blocking code cannot be interrupted)
         // holding its reporter open: that reporter is cut off instead; a write it already sent
@@ -610,6 +627,7 @@ impl Worker {
                 return Box::pin(self.fail(request, queue, exc)).await;
             }
         };
+        self.metrics.ended(&request.task, Ended::Succeeded);
         let dispatched = self.send_next(sent.next).await;
         let stored = !self.stores(request) || {
             let mut meta = self.meta(request, queue, state::SUCCESS, value.clone());
@@ -705,6 +723,7 @@ impl Worker {
     /// run (counting them in their chord, if any), and sends the errbacks. `false` when any of it
     /// could not be done.
     async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
+        self.metrics.ended(&request.task, Ended::Failed);
         let tb = traceback(&exc);
         self.events.task(
             "task-failed",
@@ -792,7 +811,10 @@ impl Worker {
         again.eta = Some(eta);
         again.parent_id = Some(request.id.clone());
         match self.broker.publish(queue, &again.encode()).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.metrics.ended(&request.task, Ended::Retried);
+                true
+            }
             Err(error) => {
                 error!(id = %request.id, %error, "cannot send the retry");
                 self.fail(
@@ -857,6 +879,7 @@ impl Worker {
     /// Stores REVOKED with `exc` and counts the task in its chord, if any (a revoked member
     /// fails the chord, as in Celery); `false` when either could not be recorded.
     async fn revoke(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
+        self.metrics.ended(&request.task, Ended::Revoked);
         let stored = self
             .finish(request, queue, state::REVOKED, exc.to_value(), None)
             .await;

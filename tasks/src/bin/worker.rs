@@ -1,10 +1,12 @@
 //! `worker`: runs the Rust tasks as a Celery worker node (`celery worker` options).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use runtime::metrics::WorkerMetrics;
 use runtime::worker::{expand_hostname, Worker};
 use runtime::{CeleryConfig, Error};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,9 @@ struct Args {
     /// Send task events from the start (worker_send_task_events).
     #[arg(short = 'E', long = "task-events")]
     task_events: bool,
+    /// Serve Prometheus metrics on this port (default: worker_metrics_port; unset, none).
+    #[arg(long)]
+    metrics_port: Option<u16>,
     /// debug, info, warning, error or critical.
     #[arg(short = 'l', long, default_value = "info")]
     loglevel: String,
@@ -40,6 +45,22 @@ async fn main() -> anyhow::Result<()> {
     config.worker_send_task_events |= args.task_events;
     if let Some(concurrency) = args.concurrency {
         config.worker_concurrency = concurrency;
+    }
+    if let Some(port) = args.metrics_port {
+        config.worker_metrics_port = Some(port);
+    }
+    let metrics = Arc::new(WorkerMetrics::new());
+    if let Some(port) = config.worker_metrics_port {
+        let address = (config.worker_metrics_host.as_str(), port);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics listener to {}:{port}", address.0))?;
+        tracing::info!(address = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+        let served = metrics.clone();
+        tokio::spawn(runtime::metrics::serve(
+            listener,
+            Arc::new(move || served.render()),
+        ));
     }
     let queues = if args.queues.is_empty() {
         vec![config.task_default_queue.clone()]
@@ -58,7 +79,8 @@ async fn main() -> anyhow::Result<()> {
         queues.clone(),
     )
     .await
-    .context("starting the worker")?;
+    .context("starting the worker")?
+    .with_metrics(metrics.clone());
     loop {
         let worker_cold = worker.cold_shutdown();
         let link = cold.clone();
@@ -72,7 +94,10 @@ async fn main() -> anyhow::Result<()> {
             Err(error) => return Err(error.into()),
         }
         worker = match reconnect(&config, &hostname, &queues, &warm).await {
-            Some(worker) => worker,
+            Some(worker) => {
+                metrics.reconnected();
+                worker.with_metrics(metrics.clone())
+            }
             None => break,
         };
     }

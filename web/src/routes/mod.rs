@@ -1,6 +1,7 @@
 //! The HTTP API: one module per resource, handlers a few lines long over typed guards.
 
 pub mod health;
+pub mod metrics;
 pub mod receive;
 pub mod status;
 pub mod tasks;
@@ -11,6 +12,7 @@ pub fn all() -> Vec<rocket::Route> {
         receive::receive,
         status::status,
         tasks::list,
-        health::health
+        health::health,
+        metrics::metrics
     ]
 }

@@ -1,0 +1,30 @@
+//! `GET /metrics`: the web app's Prometheus metrics. Open like `/health`: it names routes and
+//! counts, never a job's data.
+
+use std::sync::Arc;
+
+use rocket::http::ContentType;
+use rocket::State;
+
+use crate::db::Pool;
+use crate::metrics::WebMetrics;
+use crate::store;
+
+/// Prometheus' text format, version 0.0.4.
+fn text_format() -> ContentType {
+    ContentType::new("text", "plain").with_params([("version", "0.0.4"), ("charset", "utf-8")])
+}
+
+/// Every metric; the outbox backlog is counted now (a database that does not answer leaves the
+/// last count, and the scrape still succeeds).
+#[rocket::get("/metrics")]
+pub async fn metrics(
+    metrics: &State<Arc<WebMetrics>>,
+    pool: &State<Pool>,
+) -> (ContentType, String) {
+    let backlog = match pool.get().await {
+        Ok(mut connection) => store::awaiting_publish(&mut connection).await.ok(),
+        Err(_) => None,
+    };
+    (text_format(), metrics.render(backlog))
+}
