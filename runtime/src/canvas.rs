@@ -208,7 +208,7 @@ impl Signature {
         }
         let each = |value: &Value| Signature::from_value(value)?.frozen().map(|s| s.to_value());
         match frozen.subtask_type.as_deref() {
-            Some("chain") | Some("group") => {
+            Some("chain") => {
                 let tasks = match frozen.kwargs.get("tasks") {
                     Some(Value::Array(tasks)) => {
                         tasks.iter().map(each).collect::<Result<_, _>>()?
@@ -217,17 +217,29 @@ impl Signature {
                 };
                 frozen.kwargs.insert("tasks".into(), Value::Array(tasks));
             }
+            Some("group") => {
+                let tasks = frozen_members(&frozen.members()?)?;
+                frozen.kwargs.insert("tasks".into(), Value::Array(tasks));
+            }
             Some("chord") => {
-                for part in ["header", "body"] {
-                    let value = match frozen.kwargs.get(part) {
-                        Some(Value::Array(members)) => {
-                            Value::Array(members.iter().map(each).collect::<Result<_, _>>()?)
-                        }
-                        Some(value) => each(value)?,
-                        None => return Err(CanvasError(format!("a chord without its {part}"))),
-                    };
-                    frozen.kwargs.insert(part.into(), value);
-                }
+                let header = match frozen.kwargs.get("header") {
+                    Some(Value::Array(members)) => {
+                        let members = members
+                            .iter()
+                            .map(Signature::from_value)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Value::Array(frozen_members(&members)?)
+                    }
+                    Some(value) => each(value)?,
+                    None => return Err(CanvasError("a chord without its header".into())),
+                };
+                let body = frozen
+                    .kwargs
+                    .get("body")
+                    .ok_or_else(|| CanvasError("a chord without its body".into()))
+                    .and_then(each)?;
+                frozen.kwargs.insert("header".into(), header);
+                frozen.kwargs.insert("body".into(), body);
             }
             _ => {}
         }
@@ -270,6 +282,15 @@ impl Signature {
     }
 }
 
+/// The members of a group being frozen, nested groups spliced in as Celery's freeze
+/// (`group._freeze_unroll`) leaves them in the group it sends, each frozen.
+fn frozen_members(members: &[Signature]) -> Result<Vec<Value>, CanvasError> {
+    laid_out(members, Splice::Frozen)?
+        .iter()
+        .map(|(_, member)| member.frozen().map(|m| m.to_value()))
+        .collect()
+}
+
 /// Steps run one after another, each given the previous one's result.
 pub fn chain(steps: Vec<Signature>) -> Signature {
     let tasks: Vec<Value> = steps.iter().map(Signature::to_value).collect();
@@ -308,9 +329,10 @@ macro_rules! chain {
 pub struct Next {
     pub request: TaskRequest,
     pub queue: Option<String>,
-    /// `(chord id, header size)` when this request is the first of a chord's header: the sender
-    /// records the size with [`crate::chord::open`] before sending it.
-    pub opens_chord: Option<(String, usize)>,
+    /// `(chord id, header size)` of each chord whose header this request is the first of (a
+    /// chord nested in a chord header opens both with its first member): the sender records
+    /// each size with [`crate::chord::open`] before sending it.
+    pub opens_chords: Vec<(String, usize)>,
 }
 
 /// What `parent` sends after it succeeded with `result`: its link callbacks, then the next step
@@ -335,7 +357,7 @@ pub fn after_success(parent: &TaskRequest, result: &Value) -> Result<Sent, Canva
         }
         if !plain.is_empty() {
             let together = group(plain);
-            let members = together.members()?;
+            let members = laid_out(&together.members()?, Splice::Applied)?;
             let next = members_of(
                 &members,
                 &group_id(&together),
@@ -475,15 +497,19 @@ fn apply(
             apply(&first, parent, result, Some(chain))
         }
         Some("group") if !chained_after => {
-            let members = signature.members()?;
+            let members = laid_out(&signature.members()?, Splice::Applied)?;
             members_of(&members, &group_id(signature), None, parent, result)
         }
         Some("chord") => {
             let (header, body) = signature.chord_parts()?;
+            // Celery freezes a chord's header whenever it runs one.
+            let header = laid_out(&header, Splice::Frozen)?;
             let chord_id = group_id(signature);
             let mut body = body;
+            // A body tagged as a member of an enclosing group or chord keeps that group's id.
             body.options
-                .insert("group_id".into(), chord_id.clone().into());
+                .entry("group_id")
+                .or_insert_with(|| chord_id.clone().into());
             // What follows the chord in a chain runs after its body, as Celery hands it on.
             if let Some(rest) = rest.filter(|r| !r.is_empty()) {
                 body.options.insert("chain".into(), Value::Array(rest));
@@ -492,7 +518,7 @@ fn apply(
             let mut sent = members_of(&header, &chord_id, Some(&body_value), parent, result)?;
             let size = header.len();
             match sent.first_mut() {
-                Some(first) => first.opens_chord = Some((chord_id, size)),
+                Some(first) => first.opens_chords.insert(0, (chord_id, size)),
                 // An empty header: the body runs at once, with no results.
                 None => sent = apply(&body, parent, Some(&Value::Array(Vec::new())), None)?,
             }
@@ -505,9 +531,47 @@ fn apply(
     }
 }
 
+/// How the members of nested groups join the group they sit in. Celery splices them in two
+/// ways, and the order of the results (and of a chord body's argument) depends on which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Splice {
+    /// A group sent without being frozen first (`group._prepared`, as a worker sends a group
+    /// callback): in order, each keeping its index within its own group.
+    Applied,
+    /// A frozen group and every chord header (`group._freeze_unroll`): the members of a nested
+    /// group last first, and indexes counted through the whole spliced list.
+    Frozen,
+}
+
+/// `members` with nested groups replaced by their members, each with its group index.
+fn laid_out(members: &[Signature], how: Splice) -> Result<Vec<(usize, Signature)>, CanvasError> {
+    let spliced = spliced(members, how)?;
+    Ok(match how {
+        Splice::Applied => spliced,
+        Splice::Frozen => spliced.into_iter().map(|(_, m)| m).enumerate().collect(),
+    })
+}
+
+/// The leaves of `members` in the order `how` puts them, each with its index in its own list.
+fn spliced(members: &[Signature], how: Splice) -> Result<Vec<(usize, Signature)>, CanvasError> {
+    let mut leaves = Vec::with_capacity(members.len());
+    for (index, member) in members.iter().enumerate() {
+        if member.subtask_type.as_deref() == Some("group") {
+            let mut nested = member.members()?;
+            if how == Splice::Frozen {
+                nested.reverse();
+            }
+            leaves.extend(spliced(&nested, how)?);
+        } else {
+            leaves.push((index, member.clone()));
+        }
+    }
+    Ok(leaves)
+}
+
 /// `member` tagged as the member at `index` of group `id` (and of the chord whose body is
 /// `chord`). The tags go on the step whose result is the member's, as Celery puts them: a
-/// chain's last step.
+/// chain's last step, a chord's body.
 fn tagged(
     member: &Signature,
     id: &str,
@@ -532,11 +596,14 @@ fn tagged(
             let tasks = steps.iter().map(Signature::to_value).collect();
             member.kwargs.insert("tasks".into(), Value::Array(tasks));
         }
-        Some(kind) => {
-            return Err(CanvasError(format!(
-                "a {kind} as a member of a group or chord header is not supported yet"
-            )))
+        Some("chord") => {
+            let (_, body) = member.chord_parts()?;
+            let body = tagged(&body, id, index, chord)?;
+            member.kwargs.insert("body".into(), body.to_value());
         }
+        Some(kind) => return Err(CanvasError(format!(
+            "a {kind} ending a chain or chord body in a group or chord header is not supported yet"
+        ))),
     }
     Ok(member)
 }
@@ -554,19 +621,19 @@ fn group_id(signature: &Signature) -> String {
     given_group_id(signature).unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// The requests of group `id`'s `members`, each with its index, and with `chord` as the chord
+/// The requests of group `id`'s `members` (each with its index), with `chord` as the chord
 /// they are header members of, if any.
 fn members_of(
-    members: &[Signature],
+    members: &[(usize, Signature)],
     id: &str,
     chord: Option<&Value>,
     parent: Option<&TaskRequest>,
     result: Option<&Value>,
 ) -> Result<Vec<Next>, CanvasError> {
     let mut sent = Vec::new();
-    for (index, member) in members.iter().enumerate() {
+    for (index, member) in members {
         sent.extend(apply(
-            &tagged(member, id, index, chord)?,
+            &tagged(member, id, *index, chord)?,
             parent,
             result,
             None,
@@ -642,7 +709,7 @@ fn request_for(
     Next {
         request,
         queue: signature.option_str("queue"),
-        opens_chord: None,
+        opens_chords: Vec::new(),
     }
 }
 
@@ -893,8 +960,8 @@ mod tests {
         assert_eq!(canvas.final_ids(), vec![body_id.clone()]);
         let sent = start(&canvas).unwrap();
         let chord_id = sent[0].request.group.clone().unwrap();
-        assert_eq!(sent[0].opens_chord, Some((chord_id.clone(), 3)));
-        assert!(sent[1..].iter().all(|n| n.opens_chord.is_none()));
+        assert_eq!(sent[0].opens_chords, [(chord_id.clone(), 3)]);
+        assert!(sent[1..].iter().all(|n| n.opens_chords.is_empty()));
         for (index, next) in sent.iter().enumerate() {
             assert_eq!(next.request.group.as_deref(), Some(chord_id.as_str()));
             assert_eq!(next.request.group_index, Some(index as u64));
@@ -940,11 +1007,7 @@ mod tests {
         let sent = start(&canvas).unwrap();
         assert_eq!(sent.len(), 2);
         let chord_id = sent[1].request.group.clone().unwrap();
-        assert_eq!(
-            sent[0].opens_chord,
-            Some((chord_id.clone(), 2)),
-            "two members"
-        );
+        assert_eq!(sent[0].opens_chords, [(chord_id.clone(), 2)], "two members");
         let first_step = &sent[0].request;
         assert_eq!(
             (first_step.group.as_ref(), &first_step.embed["chord"]),
@@ -1036,5 +1099,224 @@ mod tests {
             json!(ids[0])
         );
         assert!(sent.iter().all(|n| n.request.group.is_some()));
+    }
+
+    /// `(task, group, group_index)` of each request, for comparing layouts.
+    fn tags(sent: &[Next]) -> Vec<(String, Option<String>, Option<u64>)> {
+        sent.iter()
+            .map(|n| {
+                let r = &n.request;
+                (r.task.clone(), r.group.clone(), r.group_index)
+            })
+            .collect()
+    }
+
+    fn group_value(id: &str, tasks: Vec<Value>) -> Value {
+        json!({"task": "celery.group", "args": [], "options": {"task_id": id},
+               "subtask_type": "group", "immutable": false, "kwargs": {"tasks": tasks}})
+    }
+
+    #[test]
+    fn a_group_sent_unfrozen_splices_nested_groups_in_order_keeping_their_indexes() {
+        let nested = group_value(
+            "inner",
+            vec![
+                sig("a", json!([]), json!({})),
+                sig("b", json!([]), json!({})),
+            ],
+        );
+        let outer = group_value("g", vec![nested, sig("c", json!([]), json!({}))]);
+        let first =
+            parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [outer]}));
+        let sent = after_success(&first, &json!(1)).unwrap();
+        let g = Some("g".to_string());
+        assert_eq!(
+            tags(&sent.next),
+            [
+                ("a".into(), g.clone(), Some(0)),
+                ("b".into(), g.clone(), Some(1)),
+                ("c".into(), g.clone(), Some(1)),
+            ],
+            "group._prepared: each index is the one in its own group"
+        );
+        assert_eq!(sent.children.len(), 1, "one group child");
+        assert_eq!(sent.children[0][0][0], json!("g"));
+        assert_eq!(sent.children[0][1].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn freezing_splices_nested_groups_last_first_and_indexes_them_through() {
+        let (a, b, c, d) = (
+            Signature::new("a", vec![]),
+            Signature::new("b", vec![]),
+            Signature::new("c", vec![]),
+            Signature::new("d", vec![]),
+        );
+        let id = |s: &Signature| s.option_str("task_id").unwrap();
+        let ids = [id(&a), id(&b), id(&c), id(&d)];
+        // group(a, group(b, group(c, d))) freezes, as Celery's does, to group(a, d, c, b).
+        let canvas = group(vec![a, group(vec![b, group(vec![c, d])])]);
+        let frozen = canvas.frozen().unwrap();
+        assert_eq!(
+            frozen.final_ids(),
+            [&ids[0], &ids[3], &ids[2], &ids[1]].map(String::clone)
+        );
+        let sent = start(&frozen).unwrap();
+        let g = canvas.option_str("task_id");
+        let tasks: Vec<_> = ["a", "d", "c", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), g.clone(), Some(i as u64)))
+            .collect();
+        assert_eq!(tags(&sent), tasks);
+    }
+
+    #[test]
+    fn a_group_in_a_chord_header_is_spliced_as_celery_freezes_the_header() {
+        // chain(x, chord([group(a, b), c], body)) as a Python client sends it, unfrozen.
+        let header = group_value(
+            "h",
+            vec![
+                group_value(
+                    "inner",
+                    vec![
+                        sig("a", json!([]), json!({})),
+                        sig("b", json!([]), json!({})),
+                    ],
+                ),
+                sig("c", json!([]), json!({})),
+            ],
+        );
+        let step = json!({"task": "celery.chord", "args": [], "options": {"task_id": "ch"},
+            "subtask_type": "chord", "immutable": false,
+            "kwargs": {"header": header, "body": sig("body", json!([]), json!({"task_id": "bd"}))}});
+        let first =
+            parent(json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [step]}));
+        let sent = after_success(&first, &json!(1)).unwrap().next;
+        let ch = Some("ch".to_string());
+        assert_eq!(
+            tags(&sent),
+            [
+                ("b".into(), ch.clone(), Some(0)),
+                ("a".into(), ch.clone(), Some(1)),
+                ("c".into(), ch.clone(), Some(2)),
+            ]
+        );
+        assert_eq!(
+            sent[0].opens_chords,
+            [("ch".to_string(), 3)],
+            "every leaf counts"
+        );
+        assert!(sent
+            .iter()
+            .all(|n| n.request.embed["chord"]["options"]["task_id"] == "bd"));
+    }
+
+    #[test]
+    fn a_chord_in_a_group_is_the_member_through_its_body() {
+        let body = Signature::new("body", vec![]);
+        let c = Signature::new("c", vec![]);
+        let (body_id, c_id) = (
+            body.option_str("task_id").unwrap(),
+            c.option_str("task_id").unwrap(),
+        );
+        let inner = chord(
+            vec![Signature::new("a", vec![]), Signature::new("b", vec![])],
+            body,
+        );
+        let canvas = group(vec![inner.clone(), c]);
+        let g = canvas.option_str("task_id").unwrap();
+        let chord_id = inner.option_str("task_id").unwrap();
+        assert_eq!(canvas.final_ids(), [body_id.clone(), c_id]);
+        let sent = start(&canvas.frozen().unwrap()).unwrap();
+        let (ch, g_some) = (Some(chord_id.clone()), Some(g.clone()));
+        assert_eq!(
+            tags(&sent),
+            [
+                ("a".into(), ch.clone(), Some(0)),
+                ("b".into(), ch, Some(1)),
+                ("c".into(), g_some, Some(1)),
+            ]
+        );
+        assert_eq!(
+            sent[0].opens_chords,
+            [(chord_id, 2)],
+            "only the chord opens"
+        );
+        let carried = &sent[0].request.embed["chord"];
+        assert_eq!(carried["options"]["task_id"], json!(body_id));
+        assert_eq!(
+            (
+                &carried["options"]["group_id"],
+                &carried["options"]["group_index"]
+            ),
+            (&json!(g), &json!(0)),
+            "the body's result is the group's first member"
+        );
+        // The body, once sent, is a member of the group but of no chord.
+        let body_request = chord_body(
+            &chord_of(&sent[1].request).unwrap().unwrap(),
+            &sent[1].request,
+            vec![json!(1), json!(2)],
+        )
+        .unwrap()
+        .remove(0)
+        .request;
+        assert_eq!(
+            (body_request.group.as_deref(), body_request.group_index),
+            (Some(g.as_str()), Some(0))
+        );
+        assert_eq!(chord_of(&body_request).unwrap(), None);
+    }
+
+    #[test]
+    fn a_chord_in_a_chord_header_counts_its_body_in_the_outer_chord() {
+        let inner_body = Signature::new("inner_body", vec![]);
+        let inner = chord(
+            vec![Signature::new("a", vec![]), Signature::new("b", vec![])],
+            inner_body,
+        );
+        let inner_id = inner.option_str("task_id").unwrap();
+        let outer = chord(
+            vec![inner, Signature::new("c", vec![])],
+            Signature::new("outer_body", vec![]),
+        );
+        let outer_id = outer.option_str("task_id").unwrap();
+        let sent = start(&outer.frozen().unwrap()).unwrap();
+        assert_eq!(
+            sent[0].opens_chords,
+            [(outer_id.clone(), 2), (inner_id.clone(), 2)],
+            "the inner chord counts once in the outer one, through its body"
+        );
+        assert_eq!(
+            tags(&sent)[2],
+            ("c".into(), Some(outer_id.clone()), Some(1))
+        );
+        let a = &sent[0].request;
+        assert_eq!(a.group.as_deref(), Some(inner_id.as_str()));
+        let inner_body = chord_of(a).unwrap().unwrap();
+        let body_request = chord_body(&inner_body, a, vec![json!(1), json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(
+            (body_request.group.as_deref(), body_request.group_index),
+            (Some(outer_id.as_str()), Some(0))
+        );
+        assert_eq!(chord_of(&body_request).unwrap().unwrap().task, "outer_body");
+    }
+
+    #[test]
+    fn a_group_ending_a_header_chain_is_refused() {
+        let ends_in_group = crate::chain![
+            Signature::new("a", vec![]),
+            group(vec![
+                Signature::new("b", vec![]),
+                Signature::new("c", vec![])
+            ])
+        ];
+        let canvas = chord(vec![ends_in_group], Signature::new("body", vec![]));
+        let error = start(&canvas).unwrap_err();
+        assert!(error.0.contains("not supported yet"), "{error}");
     }
 }

@@ -167,10 +167,10 @@ impl Client {
         for Next {
             mut request,
             queue,
-            opens_chord,
+            opens_chords,
         } in next
         {
-            if let Some((chord_id, size)) = opens_chord {
+            for (chord_id, size) in opens_chords {
                 chord::open(self.backend.as_ref(), &chord_id, size).await?;
             }
             request.origin = Some(self.origin.clone());

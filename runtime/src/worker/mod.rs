@@ -753,25 +753,27 @@ impl Worker {
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its
-    /// route, opening a chord before its first header member; `false` when one could not be
+    /// route, opening each chord before its first header member; `false` when one could not be
     /// sent. When a chord cannot be opened, none of its members is sent.
     async fn send_next(&self, next: Vec<Next>) -> bool {
         let mut all_sent = true;
-        let mut unopened: Option<String> = None;
+        let mut unopened: Vec<String> = Vec::new();
         for Next {
             mut request,
             queue,
-            opens_chord,
+            opens_chords,
         } in next
         {
-            if let Some((chord_id, size)) = opens_chord {
+            let mut opened = true;
+            for (chord_id, size) in opens_chords {
                 if let Err(error) = chord::open(self.backend.as_ref(), &chord_id, size).await {
                     error!(chord = %chord_id, %error, "cannot start the chord");
                     all_sent = false;
-                    unopened = Some(chord_id);
+                    opened = false;
+                    unopened.push(chord_id);
                 }
             }
-            if unopened.is_some() && request.group == unopened {
+            if !opened || request.group.as_ref().is_some_and(|g| unopened.contains(g)) {
                 continue;
             }
             request.origin = Some(self.hostname.clone());
