@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from celery import chain, chord, group
 from celery.exceptions import ChordError
+from celery.result import GroupResult
 
 from interop_helpers import logged_task_ids, run_command, rust_binary, rust_config, wait_state
 
@@ -205,10 +206,11 @@ def test_a_chord_of_a_thousand_rust_members_completes_exactly_once(rust):
     assert logged_task_ids(rust.process, "task succeeded").count(result.id) == 1
 
 
-def call_canvas(setup, canvas) -> list:
-    """Sends ``canvas`` (frozen, serialized as Celery serializes it) with our Rust client,
-    ``call --canvas``, and returns the results it ends with."""
-    canvas.freeze()
+def call_canvas(setup, canvas, freeze: bool = True) -> list:
+    """Sends ``canvas`` (frozen unless ``freeze`` is false, serialized as Celery serializes it)
+    with our Rust client, ``call --canvas``, and returns the results it ends with."""
+    if freeze:
+        canvas.freeze()
     argv = [rust_binary("call"), "--canvas", json.dumps(canvas), "--config", rust_config(),
             "--wait", "--timeout", "30"]
     out = run_command(argv, setup.rust_env())
@@ -290,3 +292,90 @@ def test_an_expired_rust_member_fails_the_chord(rust, py_worker, py_twin):
         return wait_state(result, "FAILURE"), type(result.result).__name__
 
     assert compared(setup, py_twin, build, outcome) == ("FAILURE", "ChordError")
+
+
+@pytest.mark.timeout(90)
+def test_groups_nested_in_a_group_or_chord_header_are_spliced_as_celery_splices_them(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def nested(queue, *outer):
+        return group(group(rust_sig(setup, "tasks.add", 1, queue=queue), py_sig(setup, "py.mul", 10)), *outer)
+
+    # A group sent unfrozen keeps the nested members in order (here by our worker, as a link).
+    def linked(queue):
+        callbacks = nested(queue, rust_sig(setup, "tasks.add", 20, queue=queue))
+        return rust_sig(setup, "tasks.add", 2, 2, queue=queue).set(link=callbacks)
+
+    def children_values(result):
+        result.get(timeout=GET_TIMEOUT)
+        wait_state(result, "SUCCESS")
+        return [c.get(timeout=GET_TIMEOUT) for c in result.children or []]
+
+    assert compared(setup, py_twin, linked, children_values) == [[5, 40, 24]]
+    # A chord header is frozen: a nested group's members come last first, every one counted.
+    def header_chord(queue):
+        header = [group(rust_sig(setup, "tasks.mul", 1, 2, queue=queue), py_sig(setup, "py.mul", 2, 2)),
+                  rust_sig(setup, "tasks.mul", 3, 2, queue=queue)]
+        return chord(header, rust_sig(setup, "tasks.echo", queue=queue))
+
+    assert compared(setup, py_twin, header_chord) == [4, 2, 6]
+    # The same chord started by our worker (a link), and by our Rust client from the unfrozen
+    # canvas: both freeze the header as Celery does.
+    body = rust_sig(setup, "tasks.echo")
+    body_id = body.freeze().id
+    link = chord([nested(setup.queue), rust_sig(setup, "tasks.add", 100)], body)
+    assert rust_sig(setup, "tasks.add", 1, 1).apply_async(link=link).get(timeout=GET_TIMEOUT) == 2
+    assert setup.app.AsyncResult(body_id).get(timeout=GET_TIMEOUT) == [20, 3, 102]
+    assert call_canvas(setup, header_chord(setup.queue), freeze=False) == [[4, 2, 6]]
+    # Our client freezes a group before sending it, so it ends as a frozen group does in Celery.
+    members = group(*header_chord(setup.queue).tasks)
+    assert call_canvas(setup, members.clone(), freeze=False) == [4, 2, 6]
+    members.freeze()
+    assert members.apply_async().get(timeout=GET_TIMEOUT) == [4, 2, 6]
+
+
+@pytest.mark.timeout(90)
+def test_a_chord_in_a_group_is_the_member_through_its_body(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        inner = chord([rust_sig(setup, "tasks.mul", 1, 2, queue=queue), py_sig(setup, "py.mul", 2, 2)],
+                      rust_sig(setup, "tasks.xsum", queue=queue))
+        return group(inner, rust_sig(setup, "tasks.add", 3, 3, queue=queue))
+
+    def values_and_group(result):
+        values = result.get(timeout=GET_TIMEOUT)
+        return values, [meta(setup, r.id)["group_id"] == result.id for r in result.results]
+
+    assert compared(setup, py_twin, build, values_and_group) == ([6, 6], [True, True])
+    assert call_canvas(setup, build(setup.queue)) == [6, 6]
+
+
+@pytest.mark.timeout(90)
+def test_a_chord_in_a_chord_header_reaches_the_outer_body_as_one_member(rust, py_worker, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        inner = chord([rust_sig(setup, "tasks.mul", 1, 2, queue=queue), py_sig(setup, "py.mul", 2, 2)],
+                      rust_sig(setup, "tasks.echo", queue=queue))
+        return chord([py_sig(setup, "py.mul", 7, 2), inner, rust_sig(setup, "tasks.add", 3, 3, queue=queue)],
+                     rust_sig(setup, "tasks.echo", queue=queue))
+
+    assert compared(setup, py_twin, build) == [14, [2, 4], 6]
+    assert call_canvas(setup, build(setup.queue)) == [[14, [2, 4], 6]]
+
+
+@pytest.mark.timeout(60)
+def test_a_saved_group_of_rust_tasks_is_restored_by_id(rust, py_twin):
+    setup = rust.setup
+
+    def build(queue):
+        return group(rust_sig(setup, "tasks.add", i, i, queue=queue) for i in range(4))
+
+    def restored(result):
+        result.save()
+        again = GroupResult.restore(result.id, app=setup.app)
+        assert again is not None and [r.id for r in again.results] == [r.id for r in result.results]
+        return again.get(timeout=GET_TIMEOUT)
+
+    assert compared(setup, py_twin, build, restored) == [0, 2, 4, 6]
