@@ -601,9 +601,11 @@ fn tagged(
             let body = tagged(&body, id, index, chord)?;
             member.kwargs.insert("body".into(), body.to_value());
         }
-        Some(kind) => return Err(CanvasError(format!(
-            "a {kind} ending a chain or chord body in a group or chord header is not supported yet"
-        ))),
+        Some(kind) => {
+            return Err(CanvasError(format!(
+                "a {kind} ending a chain or chord body in a group is not supported yet"
+            )))
+        }
     }
     Ok(member)
 }
