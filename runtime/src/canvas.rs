@@ -581,8 +581,7 @@ fn tagged(
     let mut member = member.clone();
     match member.subtask_type.as_deref() {
         None => {
-            member.options.insert("group_id".into(), id.into());
-            member.options.insert("group_index".into(), index.into());
+            member = member.member_of(id, index);
             if let Some(body) = chord {
                 member.options.insert("chord".into(), body.clone());
             }
