@@ -567,6 +567,30 @@ class Reply:
         return f"{self.method} {self.path} -> {self.status} {self.headers.get('content-type')} {self.body[:1000]!r}"
 
 
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset], float]:
+    """``GET /metrics`` parsed as Prometheus' text format: ``{(sample name, labels): value}``,
+    labels as a frozenset of ``(name, value)`` pairs. Checks the status and the content type."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = http_request(host, port, "GET", "/metrics", timeout=10)
+    assert reply.status == 200, reply
+    assert reply.headers.get("content-type") == PROMETHEUS_TEXT, reply
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The value of one series of a scrape; 0 when it is absent (a labelled counter appears
+    at its first increment)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 def http_request(host: str, port: int, method: str, path: str, body: bytes | None = None,
                  headers: Mapping[str, str] | None = None, timeout: float = 30.0,
                  conn: http.client.HTTPConnection | None = None) -> Reply:

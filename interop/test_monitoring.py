@@ -50,10 +50,13 @@ from interop_helpers import (
     chromium_dom,
     chromium_screenshot,
     control_node,
+    free_port,
     http_request,
     inspect_node,
     inspect_nodes,
     run_celery,
+    sample,
+    scrape,
     start_flower,
     wait_for,
 )
@@ -729,3 +732,58 @@ def test_flower_workers_page_screenshot(broker, flower, tmp_path):
     # What the screenshot shows, as text: the rendered page lists the Rust worker.
     dom = chromium_dom(binary, url, tmp_path / "chromium-profile-dom")
     assert flower.rust.hostname in dom, f"{flower.rust.hostname} not on {url}"
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus
+
+
+@pytest.mark.timeout(60)
+def test_worker_metrics_move_as_tasks_run(broker, spawn_rust_worker):
+    """A worker started with ``worker_metrics_port`` serves Prometheus' text format at
+    ``/metrics``: a running task shows in flight, and each run counts by task and outcome, with
+    its runtime; a message for a task it does not have counts as rejected."""
+    port = free_port()
+    worker = spawn_rust_worker([broker.new_queue("metrics")], tag="metrics",
+                               extra_env={"CELERY_WORKER_METRICS_PORT": str(port)})
+    before = scrape(port)
+    assert sample(before, "rcelery_tasks_in_flight") == 0, before
+    assert sample(before, "rcelery_tasks_received_total", task="tasks.add") == 0, before
+
+    def send(name: str, *args):
+        return broker.app.send_task(name, args, queue=worker.queue)
+
+    running = send("tasks.progress", 5, 200)  # about a second
+    wait_for(lambda: sample(scrape(port), "rcelery_tasks_in_flight") == 1, 10,
+             describe="tasks.progress counted in flight")
+    assert running.get(timeout=GET_TIMEOUT) == 5
+    for result in [send("tasks.add", i, i) for i in range(5)]:
+        result.get(timeout=GET_TIMEOUT)
+    with pytest.raises(RuntimeError):
+        send("tasks.fail", "boom").get(timeout=GET_TIMEOUT)
+    with pytest.raises(Exception, match="tasks.nope"):
+        send("tasks.nope").get(timeout=GET_TIMEOUT)
+    expected = {
+        ("rcelery_tasks_received_total", "tasks.add"): 5,
+        ("rcelery_tasks_succeeded_total", "tasks.add"): 5,
+        ("rcelery_task_runtime_seconds_count", "tasks.add"): 5,
+        ("rcelery_tasks_succeeded_total", "tasks.progress"): 1,
+        ("rcelery_tasks_failed_total", "tasks.fail"): 1,
+        ("rcelery_tasks_succeeded_total", "tasks.fail"): 0,
+    }
+    last: dict = {}
+
+    def counted():
+        last.clear()
+        last.update(scrape(port))
+        return all(sample(last, name, task=task) == value for (name, task), value in expected.items())
+
+    wait_for(counted, 10, describe=lambda: f"counts {expected}; scraped "
+             f"{ {k: sample(last, k[0], task=k[1]) for k in expected} }")
+    assert sample(last, "rcelery_messages_rejected_total", reason="unregistered") == 1, last
+    assert sample(last, "rcelery_task_runtime_seconds_sum", task="tasks.progress") >= 0.8, last
+    assert sample(last, "rcelery_tasks_in_flight") == 0, last
+    assert sample(last, "rcelery_messages_prefetched") == 0, last
+    assert sample(last, "rcelery_broker_reconnects_total") == 0, last
+    not_found = http_request("127.0.0.1", port, "GET", "/", timeout=5)
+    assert not_found.status == 404, not_found

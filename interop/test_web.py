@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import pytest
 
-from interop_helpers import Reply, wait_for
+from interop_helpers import Reply, sample, scrape, wait_for
 from web_process import (
     BODY_LIMIT,
     FINAL_STATES,
@@ -560,6 +560,34 @@ def test_readme_curl_commands(web, rust):
 
     job = wait_for(done, JOB_TIMEOUT, interval=0.1, describe=lambda: f"curl /status to show a final state; last {last}")
     assert (job["state"], job["result"], job["worker"]) == ("SUCCESS", 5, rust.hostname), job
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_requests_by_route_and_status_and_the_outbox_backlog(web, rust):
+    receive = dict(method="POST", route="/receive")
+    before = scrape(web.port)
+    ids = [web.submit({"task": "tasks.add", "args": [i, 1]}) for i in range(3)]
+    assert web.post({"task": "tasks.nope"}).status == 422
+    assert web.get(f"/status/{ids[0]}").status == 200
+    after = scrape(web.port)
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("rcelery_web_requests_total", status="202", **receive) == 3, after
+    assert moved("rcelery_web_requests_total", status="422", **receive) == 1, after
+    assert moved("rcelery_web_request_duration_seconds_count", status="202", **receive) == 3, after
+    # Labelled by the route's template, never by the id asked for.
+    assert moved("rcelery_web_requests_total", method="GET", route="/status/<id>", status="200") == 1, after
+    assert not any(ids[0] in str(labels) for _, labels in after), "a job id became a label"
+    # Every job was published: nothing waits in the outbox.
+    for task_id in ids:
+        web.wait_final(task_id)
+    assert sample(scrape(web.port), "rcelery_web_outbox_backlog") == 0
 
 
 # --------------------------------------------------------------------------------------------
