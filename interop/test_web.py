@@ -563,6 +563,70 @@ def test_readme_curl_commands(web, rust):
 
 
 # --------------------------------------------------------------------------------------------
+# Live status stream (Server-Sent Events)
+
+
+def _status_events(web: WebApp, path: str, timeout: float = JOB_TIMEOUT) -> list[dict]:
+    """Reads the event stream at ``path`` until the server ends it; the ``status`` events' data."""
+    conn = web.connection(timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "text/event-stream"})
+        response = conn.getresponse()
+        assert response.status == 200, (response.status, response.read())
+        assert response.getheader("content-type", "").startswith("text/event-stream"), response.getheaders()
+        events: list[dict] = []
+        name, data = None, []
+        for raw in response:  # line by line until the server closes the stream
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if data:
+                    assert name == "status", f"unexpected event {name!r}"
+                    events.append(json.loads("\n".join(data)))
+                name, data = None, []
+            elif not line.startswith(":"):  # a comment (heartbeat) otherwise
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "event":
+                    name = value
+                elif field == "data":
+                    data.append(value)
+        return events
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_status_stream_pushes_progress_and_ends_after_the_final_state(web, rust):
+    total = 5
+    task_id = web.submit({"task": "tasks.progress", "args": [total, 200]})
+    events = _status_events(web, f"/status/{task_id}/stream")
+    assert events, "no event at all"
+    assert all(set(event) == STATUS_KEYS and event["task_id"] == task_id for event in events), events
+    states = [event["state"] for event in events]
+    assert states[-1] == "SUCCESS" and events[-1]["result"] == total, events[-1]
+    assert states.count("SUCCESS") == 1, states
+    ranks = [STATE_RANK.get(s, 2) for s in states]
+    assert ranks == sorted(ranks), f"state went backwards: {states}"
+    currents = [event["progress"]["current"] for event in events if event["state"] == "PROGRESS"]
+    assert len(set(currents)) >= 2 and currents == sorted(currents), f"progress not pushed as it moved: {states} {currents}"
+    assert len(events) == len({json.dumps(e, sort_keys=True) for e in events}), "an unchanged view was sent twice"
+
+
+@pytest.mark.timeout(60)
+def test_status_stream_of_a_final_job_or_a_workflow_ends(web, rust):
+    task_id = web.submit({"task": "tasks.add", "args": [1, 2]})
+    web.wait_final(task_id)
+    events = _status_events(web, f"/status/{task_id}/stream")
+    assert [(e["state"], e["result"]) for e in events] == [("SUCCESS", 3)], events
+    workflow_id, _ = _submit_workflow(web, "chain", [{"task": "tasks.add", "args": [1, 2]}, {"task": "tasks.add", "args": [3]}])
+    events = _status_events(web, f"/status/{workflow_id}/stream")
+    assert events[-1]["workflow_id"] == workflow_id and events[-1]["state"] == "SUCCESS", events
+    assert events[-1]["result"] == 6, events[-1]
+    missing = web.get(f"/status/{uuid.UUID(int=0x1234)}/stream")
+    _assert_json_error(missing, 404, "no job or workflow")
+
+
+# --------------------------------------------------------------------------------------------
 # Prometheus
 
 

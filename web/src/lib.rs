@@ -53,6 +53,8 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let client = Client::new(config).await?;
     let journal = Arc::new(outbox::Journal::start(&pool));
     let tracker_pool = pool.clone();
+    let changes = tracking::Changes::default();
+    let tracker_changes = changes.clone();
     let outbox = (pool.clone(), journal.clone(), client.clone());
     Ok(rocket::build()
         .manage(pool)
@@ -60,6 +62,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(client)
         .manage(accepts)
         .manage(auth)
+        .manage(changes)
         .manage(Arc::new(metrics::WebMetrics::new()))
         .attach(metrics::RequestMetrics)
         .mount("/", routes::all())
@@ -73,8 +76,17 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
             Box::pin(async move {
                 match backend {
                     Some(backend) => {
-                        tokio::spawn(tracking::follow(tracker_pool.clone(), backend.clone()));
-                        tokio::spawn(tracking::sweep(tracker_pool, backend, sweep_interval));
+                        tokio::spawn(tracking::follow(
+                            tracker_pool.clone(),
+                            backend.clone(),
+                            tracker_changes.clone(),
+                        ));
+                        tokio::spawn(tracking::sweep(
+                            tracker_pool,
+                            backend,
+                            tracker_changes,
+                            sweep_interval,
+                        ));
                     }
                     None => tracing::warn!("no result_backend: job states will stay PENDING"),
                 }

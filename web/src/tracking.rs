@@ -1,7 +1,8 @@
 //! Keeps the jobs table true to the result backend, whoever runs the job (our worker or a stock
 //! Python worker without events): every state write Celery publishes on `celery-task-meta-*`
 //! is applied as it happens, and a periodic sweep re-reads jobs still not final, so a missed
-//! message or a restart of the web app never leaves a row stale.
+//! message or a restart of the web app never leaves a row stale. Each row that moves is
+//! announced on [`Changes`], which the live status streams wait on.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,25 +10,53 @@ use std::time::Duration;
 use futures::StreamExt;
 use runtime::backend::RedisBackend;
 use runtime::protocol::result::ResultMeta;
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::db::Pool;
 use crate::error::Error;
 use crate::store;
 
+/// Rows the tracker moved, announced as they move; every web replica follows every backend
+/// write, so each hears of every change, whoever made it.
+#[derive(Clone)]
+pub struct Changes(broadcast::Sender<Uuid>);
+
+/// Changes a slow listener may fall behind by before it is told it lagged (and reads afresh).
+const CHANGES_BACKLOG: usize = 4096;
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self(broadcast::channel(CHANGES_BACKLOG).0)
+    }
+}
+
+impl Changes {
+    /// The ids of the rows that move from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.0.subscribe()
+    }
+
+    fn announce(&self, id: Uuid) {
+        // No listener is not an error: nobody is watching that job.
+        let _ = self.0.send(id);
+    }
+}
+
 /// Jobs one sweep reconciles at most.
 const SWEEP_BATCH: i64 = 500;
 /// Longest pause between attempts to resubscribe after losing the backend.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Applies one meta to its row, if the row exists and the meta moves it forward.
-async fn apply(pool: &Pool, id: &str, meta: &ResultMeta) -> Result<(), Error> {
-    let Ok(id) = Uuid::parse_str(id) else {
-        return Ok(());
-    };
+/// Applies one meta to its row, if the row exists and the meta moves it forward, and announces
+/// the move.
+async fn apply(pool: &Pool, changes: &Changes, id: Uuid, meta: &ResultMeta) -> Result<bool, Error> {
     let mut connection = pool.get().await?;
-    store::apply(&mut connection, id, meta).await?;
-    Ok(())
+    let moved = store::apply(&mut connection, id, meta).await?;
+    if moved {
+        changes.announce(id);
+    }
+    Ok(moved)
 }
 
 /// State writes applied at once; a shared Redis carries every worker's writes, most of them for
@@ -39,7 +68,7 @@ const CONCURRENT_UPDATES: usize = 8;
 /// Follows the backend's state writes until the process ends, resubscribing when cut off.
 /// Writes that arrive together are coalesced per task (the newest wins: each is a full state)
 /// and applied concurrently, one update per task, so order per task is kept.
-pub async fn follow(pool: Pool, backend: RedisBackend) {
+pub async fn follow(pool: Pool, backend: RedisBackend, changes: Changes) {
     let mut backoff = Duration::from_millis(500);
     loop {
         match backend.watch_all().await {
@@ -51,9 +80,12 @@ pub async fn follow(pool: Pool, backend: RedisBackend) {
                     let newest: HashMap<String, ResultMeta> = batch.into_iter().collect();
                     futures::stream::iter(newest)
                         .for_each_concurrent(CONCURRENT_UPDATES, |(id, meta)| {
-                            let pool = &pool;
+                            let (pool, changes) = (&pool, &changes);
                             async move {
-                                if let Err(error) = apply(pool, &id, &meta).await {
+                                let Ok(task_id) = Uuid::parse_str(&id) else {
+                                    return;
+                                };
+                                if let Err(error) = apply(pool, changes, task_id, &meta).await {
                                     tracing::warn!(%id, %error, "cannot apply state write; the sweep will retry");
                                 }
                             }
@@ -70,18 +102,22 @@ pub async fn follow(pool: Pool, backend: RedisBackend) {
 }
 
 /// Re-reads unfinished jobs from the backend every `interval`, until the process ends.
-pub async fn sweep(pool: Pool, backend: RedisBackend, interval: Duration) {
+pub async fn sweep(pool: Pool, backend: RedisBackend, changes: Changes, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     loop {
         ticks.tick().await;
-        if let Err(error) = sweep_once(&pool, &backend).await {
+        if let Err(error) = sweep_once(&pool, &backend, &changes).await {
             tracing::warn!(%error, "sweep failed");
         }
     }
 }
 
 /// One reconciliation pass; returns how many rows moved.
-pub async fn sweep_once(pool: &Pool, backend: &RedisBackend) -> Result<usize, Error> {
+pub async fn sweep_once(
+    pool: &Pool,
+    backend: &RedisBackend,
+    changes: &Changes,
+) -> Result<usize, Error> {
     let ids = {
         let mut connection = pool.get().await?;
         store::unfinished(&mut connection, SWEEP_BATCH).await?
@@ -89,8 +125,7 @@ pub async fn sweep_once(pool: &Pool, backend: &RedisBackend) -> Result<usize, Er
     let mut moved = 0;
     for id in ids {
         if let Some(meta) = backend.get(&id.to_string()).await? {
-            let mut connection = pool.get().await?;
-            moved += usize::from(store::apply(&mut connection, id, &meta).await?);
+            moved += usize::from(apply(pool, changes, id, &meta).await?);
         }
     }
     Ok(moved)

@@ -4,6 +4,7 @@ pub mod health;
 pub mod metrics;
 pub mod receive;
 pub mod status;
+pub mod stream;
 pub mod tasks;
 
 /// Every route of the API.
@@ -11,6 +12,7 @@ pub fn all() -> Vec<rocket::Route> {
     rocket::routes![
         receive::receive,
         status::status,
+        stream::stream,
         tasks::list,
         health::health,
         metrics::metrics

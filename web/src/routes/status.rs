@@ -155,6 +155,49 @@ impl From<Job> for JobView {
     }
 }
 
+impl StatusView {
+    /// Whether nothing more will change.
+    pub fn is_final(&self) -> bool {
+        let state_name = match self {
+            StatusView::Job(job) => &job.state,
+            StatusView::Workflow(workflow) => &workflow.state,
+        };
+        state::is_ready(state_name)
+    }
+
+    /// The task ids whose rows make this view.
+    pub fn task_ids(&self) -> Vec<Uuid> {
+        match self {
+            StatusView::Job(job) => vec![job.task_id],
+            StatusView::Workflow(workflow) => workflow
+                .children
+                .iter()
+                .map(|child| child.task_id)
+                .collect(),
+        }
+    }
+}
+
+/// `id` read as a job's or a workflow's id: 400 when it is not a UUID.
+pub fn parse_id(id: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(id).map_err(|_| Error::BadRequest(format!("{id:?} is not a task id (UUID)")))
+}
+
+/// The view of the job with task id `id`, or of the workflow with that id; 404 when neither.
+pub async fn view(pool: &Pool, id: Uuid) -> Result<StatusView, Error> {
+    let mut connection = pool.get().await?;
+    if let Some(job) = store::find(&mut connection, id).await? {
+        return Ok(StatusView::Job(job.into()));
+    }
+    let steps = store::workflow(&mut connection, id).await?;
+    let kind = steps
+        .first()
+        .and_then(|step| step.workflow_kind.as_deref())
+        .and_then(Kind::from_name)
+        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+    Ok(StatusView::Workflow(WorkflowView::new(id, kind, steps)))
+}
+
 /// The job with this task id, or the workflow with this id.
 #[rocket::get("/status/<id>")]
 pub async fn status(
@@ -162,19 +205,5 @@ pub async fn status(
     id: &str,
     pool: &State<Pool>,
 ) -> Result<Json<StatusView>, Error> {
-    let uuid = Uuid::parse_str(id)
-        .map_err(|_| Error::BadRequest(format!("{id:?} is not a task id (UUID)")))?;
-    let mut connection = pool.get().await?;
-    if let Some(job) = store::find(&mut connection, uuid).await? {
-        return Ok(Json(StatusView::Job(job.into())));
-    }
-    let steps = store::workflow(&mut connection, uuid).await?;
-    let kind = steps
-        .first()
-        .and_then(|step| step.workflow_kind.as_deref())
-        .and_then(Kind::from_name)
-        .ok_or_else(|| Error::NotFound(id.to_string()))?;
-    Ok(Json(StatusView::Workflow(WorkflowView::new(
-        uuid, kind, steps,
-    ))))
+    Ok(Json(view(pool, parse_id(id)?).await?))
 }

@@ -1,0 +1,57 @@
+//! `GET /status/<uuid>/stream`: Server-Sent Events of a job's (or a workflow's) status, one
+//! `status` event with the whole view at once and again each time it changes, ending after the
+//! final state. Nothing polls: the tracker announces each row it moves (it follows the result
+//! backend's notifications), and the stream reads the row again only then.
+
+use rocket::response::stream::{Event, EventStream};
+use rocket::{Shutdown, State};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::auth::Authorized;
+use crate::db::Pool;
+use crate::error::Error;
+use crate::routes::status::{parse_id, view};
+use crate::tracking::Changes;
+
+/// The status events of the job or workflow `id`. A listener that falls behind the
+/// announcements reads the row afresh rather than miss its change.
+#[rocket::get("/status/<id>/stream")]
+pub async fn stream(
+    _auth: Authorized,
+    id: &str,
+    pool: &State<Pool>,
+    changes: &State<Changes>,
+    mut shutdown: Shutdown,
+) -> Result<EventStream![], Error> {
+    let id = parse_id(id)?;
+    // Listening before the first read: a change between the two is not missed.
+    let mut moves = changes.subscribe();
+    let first = view(pool, id).await?;
+    let pool = pool.inner().clone();
+    Ok(EventStream! {
+        let watched = first.task_ids();
+        let mut last = first;
+        yield Event::json(&last).event("status");
+        while !last.is_final() {
+            tokio::select! {
+                moved = moves.recv() => match moved {
+                    Ok(task_id) if !watched.contains(&task_id) => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                },
+                () = &mut shutdown => break,
+            }
+            match view(&pool, id).await {
+                Ok(now) if now != last => {
+                    last = now;
+                    yield Event::json(&last).event("status");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%id, %error, "status stream cannot read the job; ending it");
+                    break;
+                }
+            }
+        }
+    })
+}
