@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use crate::backend::RedisBackend;
-use crate::broker::{self, Broker};
+use crate::broker::{self, Broker, QueueDepth};
 use crate::canvas::{self, Next, Signature};
 use crate::chord;
 use crate::config::CeleryConfig;
@@ -201,6 +201,25 @@ impl Client {
     /// The queue a task goes to when the caller names none.
     pub fn queue_for(&self, name: &str) -> &str {
         self.config.queue_for(name)
+    }
+
+    /// Every queue the settings name (the default queue and each route's).
+    pub fn configured_queues(&self) -> Vec<String> {
+        self.config
+            .queues()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// How full `queue` is (connecting if need be); `None` when the broker has no such queue.
+    pub async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        let connection = self.connection().await?;
+        let depth = connection.broker.depth(queue).await;
+        if depth.is_err() {
+            self.disconnect(&connection).await;
+        }
+        depth
     }
 
     /// Whether the broker answers (connecting if need be).

@@ -302,6 +302,13 @@ impl CeleryConfig {
             .map_or(self.task_default_queue.as_str(), |(_, route)| route.queue())
     }
 
+    /// Every queue the settings name: the default queue and each route's.
+    pub fn queues(&self) -> std::collections::BTreeSet<&str> {
+        std::iter::once(self.task_default_queue.as_str())
+            .chain(self.task_routes.values().map(Route::queue))
+            .collect()
+    }
+
     /// The settings as Celery's `conf` shows them: every URL with its password masked.
     pub fn redacted(&self) -> Self {
         Self {
@@ -370,6 +377,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_queues_named_are_the_default_and_each_routes() {
+        let text = r#"
+            task_routes = { "tasks.*" = "rust", "py.mul" = { queue = "python" }, "py.x" = "rust" }
+        "#;
+        let config = CeleryConfig::from_sources(text, env(&[])).unwrap();
+        assert_eq!(
+            config.queues().into_iter().collect::<Vec<_>>(),
+            ["celery", "python", "rust"]
+        );
     }
 
     #[test]

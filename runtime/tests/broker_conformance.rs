@@ -4,7 +4,7 @@
 mod common;
 
 use common::{broker_urls, unique_queue, within};
-use runtime::broker::{self, Delivery};
+use runtime::broker::{self, Delivery, QueueDepth};
 use runtime::protocol::TaskRequest;
 use serde_json::{json, Map};
 
@@ -418,4 +418,61 @@ async fn redis_takes_what_prefetch_allows_in_one_step_in_queue_order() {
     );
     broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
+}
+
+/// `depth` tells what is waiting and what is held; each broker says what it cannot know.
+#[tokio::test]
+async fn depth_tells_ready_and_held_messages() {
+    for url in broker_urls() {
+        let on_redis = url.starts_with("redis");
+        let queue = unique_queue("depth");
+        let broker = broker::connect(&url).await.unwrap();
+        // AMQP knows a queue never declared is not there; Redis cannot tell it from an empty one.
+        let missing = broker.depth(&queue).await.unwrap();
+        let empty = QueueDepth {
+            ready: 0,
+            unacked: Some(0),
+            consumers: None,
+        };
+        assert_eq!(missing, on_redis.then_some(empty), "{url}");
+        for n in 0..3 {
+            broker.publish(&queue, &request(n).encode()).await.unwrap();
+        }
+        assert_eq!(
+            broker.depth(&queue).await.unwrap().unwrap().ready,
+            3,
+            "{url}"
+        );
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 2)
+            .await
+            .unwrap();
+        let held = [next(&mut deliveries).await, next(&mut deliveries).await];
+        // The broker's count of ready messages follows its deliveries a moment later.
+        let depth = within(10, "one message left ready", async {
+            loop {
+                let depth = broker.depth(&queue).await.unwrap().unwrap();
+                if depth.ready == 1 {
+                    break depth;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let (unacked, consumers) = if on_redis {
+            (Some(2), None)
+        } else {
+            (None, Some(1))
+        };
+        assert_eq!(
+            (depth.unacked, depth.consumers),
+            (unacked, consumers),
+            "{url}"
+        );
+        for delivery in held {
+            delivery.settle.ack().await.unwrap();
+        }
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
 }

@@ -28,6 +28,9 @@ pub enum Error {
     /// The broker did not take the message.
     #[error("the broker did not accept the job; it is recorded and was not sent: {0}")]
     Publish(String),
+    /// The broker could not be reached or did not answer.
+    #[error("the broker is unavailable: {0}")]
+    BrokerUnavailable(String),
     /// The database could not be reached.
     #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
@@ -79,7 +82,9 @@ impl Error {
             Error::TooLarge(_) => Status::PayloadTooLarge,
             Error::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
             Error::NotFound(_) => Status::NotFound,
-            Error::Publish(_) | Error::DatabaseUnavailable(_) => Status::ServiceUnavailable,
+            Error::Publish(_) | Error::BrokerUnavailable(_) | Error::DatabaseUnavailable(_) => {
+                Status::ServiceUnavailable
+            }
             Error::Database(_) | Error::Migration(_) | Error::Runtime(_) => {
                 Status::InternalServerError
             }

@@ -266,6 +266,37 @@ pub async fn find(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<O
         .optional()
 }
 
+/// Jobs recorded and jobs finished in the last `seconds`, by queue: `(queue, recorded,
+/// finished)`. Only jobs recorded within the last hour are read (the creation index bounds the
+/// scan), so a job that took longer than that is not counted when it finishes.
+pub async fn recent_by_queue(
+    connection: &mut AsyncPgConnection,
+    seconds: f64,
+) -> QueryResult<Vec<(String, i64, i64)>> {
+    #[derive(QueryableByName)]
+    struct Recent {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        queue: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        recorded: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        finished: i64,
+    }
+    let rows: Vec<Recent> = diesel::sql_query(
+        "SELECT queue, \
+             count(*) FILTER (WHERE created_at > now() - make_interval(secs => $1)) AS recorded, \
+             count(*) FILTER (WHERE finished_at > now() - make_interval(secs => $1)) AS finished \
+         FROM tasks WHERE created_at > now() - interval '1 hour' GROUP BY queue",
+    )
+    .bind::<diesel::sql_types::Double, _>(seconds)
+    .load(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.queue, r.recorded, r.finished))
+        .collect())
+}
+
 /// The steps of workflow `id` after `position`, in order.
 pub async fn steps_after(
     connection: &mut AsyncPgConnection,

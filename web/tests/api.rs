@@ -786,3 +786,53 @@ async fn concurrent_jobs_are_each_recorded_published_and_run() {
     drop(pool);
     stack.stop().await;
 }
+
+/// `/queues` shows each configured queue as the broker holds it, with the rates of recent jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_show_what_waits_in_each_configured_queue() {
+    for url in BROKERS {
+        let routed = format!("test-web-routed-{}", uuid::Uuid::new_v4().simple());
+        let route = runtime::config::Route::Queue(routed.clone());
+        let stack = Stack::start_with(url, false, |config| {
+            config.task_routes.insert("tasks.mul".into(), route);
+        })
+        .await;
+        for i in 0..3 {
+            stack
+                .submit(json!({"task": "tasks.add", "args": [i, i]}))
+                .await;
+        }
+        let (status, body) = stack.get("/queues").await;
+        assert_eq!(status, Status::Ok, "{body}");
+        let queues = body["queues"].as_array().unwrap();
+        let named = |name: &str| {
+            queues
+                .iter()
+                .find(|q| q["name"] == name)
+                .unwrap_or_else(|| panic!("{name} not listed: {body}"))
+        };
+        let default = named(&stack.config.task_default_queue);
+        assert_eq!(
+            (&default["exists"], &default["ready"]),
+            (&json!(true), &json!(3)),
+            "{url}: {body}"
+        );
+        assert_eq!(default["jobs_recorded_per_second"], json!(3.0 / 60.0));
+        assert_eq!(default["jobs_finished_per_second"], json!(0.0));
+        let on_redis = url.starts_with("redis");
+        let expected = if on_redis {
+            json!({"unacked": 0, "consumers": null})
+        } else {
+            json!({"unacked": null, "consumers": 0})
+        };
+        assert_eq!(
+            json!({"unacked": default["unacked"], "consumers": default["consumers"]}),
+            expected,
+            "{url}"
+        );
+        // No message was ever sent there: AMQP knows the queue is not there yet.
+        assert_eq!(named(&routed)["exists"], json!(on_redis), "{url}: {body}");
+        assert_eq!(named(&routed)["ready"], json!(0));
+        stack.stop().await;
+    }
+}

@@ -10,12 +10,13 @@ use lapin::options::{
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Map, Number, Value};
 use tokio::sync::{mpsc, Mutex};
 
-use super::{Acker, Broker, Delivery, Exchange, Settle, Subscription};
+use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
 use crate::error::{Error, Result};
 use crate::protocol::{Message, Properties};
 
@@ -300,6 +301,36 @@ impl Broker for AmqpBroker {
         match self.connection.status().connected() {
             true => Ok(()),
             false => Err(Error::ConnectionLost),
+        }
+    }
+
+    /// A passive declare: ready messages and consumers. AMQP itself does not tell how many
+    /// messages are delivered and unacknowledged (only the management API does).
+    async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        // A passive declare of a missing queue closes its channel: it gets one of its own.
+        let channel = self.connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue, passive, FieldTable::default())
+            .await
+        {
+            Ok(declared) => {
+                let _ = channel.close(200, "inspected").await;
+                Ok(Some(QueueDepth {
+                    ready: u64::from(declared.message_count()),
+                    unacked: None,
+                    consumers: Some(u64::from(declared.consumer_count())),
+                }))
+            }
+            Err(lapin::Error::ProtocolError(error))
+                if *error.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
         }
     }
 

@@ -132,6 +132,18 @@ pub struct Subscription {
     pub message_ttl_ms: u32,
 }
 
+/// How full a queue is, as far as the broker tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct QueueDepth {
+    /// Messages waiting to be delivered.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged; `None` where the broker does not tell
+    /// (AMQP without the management API).
+    pub unacked: Option<u64>,
+    /// Consumers attached; `None` where the broker does not know (Redis).
+    pub consumers: Option<u64>,
+}
+
 /// A message broker as Celery uses it.
 #[async_trait]
 pub trait Broker: Send + Sync {
@@ -162,6 +174,9 @@ pub trait Broker: Send + Sync {
 
     /// Whether the connection is usable (for health checks).
     async fn check(&self) -> Result<()>;
+
+    /// How full `queue` is; `None` when the broker has no such queue.
+    async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>>;
 
     /// Removes `queue` with its messages and its binding (tests, and retiring a queue).
     async fn delete_queue(&self, queue: &str) -> Result<()>;

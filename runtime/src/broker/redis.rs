@@ -19,7 +19,9 @@ use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, Settle, Subscription};
+use super::{
+    give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Settle, Subscription,
+};
 use crate::config::TransportOptions;
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
@@ -391,6 +393,31 @@ impl Broker for RedisBroker {
             .query_async::<()>(&mut self.connection.clone())
             .await?;
         Ok(())
+    }
+
+    /// Redis keeps no queue apart from its lists (an empty list is gone), so every queue
+    /// exists, and no consumer is registered anywhere. The unacked count reads every entry of
+    /// `unacked`, which holds what all consumers of the database have in hand: prefetch-sized.
+    async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        let mut connection = self.connection.clone();
+        let mut lengths = redis::pipe();
+        for &step in &PRIORITY_STEPS {
+            lengths.llen(list_for(queue, step));
+        }
+        let lengths: Vec<u64> = lengths.query_async(&mut connection).await?;
+        let entries: Vec<String> = connection.hvals(UNACKED).await?;
+        let unacked = entries
+            .iter()
+            .filter(|entry| {
+                serde_json::from_str::<serde_json::Value>(entry)
+                    .is_ok_and(|entry| entry[2].as_str() == Some(queue))
+            })
+            .count();
+        Ok(Some(QueueDepth {
+            ready: lengths.iter().sum(),
+            unacked: Some(unacked as u64),
+            consumers: None,
+        }))
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod metrics;
+pub mod queues;
 pub mod receive;
 pub mod status;
 pub mod stream;
@@ -14,6 +15,7 @@ pub fn all() -> Vec<rocket::Route> {
         status::status,
         stream::stream,
         tasks::list,
+        queues::queues,
         health::health,
         metrics::metrics
     ]
