@@ -69,16 +69,27 @@ pub async fn create_if_missing(url: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies the migrations not yet applied to the database at `url`.
+/// The advisory lock migrations run under ("rcelery migrate" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7263_656c_6d69_6772;
+
+/// Applies the migrations not yet applied to the database at `url`. Web replicas started
+/// together each migrate at start: a PostgreSQL advisory lock makes them take turns, so the
+/// first applies what is pending and the others find nothing left to do.
 pub async fn migrate(url: &str) -> Result<(), Error> {
     let url = url.to_string();
     tokio::task::spawn_blocking(move || {
+        use diesel::RunQueryDsl;
         let mut connection = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
             .map_err(|e| Error::DatabaseUnavailable(e.to_string()))?;
+        let lock = |call: &str| diesel::sql_query(format!("SELECT {call}({MIGRATION_LOCK})"));
+        lock("pg_advisory_lock").execute(&mut connection)?;
         let applied = connection
             .run_pending_migrations(MIGRATIONS)
-            .map_err(|e| Error::Migration(e.to_string()))?;
-        for migration in applied {
+            .map(|applied| applied.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .map_err(|e| Error::Migration(e.to_string()));
+        // Closing the connection would release the lock too; releasing it says so.
+        lock("pg_advisory_unlock").execute(&mut connection)?;
+        for migration in applied? {
             tracing::info!(%migration, "applied migration");
         }
         Ok(())

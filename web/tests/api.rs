@@ -836,3 +836,21 @@ async fn queues_show_what_waits_in_each_configured_queue() {
         stack.stop().await;
     }
 }
+
+/// Replicas started together each migrate at start: they take turns, and all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_migrating_at_once_all_succeed() {
+    let database = format!("rcelery_test_{}", uuid::Uuid::new_v4().simple());
+    admin(&format!("CREATE DATABASE {database}")).await;
+    let url = format!("{POSTGRES}/{database}");
+    let results = futures::future::join_all((0..4).map(|_| web::db::migrate(&url))).await;
+    for result in results {
+        result.unwrap();
+    }
+    let pool = web::db::pool(&url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    assert_eq!(web::store::awaiting_publish(&mut connection).await.unwrap(), 0);
+    drop(connection);
+    drop(pool);
+    admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}
