@@ -85,16 +85,10 @@ impl AmqpBroker {
                 let _ = channel.close(200, "declared").await;
             }
             Err(error) => {
-                let probe = self.connection.create_channel().await?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                probe
-                    .queue_declare(queue, passive, FieldTable::default())
-                    .await?;
+                if self.depth(queue).await?.is_none() {
+                    return Err(error.into());
+                }
                 tracing::info!(%queue, %error, "queue exists with other arguments; using it as declared");
-                let _ = probe.close(200, "checked").await;
             }
         }
         self.declared.lock().await.insert(queue.to_string());
