@@ -5,7 +5,8 @@ use rocket::http::Status;
 use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use rocket::Request;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// Everything a request or the app's start-up can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,14 @@ impl Error {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong; for a 500 only "internal error", for a 401 only "Unauthorized".
+    #[schema(example = "unknown task `tasks.nope`")]
+    pub error: String,
+}
+
 impl<'r> Responder<'r, 'static> for Error {
     fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
         let status = self.status();
@@ -104,14 +113,16 @@ impl<'r> Responder<'r, 'static> for Error {
             }
             self.to_string()
         };
-        (status, Json(json!({ "error": message }))).respond_to(request)
+        (status, Json(ErrorBody { error: message })).respond_to(request)
     }
 }
 
 /// JSON bodies for errors Rocket raises itself (no route, a guard that failed).
 #[rocket::catch(default)]
-pub fn catch_all(status: Status, _request: &Request<'_>) -> Json<serde_json::Value> {
-    Json(json!({ "error": status.reason_lossy() }))
+pub fn catch_all(status: Status, _request: &Request<'_>) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        error: status.reason_lossy().to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The web app: jobs in over HTTP, out to Celery workers, tracked in PostgreSQL.
 //!
-//! - [`routes`]: `POST /receive`, `GET /status/<uuid>`, `GET /tasks`, `GET /health`,
-//!   `GET /metrics`.
+//! - [`routes`]: `POST /receive`, `GET /status/<uuid>` (and its `/stream`), `GET /tasks`,
+//!   `GET /queues`, `GET /health`, `GET /metrics`, and the API's own `GET /openapi.json` and
+//!   `GET /docs`.
 //! - [`metrics`]: the Prometheus metrics of requests and the outbox.
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
@@ -36,6 +37,13 @@ use runtime::CeleryConfig;
 use crate::error::Error;
 use crate::routes::receive::Accepts;
 
+/// `rocket` with every route and the JSON error catcher: what the API document describes.
+pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {
+    rocket
+        .mount("/", routes::all())
+        .register("/", rocket::catchers![error::catch_all])
+}
+
 /// Connects everything the app needs and builds it. Migrations are applied first.
 pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     db::migrate(&config.database_url).await?;
@@ -56,7 +64,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let changes = tracking::Changes::default();
     let tracker_changes = changes.clone();
     let outbox = (pool.clone(), journal.clone(), client.clone());
-    Ok(rocket::build()
+    Ok(mount(rocket::build())
         .manage(pool)
         .manage(journal)
         .manage(client)
@@ -65,8 +73,6 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(changes)
         .manage(Arc::new(metrics::WebMetrics::new()))
         .attach(metrics::RequestMetrics)
-        .mount("/", routes::all())
-        .register("/", rocket::catchers![error::catch_all])
         .attach(AdHoc::on_liftoff("outbox", move |_| {
             Box::pin(async move {
                 tokio::spawn(outbox::run(outbox.0, outbox.1, outbox.2));

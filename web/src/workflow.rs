@@ -18,7 +18,8 @@ use crate::store::{Job, NewJob};
 pub const MAX_STEPS: usize = 1000;
 
 /// What kind of canvas a workflow is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Steps run one after another, each given the result of the one before.
     Chain,

@@ -17,6 +17,13 @@ fn text_format() -> ContentType {
 
 /// Every metric; the outbox backlog is counted now (a database that does not answer leaves the
 /// last count, and the scrape still succeeds).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus' text format, version 0.0.4",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)),
+)]
 #[rocket::get("/metrics")]
 pub async fn metrics(
     metrics: &State<Arc<WebMetrics>>,

@@ -1,7 +1,9 @@
 //! The HTTP API: one module per resource, handlers a few lines long over typed guards.
 
+pub mod docs;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod queues;
 pub mod receive;
 pub mod status;
@@ -17,6 +19,8 @@ pub fn all() -> Vec<rocket::Route> {
         tasks::list,
         queues::queues,
         health::health,
-        metrics::metrics
+        metrics::metrics,
+        openapi::openapi_json,
+        docs::docs
     ]
 }

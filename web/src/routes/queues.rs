@@ -8,17 +8,18 @@ use rocket::serde::json::Json;
 use rocket::State;
 use runtime::client::Client;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::store;
 
 /// The window of the rates, in seconds.
 const RATE_WINDOW: f64 = 60.0;
 
 /// One queue.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct QueueView {
     pub name: String,
     /// Whether the broker has the queue (Redis: always, an empty queue is no key at all).
@@ -26,8 +27,10 @@ pub struct QueueView {
     /// Messages waiting.
     pub ready: u64,
     /// Delivered and not yet acknowledged; null where the broker does not tell (AMQP).
+    #[schema(required = true)]
     pub unacked: Option<u64>,
     /// Consumers attached; null where the broker does not know (Redis).
+    #[schema(required = true)]
     pub consumers: Option<u64>,
     /// Jobs this web tier recorded for the queue, per second over the window.
     pub jobs_recorded_per_second: f64,
@@ -35,14 +38,26 @@ pub struct QueueView {
     pub jobs_finished_per_second: f64,
 }
 
-/// The answer.
-#[derive(Debug, Serialize)]
+/// The answer: every configured queue, in name order.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Queues {
     pub queues: Vec<QueueView>,
+    /// The window of the rates, in seconds.
     pub rate_window_seconds: f64,
 }
 
 /// Every configured queue, in name order.
+#[utoipa::path(
+    get,
+    path = "/queues",
+    tag = "operations",
+    responses(
+        (status = 200, description = "each configured queue", body = Queues),
+                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 503, description = "the broker or the database is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 #[rocket::get("/queues")]
 pub async fn queues(
     _auth: Authorized,

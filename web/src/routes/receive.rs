@@ -10,12 +10,16 @@ use rocket::serde::json::Json;
 use rocket::{Request, State};
 use runtime::client::Client;
 use runtime::CeleryConfig;
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use utoipa::openapi::schema::Schema;
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::outbox::{self, Journal};
 use crate::store::{self, NewJob};
 use crate::workflow::{Kind, MAX_STEPS};
@@ -219,6 +223,146 @@ impl Submission {
     }
 }
 
+// The body's schema in the API document, written from the same constants the reading above
+// uses. It is open-ended JSON, so it is written by hand, as JSON Schema: a `oneOf` of a task
+// call, a chain, a group, and "any other JSON" as what it is, JSON that is none of those shapes
+// (a `not`, which utoipa's schema model cannot hold: the document takes these schemas as JSON).
+
+/// The schema of one field of a task call.
+fn field_schema(field: &str) -> Value {
+    let seconds = |what: &str| {
+        json!({
+            "type": ["number", "null"],
+            "maximum": MAX_DELAY_SECONDS,
+            "description": format!("seconds from now {what}"),
+        })
+    };
+    match field {
+        "task" => json!({
+            "type": "string",
+            "minLength": 1,
+            "description": "a task the deployment accepts (the Rust registry's or one of \
+                `web_allowed_tasks`); any other is 422",
+            "example": "tasks.add",
+        }),
+        "args" => json!({"type": ["array", "null"], "items": {}, "example": [2, 3]}),
+        "kwargs" => json!({"type": ["object", "null"], "additionalProperties": {}}),
+        "queue" => json!({
+            "type": ["string", "null"],
+            "minLength": 1,
+            "description": "the queue to publish to; by default the one `task_routes` or \
+                `task_default_queue` names",
+        }),
+        "countdown" => {
+            let mut schema = seconds("before the job may run");
+            schema["minimum"] = json!(0);
+            schema
+        }
+        "expires" => {
+            let mut schema = seconds("after which the job is revoked rather than run");
+            schema["exclusiveMinimum"] = json!(0);
+            schema
+        }
+        other => panic!("no schema for task call field `{other}`"),
+    }
+}
+
+/// The schema of a task call that takes the fields `known`.
+fn call_schema(known: &[&str], description: &str) -> Value {
+    let properties: Map<String, Value> = known
+        .iter()
+        .map(|field| (field.to_string(), field_schema(field)))
+        .collect();
+    json!({
+        "type": "object",
+        "description": description,
+        "required": ["task"],
+        "additionalProperties": false,
+        "properties": properties,
+    })
+}
+
+/// The schema of a workflow of `kind`.
+fn workflow_schema(kind: Kind) -> Value {
+    let name = kind.name();
+    let description = match kind {
+        Kind::Chain => "steps run one after another, each given the result of the one before",
+        Kind::Group => "steps run in parallel; the result is the list of theirs, in order",
+    };
+    json!({
+        "type": "object",
+        "description": description,
+        "required": [name],
+        "additionalProperties": false,
+        "properties": {name: {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_STEPS,
+            "items": {"$ref": "#/components/schemas/WorkflowStep"},
+        }},
+    })
+}
+
+/// The named schemas of a `POST /receive` body, each in the JSON the document serves.
+pub fn body_schemas() -> Vec<(String, Value)> {
+    let parts = ["TaskCall", "Chain", "Group"]
+        .map(|name| json!({"$ref": format!("#/components/schemas/{name}")}));
+    let submission = json!({
+        "description": "a task call, a workflow, or any other JSON for the default task; an \
+            object with `task` is read as a task call and one with `chain` or `group` as a \
+            workflow, and is 422 when it is not a valid one. Text may not hold U+0000 (422).",
+        "oneOf": parts.into_iter().chain([payload_schema()]).collect::<Vec<_>>(),
+    });
+    let mut schemas = vec![
+        ("Submission".to_string(), submission),
+        (
+            "TaskCall".to_string(),
+            call_schema(&CALL_FIELDS, "one job: a task and its arguments"),
+        ),
+        (
+            "WorkflowStep".to_string(),
+            call_schema(
+                &STEP_FIELDS,
+                "a step of a workflow: a task call without `countdown` or `expires`",
+            ),
+        ),
+    ];
+    schemas.extend(Kind::ALL.map(|kind| (capitalized(kind.name()), workflow_schema(kind))));
+    schemas
+}
+
+fn capitalized(name: &str) -> String {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// The JSON that is no task call and no workflow: an object without `task`, `chain` or `group`,
+/// or anything that is not an object.
+fn payload_schema() -> Value {
+    let shapes: Vec<Value> = std::iter::once("task")
+        .chain(Kind::ALL.map(Kind::name))
+        .map(|field| json!({"required": [field]}))
+        .collect();
+    json!({
+        "description": "any other JSON (no object with `task`, `chain` or `group`): the one \
+            argument of `web_default_task`",
+        "not": {"type": "object", "anyOf": shapes},
+    })
+}
+
+/// A `POST /receive` body in the API document: a reference to its schema, which
+/// [`body_schemas`] gives.
+impl PartialSchema for Submission {
+    fn schema() -> RefOr<Schema> {
+        Ref::from_schema_name("Submission").into()
+    }
+}
+
+impl ToSchema for Submission {}
+
 /// Whether any string or key in `value` holds U+0000, which a jsonb column refuses. The depth is
 /// bounded by serde_json's recursion limit.
 fn holds_nul(value: &Value) -> bool {
@@ -288,24 +432,57 @@ pub fn parse_submission(body: &[u8], accepts: &Accepts) -> Result<Submission, Er
     Submission::from_json(value, accepts)
 }
 
+/// A job accepted: its task id and where to poll it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAccepted {
+    /// The Celery task id.
+    pub task_id: Uuid,
+    /// `/status/<task_id>`, also the `Location` header.
+    #[schema(example = "/status/f4d39611-b181-4004-85fd-6208e91cb392")]
+    pub status_url: String,
+}
+
+/// A workflow accepted: its id (a group's is its `GroupResult` id), where to poll it, and its
+/// steps' task ids in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowAccepted {
+    pub workflow_id: Uuid,
+    pub workflow: Kind,
+    /// `/status/<workflow_id>`, also the `Location` header.
+    pub status_url: String,
+    pub task_ids: Vec<Uuid>,
+}
+
+/// The body of a 202 answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum AcceptedBody {
+    Job(JobAccepted),
+    Workflow(WorkflowAccepted),
+}
+
 /// `202 Accepted` with the id to poll, where to poll it, and a `Location` header.
 #[derive(rocket::Responder)]
 #[response(status = 202)]
 pub struct Accepted {
-    body: Json<Value>,
+    body: Json<AcceptedBody>,
     location: Header<'static>,
 }
 
-impl Accepted {
-    /// The answer for `id` (`id_field` names it), with `more` fields.
-    fn new(id_field: &str, id: Uuid, more: Map<String, Value>) -> Self {
-        let status_url = format!("/status/{id}");
-        let mut body = more;
-        body.insert(id_field.into(), id.to_string().into());
-        body.insert("status_url".into(), status_url.clone().into());
+/// Where the job or workflow `id` is polled.
+fn status_url(id: Uuid) -> String {
+    format!("/status/{id}")
+}
+
+impl From<AcceptedBody> for Accepted {
+    fn from(body: AcceptedBody) -> Self {
+        let url = match &body {
+            AcceptedBody::Job(job) => job.status_url.clone(),
+            AcceptedBody::Workflow(workflow) => workflow.status_url.clone(),
+        };
         Self {
-            body: Json(Value::Object(body)),
-            location: Header::new("Location", status_url),
+            body: Json(body),
+            location: Header::new("Location", url),
         }
     }
 }
@@ -334,6 +511,29 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
 /// durable once its row commits: if the broker does not take it now, the outbox publishes it
 /// when the broker is back, so the answer is 202 either way (the row keeps the reason
 /// meanwhile).
+#[utoipa::path(
+    post,
+    path = "/receive",
+    tag = "jobs",
+    request_body(
+        content = Submission,
+        description = "`Content-Type` `application/json`, any `+json` type, none, or curl's form \
+            default (read as JSON too); at most `web_body_limit` bytes",
+    ),
+    responses(
+        (status = 202, description = "recorded (durable from now on) and published, or left to \
+            the outbox when the broker did not take it", body = AcceptedBody,
+            headers(("Location" = String, description = "the `status_url`"))),
+        (status = 400, description = "malformed JSON", body = ErrorBody),
+                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 413, description = "the body is over `web_body_limit`", body = ErrorBody),
+        (status = 415, description = "the body is not JSON", body = ErrorBody),
+        (status = 422, description = "a task call or workflow with wrong fields, or a task not \
+            accepted", body = ErrorBody),
+                (status = 503, description = "the database is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 #[rocket::post("/receive", data = "<submission>")]
 pub async fn receive(
     _auth: Authorized,
@@ -366,7 +566,11 @@ async fn receive_job(
     if let Err(error) = outbox::publish(pool, journal, client, &row, &[]).await {
         tracing::warn!(%id, %error, "job accepted; its publish is not on record, the outbox will send it");
     }
-    Ok(Accepted::new("task_id", id, Map::new()))
+    Ok(AcceptedBody::Job(JobAccepted {
+        task_id: id,
+        status_url: status_url(id),
+    })
+    .into())
 }
 
 /// A workflow's steps are written in one statement, so it is recorded whole or not at all; a
@@ -391,11 +595,12 @@ async fn receive_workflow(
         })
         .collect();
     store::insert(&mut *pool.get().await?, &rows).await?;
-    let task_ids: Vec<String> = rows.iter().map(|row| row.task_id.to_string()).collect();
+    let task_ids: Vec<Uuid> = rows.iter().map(|row| row.task_id).collect();
+    let group_members: Vec<String> = task_ids.iter().map(Uuid::to_string).collect();
     let published = match kind {
         Kind::Chain => vec![outbox::publish(pool, journal, client, &rows[0], &rows[1..]).await],
         Kind::Group => {
-            if let Err(error) = client.save_group(&id.to_string(), &task_ids).await {
+            if let Err(error) = client.save_group(&id.to_string(), &group_members).await {
                 tracing::warn!(%id, %error, "group not saved: Python cannot restore it by its id");
             }
             futures::future::join_all(
@@ -408,17 +613,19 @@ async fn receive_workflow(
     for error in published.into_iter().filter_map(Result::err) {
         tracing::warn!(%id, %error, "workflow accepted; a publish is not on record, the outbox will send it");
     }
-    let mut more = Map::new();
-    more.insert("workflow".into(), kind.name().into());
-    more.insert("task_ids".into(), task_ids.into());
-    Ok(Accepted::new("workflow_id", id, more))
+    Ok(AcceptedBody::Workflow(WorkflowAccepted {
+        workflow_id: id,
+        workflow: kind,
+        status_url: status_url(id),
+        task_ids,
+    })
+    .into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rocket::http::Status;
-    use serde_json::json;
 
     fn accepts() -> Accepts {
         Accepts {

@@ -7,60 +7,91 @@ use rocket::State;
 use runtime::protocol::result::state;
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::store::{self, Job};
 use crate::workflow::{self, Kind};
 
-/// Progress of a running job.
-#[derive(Debug, Serialize, PartialEq)]
+/// Progress of a running job (what its last custom state reported), or of a workflow (steps
+/// ended of all).
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 pub struct Progress {
     pub current: i64,
     pub total: i64,
+    /// `current` of `total` in percent, to one decimal.
     pub percent: f64,
 }
 
-/// A job's error.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A job's error: the exception a worker reported, `TaskRevokedError`, or `PublishError` (the
+/// broker has not taken the job yet; the outbox keeps trying).
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct JobError {
+    /// The exception's type name.
     #[serde(rename = "type")]
+    #[schema(example = "RuntimeError")]
     pub kind: String,
     pub message: String,
 }
 
-/// What `/status` and `/tasks` answer for one job.
-#[derive(Debug, Serialize, PartialEq)]
+/// What `/status` and `/tasks` answer for one job. Every field is always present, null when it
+/// does not apply (yet).
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 pub struct JobView {
+    /// The Celery task id.
     pub task_id: Uuid,
+    #[schema(example = "tasks.add")]
     pub task: String,
+    /// A Celery state (PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED) or a custom one a
+    /// task reports (PROGRESS...). States only move forward.
+    #[schema(example = "SUCCESS")]
     pub state: String,
+    /// While a custom state reports `current` and `total`.
+    #[schema(required = true)]
     pub progress: Option<Progress>,
+    /// The task's return value, once SUCCESS.
+    #[schema(required = true)]
     pub result: Option<Value>,
+    #[schema(required = true)]
     pub error: Option<JobError>,
+    /// The worker's hostname, once one reported.
+    #[schema(required = true, example = "celery@host")]
     pub worker: Option<String>,
     pub retries: i32,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub started_at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     /// The workflow this job is a step of.
+    #[schema(required = true)]
     pub workflow_id: Option<Uuid>,
 }
 
 /// What `/status` answers for a workflow: its kind, what it amounts to, and its steps in order
 /// as `children`. `progress` counts the steps that have ended.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 pub struct WorkflowView {
     pub workflow_id: Uuid,
-    pub workflow: &'static str,
+    pub workflow: Kind,
+    /// PENDING until a step starts, then STARTED; a chain fails with its first failed step, a
+    /// group once every step has ended and any failed.
+    #[schema(example = "SUCCESS")]
     pub state: String,
     pub progress: Progress,
+    /// A chain's last result, a group's list of results.
+    #[schema(required = true)]
     pub result: Option<Value>,
+    /// The failed step's error; while nothing has run, why a message is not published yet.
+    #[schema(required = true)]
     pub error: Option<JobError>,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// The steps in order.
     pub children: Vec<JobView>,
 }
 
@@ -85,7 +116,7 @@ impl WorkflowView {
         };
         Self {
             workflow_id: id,
-            workflow: kind.name(),
+            workflow: kind,
             state: outcome.state,
             progress: Progress::new(outcome.done as i64, children.len() as i64),
             result: outcome.result,
@@ -98,7 +129,7 @@ impl WorkflowView {
 }
 
 /// A job's view or a workflow's.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum StatusView {
     Job(JobView),
@@ -199,6 +230,20 @@ pub async fn view(pool: &Pool, id: Uuid) -> Result<StatusView, Error> {
 }
 
 /// The job with this task id, or the workflow with this id.
+#[utoipa::path(
+    get,
+    path = "/status/{id}",
+    tag = "jobs",
+    params(("id" = Uuid, Path, description = "a task id or a workflow id")),
+    responses(
+        (status = 200, description = "the job's view, or the workflow's", body = StatusView),
+        (status = 400, description = "`id` is not a UUID", body = ErrorBody),
+                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 404, description = "no job or workflow has this id", body = ErrorBody),
+                (status = 503, description = "the database is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 #[rocket::get("/status/<id>")]
 pub async fn status(
     _auth: Authorized,

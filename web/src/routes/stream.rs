@@ -9,12 +9,29 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::routes::status::{parse_id, view};
 use crate::tracking::Changes;
 
 /// The status events of the job or workflow `id`. A listener that falls behind the
 /// announcements reads the row afresh rather than miss its change.
+#[utoipa::path(
+    get,
+    path = "/status/{id}/stream",
+    tag = "jobs",
+    params(("id" = Uuid, Path, description = "a task id or a workflow id")),
+    responses(
+        (status = 200, description = "`text/event-stream`: an `event: status` whose `data` is the \
+            status view (as `GET /status/{id}` answers it) at once and again each time it \
+            changes; the stream ends after the final state", content_type = "text/event-stream",
+            body = String),
+        (status = 400, description = "`id` is not a UUID", body = ErrorBody),
+                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 404, description = "no job or workflow has this id", body = ErrorBody),
+                (status = 503, description = "the database is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 #[rocket::get("/status/<id>/stream")]
 pub async fn stream(
     _auth: Authorized,

@@ -3,13 +3,14 @@
 use chrono::DateTime;
 use rocket::serde::json::Json;
 use rocket::State;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::status::JobView;
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::store::{self, Cursor, Listing};
 
 const DEFAULT_LIMIT: i64 = 50;
@@ -39,7 +40,39 @@ fn decode_cursor(text: &str) -> Result<Cursor, Error> {
     })
 }
 
+/// One page of `GET /tasks`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskPage {
+    /// Newest first.
+    pub tasks: Vec<JobView>,
+    /// The `cursor` of the next page; null on the last page.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+}
+
 /// One page of jobs and the cursor of the next (null on the last page).
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    tag = "jobs",
+    params(
+        ("state" = Option<String>, Query, description = "only jobs in this state"),
+        ("task" = Option<String>, Query, description = "only jobs of this task"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500,
+            description = "jobs per page, 50 by default"),
+        ("cursor" = Option<String>, Query,
+            description = "where the page starts: the `next_cursor` of the page before"),
+    ),
+    responses(
+        (status = 200, description = "a page of jobs, newest first", body = TaskPage),
+        (status = 400, description = "a `cursor` that no page gave", body = ErrorBody),
+                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 422, description = "`limit` is not 1 to 500, or `state` or `task` holds U+0000",
+            body = ErrorBody),
+                (status = 503, description = "the database is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 #[rocket::get("/tasks?<state>&<task>&<limit>&<cursor>")]
 pub async fn list(
     _auth: Authorized,
@@ -48,7 +81,7 @@ pub async fn list(
     limit: Option<&str>,
     cursor: Option<&str>,
     pool: &State<Pool>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<TaskPage>, Error> {
     let limit = match limit {
         None => DEFAULT_LIMIT,
         Some(text) => text
@@ -57,6 +90,15 @@ pub async fn list(
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| Error::Unprocessable(format!("`limit` must be 1 to {MAX_LIMIT}")))?,
     };
+    // PostgreSQL's text cannot hold U+0000, so no row can match such a filter; sent as a query
+    // parameter, it would fail the statement (an encoding error, not a database gone away).
+    for (name, value) in [("state", &state), ("task", &task)] {
+        if value.as_deref().is_some_and(|text| text.contains('\0')) {
+            return Err(Error::Unprocessable(format!(
+                "`{name}` may not hold the NUL character (\\u0000)"
+            )));
+        }
+    }
     let listing = Listing {
         state,
         task,
@@ -74,10 +116,10 @@ pub async fn list(
             })
         })
     });
-    let views: Vec<JobView> = jobs.into_iter().map(JobView::from).collect();
-    Ok(Json(
-        json!({ "tasks": views, "next_cursor": next.flatten() }),
-    ))
+    Ok(Json(TaskPage {
+        tasks: jobs.into_iter().map(JobView::from).collect(),
+        next_cursor: next.flatten(),
+    }))
 }
 
 #[cfg(test)]
