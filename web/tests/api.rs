@@ -849,7 +849,10 @@ async fn replicas_migrating_at_once_all_succeed() {
     }
     let pool = web::db::pool(&url, 1).unwrap();
     let mut connection = pool.get().await.unwrap();
-    assert_eq!(web::store::awaiting_publish(&mut connection).await.unwrap(), 0);
+    assert_eq!(
+        web::store::awaiting_publish(&mut connection).await.unwrap(),
+        0
+    );
     drop(connection);
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
