@@ -128,10 +128,38 @@ main() {
         wait_up "$name" || failed+=("$name")
     done
 
+    if [[ " ${services[*]} " == *" rabbitmq "* ]] && [[ " ${failed[*]} " != *" rabbitmq "* ]]; then
+        rabbitmq_management || failed+=("rabbitmq_management")
+    fi
+
     if [ ${#failed[@]} -gt 0 ]; then
         err "not available: ${failed[*]}"
         exit 1
     fi
+}
+
+# RabbitMQ's management API (GET /queues reads unacked counts and rates from it when
+# `broker_api` is set; the web tests use it): the plugin ships with rabbitmq-server.
+rabbitmq_management() {
+    local tries=60
+    if port_open 15672; then
+        log "rabbitmq management API already up on :15672"
+        return 0
+    fi
+    log "enabling rabbitmq_management"
+    if ! rabbitmq-plugins enable rabbitmq_management >/dev/null; then
+        err "cannot enable RabbitMQ's management plugin; as root: rabbitmq-plugins enable rabbitmq_management"
+        return 1
+    fi
+    until port_open 15672; do
+        tries=$((tries - 1))
+        if [ "$tries" -le 0 ]; then
+            err "rabbitmq management API did not answer on 127.0.0.1:15672 within 30s"
+            return 1
+        fi
+        sleep 0.5
+    done
+    log "rabbitmq management API up on :15672"
 }
 
 main "$@"

@@ -95,6 +95,10 @@ pub struct CeleryConfig {
     pub broker_url: String,
     /// `redis://...`; `None` stores no results.
     pub result_backend: Option<String>,
+    /// RabbitMQ's management API, as Flower's `broker_api` names it
+    /// (`http://user:password@host:15672/api/`): where `GET /queues` reads what AMQP does not
+    /// tell (unacknowledged messages, publish and ack rates). Unset, it uses passive declares.
+    pub broker_api: Option<String>,
     /// Transport tuning (Redis: `visibility_timeout`).
     pub broker_transport_options: TransportOptions,
     /// Queue used when a task has no route and the sender names none.
@@ -166,6 +170,7 @@ impl Default for CeleryConfig {
         Self {
             broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
             result_backend: None,
+            broker_api: None,
             broker_transport_options: TransportOptions::default(),
             task_default_queue: "celery".into(),
             task_annotations: BTreeMap::new(),
@@ -314,6 +319,7 @@ impl CeleryConfig {
         Self {
             broker_url: redact_url(&self.broker_url),
             result_backend: self.result_backend.as_deref().map(redact_url),
+            broker_api: self.broker_api.as_deref().map(redact_url),
             database_url: redact_url(&self.database_url),
             web_auth_token: self.web_auth_token.as_ref().map(|_| "********".to_string()),
             web_jwt_secret: self.web_jwt_secret.as_ref().map(|_| "********".to_string()),

@@ -4,6 +4,7 @@
 //!   `GET /queues`, `GET /health`, `GET /metrics`, and the API's own `GET /openapi.json` and
 //!   `GET /docs`.
 //! - [`metrics`]: the Prometheus metrics of requests and the outbox.
+//! - [`management`]: RabbitMQ's management API, for `GET /queues`.
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod batch;
 pub mod db;
 pub mod error;
+pub mod management;
 pub mod metrics;
 pub mod outbox;
 pub mod routes;
@@ -31,10 +33,12 @@ use std::time::Duration;
 use rocket::fairing::AdHoc;
 use rocket::{Build, Rocket};
 use runtime::backend::RedisBackend;
+use runtime::broker::BrokerKind;
 use runtime::client::Client;
 use runtime::CeleryConfig;
 
 use crate::error::Error;
+use crate::management::ManagementApi;
 use crate::routes::receive::Accepts;
 
 /// `rocket` with every route and the JSON error catcher: what the API document describes.
@@ -58,6 +62,14 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         config.web_auth_token.clone(),
         config.web_jwt_secret.as_deref(),
     );
+    let management = match (&config.broker_api, BrokerKind::of(&config.broker_url)?) {
+        (Some(api), BrokerKind::Amqp) => Some(ManagementApi::new(api, &config.broker_url)?),
+        (Some(_), BrokerKind::Redis) => {
+            tracing::warn!("broker_api is RabbitMQ's management API; ignored with a Redis broker");
+            None
+        }
+        (None, _) => None,
+    };
     let client = Client::new(config).await?;
     let journal = Arc::new(outbox::Journal::start(&pool));
     let tracker_pool = pool.clone();
@@ -71,6 +83,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(accepts)
         .manage(auth)
         .manage(changes)
+        .manage(management)
         .manage(Arc::new(metrics::WebMetrics::new()))
         .attach(metrics::RequestMetrics)
         .attach(AdHoc::on_liftoff("outbox", move |_| {

@@ -857,3 +857,60 @@ async fn replicas_migrating_at_once_all_succeed() {
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
 }
+
+/// With `broker_api`, `/queues` reads RabbitMQ's management API: unacked messages and consumers,
+/// and the publish rate AMQP does not tell. RabbitMQ samples them every few seconds, and a rate
+/// needs two samples of a queue: jobs keep arriving (a few a second, bounded by the deadline)
+/// until the rate shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_broker_api_queues_show_unacked_and_rates_from_rabbitmq() {
+    let stack = Stack::start_with(BROKERS[0], false, |config| {
+        config.broker_api = Some("http://guest:guest@127.0.0.1:15672/api/".into());
+    })
+    .await;
+    let queue = stack.config.task_default_queue.clone();
+    for i in 0..3 {
+        stack
+            .submit(json!({"task": "tasks.add", "args": [i, i]}))
+            .await;
+    }
+    let broker = runtime::broker::connect(BROKERS[0]).await.unwrap();
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 2)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(deliveries.recv().await.unwrap());
+    }
+    let (mut saw_publishes, mut saw_held) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(saw_publishes && saw_held) {
+        stack
+            .submit(json!({"task": "tasks.add", "args": [1, 1]}))
+            .await;
+        let (status, body) = stack.get("/queues").await;
+        assert_eq!(status, Status::Ok, "{body}");
+        let view = body["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == queue.as_str())
+            .unwrap()
+            .clone();
+        assert!(view["acked_per_second"].is_number(), "{view}");
+        saw_publishes |= view["published_per_second"].as_f64().unwrap() > 0.0;
+        saw_held |= view["ready"].as_u64().unwrap() >= 1
+            && (&view["unacked"], &view["consumers"]) == (&json!(2), &json!(1));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the management API never showed publishes and 2 held by 1 consumer: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for delivery in held {
+        delivery.settle.ack().await.unwrap();
+    }
+    broker.close().await.unwrap();
+    stack.stop().await;
+}
