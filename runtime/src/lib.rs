@@ -15,6 +15,7 @@
 //! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks, and
 //!   answers Celery's remote control.
 //! - [`logging`]: the tracing set-up every binary shares.
+//! - [`cli`]: the command-line options every binary shares.
 //! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
@@ -24,6 +25,7 @@ pub mod beat;
 pub mod broker;
 pub mod canvas;
 pub mod chord;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -1,30 +1,25 @@
 //! `web`: the HTTP front of the job system (Rocket; address and port from `ROCKET_*`).
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Parser;
+use runtime::cli::Common;
 use runtime::CeleryConfig;
 
 #[derive(Parser)]
 #[command(about = "Serve POST /receive and GET /status/<uuid>")]
 struct Args {
-    /// Settings file (Celery setting names; CELERY_* environment variables override).
-    #[arg(long, default_value = "celeryconfig.toml")]
-    config: PathBuf,
+    #[command(flatten)]
+    common: Common,
     /// Create the database if missing, apply pending migrations, then exit.
     #[arg(long)]
     migrate: bool,
-    /// debug, info, warning, error or critical.
-    #[arg(short = 'l', long, default_value = "info")]
-    loglevel: String,
 }
 
 #[rocket::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    runtime::logging::init(&args.loglevel);
-    let config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
+    args.common.init_logging();
+    let config = CeleryConfig::load(Some(&args.common.config)).context("loading settings")?;
     if args.migrate {
         web::db::create_if_missing(&config.database_url)
             .await

@@ -5,7 +5,6 @@
 //! each result as JSON. Exit status 1 when a task failed (its exception on stderr), 2 when
 //! waiting timed out.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,12 +12,16 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use runtime::canvas::Signature;
+use runtime::cli::Common;
 use runtime::client::{Client, SendOptions};
 use runtime::{CeleryConfig, Error};
 use serde_json::{Map, Value};
 
 #[derive(Parser)]
 #[command(about = "Send a Celery task by name")]
+// Quieter than the long-running binaries: stdout carries the ids and results, and stderr should
+// stay empty unless something goes wrong.
+#[command(mut_arg("loglevel", |arg| arg.default_value("warning")))]
 struct Args {
     /// Task name, e.g. tasks.add or proj.tasks.mul.
     #[arg(required_unless_present = "canvas")]
@@ -51,23 +54,19 @@ struct Args {
     /// Seconds to wait for the result.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
-    /// Settings file.
-    #[arg(long, default_value = "celeryconfig.toml")]
-    config: PathBuf,
-    /// debug, info, warning, error or critical.
-    #[arg(short = 'l', long, default_value = "warning")]
-    loglevel: String,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    runtime::logging::init(&args.loglevel);
+    args.common.init_logging();
     let positional: Vec<Value> =
         serde_json::from_str(&args.args).context("--args must be a JSON list")?;
     let keyword: Map<String, Value> =
         serde_json::from_str(&args.kwargs).context("--kwargs must be a JSON object")?;
-    let config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
+    let config = CeleryConfig::load(Some(&args.common.config)).context("loading settings")?;
     let client = Client::connect(config).await.context("connecting")?;
     let options = SendOptions {
         queue: args.queue,

@@ -1,11 +1,11 @@
 //! `worker`: runs the Rust tasks as a Celery worker node (`celery worker` options).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use runtime::cli::Common;
 use runtime::metrics::WorkerMetrics;
 use runtime::worker::{expand_hostname, Worker};
 use runtime::{CeleryConfig, Error};
@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(about = "Run the Rust tasks as a Celery worker")]
 struct Args {
-    /// Settings file (Celery setting names; CELERY_* environment variables override).
-    #[arg(long, default_value = "celeryconfig.toml")]
-    config: PathBuf,
+    #[command(flatten)]
+    common: Common,
     /// Comma-separated queues to consume (default: task_default_queue).
     #[arg(short = 'Q', long, value_delimiter = ',')]
     queues: Vec<String>,
@@ -32,16 +31,13 @@ struct Args {
     /// Serve Prometheus metrics on this port (default: worker_metrics_port; unset, none).
     #[arg(long)]
     metrics_port: Option<u16>,
-    /// debug, info, warning, error or critical.
-    #[arg(short = 'l', long, default_value = "info")]
-    loglevel: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    runtime::logging::init(&args.loglevel);
-    let mut config = CeleryConfig::load(Some(&args.config)).context("loading settings")?;
+    args.common.init_logging();
+    let mut config = CeleryConfig::load(Some(&args.common.config)).context("loading settings")?;
     config.worker_send_task_events |= args.task_events;
     if let Some(concurrency) = args.concurrency {
         config.worker_concurrency = concurrency;
