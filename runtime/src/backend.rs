@@ -12,6 +12,7 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use serde_json::{json, Value};
 
+use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::result::{state, ResultMeta};
 
@@ -65,9 +66,19 @@ pub struct RedisBackend {
 }
 
 impl RedisBackend {
-    /// Connects to `url`; results expire after `expires` seconds (0: never).
-    pub async fn connect(url: &str, expires: u64) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+    /// Connects to `url`; results expire after `expires` seconds (0: never). A `rediss://` URL
+    /// is reached over TLS as `ssl` (`redis_backend_use_ssl`) says.
+    pub async fn connect(url: &str, expires: u64, ssl: Option<&SslOptions>) -> Result<Self> {
+        let client = crate::tls::redis_open(url, ssl)?;
+        // The connection manager retries a failed first connect for minutes; a refused TLS
+        // handshake will not heal, so it is tried once first and reported at once.
+        if crate::tls::is_tls_url(url) {
+            if let Err(error) = client.get_multiplexed_async_connection().await {
+                if crate::tls::lasting(&error) {
+                    return Err(error.into());
+                }
+            }
+        }
         let connection = ConnectionManager::new(client.clone()).await?;
         Ok(Self {
             client,

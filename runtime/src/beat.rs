@@ -106,7 +106,7 @@ impl Beat {
                 "beat keeps its state in the result backend's Redis: set result_backend".into(),
             )
         })?;
-        let backend = RedisBackend::connect(&url, 0).await?;
+        let backend = RedisBackend::connect(&url, 0, config.redis_backend_use_ssl.as_ref()).await?;
         let entries = config
             .beat_schedule
             .iter()

@@ -71,7 +71,14 @@ impl Client {
     /// Connects to the result backend; the broker is connected at the first send.
     pub async fn new(config: CeleryConfig) -> Result<Self> {
         let backend = match &config.result_backend {
-            Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
+            Some(url) => Some(
+                RedisBackend::connect(
+                    url,
+                    config.result_expires,
+                    config.redis_backend_use_ssl.as_ref(),
+                )
+                .await?,
+            ),
             None => None,
         };
         let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -90,8 +97,12 @@ impl Client {
             return Ok(connection.clone());
         }
         let config = &self.config;
-        let broker =
-            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
+        let broker = broker::connect_with(
+            &config.broker_url,
+            &config.broker_transport_options,
+            config.broker_use_ssl.as_ref(),
+        )
+        .await?;
         let events = config.task_send_sent_event.then(|| {
             Events::start(
                 broker.clone(),

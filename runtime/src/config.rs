@@ -6,7 +6,7 @@
 //! values of the wrong type are errors at start, never silently ignored.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -49,6 +49,54 @@ impl Default for TransportOptions {
         Self {
             visibility_timeout: 3600,
         }
+    }
+}
+
+/// `cert_reqs` of a TLS setting: Python's `ssl` constants by name (and the lower-case forms
+/// Celery's `rediss://` URLs use).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CertReqs {
+    /// The server's certificate must chain to a trusted root and name the host.
+    #[default]
+    #[serde(rename = "CERT_REQUIRED", alias = "required")]
+    Required,
+    /// Treated as required: a server always presents a certificate, and Python's client-side
+    /// `CERT_OPTIONAL` then verifies it just the same.
+    #[serde(rename = "CERT_OPTIONAL", alias = "optional")]
+    Optional,
+    /// No verification at all (warned at every connect): for test set-ups only.
+    #[serde(rename = "CERT_NONE", alias = "none")]
+    None,
+}
+
+/// `broker_use_ssl` / `redis_backend_use_ssl`: the keys of Celery's dict that apply here.
+/// TLS itself is asked for by the URL (`amqps://`, `rediss://`); these settings say how.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SslOptions {
+    /// PEM file of CA certificates trusted besides the system's roots.
+    pub ca_certs: Option<PathBuf>,
+    /// Whether the server's certificate is verified.
+    pub cert_reqs: CertReqs,
+    /// PEM client certificate (chain), for servers that require one; needs `keyfile`.
+    pub certfile: Option<PathBuf>,
+    /// PEM private key of `certfile`.
+    pub keyfile: Option<PathBuf>,
+}
+
+impl SslOptions {
+    /// Whether the server's certificate is checked.
+    pub fn verifies(&self) -> bool {
+        self.cert_reqs != CertReqs::None
+    }
+
+    fn validate(&self, setting: &str) -> Result<()> {
+        if self.certfile.is_some() != self.keyfile.is_some() {
+            return Err(Error::Config(format!(
+                "{setting}: certfile and keyfile go together"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -101,6 +149,10 @@ pub struct CeleryConfig {
     pub broker_api: Option<String>,
     /// Transport tuning (Redis: `visibility_timeout`).
     pub broker_transport_options: TransportOptions,
+    /// TLS settings of an `amqps://` or `rediss://` broker.
+    pub broker_use_ssl: Option<SslOptions>,
+    /// TLS settings of a `rediss://` result backend.
+    pub redis_backend_use_ssl: Option<SslOptions>,
     /// Queue used when a task has no route and the sender names none.
     pub task_default_queue: String,
     /// Task name to per-task settings (`rate_limit`).
@@ -172,6 +224,8 @@ impl Default for CeleryConfig {
             result_backend: None,
             broker_api: None,
             broker_transport_options: TransportOptions::default(),
+            broker_use_ssl: None,
+            redis_backend_use_ssl: None,
             task_default_queue: "celery".into(),
             task_annotations: BTreeMap::new(),
             task_routes: BTreeMap::new(),
@@ -251,6 +305,29 @@ impl CeleryConfig {
                     "result_backend {} is not supported: use redis://",
                     redact_url(url)
                 )));
+            }
+        }
+        // Celery would turn TLS on for a plain URL here; we ask for the URL to say so, so that
+        // reading `broker_url` alone tells whether the traffic is encrypted.
+        if let Some(ssl) = &self.broker_use_ssl {
+            ssl.validate("broker_use_ssl")?;
+            if !crate::tls::is_tls_url(&self.broker_url) {
+                return Err(Error::Config(format!(
+                    "broker_use_ssl is set but broker_url {} is not amqps:// or rediss://",
+                    redact_url(&self.broker_url)
+                )));
+            }
+        }
+        if let Some(ssl) = &self.redis_backend_use_ssl {
+            ssl.validate("redis_backend_use_ssl")?;
+            if !self
+                .result_backend
+                .as_deref()
+                .is_some_and(crate::tls::is_tls_url)
+            {
+                return Err(Error::Config(
+                    "redis_backend_use_ssl is set but result_backend is not rediss://".into(),
+                ));
             }
         }
         if self.worker_prefetch_multiplier == 0 {
@@ -452,6 +529,49 @@ mod tests {
         let config =
             CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
         assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));
+    }
+
+    #[test]
+    fn tls_settings_read_celerys_names_and_need_a_tls_url() {
+        let text = r#"
+            broker_url = "amqps://guest:guest@broker:5671//"
+            broker_use_ssl = { ca_certs = "/etc/rcelery/ca.pem", cert_reqs = "CERT_REQUIRED" }
+            result_backend = "rediss://cache:6380/0"
+        "#;
+        let config = CeleryConfig::from_sources(
+            text,
+            env(&[(
+                "CELERY_REDIS_BACKEND_USE_SSL",
+                r#"{"cert_reqs": "CERT_NONE"}"#,
+            )]),
+        )
+        .unwrap();
+        let broker = config.broker_use_ssl.unwrap();
+        assert_eq!(
+            broker.ca_certs.as_deref(),
+            Some(Path::new("/etc/rcelery/ca.pem"))
+        );
+        assert!(broker.verifies());
+        assert!(!config.redis_backend_use_ssl.unwrap().verifies());
+
+        let plain = "broker_url = \"amqp://h//\"\nbroker_use_ssl = { cert_reqs = \"CERT_NONE\" }";
+        let err = CeleryConfig::from_sources(plain, env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("not amqps:// or rediss://"),
+            "{err}"
+        );
+        let err = CeleryConfig::from_sources(
+            "result_backend = \"redis://h/0\"\nredis_backend_use_ssl = {}",
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not rediss://"), "{err}");
+        let half = "broker_url = \"rediss://h/0\"\nbroker_use_ssl = { certfile = \"c.pem\" }";
+        let err = CeleryConfig::from_sources(half, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("certfile and keyfile"), "{err}");
+        let unknown = "broker_url = \"rediss://h/0\"\nbroker_use_ssl = { ssl_version = 2 }";
+        let err = CeleryConfig::from_sources(unknown, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("ssl_version"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum Error {
     #[error("not supported by this broker: {0}")]
     Unsupported(&'static str),
 
+    /// TLS settings are unusable (unreadable or empty certificate files).
+    #[error("tls: {0}")]
+    Tls(String),
+
     /// An AMQP operation failed.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),

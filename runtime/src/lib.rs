@@ -18,6 +18,7 @@
 //! - [`cli`]: the command-line options every binary shares.
 //! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
+//! - [`tls`]: certificates for `amqps://` and `rediss://` (Celery's `*_use_ssl` settings).
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
 pub mod backend;
@@ -38,6 +39,7 @@ pub mod rate;
 pub mod registry;
 pub mod signals;
 pub mod state;
+pub mod tls;
 pub mod worker;
 
 pub use config::CeleryConfig;

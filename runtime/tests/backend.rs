@@ -16,7 +16,9 @@ fn new_id() -> String {
 
 #[tokio::test]
 async fn stores_with_expiry_and_never_overwrites_success() {
-    let backend = RedisBackend::connect(&redis_url(), 600).await.unwrap();
+    let backend = RedisBackend::connect(&redis_url(), 600, None)
+        .await
+        .unwrap();
     let id = new_id();
     assert_eq!(backend.get(&id).await.unwrap(), None);
     let progress = ResultMeta::new(
@@ -47,7 +49,9 @@ async fn stores_with_expiry_and_never_overwrites_success() {
 
 #[tokio::test]
 async fn wait_wakes_on_the_published_final_state() {
-    let backend = RedisBackend::connect(&redis_url(), 600).await.unwrap();
+    let backend = RedisBackend::connect(&redis_url(), 600, None)
+        .await
+        .unwrap();
     let id = new_id();
     let writer = backend.clone();
     let writer_id = id.clone();

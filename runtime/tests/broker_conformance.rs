@@ -208,7 +208,7 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
     let options = TransportOptions {
         visibility_timeout: 1,
     };
-    let crashed = broker::connect_with(&url, &options).await.unwrap();
+    let crashed = broker::connect_with(&url, &options, None).await.unwrap();
     let sent = request(6);
     crashed.publish(&queue, &sent.encode()).await.unwrap();
     let mut deliveries = crashed
@@ -221,7 +221,7 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
     crashed.close().await.unwrap();
     drop(deliveries);
 
-    let survivor = broker::connect_with(&url, &options).await.unwrap();
+    let survivor = broker::connect_with(&url, &options, None).await.unwrap();
     let mut deliveries = survivor
         .consume(std::slice::from_ref(&queue), 1)
         .await

@@ -431,6 +431,7 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
             &runtime::config::TransportOptions {
                 visibility_timeout: 1,
             },
+            None,
         )
         .await
         .unwrap();

@@ -53,7 +53,14 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     db::migrate(&config.database_url).await?;
     let pool = db::pool(&config.database_url, 16)?;
     let backend = match &config.result_backend {
-        Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
+        Some(url) => Some(
+            RedisBackend::connect(
+                url,
+                config.result_expires,
+                config.redis_backend_use_ssl.as_ref(),
+            )
+            .await?,
+        ),
         None => None,
     };
     let accepts = Accepts::new(&config);

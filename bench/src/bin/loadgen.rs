@@ -101,7 +101,7 @@ async fn publish(args: &Args, ignore_result: bool) -> anyhow::Result<serde_json:
 }
 
 async fn ceiling(args: &Args, prefetch: u16) -> anyhow::Result<serde_json::Value> {
-    let broker = broker::connect_with(&args.broker_url, &TransportOptions::default()).await?;
+    let broker = broker::connect_with(&args.broker_url, &TransportOptions::default(), None).await?;
     let message = TaskRequest::new("tasks.add", vec![json!(1), json!(1)], Map::new()).encode();
     let began = Instant::now();
     stream::iter(0..args.count)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::config::TransportOptions;
+use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
 
@@ -192,15 +192,20 @@ pub(crate) async fn give_back(delivery: Delivery) {
     }
 }
 
-/// Connects to the broker `url` names, with default transport options.
+/// Connects to the broker `url` names, with default transport options (and, for `amqps://`
+/// and `rediss://`, the TLS settings of the URL's `ssl_*` parameters only).
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
-    connect_with(url, &TransportOptions::default()).await
+    connect_with(url, &TransportOptions::default(), None).await
 }
 
-/// Connects to the broker `url` names.
-pub async fn connect_with(url: &str, options: &TransportOptions) -> Result<Arc<dyn Broker>> {
+/// Connects to the broker `url` names; `ssl` is `broker_use_ssl`.
+pub async fn connect_with(
+    url: &str,
+    options: &TransportOptions,
+    ssl: Option<&SslOptions>,
+) -> Result<Arc<dyn Broker>> {
     Ok(match BrokerKind::of(url)? {
-        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url).await?),
-        BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url, options).await?),
+        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url, ssl).await?),
+        BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url, options, ssl).await?),
     })
 }

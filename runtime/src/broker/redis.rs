@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Settle, Subscription,
 };
-use crate::config::TransportOptions;
+use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
 use crate::protocol::Message;
@@ -120,9 +120,13 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects to `url`.
-    pub async fn connect(url: &str, options: &TransportOptions) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+    /// Connects to `url`; `rediss://` over TLS as `ssl` (`broker_use_ssl`) says.
+    pub async fn connect(
+        url: &str,
+        options: &TransportOptions,
+        ssl: Option<&SslOptions>,
+    ) -> Result<Self> {
+        let client = crate::tls::redis_open(url, ssl)?;
         let connection = client.get_multiplexed_async_connection().await?;
         Ok(Self {
             client,

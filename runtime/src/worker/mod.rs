@@ -121,10 +121,21 @@ impl Worker {
         hostname: String,
         queues: Vec<String>,
     ) -> Result<Self> {
-        let broker =
-            broker::connect_with(&config.broker_url, &config.broker_transport_options).await?;
+        let broker = broker::connect_with(
+            &config.broker_url,
+            &config.broker_transport_options,
+            config.broker_use_ssl.as_ref(),
+        )
+        .await?;
         let backend = match &config.result_backend {
-            Some(url) => Some(RedisBackend::connect(url, config.result_expires).await?),
+            Some(url) => Some(
+                RedisBackend::connect(
+                    url,
+                    config.result_expires,
+                    config.redis_backend_use_ssl.as_ref(),
+                )
+                .await?,
+            ),
             None => None,
         };
         let app = app_handle(&config).await?;
