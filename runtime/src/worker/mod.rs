@@ -51,19 +51,49 @@ pub fn expand_hostname(template: &str) -> String {
 
 /// Builds the rusty-celery app handle that its `Request::new` requires. It is never used to send
 /// or receive: we point it at a Redis URL when there is one, since the crate's Redis transport
-/// connects lazily and declares nothing, whereas its AMQP transport declares the default queue.
+/// connects but declares nothing, whereas its AMQP transport declares the default queue. The
+/// crate speaks neither `amqps://` nor `rediss://`, so with TLS URLs only it is given a local
+/// placeholder instead (see [`placeholder_redis`]).
 pub async fn app_handle(config: &CeleryConfig) -> Result<Arc<Celery>> {
-    let url = [Some(&config.broker_url), config.result_backend.as_ref()]
+    let plain: Vec<&String> = [Some(&config.broker_url), config.result_backend.as_ref()]
         .into_iter()
         .flatten()
+        .filter(|url| !crate::tls::is_tls_url(url))
+        .collect();
+    let url = match plain
+        .iter()
         .find(|url| BrokerKind::of(url).ok() == Some(BrokerKind::Redis))
-        .unwrap_or(&config.broker_url);
-    let app = celery::CeleryBuilder::new("rcelery", url)
+        .or(plain.first())
+    {
+        Some(url) => url.to_string(),
+        None => placeholder_redis().await?,
+    };
+    let app = celery::CeleryBuilder::new("rcelery", &url)
         .default_queue(&config.task_default_queue)
         .build()
         .await
         .map_err(|e| Error::Config(format!("cannot build the task app handle: {e}")))?;
     Ok(Arc::new(app))
+}
+
+/// A `redis://` URL of a local listener that accepts connections and holds them, never
+/// answering: enough for the crate's Redis transport, which sends nothing when it connects to
+/// database 0 without a password, and is never asked for anything after.
+async fn placeholder_redis() -> Result<String> {
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|e| Error::Config(format!("cannot build the task app handle: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot build the task app handle: {e}")))?
+        .port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    Ok(format!("redis://127.0.0.1:{port}/0"))
 }
 
 /// One worker node.
