@@ -69,18 +69,23 @@ pub enum CertReqs {
     None,
 }
 
-/// `broker_use_ssl` / `redis_backend_use_ssl`: the keys of Celery's dict that apply here.
+/// `broker_use_ssl` / `redis_backend_use_ssl`: the keys of Celery's dict that apply here, by
+/// their AMQP names or their Redis names (`ssl_ca_certs`, ...), as Celery spells them for each.
 /// TLS itself is asked for by the URL (`amqps://`, `rediss://`); these settings say how.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SslOptions {
     /// PEM file of CA certificates trusted besides the system's roots.
+    #[serde(alias = "ssl_ca_certs")]
     pub ca_certs: Option<PathBuf>,
     /// Whether the server's certificate is verified.
+    #[serde(alias = "ssl_cert_reqs")]
     pub cert_reqs: CertReqs,
     /// PEM client certificate (chain), for servers that require one; needs `keyfile`.
+    #[serde(alias = "ssl_certfile")]
     pub certfile: Option<PathBuf>,
     /// PEM private key of `certfile`.
+    #[serde(alias = "ssl_keyfile")]
     pub keyfile: Option<PathBuf>,
 }
 
@@ -542,7 +547,7 @@ mod tests {
             text,
             env(&[(
                 "CELERY_REDIS_BACKEND_USE_SSL",
-                r#"{"cert_reqs": "CERT_NONE"}"#,
+                r#"{"ssl_cert_reqs": "CERT_NONE"}"#,
             )]),
         )
         .unwrap();
