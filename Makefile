@@ -25,6 +25,7 @@ migrate: services build
 	$(BIN_DIR)/web --config celeryconfig.toml --migrate
 
 test: services venv
+	bash scripts/tool.sh openssl
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	bash scripts/chromium.sh
