@@ -49,13 +49,12 @@ const SWEEP_BATCH: i64 = 500;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Applies one meta to its row, if the row exists and the meta moves it forward, and announces
-/// the move.
+/// the write even when this process did not move the row: another replica following the same
+/// backend may have moved it first, and this process's listeners must still hear of it.
 async fn apply(pool: &Pool, changes: &Changes, id: Uuid, meta: &ResultMeta) -> Result<bool, Error> {
     let mut connection = pool.get().await?;
     let moved = store::apply(&mut connection, id, meta).await?;
-    if moved {
-        changes.announce(id);
-    }
+    changes.announce(id);
     Ok(moved)
 }
 

@@ -914,3 +914,57 @@ async fn with_broker_api_queues_show_unacked_and_rates_from_rabbitmq() {
     broker.close().await.unwrap();
     stack.stop().await;
 }
+
+/// A replica whose row another replica already moved still tells its own stream listeners:
+/// the final state reaches a stream on any replica, and the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_ends_when_another_replica_recorded_the_final_state() {
+    use runtime::protocol::result::ResultMeta;
+
+    let stack = Stack::start(BROKERS[1], false).await;
+    let id = uuid::Uuid::new_v4();
+    let job = web::store::NewJob::single(
+        id,
+        "tasks.add".into(),
+        json!([2, 3]),
+        json!({}),
+        stack.config.task_default_queue.clone(),
+    );
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    web::store::insert(&mut connection, &[job]).await.unwrap();
+    let stream = stack
+        .client
+        .get(format!("/status/{id}/stream"))
+        .dispatch()
+        .await;
+    assert_eq!(stream.status(), Status::Ok);
+    // The other replica's tracker got there first: this one's update moves nothing.
+    let done = ResultMeta::new(&id.to_string(), "SUCCESS", json!(5), chrono::Utc::now());
+    assert!(web::store::apply(&mut connection, id, &done).await.unwrap());
+    let backend = runtime::backend::RedisBackend::connect(
+        stack.config.result_backend.as_deref().unwrap(),
+        600,
+        None,
+    )
+    .await
+    .unwrap();
+    backend.store(&done).await.unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(5), stream.into_string())
+        .await
+        .expect("the stream ended well before its recheck")
+        .unwrap();
+    let last = events
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .last()
+        .map(|data| serde_json::from_str::<Value>(data.trim()).unwrap())
+        .unwrap();
+    assert_eq!(
+        (&last["state"], &last["result"]),
+        (&json!("SUCCESS"), &json!(5))
+    );
+    drop(connection);
+    drop(pool);
+    stack.stop().await;
+}

@@ -1,17 +1,24 @@
 //! `GET /status/<uuid>/stream`: Server-Sent Events of a job's (or a workflow's) status, one
 //! `status` event with the whole view at once and again each time it changes, ending after the
 //! final state. Nothing polls: the tracker announces each row it moves (it follows the result
-//! backend's notifications), and the stream reads the row again only then.
+//! backend's notifications), and the stream reads the row again only then, or every
+//! [`RECHECK`] in case a change was made where this process could not hear it (another
+//! replica's sweep).
+
+use std::time::Duration;
 
 use rocket::response::stream::{Event, EventStream};
 use rocket::{Shutdown, State};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{Error, ErrorBody};
 use crate::routes::status::{parse_id, view};
 use crate::tracking::Changes;
+
+/// Longest time a stream goes without reading its row again.
+pub const RECHECK: Duration = Duration::from_secs(15);
 
 /// The status events of the job or workflow `id`. A listener that falls behind the
 /// announcements reads the row afresh rather than miss its change.
@@ -56,18 +63,23 @@ pub async fn stream(
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 },
+                () = tokio::time::sleep(RECHECK) => {}
                 () = &mut shutdown => break,
             }
+            // One read stands for every announcement already waiting (a burst of a group's
+            // members moving at once).
+            while !matches!(
+                moves.try_recv(),
+                Err(TryRecvError::Closed | TryRecvError::Empty)
+            ) {}
             match view(&pool, id).await {
                 Ok(now) if now != last => {
                     last = now;
                     yield Event::json(&last).event("status");
                 }
                 Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%id, %error, "status stream cannot read the job; ending it");
-                    break;
-                }
+                // The next announcement or recheck reads again.
+                Err(error) => tracing::warn!(%id, %error, "status stream cannot read the job now"),
             }
         }
     })
