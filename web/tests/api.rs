@@ -957,7 +957,7 @@ async fn a_stream_ends_when_another_replica_recorded_the_final_state() {
     let last = events
         .lines()
         .filter_map(|line| line.strip_prefix("data:"))
-        .last()
+        .next_back()
         .map(|data| serde_json::from_str::<Value>(data.trim()).unwrap())
         .unwrap();
     assert_eq!(
