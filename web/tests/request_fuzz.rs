@@ -385,9 +385,12 @@ fn check_job(job: &JobRequest, value: &Value, accepts: &Accepts) -> Result<(), T
                 .is_none_or(|s| s > 0.0 && s <= MAX_DELAY_SECONDS));
         }
         None => {
-            let names_a_workflow = value
-                .as_object()
-                .is_some_and(|fields| Kind::ALL.iter().any(|k| fields.contains_key(k.name())));
+            let names_a_workflow = value.as_object().is_some_and(|fields| {
+                fields.len() == 1
+                    && Kind::ALL
+                        .iter()
+                        .any(|k| fields.get(k.name()).is_some_and(Value::is_array))
+            });
             prop_assert!(
                 !names_a_workflow,
                 "a workflow was read as a payload: {}",

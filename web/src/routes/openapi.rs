@@ -174,7 +174,11 @@ mod tests {
         assert_eq!(branches.len(), 4, "{one_of}");
         assert_eq!(
             branches[3]["not"]["anyOf"],
-            serde_json::json!([{"required": ["task"]}, {"required": ["chain"]}, {"required": ["group"]}])
+            serde_json::json!([
+                {"required": ["task"]},
+                {"required": ["chain"], "maxProperties": 1, "properties": {"chain": {"type": "array"}}},
+                {"required": ["group"], "maxProperties": 1, "properties": {"group": {"type": "array"}}},
+            ])
         );
     }
 }

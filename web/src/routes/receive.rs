@@ -157,8 +157,10 @@ pub enum Submission {
 }
 
 impl Submission {
-    /// A task call (an object with `task`), a workflow (an object with `chain` or `group`, a
-    /// list of task calls), or any other JSON as the default task's one argument.
+    /// A task call (an object with `task`), a workflow (an object whose one field is `chain` or
+    /// `group`, holding a list of task calls), or any other JSON as the default task's one
+    /// argument. A workflow is recognised by that exact shape, so documents that merely have a
+    /// `group` or `chain` field (`{"group": "admins", ...}`) stay payloads, as they always were.
     pub fn from_json(body: Value, accepts: &Accepts) -> Result<Self, Error> {
         if holds_nul(&body) {
             return Err(Error::Unprocessable(
@@ -173,11 +175,8 @@ impl Submission {
             return JobRequest::from_call(&fields, accepts, &CALL_FIELDS, "a task call")
                 .map(Self::Job);
         }
-        match Kind::ALL
-            .into_iter()
-            .find(|kind| fields.contains_key(kind.name()))
-        {
-            Some(kind) => Self::workflow(kind, &fields, accepts),
+        match workflow_kind(&fields) {
+            Some(kind) => Self::workflow(kind, &fields[kind.name()], accepts),
             None => Ok(Self::Job(JobRequest::payload(
                 Value::Object(fields),
                 accepts,
@@ -185,15 +184,10 @@ impl Submission {
         }
     }
 
-    /// The workflow `{"<kind>": [task calls]}`.
-    fn workflow(kind: Kind, fields: &Map<String, Value>, accepts: &Accepts) -> Result<Self, Error> {
+    /// The workflow of `kind` whose task calls are `calls` (a list).
+    fn workflow(kind: Kind, calls: &Value, accepts: &Accepts) -> Result<Self, Error> {
         let name = kind.name();
-        if let Some(field) = fields.keys().find(|k| *k != name) {
-            return Err(Error::Unprocessable(format!(
-                "unknown field `{field}`; a workflow is one field, `chain` or `group`, holding its task calls"
-            )));
-        }
-        let calls = fields[name]
+        let calls = calls
             .as_array()
             .filter(|calls| (1..=MAX_STEPS).contains(&calls.len()))
             .ok_or_else(|| {
@@ -227,6 +221,12 @@ impl Submission {
 // uses. It is open-ended JSON, so it is written by hand, as JSON Schema: a `oneOf` of a task
 // call, a chain, a group, and "any other JSON" as what it is, JSON that is none of those shapes
 // (a `not`, which utoipa's schema model cannot hold: the document takes these schemas as JSON).
+
+/// The kind of workflow `fields` are: one field, `chain` or `group`, holding a list.
+fn workflow_kind(fields: &Map<String, Value>) -> Option<Kind> {
+    let (name, value) = fields.iter().next().filter(|_| fields.len() == 1)?;
+    Kind::from_name(name).filter(|_| value.is_array())
+}
 
 /// The schema of one field of a task call.
 fn field_schema(field: &str) -> Value {
@@ -309,8 +309,9 @@ pub fn body_schemas() -> Vec<(String, Value)> {
         .map(|name| json!({"$ref": format!("#/components/schemas/{name}")}));
     let submission = json!({
         "description": "a task call, a workflow, or any other JSON for the default task; an \
-            object with `task` is read as a task call and one with `chain` or `group` as a \
-            workflow, and is 422 when it is not a valid one. Text may not hold U+0000 (422).",
+            object with `task` is read as a task call and one whose only field is a list under \
+            `chain` or `group` as a workflow, and is 422 when it is not a valid one. Text may not \
+            hold U+0000 (422).",
         "oneOf": parts.into_iter().chain([payload_schema()]).collect::<Vec<_>>(),
     });
     let mut schemas = vec![
@@ -339,16 +340,22 @@ fn capitalized(name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The JSON that is no task call and no workflow: an object without `task`, `chain` or `group`,
-/// or anything that is not an object.
+/// The JSON that is no task call and no workflow: anything but an object with `task` or an
+/// object whose one field is a list under `chain` or `group`.
 fn payload_schema() -> Value {
-    let shapes: Vec<Value> = std::iter::once("task")
-        .chain(Kind::ALL.map(Kind::name))
-        .map(|field| json!({"required": [field]}))
+    let workflows = Kind::ALL.map(|kind| {
+        json!({
+            "required": [kind.name()],
+            "maxProperties": 1,
+            "properties": {kind.name(): {"type": "array"}},
+        })
+    });
+    let shapes: Vec<Value> = std::iter::once(json!({"required": ["task"]}))
+        .chain(workflows)
         .collect();
     json!({
-        "description": "any other JSON (no object with `task`, `chain` or `group`): the one \
-            argument of `web_default_task`",
+        "description": "any other JSON (not an object with `task`, nor one whose only field is \
+            a list under `chain` or `group`): the one argument of `web_default_task`",
         "not": {"type": "object", "anyOf": shapes},
     })
 }
@@ -748,22 +755,26 @@ mod tests {
     }
 
     #[test]
+    fn documents_with_a_group_or_chain_field_of_another_shape_stay_payloads() {
+        for payload in [
+            json!({"group": "admins", "user": 5}),
+            json!({"group": {"task": "tasks.add"}}),
+            json!({"chain": [{"task": "tasks.add"}], "queue": "q"}),
+            json!({"chain": [{"task": "tasks.add"}], "group": []}),
+        ] {
+            let job = job(payload.clone());
+            assert_eq!((job.task.as_str(), job.args), ("tasks.echo", vec![payload]));
+        }
+    }
+
+    #[test]
     fn bad_workflows_are_unprocessable_with_the_reason() {
         let too_many: Vec<Value> = (0..=MAX_STEPS)
             .map(|_| json!({"task": "tasks.add"}))
             .collect();
         assert_unprocessable(&[
             (json!({"chain": []}), "`chain` must be a list of 1 to 1000 task calls"),
-            (json!({"group": {"task": "tasks.add"}}), "`group` must be a list of 1 to"),
             (json!({"group": too_many}), "`group` must be a list of 1 to 1000"),
-            (
-                json!({"chain": [{"task": "tasks.add"}], "queue": "q"}),
-                "unknown field `queue`; a workflow is one field",
-            ),
-            (
-                json!({"chain": [{"task": "tasks.add"}], "group": []}),
-                "unknown field `group`",
-            ),
             (
                 json!({"chain": [{"task": "tasks.add"}, 5]}),
                 "step 1 of the chain: a step must be a task call",
