@@ -201,22 +201,36 @@ pub fn render(registry: &Registry) -> String {
 /// The content type of Prometheus' text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Longest request head read, and how long a client may take to send it.
+/// Longest request head read.
 const MAX_HEAD: usize = 8192;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may take, from the request's first byte to the answer's last: a
+/// client that stops reading or writing is cut off.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections answered at once; more wait to be accepted, so scrapers cannot exhaust the
+/// file descriptors the broker connection needs.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Answers `GET /metrics` on `listener` with `render()`, one connection at a time per task,
 /// until the process ends. A worker needs nothing more of HTTP than this one read-only page, so
 /// it takes no web framework: it reads the request head, answers, and closes.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let render = render.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, render.as_ref()).await {
-                        tracing::debug!(%error, "metrics request failed");
+                    let exchange =
+                        tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, render.as_ref()));
+                    match exchange.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::debug!(%error, "metrics request failed"),
+                        Err(_) => tracing::debug!("metrics request cut off: too slow"),
                     }
+                    drop(slot);
                 });
             }
             Err(error) => {
@@ -231,11 +245,7 @@ async fn answer(
     mut stream: TcpStream,
     render: &(dyn Fn() -> String + Send + Sync),
 ) -> std::io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "request head too slow")
-        })??;
+    let head = read_head(&mut stream).await?;
     let (status, content_type, body) = match request_line(&head) {
         Some(("GET" | "HEAD", "/metrics")) => ("200 OK", CONTENT_TYPE, render()),
         Some((_, "/metrics")) => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
