@@ -79,21 +79,29 @@ pub async fn app_handle(config: &CeleryConfig) -> Result<Arc<Celery>> {
 /// A `redis://` URL of a local listener that accepts connections and holds them, never
 /// answering: enough for the crate's Redis transport, which sends nothing when it connects to
 /// database 0 without a password, and is never asked for anything after.
+/// One per process: a worker made again after a lost connection reuses it.
 async fn placeholder_redis() -> Result<String> {
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+    static PLACEHOLDER: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    PLACEHOLDER
+        .get_or_try_init(|| async {
+            let failed =
+                |e: std::io::Error| Error::Config(format!("cannot build the task app handle: {e}"));
+            let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+                .await
+                .map_err(failed)?;
+            let port = listener.local_addr().map_err(failed)?.port();
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    // Held until the handle hangs up, then closed.
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                    });
+                }
+            });
+            Ok(format!("redis://127.0.0.1:{port}/0"))
+        })
         .await
-        .map_err(|e| Error::Config(format!("cannot build the task app handle: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| Error::Config(format!("cannot build the task app handle: {e}")))?
-        .port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    Ok(format!("redis://127.0.0.1:{port}/0"))
+        .cloned()
 }
 
 /// One worker node.
@@ -764,7 +772,11 @@ impl Worker {
     /// run (counting them in their chord, if any), and sends the errbacks. `false` when any of it
     /// could not be done.
     async fn fail(&self, request: &TaskRequest, queue: &str, exc: ExceptionInfo) -> bool {
-        self.metrics.ended(&request.task, Ended::Failed);
+        // A chord body that cannot start fails here too, and it may be any task, of any
+        // language: only this worker's own tasks are labels.
+        if self.registry.get(&request.task).is_some() {
+            self.metrics.ended(&request.task, Ended::Failed);
+        }
         let tb = traceback(&exc);
         self.events.task(
             "task-failed",
