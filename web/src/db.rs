@@ -87,9 +87,12 @@ pub async fn migrate(url: &str) -> Result<(), Error> {
             .run_pending_migrations(MIGRATIONS)
             .map(|applied| applied.iter().map(ToString::to_string).collect::<Vec<_>>())
             .map_err(|e| Error::Migration(e.to_string()));
-        // Closing the connection would release the lock too; releasing it says so.
-        lock("pg_advisory_unlock").execute(&mut connection)?;
-        for migration in applied? {
+        // Closing the connection would release the lock too; releasing it says so. A failed
+        // unlock must not hide why the migration failed.
+        let unlocked = lock("pg_advisory_unlock").execute(&mut connection);
+        let applied = applied?;
+        unlocked?;
+        for migration in applied {
             tracing::info!(%migration, "applied migration");
         }
         Ok(())
