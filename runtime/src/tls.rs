@@ -155,11 +155,14 @@ fn redis_client(url: &str, options: &SslOptions) -> Result<redis::Client> {
     )?)
 }
 
-/// The system's roots, and the certificates of `ca_certs`.
+/// The certificates of `ca_certs` alone when it is given (as py-amqp trusts them: a private
+/// broker's CA, not every public one), else the system's roots.
 fn roots(ca_certs: Option<&Path>) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
-    // Unparsable system certificates are skipped, as every TLS client does.
-    let _ = store.add_parsable_certificates(native_roots());
+    if ca_certs.is_none() {
+        // Unparsable system certificates are skipped, as every TLS client does.
+        let _ = store.add_parsable_certificates(native_roots());
+    }
     if let Some(path) = ca_certs {
         let pem = read(path, "ca_certs")?;
         for cert in ca_certificates(path, &pem)? {
@@ -171,11 +174,11 @@ fn roots(ca_certs: Option<&Path>) -> Result<RootCertStore> {
     Ok(store)
 }
 
-/// The system's trusted roots; none (with a warning) when they cannot be read, so that a
-/// `ca_certs` file still works on a machine without a CA bundle.
+/// The system's trusted roots; none (with a warning) when they cannot be read, so that every
+/// certificate is then refused with a reason rather than the start failing.
 fn native_roots() -> Vec<CertificateDer<'static>> {
     rustls_native_certs::load_native_certs().unwrap_or_else(|error| {
-        tracing::warn!(%error, "cannot read the system's TLS roots; trusting ca_certs only");
+        tracing::warn!(%error, "cannot read the system's TLS roots; set ca_certs to trust a CA");
         Vec::new()
     })
 }
