@@ -75,9 +75,12 @@ impl ManagementApi {
         let _ = base.set_username("");
         let _ = base.set_password(None);
         let broker = Url::parse(broker_url).map_err(|e| invalid("broker_url", &e))?;
+        // The URL's path is the virtual host, percent-encoded (`/my%2Fvhost` is `my/vhost`).
         let vhost = match broker.path() {
             "" | "/" | "//" => "/".to_string(),
-            path => path.trim_start_matches('/').to_string(),
+            path => percent_encoding::percent_decode_str(path.trim_start_matches('/'))
+                .decode_utf8_lossy()
+                .into_owned(),
         };
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
@@ -138,6 +141,7 @@ mod tests {
             ("amqp://127.0.0.1:5672/", "/"),
             ("amqp://127.0.0.1", "/"),
             ("amqps://u:p@rabbit:5671/prod", "prod"),
+            ("amqp://rabbit/team%2Fone", "team/one"),
         ] {
             let api =
                 ManagementApi::new("http://guest:guest@127.0.0.1:15672/api", broker_url).unwrap();
