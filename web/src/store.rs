@@ -410,6 +410,21 @@ pub async fn apply(
     Ok(updated == 1)
 }
 
+/// Marks unfinished jobs as just checked against the backend, so the next sweeps reach the
+/// others first: a job the backend never reports on (a chain step after a revoked one, a
+/// message lost before it ran) would otherwise stay at the head of every sweep.
+pub async fn checked(connection: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<()> {
+    diesel::update(
+        tasks::table
+            .filter(tasks::task_id.eq_any(ids))
+            .filter(tasks::state_rank.lt(3)),
+    )
+    .set(tasks::updated_at.eq(Utc::now()))
+    .execute(connection)
+    .await
+    .map(drop)
+}
+
 /// Ids of jobs not yet final, least recently updated first. Jobs whose publish is not on record
 /// are among them: the database may have failed just after the broker took one.
 pub async fn unfinished(connection: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Uuid>> {

@@ -122,10 +122,18 @@ pub async fn sweep_once(
         store::unfinished(&mut connection, SWEEP_BATCH).await?
     };
     let mut moved = 0;
+    let mut unmoved = Vec::new();
     for id in ids {
-        if let Some(meta) = backend.get(&id.to_string()).await? {
-            moved += usize::from(apply(pool, changes, id, &meta).await?);
+        let applied = match backend.get(&id.to_string()).await? {
+            Some(meta) => apply(pool, changes, id, &meta).await?,
+            None => false,
+        };
+        if applied {
+            moved += 1;
+        } else {
+            unmoved.push(id);
         }
     }
+    store::checked(&mut *pool.get().await?, &unmoved).await?;
     Ok(moved)
 }
