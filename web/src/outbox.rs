@@ -115,8 +115,26 @@ pub async fn publish_waiting(
     client: &Client,
 ) -> Result<usize, Error> {
     let claimed = store::claim_unpublished(&mut *pool.get().await?, BATCH).await?;
-    let mut recorded = Vec::with_capacity(claimed.len());
-    for (sent, job) in claimed.iter().enumerate() {
+    let recorded = publish_in_turn(pool, journal, client, &claimed).await?;
+    let published = recorded.len();
+    for written in recorded {
+        written.wait().await?;
+    }
+    Ok(published)
+}
+
+/// Publishes `jobs`, leased to the caller, in turn until the broker refuses one: the jobs after
+/// it are freed at once for the outbox rather than tried one by one against a broker that is
+/// down, or held for the lease. A chain's first step is sent with its later steps. Returns the
+/// publishes made, to wait for their marks if need be.
+pub async fn publish_in_turn(
+    pool: &Pool,
+    journal: &Journal,
+    client: &Client,
+    jobs: &[NewJob],
+) -> Result<Vec<Written>, Error> {
+    let mut recorded = Vec::with_capacity(jobs.len());
+    for (sent, job) in jobs.iter().enumerate() {
         let kind = job.workflow_kind.as_deref().and_then(Kind::from_name);
         let rest = match (job.workflow_id, kind) {
             (Some(id), Some(Kind::Chain)) => {
@@ -128,17 +146,13 @@ pub async fn publish_waiting(
         match publish(pool, journal, client, job, &rest).await? {
             Some(written) => recorded.push(written),
             None => {
-                let rest: Vec<_> = claimed[sent + 1..].iter().map(|j| j.task_id).collect();
+                let rest: Vec<_> = jobs[sent + 1..].iter().map(|j| j.task_id).collect();
                 store::release(&mut *pool.get().await?, &rest).await?;
                 break;
             }
         }
     }
-    let published = recorded.len();
-    for written in recorded {
-        written.wait().await?;
-    }
-    Ok(published)
+    Ok(recorded)
 }
 
 /// Runs rounds until the process ends.

@@ -28,6 +28,9 @@ use crate::workflow::{Kind, MAX_STEPS};
 /// from the limits of date arithmetic.
 pub const MAX_DELAY_SECONDS: f64 = 315_360_000.0;
 
+/// How long saving a group for Python's `GroupResult.restore` may hold up the answer.
+const GROUP_SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the deployment accepts: task names it may run, and the task for bare payloads.
 pub struct Accepts {
     /// Allowed task names (the Rust registry plus `web_allowed_tasks`).
@@ -604,21 +607,34 @@ async fn receive_workflow(
     store::insert(&mut *pool.get().await?, &rows).await?;
     let task_ids: Vec<Uuid> = rows.iter().map(|row| row.task_id).collect();
     let group_members: Vec<String> = task_ids.iter().map(Uuid::to_string).collect();
+    // Committed: from here on the outbox sends whatever is not sent now, so errors are logged
+    // and the answer is 202 (as for a single job).
     let published = match kind {
-        Kind::Chain => vec![outbox::publish(pool, journal, client, &rows[0], &rows[1..]).await],
-        Kind::Group => {
-            if let Err(error) = client.save_group(&id.to_string(), &group_members).await {
-                tracing::warn!(%id, %error, "group not saved: Python cannot restore it by its id");
-            }
-            futures::future::join_all(
-                rows.iter()
-                    .map(|row| outbox::publish(pool, journal, client, row, &[])),
-            )
+        Kind::Chain => outbox::publish(pool, journal, client, &rows[0], &rows[1..])
             .await
-        }
+            .map(drop),
+        Kind::Group => outbox::publish_in_turn(pool, journal, client, &rows)
+            .await
+            .map(drop),
     };
-    for error in published.into_iter().filter_map(Result::err) {
+    if let Err(error) = published {
         tracing::warn!(%id, %error, "workflow accepted; a publish is not on record, the outbox will send it");
+    }
+    if kind == Kind::Group {
+        let group_id = id.to_string();
+        let saved = tokio::time::timeout(
+            GROUP_SAVE_TIMEOUT,
+            client.save_group(&group_id, &group_members),
+        );
+        match saved.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%id, %error, "group not saved: Python cannot restore it by its id")
+            }
+            Err(_) => {
+                tracing::warn!(%id, "group not saved in time: Python cannot restore it by its id")
+            }
+        }
     }
     Ok(AcceptedBody::Workflow(WorkflowAccepted {
         workflow_id: id,
