@@ -968,3 +968,66 @@ async fn a_stream_ends_when_another_replica_recorded_the_final_state() {
     drop(pool);
     stack.stop().await;
 }
+
+/// Rows the backend never reports on do not hold the head of every sweep: a row behind a full
+/// batch of them is reached by the next sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_reaches_past_rows_the_backend_never_reports_on() {
+    use runtime::protocol::result::ResultMeta;
+    use web::store;
+
+    let database = format!("rcelery_test_{}", uuid::Uuid::new_v4().simple());
+    admin(&format!("CREATE DATABASE {database}")).await;
+    let url = format!("{POSTGRES}/{database}");
+    web::db::migrate(&url).await.unwrap();
+    let pool = web::db::pool(&url, 2).unwrap();
+    let job = || {
+        store::NewJob::single(
+            uuid::Uuid::new_v4(),
+            "tasks.add".into(),
+            json!([1, 1]),
+            json!({}),
+            "celery".into(),
+        )
+    };
+    // A full sweep's worth of rows nothing will ever report on, older than the one that moves.
+    let stuck: Vec<_> = (0..500).map(|_| job()).collect();
+    store::insert(&mut *pool.get().await.unwrap(), &stuck)
+        .await
+        .unwrap();
+    let reported = job();
+    store::insert(
+        &mut *pool.get().await.unwrap(),
+        std::slice::from_ref(&reported),
+    )
+    .await
+    .unwrap();
+    let backend = runtime::backend::RedisBackend::connect("redis://127.0.0.1:6379/0", 600, None)
+        .await
+        .unwrap();
+    let done = ResultMeta::new(
+        &reported.task_id.to_string(),
+        "SUCCESS",
+        json!(2),
+        chrono::Utc::now(),
+    );
+    backend.store(&done).await.unwrap();
+    let changes = web::tracking::Changes::default();
+    let first = web::tracking::sweep_once(&pool, &backend, &changes)
+        .await
+        .unwrap();
+    let second = web::tracking::sweep_once(&pool, &backend, &changes)
+        .await
+        .unwrap();
+    assert_eq!((first, second), (0, 1));
+    let row = store::find(&mut *pool.get().await.unwrap(), reported.task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (row.state.as_str(), row.result),
+        ("SUCCESS", Some(json!(2)))
+    );
+    drop(pool);
+    admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+}
