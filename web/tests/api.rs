@@ -992,12 +992,12 @@ async fn the_sweep_reaches_past_rows_the_backend_never_reports_on() {
     };
     // A full sweep's worth of rows nothing will ever report on, older than the one that moves.
     let stuck: Vec<_> = (0..500).map(|_| job()).collect();
-    store::insert(&mut *pool.get().await.unwrap(), &stuck)
+    store::insert(&mut pool.get().await.unwrap(), &stuck)
         .await
         .unwrap();
     let reported = job();
     store::insert(
-        &mut *pool.get().await.unwrap(),
+        &mut pool.get().await.unwrap(),
         std::slice::from_ref(&reported),
     )
     .await
@@ -1020,7 +1020,7 @@ async fn the_sweep_reaches_past_rows_the_backend_never_reports_on() {
         .await
         .unwrap();
     assert_eq!((first, second), (0, 1));
-    let row = store::find(&mut *pool.get().await.unwrap(), reported.task_id)
+    let row = store::find(&mut pool.get().await.unwrap(), reported.task_id)
         .await
         .unwrap()
         .unwrap();
