@@ -476,3 +476,34 @@ async fn depth_tells_ready_and_held_messages() {
         broker.close().await.unwrap();
     }
 }
+
+/// A Redis subscriber's binding record (kombu's `_kombu.binding.<exchange>`) goes when it
+/// closes, as kombu takes back an auto-delete queue's: the set does not grow with every worker
+/// that ever ran.
+#[tokio::test]
+async fn redis_forgets_a_subscribers_binding_when_it_closes() {
+    use runtime::broker::{Exchange, Subscription};
+    let url = common::redis_url();
+    let mut redis = raw_redis(&url).await;
+    let broker = broker::connect(&url).await.unwrap();
+    let subscription = Subscription {
+        queue: unique_queue("pidbox"),
+        expires_ms: 60_000,
+        message_ttl_ms: 5_000,
+    };
+    let _received = broker
+        .subscribe(&Exchange::CONTROL, "", &subscription)
+        .await
+        .unwrap();
+    let key = format!("_kombu.binding.{}", Exchange::CONTROL.name);
+    let listed = |members: Vec<String>| members.iter().any(|m| m.ends_with(&subscription.queue));
+    let members: Vec<String> = redis::AsyncCommands::smembers(&mut redis, &key)
+        .await
+        .unwrap();
+    assert!(listed(members), "bound while subscribed");
+    broker.close().await.unwrap();
+    let members: Vec<String> = redis::AsyncCommands::smembers(&mut redis, &key)
+        .await
+        .unwrap();
+    assert!(!listed(members), "still bound after close");
+}

@@ -110,6 +110,10 @@ pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
     bound: Mutex<HashSet<String>>,
+    /// The binding records of this connection's private subscriptions, `(key, member)`, taken
+    /// back at close as kombu does when it deletes an auto-delete queue: else every worker
+    /// that ever ran stays listed under `_kombu.binding.celery.pidbox`.
+    subscribed: Mutex<Vec<(String, String)>>,
     /// The fetch loops, awaited at close so a message taken by the last poll goes back, and the
     /// restorer, awaited so it never leaves kombu's restore mutex held.
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -132,6 +136,7 @@ impl RedisBroker {
             client,
             connection,
             bound: Mutex::new(HashSet::new()),
+            subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
             visibility_timeout: options.visibility_timeout,
@@ -362,10 +367,12 @@ impl Broker for RedisBroker {
         }
         // Not needed for delivery, but kombu records it and tools read it.
         let member = format!("{binding_key}{SEP}{SEP}{}", subscription.queue);
+        let key = format!("_kombu.binding.{}", exchange.name);
         self.connection
             .clone()
-            .sadd::<_, _, ()>(format!("_kombu.binding.{}", exchange.name), member)
+            .sadd::<_, _, ()>(&key, &member)
             .await?;
+        self.subscribed.lock().await.push((key, member));
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub
             .psubscribe(self.fanout_channel(exchange.name, &binding_key.replace('#', "*")))
@@ -441,6 +448,10 @@ impl Broker for RedisBroker {
         self.closing.cancel();
         for fetching in self.consumers.lock().await.drain(..) {
             let _ = fetching.await;
+        }
+        let mut connection = self.connection.clone();
+        for (key, member) in self.subscribed.lock().await.drain(..) {
+            connection.srem::<_, _, ()>(key, member).await?;
         }
         Ok(())
     }
