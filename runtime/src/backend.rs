@@ -66,6 +66,22 @@ pub struct RedisBackend {
 }
 
 impl RedisBackend {
+    /// The `result_backend` of `config`, connected, with its expiry and TLS settings; `None`
+    /// when there is none.
+    pub async fn of(config: &crate::CeleryConfig) -> Result<Option<Self>> {
+        match &config.result_backend {
+            Some(url) => Ok(Some(
+                Self::connect(
+                    url,
+                    config.result_expires,
+                    config.redis_backend_use_ssl.as_ref(),
+                )
+                .await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// Connects to `url`; results expire after `expires` seconds (0: never). A `rediss://` URL
     /// is reached over TLS as `ssl` (`redis_backend_use_ssl`) says.
     pub async fn connect(url: &str, expires: u64, ssl: Option<&SslOptions>) -> Result<Self> {

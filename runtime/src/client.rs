@@ -70,17 +70,7 @@ impl Client {
 
     /// Connects to the result backend; the broker is connected at the first send.
     pub async fn new(config: CeleryConfig) -> Result<Self> {
-        let backend = match &config.result_backend {
-            Some(url) => Some(
-                RedisBackend::connect(
-                    url,
-                    config.result_expires,
-                    config.redis_backend_use_ssl.as_ref(),
-                )
-                .await?,
-            ),
-            None => None,
-        };
+        let backend = RedisBackend::of(&config).await?;
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let origin = format!("gen{}@{host}", std::process::id());
         Ok(Self {

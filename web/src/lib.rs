@@ -52,17 +52,7 @@ pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {
 pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     db::migrate(&config.database_url).await?;
     let pool = db::pool(&config.database_url, 16)?;
-    let backend = match &config.result_backend {
-        Some(url) => Some(
-            RedisBackend::connect(
-                url,
-                config.result_expires,
-                config.redis_backend_use_ssl.as_ref(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let backend = RedisBackend::of(&config).await?;
     let accepts = Accepts::new(&config);
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
     let auth = auth::Auth::new(

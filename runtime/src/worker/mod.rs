@@ -165,17 +165,7 @@ impl Worker {
             config.broker_use_ssl.as_ref(),
         )
         .await?;
-        let backend = match &config.result_backend {
-            Some(url) => Some(
-                RedisBackend::connect(
-                    url,
-                    config.result_expires,
-                    config.redis_backend_use_ssl.as_ref(),
-                )
-                .await?,
-            ),
-            None => None,
-        };
+        let backend = RedisBackend::of(&config).await?;
         let app = app_handle(&config).await?;
         let pool_size = AtomicUsize::new(config.concurrency());
         let metrics = Arc::new(WorkerMetrics::new());
