@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime::client::{Client, SendOptions};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::batch::{Batcher, Written};
@@ -64,16 +63,8 @@ async fn send(client: &Client, job: &NewJob, rest: &[NewJob]) -> runtime::Result
         expires_at: job.expires,
         ..SendOptions::default()
     };
-    let args = match &job.args {
-        Value::Array(args) => args.clone(),
-        _ => Vec::new(),
-    };
-    let kwargs = match &job.kwargs {
-        Value::Object(kwargs) => kwargs.clone(),
-        _ => Default::default(),
-    };
     client
-        .send_task(&job.task_name, args, kwargs, options)
+        .send_task(&job.task_name, job.args_list(), job.kwargs_map(), options)
         .await
         .map(drop)
 }

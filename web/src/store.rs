@@ -62,6 +62,22 @@ pub struct NewJob {
 }
 
 impl NewJob {
+    /// The positional arguments as a list (a row holds a JSON array).
+    pub fn args_list(&self) -> Vec<Value> {
+        match &self.args {
+            Value::Array(args) => args.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The keyword arguments as a map (a row holds a JSON object).
+    pub fn kwargs_map(&self) -> serde_json::Map<String, Value> {
+        match &self.kwargs {
+            Value::Object(kwargs) => kwargs.clone(),
+            _ => Default::default(),
+        }
+    }
+
     /// A job of its own, not a workflow's step.
     pub fn single(
         task_id: Uuid,

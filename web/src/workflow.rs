@@ -47,16 +47,8 @@ impl Kind {
 
 /// The signature of one step as its row records it.
 fn step(job: &NewJob) -> Signature {
-    let kwargs = match &job.kwargs {
-        Value::Object(kwargs) => kwargs.clone(),
-        _ => Default::default(),
-    };
-    let args = match &job.args {
-        Value::Array(args) => args.clone(),
-        _ => Vec::new(),
-    };
-    Signature::new(job.task_name.clone(), args)
-        .with_kwargs(kwargs)
+    Signature::new(job.task_name.clone(), job.args_list())
+        .with_kwargs(job.kwargs_map())
         .on_queue(job.queue.clone())
         .with_id(job.task_id.to_string())
 }
