@@ -95,19 +95,22 @@ ensure() {
 }
 
 wait_up() {
-    local name=$1 port budget tries
-    port=$(svc_port "$name")
-    budget=$(svc_timeout "$name")
+    wait_port "$1" "$(svc_port "$1")" "$(svc_timeout "$1")"
+}
+
+# Waits (bounded) until `label` answers on `port`.
+wait_port() {
+    local label=$1 port=$2 budget=$3 tries
     tries=$((budget * 2))
     until port_open "$port"; do
         tries=$((tries - 1))
         if [ "$tries" -le 0 ]; then
-            err "$name did not answer on 127.0.0.1:$port within ${budget}s"
+            err "$label did not answer on 127.0.0.1:$port within ${budget}s"
             return 1
         fi
         sleep 0.5
     done
-    log "$name up on :$port"
+    log "$label up on :$port"
 }
 
 main() {
@@ -141,7 +144,6 @@ main() {
 # RabbitMQ's management API (GET /queues reads unacked counts and rates from it when
 # `broker_api` is set; the web tests use it): the plugin ships with rabbitmq-server.
 rabbitmq_management() {
-    local tries=60
     if port_open 15672; then
         log "rabbitmq management API already up on :15672"
         return 0
@@ -151,15 +153,7 @@ rabbitmq_management() {
         err "cannot enable RabbitMQ's management plugin; as root: rabbitmq-plugins enable rabbitmq_management"
         return 1
     fi
-    until port_open 15672; do
-        tries=$((tries - 1))
-        if [ "$tries" -le 0 ]; then
-            err "rabbitmq management API did not answer on 127.0.0.1:15672 within 30s"
-            return 1
-        fi
-        sleep 0.5
-    done
-    log "rabbitmq management API up on :15672"
+    wait_port "rabbitmq management API" 15672 30
 }
 
 main "$@"
