@@ -6,7 +6,7 @@ use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use rocket::Request;
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::{ToResponse, ToSchema};
 
 /// Everything a request or the app's start-up can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,25 @@ pub struct ErrorBody {
     #[schema(example = "unknown task `tasks.nope`")]
     pub error: String,
 }
+
+/// The 401 of every guarded route, described once for the API document.
+#[derive(ToResponse)]
+#[response(description = "a bearer token is required and was missing or refused")]
+#[expect(
+    dead_code,
+    reason = "never built: the API document reads its type through the derive"
+)]
+pub struct Unauthorized(ErrorBody);
+
+/// The 503 of every route that reads or writes the jobs table, described once for the API
+/// document.
+#[derive(ToResponse)]
+#[response(description = "the database is unavailable")]
+#[expect(
+    dead_code,
+    reason = "never built: the API document reads its type through the derive"
+)]
+pub struct DatabaseUnavailable(ErrorBody);
 
 impl<'r> Responder<'r, 'static> for Error {
     fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {

@@ -9,6 +9,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{docs, health, metrics, queues, receive, status, stream, tasks};
+use crate::error::{DatabaseUnavailable, Unauthorized};
 
 /// The document: every route, and the schemas they use.
 #[derive(OpenApi)]
@@ -29,6 +30,7 @@ use super::{docs, health, metrics, queues, receive, status, stream, tasks};
         openapi_json,
         docs::docs,
     ),
+    components(responses(Unauthorized, DatabaseUnavailable)),
     modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "submit jobs and workflows, follow them"),

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::{Error, ErrorBody};
+use crate::error::{Error, ErrorBody, Unauthorized};
 use crate::management::ManagementApi;
 use crate::store;
 
@@ -65,7 +65,7 @@ pub struct Queues {
     tag = "operations",
     responses(
         (status = 200, description = "each configured queue", body = Queues),
-                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 503, description = "the broker or the database is unavailable", body = ErrorBody),
     ),
     security(("bearer" = [])),

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::{Error, ErrorBody};
+use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::outbox::{self, Journal};
 use crate::store::{self, NewJob};
 use crate::workflow::{Kind, MAX_STEPS};
@@ -535,12 +535,12 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
             the outbox when the broker did not take it", body = AcceptedBody,
             headers(("Location" = String, description = "the `status_url`"))),
         (status = 400, description = "malformed JSON", body = ErrorBody),
-                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`", body = ErrorBody),
         (status = 415, description = "the body is not JSON", body = ErrorBody),
         (status = 422, description = "a task call or workflow with wrong fields, or a task not \
             accepted", body = ErrorBody),
-                (status = 503, description = "the database is unavailable", body = ErrorBody),
+        (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
 )]

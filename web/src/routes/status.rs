@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::{Error, ErrorBody};
+use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::store::{self, Job};
 use crate::workflow::{self, Kind};
 
@@ -238,9 +238,9 @@ pub async fn view(pool: &Pool, id: Uuid) -> Result<StatusView, Error> {
     responses(
         (status = 200, description = "the job's view, or the workflow's", body = StatusView),
         (status = 400, description = "`id` is not a UUID", body = ErrorBody),
-                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 404, description = "no job or workflow has this id", body = ErrorBody),
-                (status = 503, description = "the database is unavailable", body = ErrorBody),
+        (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
 )]

@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::{Error, ErrorBody};
+use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::routes::status::{parse_id, view};
 use crate::tracking::Changes;
 
@@ -33,9 +33,9 @@ pub const RECHECK: Duration = Duration::from_secs(15);
             changes; the stream ends after the final state", content_type = "text/event-stream",
             body = String),
         (status = 400, description = "`id` is not a UUID", body = ErrorBody),
-                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 404, description = "no job or workflow has this id", body = ErrorBody),
-                (status = 503, description = "the database is unavailable", body = ErrorBody),
+        (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
 )]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::status::JobView;
 use crate::auth::Authorized;
 use crate::db::Pool;
-use crate::error::{Error, ErrorBody};
+use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::store::{self, Cursor, Listing};
 
 const DEFAULT_LIMIT: i64 = 50;
@@ -66,10 +66,10 @@ pub struct TaskPage {
     responses(
         (status = 200, description = "a page of jobs, newest first", body = TaskPage),
         (status = 400, description = "a `cursor` that no page gave", body = ErrorBody),
-                (status = 401, description = "a bearer token is required and was missing or refused", body = ErrorBody),
+        (status = 401, response = Unauthorized),
         (status = 422, description = "`limit` is not 1 to 500, or `state` or `task` holds U+0000",
             body = ErrorBody),
-                (status = 503, description = "the database is unavailable", body = ErrorBody),
+        (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
 )]
