@@ -10,9 +10,9 @@ use crate::db::Pool;
 use crate::metrics::WebMetrics;
 use crate::store;
 
-/// Prometheus' text format, version 0.0.4.
+/// Prometheus' text format, as the worker's listener also names it.
 fn text_format() -> ContentType {
-    ContentType::new("text", "plain").with_params([("version", "0.0.4"), ("charset", "utf-8")])
+    ContentType::parse_flexible(runtime::metrics::CONTENT_TYPE).expect("a valid media type")
 }
 
 /// Every metric; the outbox backlog is counted now (a database that does not answer leaves the
