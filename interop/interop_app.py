@@ -12,6 +12,7 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_CONTROL_STRICT``  ``1``: refuse remote-control broadcasts without a destination
 * ``INTEROP_BROKER_TRANSPORT_OPTIONS``  JSON object: ``broker_transport_options`` (e.g. a short
   Redis ``visibility_timeout`` for the reliability tests)
+* ``INTEROP_DEFAULT_QUEUE_TYPE``  ``task_default_queue_type``: ``classic`` (default) or ``quorum``
 * ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
   ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``), so this worker
   can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
@@ -109,6 +110,7 @@ def create_app(
     strict_control: bool = False,
     transport_options: dict | None = None,
     twin_tasks: bool = False,
+    default_queue_type: str = "classic",
 ) -> Celery:
     """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered.
 
@@ -125,6 +127,7 @@ def create_app(
         result_accept_content=["json"],
         result_extended=True,
         task_default_queue=default_queue,
+        task_default_queue_type=default_queue_type,
         task_track_started=True,
         broker_connection_retry_on_startup=True,
         enable_utc=True,
@@ -154,4 +157,5 @@ app = create_app(
     strict_control=os.environ.get("INTEROP_CONTROL_STRICT") == "1",
     transport_options=json.loads(os.environ.get("INTEROP_BROKER_TRANSPORT_OPTIONS") or "{}"),
     twin_tasks=os.environ.get("INTEROP_TWIN_TASKS") == "1",
+    default_queue_type=os.environ.get("INTEROP_DEFAULT_QUEUE_TYPE", "classic"),
 )

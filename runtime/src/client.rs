@@ -87,12 +87,7 @@ impl Client {
             return Ok(connection.clone());
         }
         let config = &self.config;
-        let broker = broker::connect_with(
-            &config.broker_url,
-            &config.broker_transport_options,
-            config.broker_use_ssl.as_ref(),
-        )
-        .await?;
+        let broker = broker::of(config).await?;
         let events = config.task_send_sent_event.then(|| {
             Events::start(
                 broker.clone(),

@@ -35,6 +35,44 @@ impl Route {
     }
 }
 
+/// A RabbitMQ queue type, as Celery's `task_default_queue_type` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's classic queue, Celery's default.
+    #[default]
+    Classic,
+    /// A replicated quorum queue: per-consumer QoS only, and ETAs by native delayed delivery.
+    Quorum,
+}
+
+/// The settings that say which type a queue gets where we declare it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueTypes {
+    /// `task_default_queue`.
+    pub default_queue: String,
+    /// `task_default_queue_type`: the type of `default_queue`.
+    pub default_queue_type: QueueType,
+    /// `task_create_missing_queue_type`: the type of any other queue.
+    pub create_missing_queue_type: QueueType,
+}
+
+impl QueueTypes {
+    /// The type `queue` is declared with when it does not exist yet.
+    pub fn of(&self, queue: &str) -> QueueType {
+        match queue == self.default_queue {
+            true => self.default_queue_type,
+            false => self.create_missing_queue_type,
+        }
+    }
+}
+
+impl Default for QueueTypes {
+    fn default() -> Self {
+        CeleryConfig::default().queue_types()
+    }
+}
+
 /// `broker_transport_options`: the Redis transport's recovery settings, as kombu names them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,6 +198,15 @@ pub struct CeleryConfig {
     pub redis_backend_use_ssl: Option<SslOptions>,
     /// Queue used when a task has no route and the sender names none.
     pub task_default_queue: String,
+    /// Type of `task_default_queue` where we declare it (RabbitMQ). A queue that already
+    /// exists is used as it was declared, whatever its type.
+    pub task_default_queue_type: QueueType,
+    /// Type of every other queue we declare because it does not exist yet (RabbitMQ).
+    pub task_create_missing_queue_type: QueueType,
+    /// Whether the worker looks for quorum queues among those it consumes, to set up native
+    /// delayed delivery for them as Celery's worker does (QoS is per consumer on a quorum
+    /// queue either way: RabbitMQ refuses global QoS there).
+    pub worker_detect_quorum_queues: bool,
     /// Task name to per-task settings (`rate_limit`).
     pub task_annotations: BTreeMap<String, TaskAnnotation>,
     /// Task name (exact or glob with `*`) to route.
@@ -232,6 +279,9 @@ impl Default for CeleryConfig {
             broker_use_ssl: None,
             redis_backend_use_ssl: None,
             task_default_queue: "celery".into(),
+            task_default_queue_type: QueueType::Classic,
+            task_create_missing_queue_type: QueueType::Classic,
+            worker_detect_quorum_queues: true,
             task_annotations: BTreeMap::new(),
             task_routes: BTreeMap::new(),
             task_acks_late: false,
@@ -389,6 +439,15 @@ impl CeleryConfig {
             .map_or(self.task_default_queue.as_str(), |(_, route)| route.queue())
     }
 
+    /// The types queues are declared with when they do not exist yet.
+    pub fn queue_types(&self) -> QueueTypes {
+        QueueTypes {
+            default_queue: self.task_default_queue.clone(),
+            default_queue_type: self.task_default_queue_type,
+            create_missing_queue_type: self.task_create_missing_queue_type,
+        }
+    }
+
     /// Every queue the settings name: the default queue and each route's.
     pub fn queues(&self) -> std::collections::BTreeSet<&str> {
         std::iter::once(self.task_default_queue.as_str())
@@ -477,6 +536,23 @@ mod tests {
             config.queues().into_iter().collect::<Vec<_>>(),
             ["celery", "python", "rust"]
         );
+    }
+
+    #[test]
+    fn queue_types_follow_celerys_settings() {
+        let config = CeleryConfig::from_sources(
+            r#"task_default_queue_type = "quorum""#,
+            env(&[("CELERY_TASK_CREATE_MISSING_QUEUE_TYPE", "quorum")]),
+        )
+        .unwrap();
+        assert_eq!(config.queue_types().of("celery"), QueueType::Quorum);
+        assert_eq!(config.queue_types().of("other"), QueueType::Quorum);
+        let config =
+            CeleryConfig::from_sources(r#"task_default_queue_type = "quorum""#, env(&[])).unwrap();
+        assert_eq!(config.queue_types().of("other"), QueueType::Classic);
+        let error = CeleryConfig::from_sources(r#"task_default_queue_type = "stream""#, env(&[]))
+            .unwrap_err();
+        assert!(error.to_string().contains("classic"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! RabbitMQ through lapin, with Celery's topology: durable queues, each bound to a direct exchange
 //! of its own name, tasks published to the default exchange with the queue as routing key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -18,8 +18,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use serde_json::{Map, Number, Value};
 use tokio::sync::{mpsc, Mutex};
 
+use super::declaration::Declaration;
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
-use crate::config::{redact_url, SslOptions};
+use crate::config::{redact_url, QueueTypes, SslOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{Message, Properties};
 
@@ -27,14 +28,22 @@ use crate::protocol::{Message, Properties};
 pub struct AmqpBroker {
     connection: Connection,
     publisher: Channel,
-    declared: Mutex<HashSet<String>>,
+    /// Queues declared or found on this connection, as the broker holds them.
+    declared: std::sync::Mutex<HashMap<String, Declaration>>,
+    /// The types of the queues this connection declares.
+    queue_types: QueueTypes,
     declared_exchanges: Mutex<HashSet<&'static str>>,
 }
 
 impl AmqpBroker {
     /// Connects to `url` (`pyamqp://` is read as `amqp://`, as kombu does); `amqps://` over
-    /// TLS as `ssl` (`broker_use_ssl`) says.
-    pub async fn connect(url: &str, ssl: Option<&SslOptions>) -> Result<Self> {
+    /// TLS as `ssl` (`broker_use_ssl`) says. Queues it declares get the types `queue_types`
+    /// names.
+    pub async fn connect(
+        url: &str,
+        ssl: Option<&SslOptions>,
+        queue_types: QueueTypes,
+    ) -> Result<Self> {
         let url = url.strip_prefix("py").unwrap_or(url);
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
@@ -60,58 +69,96 @@ impl AmqpBroker {
         Ok(Self {
             connection,
             publisher,
-            declared: Mutex::new(HashSet::new()),
+            declared: std::sync::Mutex::new(HashMap::new()),
+            queue_types,
             declared_exchanges: Mutex::new(HashSet::new()),
         })
     }
 
-    /// Makes sure `queue` exists the way Celery declares it (durable, bound to a direct
-    /// exchange of its own name). A queue Python declared with other arguments (`x-max-priority`,
-    /// quorum) refuses that declaration; it exists, which is all we need, so we use it as it is.
-    async fn ensure_queue(&self, queue: &str) -> Result<()> {
-        if self.declared.lock().await.contains(queue) {
-            return Ok(());
+    /// Makes sure `queue` exists, declared as Celery declares it (durable, of the configured
+    /// type, bound to an exchange of its own name) when it does not exist yet, and learns how
+    /// it is declared when it does: a queue someone else declared is used as it is, whatever
+    /// its arguments.
+    async fn ensure_queue(&self, queue: &str) -> Result<Declaration> {
+        if let Some(known) = self.declaration(queue) {
+            return Ok(known);
         }
-        // A refused declaration closes its channel, so each attempt gets a channel of its own.
+        let mut declaration = Declaration::celery(self.queue_types.of(queue));
+        let mut refusals = 0;
+        // Each refusal names one difference and closes its channel: a channel per attempt.
+        loop {
+            match self.declare(queue, &declaration).await {
+                Ok(()) => break,
+                Err(lapin::Error::ProtocolError(refusal))
+                    if *refusal.kind()
+                        == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                        && refusals < MAX_REFUSALS
+                        && declaration.learn(refusal.get_message().as_str()) =>
+                {
+                    refusals += 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if refusals > 0 {
+            tracing::info!(
+                %queue,
+                quorum = declaration.is_quorum(),
+                arguments = ?declaration.arguments_json(),
+                exchange_type = %declaration.exchange_type,
+                "queue exists with other arguments; using it as declared"
+            );
+        }
+        self.declared
+            .lock()
+            .expect("declared lock")
+            .insert(queue.to_string(), declaration.clone());
+        Ok(declaration)
+    }
+
+    /// Declares `queue`, its exchange and their binding as `declaration` says, on a channel of
+    /// its own (a refusal closes it).
+    async fn declare(&self, queue: &str, declaration: &Declaration) -> lapin::Result<()> {
         let channel = self.connection.create_channel().await?;
-        let durable = QueueDeclareOptions {
+        let options = QueueDeclareOptions {
+            durable: declaration.durable,
+            auto_delete: declaration.auto_delete,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue, options, declaration.arguments.clone())
+            .await?;
+        let exchange = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        match channel
-            .queue_declare(queue, durable, FieldTable::default())
-            .await
-        {
-            Ok(_) => {
-                let exchange = ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                };
-                channel
-                    .exchange_declare(queue, ExchangeKind::Direct, exchange, FieldTable::default())
-                    .await?;
-                channel
-                    .queue_bind(
-                        queue,
-                        queue,
-                        queue,
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                let _ = channel.close(200, "declared").await;
-            }
-            Err(error) => {
-                if self.depth(queue).await?.is_none() {
-                    return Err(error.into());
-                }
-                tracing::info!(%queue, %error, "queue exists with other arguments; using it as declared");
-            }
-        }
-        self.declared.lock().await.insert(queue.to_string());
+        let kind = match declaration.exchange_type.as_str() {
+            "direct" => ExchangeKind::Direct,
+            "topic" => ExchangeKind::Topic,
+            "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
+            other => ExchangeKind::Custom(other.to_string()),
+        };
+        channel
+            .exchange_declare(queue, kind, exchange, FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                queue,
+                queue,
+                queue,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "declared").await;
         Ok(())
     }
 }
+
+/// Differences learnt before a queue's declaration is given up on: more than any queue has
+/// arguments.
+const MAX_REFUSALS: usize = 32;
 
 /// What lapin's own `amqps://` connect does (connection timeout from the URL), with our
 /// connector.
@@ -178,16 +225,21 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>> {
+        let mut quorum = false;
+        for queue in queues {
+            quorum |= self.ensure_queue(queue).await?.is_quorum();
+        }
         let channel = self.connection.create_channel().await?;
-        // Global QoS bounds what the worker holds across all its queues, as Celery's does.
+        // Global QoS bounds what the worker holds across all its queues, as Celery's does. A
+        // quorum queue refuses to be consumed under it (by closing the whole connection), so
+        // with one among them the bound is per consumer, as Celery's worker then sets it.
         channel
-            .basic_qos(prefetch, BasicQosOptions { global: true })
+            .basic_qos(prefetch, BasicQosOptions { global: !quorum })
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut tags = Vec::new();
         let mut forwarders = tokio::task::JoinSet::new();
         for queue in queues {
-            self.ensure_queue(queue).await?;
             let mut consumer = channel
                 .basic_consume(
                     queue,
@@ -322,6 +374,14 @@ impl Broker for AmqpBroker {
         Ok(receiver)
     }
 
+    fn declaration(&self, queue: &str) -> Option<Declaration> {
+        self.declared
+            .lock()
+            .expect("declared lock")
+            .get(queue)
+            .cloned()
+    }
+
     async fn check(&self) -> Result<()> {
         match self.connection.status().connected() {
             true => Ok(()),
@@ -367,7 +427,7 @@ impl Broker for AmqpBroker {
         channel
             .exchange_delete(queue, ExchangeDeleteOptions::default())
             .await?;
-        self.declared.lock().await.remove(queue);
+        self.declared.lock().expect("declared lock").remove(queue);
         let _ = channel.close(200, "deleted").await;
         Ok(())
     }
@@ -438,7 +498,7 @@ fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
     }
 }
 
-fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+pub(super) fn table_to_json(table: &FieldTable) -> Map<String, Value> {
     table
         .inner()
         .iter()

@@ -5,6 +5,7 @@
 //! delivery is settled exactly once, by [`Settle::ack`] or [`Settle::reject`].
 
 pub mod amqp;
+pub mod declaration;
 pub mod redis;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::config::{SslOptions, TransportOptions};
+use crate::config::{CeleryConfig, QueueTypes, SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
 
@@ -175,6 +176,12 @@ pub trait Broker: Send + Sync {
     /// Whether the connection is usable (for health checks).
     async fn check(&self) -> Result<()>;
 
+    /// How `queue` was found declared when it was first used here (RabbitMQ); `None` where
+    /// the broker has no such notion (Redis) or the queue was not used yet.
+    fn declaration(&self, _queue: &str) -> Option<declaration::Declaration> {
+        None
+    }
+
     /// How full `queue` is; `None` when the broker has no such queue.
     async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>>;
 
@@ -198,14 +205,36 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     connect_with(url, &TransportOptions::default(), None).await
 }
 
-/// Connects to the broker `url` names; `ssl` is `broker_use_ssl`.
+/// Connects to the broker `url` names; `ssl` is `broker_use_ssl`. Queues it declares are
+/// classic ones.
 pub async fn connect_with(
     url: &str,
     options: &TransportOptions,
     ssl: Option<&SslOptions>,
 ) -> Result<Arc<dyn Broker>> {
+    connect_declaring(url, options, ssl, QueueTypes::default()).await
+}
+
+/// Connects to the broker `config` names, with its transport options and TLS settings,
+/// declaring missing queues with the configured types.
+pub async fn of(config: &CeleryConfig) -> Result<Arc<dyn Broker>> {
+    connect_declaring(
+        &config.broker_url,
+        &config.broker_transport_options,
+        config.broker_use_ssl.as_ref(),
+        config.queue_types(),
+    )
+    .await
+}
+
+async fn connect_declaring(
+    url: &str,
+    options: &TransportOptions,
+    ssl: Option<&SslOptions>,
+    queue_types: QueueTypes,
+) -> Result<Arc<dyn Broker>> {
     Ok(match BrokerKind::of(url)? {
-        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url, ssl).await?),
+        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url, ssl, queue_types).await?),
         BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url, options, ssl).await?),
     })
 }

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::Worker;
+use crate::broker::declaration::Declaration;
 use crate::broker::{BrokerKind, Exchange};
-use crate::config::glob_match;
+use crate::config::{glob_match, QueueType};
 use crate::events::timestamp;
 use crate::protocol::message::JSON;
 use crate::protocol::{Message, Properties};
@@ -155,7 +156,12 @@ impl Worker {
                 })
                 .collect(),
             "revoked" | "dump_revoked" => json!(self.state.revoked()),
-            "active_queues" => self.queues().await.iter().map(|queue| queue_info(queue)).collect(),
+            "active_queues" => self
+                .queues()
+                .await
+                .iter()
+                .map(|queue| queue_info(queue, self.broker.declaration(queue)))
+                .collect(),
             "conf" => serde_json::to_value(self.config.redacted()).unwrap_or_default(),
             "query_task" => self.state.query(&strings(arguments.get("ids"))),
             "report" => json!({"ok": self.report()}),
@@ -276,17 +282,29 @@ fn strings(value: Option<&Value>) -> Vec<String> {
     }
 }
 
-/// A queue as `inspect active_queues` describes it (Celery's default topology).
-fn queue_info(queue: &str) -> Value {
+/// A queue as `inspect active_queues` describes it: as the broker holds it where the broker
+/// told (RabbitMQ), else Celery's default topology.
+fn queue_info(queue: &str, declared: Option<Declaration>) -> Value {
+    let declared = declared.unwrap_or_else(|| Declaration::celery(QueueType::Classic));
+    let arguments = declared.arguments_json();
+    // kombu's Queue also shows these arguments as attributes, in its own units.
+    let argument = |name: &str| arguments.as_ref().and_then(|a| a.get(name)).cloned();
+    let message_ttl = argument("x-message-ttl")
+        .and_then(|ms| ms.as_f64())
+        .map(|ms| ms / 1000.0);
+    let expires = argument("x-expires")
+        .and_then(|ms| ms.as_f64())
+        .map(|ms| ms / 1000.0);
     json!({
         "name": queue,
-        "exchange": {"name": queue, "type": "direct", "arguments": null, "durable": true, "passive": false,
+        "exchange": {"name": queue, "type": declared.exchange_type, "arguments": null, "durable": true, "passive": false,
                      "auto_delete": false, "delivery_mode": null, "no_declare": false},
         "routing_key": queue,
-        "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null,
-        "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false, "alias": null,
-        "bindings": [], "no_declare": null, "expires": null, "message_ttl": null,
-        "max_length": null, "max_length_bytes": null, "max_priority": null,
+        "queue_arguments": arguments, "binding_arguments": null, "consumer_arguments": null,
+        "durable": declared.durable, "exclusive": false, "auto_delete": declared.auto_delete, "no_ack": false, "alias": null,
+        "bindings": [], "no_declare": null, "expires": expires, "message_ttl": message_ttl,
+        "max_length": argument("x-max-length"), "max_length_bytes": argument("x-max-length-bytes"),
+        "max_priority": argument("x-max-priority"),
     })
 }
 

@@ -159,12 +159,7 @@ impl Worker {
         hostname: String,
         queues: Vec<String>,
     ) -> Result<Self> {
-        let broker = broker::connect_with(
-            &config.broker_url,
-            &config.broker_transport_options,
-            config.broker_use_ssl.as_ref(),
-        )
-        .await?;
+        let broker = broker::of(&config).await?;
         let backend = RedisBackend::of(&config).await?;
         let app = app_handle(&config).await?;
         let pool_size = AtomicUsize::new(config.concurrency());

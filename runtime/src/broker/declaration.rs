@@ -1,0 +1,267 @@
+//! How a queue and its exchange are declared on RabbitMQ, and how to learn how someone else
+//! declared them, without I/O.
+//!
+//! RabbitMQ refuses a declaration that differs from the existing queue's or exchange's
+//! (`PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
+//! none but current is the value 'quorum' of type 'longstr'`), naming one difference at a time
+//! with the value it holds. [`Declaration::learn`] takes that value over, so declaring again
+//! converges on the declaration as it stands, in one round trip per difference. AMQP itself
+//! has no way to read a queue's arguments; this way needs no management API, and the worker
+//! ends up knowing each queue's real arguments (quorum or not, for QoS and `active_queues`).
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde_json::{Map, Value};
+
+use crate::config::QueueType;
+
+/// What a queue, its exchange and the binding between them are declared with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declaration {
+    /// The queue survives a broker restart.
+    pub durable: bool,
+    /// The queue goes when its last consumer does.
+    pub auto_delete: bool,
+    /// `x-queue-type`, `x-max-priority`, `x-message-ttl`, ... as the broker holds them.
+    pub arguments: FieldTable,
+    /// The type of the exchange of the queue's own name (`direct` as Celery makes it).
+    pub exchange_type: String,
+}
+
+impl Declaration {
+    /// A durable queue of `queue_type` behind a direct exchange, as Celery declares one.
+    pub fn celery(queue_type: QueueType) -> Self {
+        let mut arguments = FieldTable::default();
+        if queue_type == QueueType::Quorum {
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        Self {
+            durable: true,
+            auto_delete: false,
+            arguments,
+            exchange_type: "direct".into(),
+        }
+    }
+
+    /// Whether the queue is a quorum queue (which refuses global QoS and keeps messages on a
+    /// majority of a cluster's nodes).
+    pub fn is_quorum(&self) -> bool {
+        matches!(
+            self.arguments.inner().get("x-queue-type"),
+            Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"quorum"
+        )
+    }
+
+    /// The arguments as JSON, as `inspect active_queues` reports `queue_arguments` (`None`
+    /// when there are none, as Celery shows a queue declared without).
+    pub fn arguments_json(&self) -> Option<Map<String, Value>> {
+        let arguments = super::amqp::table_to_json(&self.arguments);
+        (!arguments.is_empty()).then_some(arguments)
+    }
+
+    /// Takes over what a refusal says the existing queue or exchange holds. `false` when the
+    /// refusal is not about a difference this can mend, or names what is already held (the
+    /// caller then stops: declaring again would be refused again).
+    pub fn learn(&mut self, refusal: &str) -> bool {
+        let Some(difference) = Difference::parse(refusal) else {
+            return false;
+        };
+        match (difference.object, difference.name.as_str()) {
+            (Object::Exchange, "type") => {
+                let Current::Word(kind) = difference.current else {
+                    return false;
+                };
+                std::mem::replace(&mut self.exchange_type, kind) != self.exchange_type
+            }
+            (Object::Queue, "durable") => learn_flag(&mut self.durable, &difference.current),
+            (Object::Queue, "auto_delete") => {
+                learn_flag(&mut self.auto_delete, &difference.current)
+            }
+            (Object::Queue, name) if name.starts_with("x-") => {
+                let key = ShortString::from(name);
+                let held = self.arguments.inner().get(&key).cloned();
+                match difference.current {
+                    Current::None => {
+                        self.arguments = without(&self.arguments, name);
+                        held.is_some()
+                    }
+                    Current::Value(value) => {
+                        let changed = held.as_ref() != Some(&value);
+                        self.arguments.insert(key, value);
+                        changed
+                    }
+                    Current::Word(_) => false,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+fn learn_flag(flag: &mut bool, current: &Current) -> bool {
+    let held = match current {
+        Current::Word(word) if word == "true" => true,
+        Current::Word(word) if word == "false" => false,
+        _ => return false,
+    };
+    std::mem::replace(flag, held) != held
+}
+
+fn without(table: &FieldTable, name: &str) -> FieldTable {
+    let mut kept = FieldTable::default();
+    for (key, value) in table.inner() {
+        if key.as_str() != name {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    kept
+}
+
+/// Which kind of object a refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Object {
+    Queue,
+    Exchange,
+}
+
+/// What the existing object holds for the differing field.
+#[derive(Debug, Clone, PartialEq)]
+enum Current {
+    /// The argument is not set.
+    None,
+    /// A typed argument value (`the value '5' of type 'signedint'`).
+    Value(AMQPValue),
+    /// A bare word: a flag's `true`/`false`, an exchange's type.
+    Word(String),
+}
+
+/// One difference named by a `PRECONDITION_FAILED` refusal.
+#[derive(Debug, Clone, PartialEq)]
+struct Difference {
+    object: Object,
+    name: String,
+    current: Current,
+}
+
+impl Difference {
+    fn parse(refusal: &str) -> Option<Self> {
+        let rest = refusal.split_once("inequivalent arg '")?.1;
+        let (name, rest) = rest.split_once("' for ")?;
+        let object = if rest.starts_with("queue ") {
+            Object::Queue
+        } else if rest.starts_with("exchange ") {
+            Object::Exchange
+        } else {
+            return None;
+        };
+        let current = rest.rsplit_once(" but current is ")?.1.trim_end();
+        let current = if current == "none" {
+            Current::None
+        } else if let Some(typed) = current.strip_prefix("the value '") {
+            let (value, kind) = typed.rsplit_once("' of type '")?;
+            Current::Value(typed_value(value, kind.strip_suffix('\'')?)?)
+        } else {
+            Current::Word(current.strip_prefix('\'')?.strip_suffix('\'')?.to_string())
+        };
+        Some(Self {
+            object,
+            name: name.to_string(),
+            current,
+        })
+    }
+}
+
+/// A value as RabbitMQ prints it with its field type's name. Tables and arrays are not
+/// readable back from the text: an argument of those types cannot be learnt.
+fn typed_value(text: &str, kind: &str) -> Option<AMQPValue> {
+    Some(match kind {
+        "longstr" => AMQPValue::LongString(LongString::from(text)),
+        "bool" => AMQPValue::Boolean(text.parse().ok()?),
+        "byte" => AMQPValue::ShortShortInt(text.parse().ok()?),
+        "unsignedbyte" => AMQPValue::ShortShortUInt(text.parse().ok()?),
+        "short" => AMQPValue::ShortInt(text.parse().ok()?),
+        "unsignedshort" => AMQPValue::ShortUInt(text.parse().ok()?),
+        "signedint" => AMQPValue::LongInt(text.parse().ok()?),
+        "unsignedint" => AMQPValue::LongUInt(text.parse().ok()?),
+        "long" => AMQPValue::LongLongInt(text.parse().ok()?),
+        "timestamp" => AMQPValue::Timestamp(text.parse().ok()?),
+        "float" => AMQPValue::Float(text.parse().ok()?),
+        "double" => AMQPValue::Double(text.parse().ok()?),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(detail: &str) -> String {
+        format!("PRECONDITION_FAILED - inequivalent arg {detail}")
+    }
+
+    #[test]
+    fn learns_a_quorum_queue_declared_by_someone_else() {
+        let mut declaration = Declaration::celery(QueueType::Classic);
+        assert!(!declaration.is_quorum());
+        assert!(declaration.learn(&refusal(
+            "'x-queue-type' for queue 'q' in vhost '/': received none but current is the value 'quorum' of type 'longstr'"
+        )));
+        assert!(declaration.is_quorum());
+        assert_eq!(
+            declaration.arguments_json(),
+            serde_json::json!({"x-queue-type": "quorum"})
+                .as_object()
+                .cloned()
+        );
+    }
+
+    #[test]
+    fn learns_typed_values_and_drops_what_the_queue_lacks() {
+        let mut declaration = Declaration::celery(QueueType::Quorum);
+        assert!(declaration.learn(&refusal(
+            "'x-message-ttl' for queue 'q' in vhost '/': received none but current is the value '60000' of type 'signedint'"
+        )));
+        assert!(declaration.learn(&refusal(
+            "'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none"
+        )));
+        assert_eq!(
+            declaration.arguments.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongInt(60000))
+        );
+        assert!(!declaration.is_quorum());
+        assert_eq!(declaration.arguments.inner().len(), 1);
+    }
+
+    #[test]
+    fn learns_flags_and_the_exchange_type() {
+        let mut declaration = Declaration::celery(QueueType::Classic);
+        assert!(declaration.learn(
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'"
+        ));
+        assert!(!declaration.durable);
+        assert!(declaration.learn(
+            "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'q' in vhost '/': received 'direct' but current is 'topic'"
+        ));
+        assert_eq!(declaration.exchange_type, "topic");
+    }
+
+    #[test]
+    fn stops_where_nothing_can_be_learnt() {
+        let mut declaration = Declaration::celery(QueueType::Classic);
+        // Already holds what the refusal names: declaring again would be refused again.
+        assert!(!declaration.learn(&refusal(
+            "'x-queue-type' for queue 'q' in vhost '/': received none but current is none"
+        )));
+        // A table cannot be read back from the text.
+        assert!(!declaration.learn(&refusal(
+            "'x-args' for queue 'q' in vhost '/': received none but current is the value '[{<<\"a\">>,long,1}]' of type 'table'"
+        )));
+        assert!(!declaration.learn("NOT_FOUND - no queue 'q' in vhost '/'"));
+        assert!(!declaration.learn(&refusal(
+            "'exclusive' for queue 'q' in vhost '/': received 'true' but current is 'false'"
+        )));
+        assert_eq!(declaration, Declaration::celery(QueueType::Classic));
+    }
+}
