@@ -13,6 +13,7 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_BROKER_TRANSPORT_OPTIONS``  JSON object: ``broker_transport_options`` (e.g. a short
   Redis ``visibility_timeout`` for the reliability tests)
 * ``INTEROP_DEFAULT_QUEUE_TYPE``  ``task_default_queue_type``: ``classic`` (default) or ``quorum``
+* ``INTEROP_DEFAULT_EXCHANGE_TYPE``  ``task_default_exchange_type``: ``direct`` (default) or ``topic``
 * ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
   ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``), so this worker
   can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
@@ -111,6 +112,7 @@ def create_app(
     transport_options: dict | None = None,
     twin_tasks: bool = False,
     default_queue_type: str = "classic",
+    default_exchange_type: str = "direct",
 ) -> Celery:
     """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered.
 
@@ -128,6 +130,7 @@ def create_app(
         result_extended=True,
         task_default_queue=default_queue,
         task_default_queue_type=default_queue_type,
+        task_default_exchange_type=default_exchange_type,
         task_track_started=True,
         broker_connection_retry_on_startup=True,
         enable_utc=True,
@@ -158,4 +161,5 @@ app = create_app(
     transport_options=json.loads(os.environ.get("INTEROP_BROKER_TRANSPORT_OPTIONS") or "{}"),
     twin_tasks=os.environ.get("INTEROP_TWIN_TASKS") == "1",
     default_queue_type=os.environ.get("INTEROP_DEFAULT_QUEUE_TYPE", "classic"),
+    default_exchange_type=os.environ.get("INTEROP_DEFAULT_EXCHANGE_TYPE", "direct"),
 )

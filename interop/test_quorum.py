@@ -7,14 +7,21 @@ declared with arguments our worker does not choose.
   arguments in ``inspect active_queues``.
 * ``task_default_queue_type = "quorum"``: our worker declares its default queue as a quorum
   queue, and a Python worker and ours share it.
+* Native delayed delivery (quorum queues behind topic exchanges): countdowns sent by Python
+  wait in the broker's ``celery_delayed_*`` queues, not in our worker; ours (the ``call``
+  client, retries) are sent the same way and a Python worker runs them; the Python worker and
+  ours declare the same delay topology.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from interop_helpers import inspect_node
+from interop_app import create_app
+from interop_helpers import inspect_node, run_call, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,3 +92,66 @@ def test_default_queue_type_quorum_is_shared_with_a_python_worker(rabbitmq, spaw
     assert [r.get(timeout=GET_TIMEOUT) for r in results] == [2 * n for n in range(40)]
     workers = {meta["worker"] for meta in rabbitmq.result_metas([r.id for r in results])}
     assert {worker.hostname, python.hostname} <= workers, workers
+
+
+# Celery's set-up for native delayed delivery: quorum queues behind topic exchanges.
+RUST_DELAYED = {"CELERY_TASK_DEFAULT_QUEUE_TYPE": "quorum", "CELERY_TASK_DEFAULT_EXCHANGE_TYPE": "topic"}
+PY_DELAYED = {"INTEROP_DEFAULT_QUEUE_TYPE": "quorum", "INTEROP_DEFAULT_EXCHANGE_TYPE": "topic", "INTEROP_TWIN_TASKS": "1"}
+OUR_DELAY_WARNING = "cannot declare native delayed delivery's queues"
+PY_DELAY_WARNINGS = ("Failed to setup delayed delivery", "Failed to declare exchanges and queues", "Failed to bind")
+
+
+@pytest.fixture
+def delayed_app(rabbitmq):
+    """A Python client whose default queue is a quorum queue behind a topic exchange."""
+    queue = rabbitmq.new_queue("delayed")
+    app = create_app(rabbitmq.broker_url, rabbitmq.result_backend, default_queue=queue, main="interop-delayed",
+                     strict_control=True, default_queue_type="quorum", default_exchange_type="topic")
+    try:
+        yield app, queue
+    finally:
+        app.close()
+
+
+def waiting_in(level: int, broker_url: str) -> int:
+    """Messages waiting in delay queue ``celery_delayed_<level>``."""
+    with Connection(broker_url, connect_timeout=5) as conn:
+        _, ready, _ = conn.default_channel.queue_declare(queue=f"celery_delayed_{level}", passive=True)
+    return ready
+
+
+def test_python_countdowns_wait_in_the_broker_not_in_our_worker(rabbitmq, delayed_app, spawn_rust_worker):
+    app, queue = delayed_app
+    worker = spawn_rust_worker([queue], tag="delayed", concurrency=2, extra_env=RUST_DELAYED)
+    sent = time.monotonic()
+    # 4 s is 100 in binary: the message waits first in level 2 (4 s).
+    result = app.send_task("tasks.add", (20, 22), countdown=4)
+    wait_for(lambda: waiting_in(2, rabbitmq.broker_url) >= 1, 3, describe="the message in celery_delayed_2")
+    assert inspect_node(rabbitmq.app, worker.hostname, "scheduled") == [], "the worker holds the ETA message"
+    assert result.get(timeout=GET_TIMEOUT) == 42
+    assert time.monotonic() - sent >= 3.5
+    assert OUR_DELAY_WARNING not in worker.process.log_text()
+
+
+def test_our_countdowns_and_retries_reach_a_python_worker_through_the_delay_queues(
+        rabbitmq, delayed_app, spawn_rust_worker, spawn_py_worker):
+    app, queue = delayed_app
+    python = spawn_py_worker([queue], tag="delayed", extra_env=PY_DELAYED)
+    env = rabbitmq.rust_env(default_queue=queue, **RUST_DELAYED)
+    sent = time.monotonic()
+    call = run_call(env, "tasks.add", args=(1, 2), extra=["--countdown", "4"])
+    assert call.returncode == 0, call
+    wait_for(lambda: waiting_in(2, rabbitmq.broker_url) >= 1, 3, describe="the message in celery_delayed_2")
+    result = rabbitmq.app.AsyncResult(call.task_id)
+    assert result.get(timeout=GET_TIMEOUT) == 3
+    assert time.monotonic() - sent >= 3.5
+
+    # Retries of our worker go through the delay queues too (the Python worker, which has no
+    # tasks.flaky, steps aside), and the Python worker and ours declare the same topology.
+    python.process.stop()
+    python_log = python.process.log_text()
+    assert not [w for w in PY_DELAY_WARNINGS if w in python_log], python_log[-2000:]
+    worker = spawn_rust_worker([queue], tag="retries", concurrency=2, extra_env=RUST_DELAYED)
+    flaky = app.send_task("tasks.flaky", (2,))
+    assert flaky.get(timeout=GET_TIMEOUT) == 2
+    assert OUR_DELAY_WARNING not in worker.process.log_text()

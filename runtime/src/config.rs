@@ -46,33 +46,6 @@ pub enum QueueType {
     Quorum,
 }
 
-/// The settings that say which type a queue gets where we declare it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueTypes {
-    /// `task_default_queue`.
-    pub default_queue: String,
-    /// `task_default_queue_type`: the type of `default_queue`.
-    pub default_queue_type: QueueType,
-    /// `task_create_missing_queue_type`: the type of any other queue.
-    pub create_missing_queue_type: QueueType,
-}
-
-impl QueueTypes {
-    /// The type `queue` is declared with when it does not exist yet.
-    pub fn of(&self, queue: &str) -> QueueType {
-        match queue == self.default_queue {
-            true => self.default_queue_type,
-            false => self.create_missing_queue_type,
-        }
-    }
-}
-
-impl Default for QueueTypes {
-    fn default() -> Self {
-        CeleryConfig::default().queue_types()
-    }
-}
-
 /// `broker_transport_options`: the Redis transport's recovery settings, as kombu names them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,6 +176,13 @@ pub struct CeleryConfig {
     pub task_default_queue_type: QueueType,
     /// Type of every other queue we declare because it does not exist yet (RabbitMQ).
     pub task_create_missing_queue_type: QueueType,
+    /// Type of the exchange of `task_default_queue`'s name where we declare it: `direct`,
+    /// `topic` (which native delayed delivery needs), `fanout` or `headers`.
+    pub task_default_exchange_type: String,
+    /// Type of the exchange of every other queue we declare; unset, `direct`.
+    pub task_create_missing_queue_exchange_type: Option<String>,
+    /// Type of the 28 `celery_delayed_*` queues of native delayed delivery.
+    pub broker_native_delayed_delivery_queue_type: QueueType,
     /// Whether the worker looks for quorum queues among those it consumes, to set up native
     /// delayed delivery for them as Celery's worker does (QoS is per consumer on a quorum
     /// queue either way: RabbitMQ refuses global QoS there).
@@ -281,6 +261,9 @@ impl Default for CeleryConfig {
             task_default_queue: "celery".into(),
             task_default_queue_type: QueueType::Classic,
             task_create_missing_queue_type: QueueType::Classic,
+            task_default_exchange_type: "direct".into(),
+            task_create_missing_queue_exchange_type: None,
+            broker_native_delayed_delivery_queue_type: QueueType::Quorum,
             worker_detect_quorum_queues: true,
             task_annotations: BTreeMap::new(),
             task_routes: BTreeMap::new(),
@@ -409,6 +392,15 @@ impl CeleryConfig {
                 "web_sweep_interval must be at least 1 second".into(),
             ));
         }
+        for exchange_type in std::iter::once(&self.task_default_exchange_type)
+            .chain(&self.task_create_missing_queue_exchange_type)
+        {
+            if !EXCHANGE_TYPES.contains(&exchange_type.as_str()) {
+                return Err(Error::Config(format!(
+                    "exchange type {exchange_type:?} is not one of {EXCHANGE_TYPES:?}"
+                )));
+            }
+        }
         if self.task_default_queue.is_empty() {
             return Err(Error::Config("task_default_queue must not be empty".into()));
         }
@@ -439,15 +431,6 @@ impl CeleryConfig {
             .map_or(self.task_default_queue.as_str(), |(_, route)| route.queue())
     }
 
-    /// The types queues are declared with when they do not exist yet.
-    pub fn queue_types(&self) -> QueueTypes {
-        QueueTypes {
-            default_queue: self.task_default_queue.clone(),
-            default_queue_type: self.task_default_queue_type,
-            create_missing_queue_type: self.task_create_missing_queue_type,
-        }
-    }
-
     /// Every queue the settings name: the default queue and each route's.
     pub fn queues(&self) -> std::collections::BTreeSet<&str> {
         std::iter::once(self.task_default_queue.as_str())
@@ -468,6 +451,9 @@ impl CeleryConfig {
         }
     }
 }
+
+/// The exchange types RabbitMQ has built in.
+const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
 
 /// An override's value typed after the setting's default: strings stay strings, others are JSON.
 fn env_value(default: &Value, raw: &str) -> Value {
@@ -539,20 +525,23 @@ mod tests {
     }
 
     #[test]
-    fn queue_types_follow_celerys_settings() {
+    fn queue_and_exchange_types_are_checked() {
         let config = CeleryConfig::from_sources(
-            r#"task_default_queue_type = "quorum""#,
+            "task_default_queue_type = \"quorum\"\ntask_default_exchange_type = \"topic\"",
             env(&[("CELERY_TASK_CREATE_MISSING_QUEUE_TYPE", "quorum")]),
         )
         .unwrap();
-        assert_eq!(config.queue_types().of("celery"), QueueType::Quorum);
-        assert_eq!(config.queue_types().of("other"), QueueType::Quorum);
-        let config =
-            CeleryConfig::from_sources(r#"task_default_queue_type = "quorum""#, env(&[])).unwrap();
-        assert_eq!(config.queue_types().of("other"), QueueType::Classic);
+        assert_eq!(config.task_default_queue_type, QueueType::Quorum);
+        assert_eq!(config.task_create_missing_queue_type, QueueType::Quorum);
         let error = CeleryConfig::from_sources(r#"task_default_queue_type = "stream""#, env(&[]))
             .unwrap_err();
         assert!(error.to_string().contains("classic"), "{error}");
+        let error = CeleryConfig::from_sources(
+            r#"task_create_missing_queue_exchange_type = "x-delayed""#,
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("topic"), "{error}");
     }
 
     #[test]

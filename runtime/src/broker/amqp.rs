@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::{HandshakeResult, RustlsConnector, TcpStream};
@@ -18,9 +18,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use serde_json::{Map, Number, Value};
 use tokio::sync::{mpsc, Mutex};
 
-use super::declaration::Declaration;
+use super::declaration::{Declaration, Topology};
+use super::delayed::{self, Declare};
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
-use crate::config::{redact_url, QueueTypes, SslOptions};
+use crate::config::{redact_url, SslOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{Message, Properties};
 
@@ -30,20 +31,19 @@ pub struct AmqpBroker {
     publisher: Channel,
     /// Queues declared or found on this connection, as the broker holds them.
     declared: std::sync::Mutex<HashMap<String, Declaration>>,
-    /// The types of the queues this connection declares.
-    queue_types: QueueTypes,
+    /// How this connection declares what is missing.
+    topology: Topology,
+    /// Whether native delayed delivery's topology is in place, made once per connection.
+    delay_topology: tokio::sync::OnceCell<bool>,
+    /// Queues whose ETA messages wait in the delay queues: they are bound to the end of them.
+    delayed: std::sync::Mutex<HashSet<String>>,
     declared_exchanges: Mutex<HashSet<&'static str>>,
 }
 
 impl AmqpBroker {
     /// Connects to `url` (`pyamqp://` is read as `amqp://`, as kombu does); `amqps://` over
-    /// TLS as `ssl` (`broker_use_ssl`) says. Queues it declares get the types `queue_types`
-    /// names.
-    pub async fn connect(
-        url: &str,
-        ssl: Option<&SslOptions>,
-        queue_types: QueueTypes,
-    ) -> Result<Self> {
+    /// TLS as `ssl` (`broker_use_ssl`) says. What it declares, it declares as `topology` says.
+    pub async fn connect(url: &str, ssl: Option<&SslOptions>, topology: Topology) -> Result<Self> {
         let url = url.strip_prefix("py").unwrap_or(url);
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
@@ -70,7 +70,9 @@ impl AmqpBroker {
             connection,
             publisher,
             declared: std::sync::Mutex::new(HashMap::new()),
-            queue_types,
+            topology,
+            delay_topology: tokio::sync::OnceCell::new(),
+            delayed: std::sync::Mutex::new(HashSet::new()),
             declared_exchanges: Mutex::new(HashSet::new()),
         })
     }
@@ -83,7 +85,7 @@ impl AmqpBroker {
         if let Some(known) = self.declaration(queue) {
             return Ok(known);
         }
-        let mut declaration = Declaration::celery(self.queue_types.of(queue));
+        let mut declaration = self.topology.declaration(queue);
         let mut refusals = 0;
         // Each refusal names one difference and closes its channel: a channel per attempt.
         loop {
@@ -109,11 +111,106 @@ impl AmqpBroker {
                 "queue exists with other arguments; using it as declared"
             );
         }
+        if self.topology.delays_natively(&declaration) && self.delay_topology().await {
+            self.bind_for_delays(queue, &declaration).await?;
+        }
         self.declared
             .lock()
             .expect("declared lock")
             .insert(queue.to_string(), declaration.clone());
         Ok(declaration)
+    }
+
+    /// Makes native delayed delivery's exchanges and queues, once per connection (as Celery's
+    /// worker does at start, and here also a publisher before its first delayed message, so
+    /// that no message is published into a topology nobody made yet). `false` when it cannot
+    /// be had: ETA messages then wait in the worker, as on a classic queue.
+    async fn delay_topology(&self) -> bool {
+        let Some(queue_type) = self.topology.native_delayed_delivery else {
+            return false;
+        };
+        *self
+            .delay_topology
+            .get_or_init(|| async {
+                let made = async {
+                    let channel = self.connection.create_channel().await?;
+                    for step in delayed::topology(queue_type) {
+                        apply(&channel, &step).await?;
+                    }
+                    let _ = channel.close(200, "declared").await;
+                    lapin::Result::Ok(())
+                };
+                match made.await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        // Someone else's delay queues (of another type) serve as well as ours.
+                        let exists = self.exchange_exists(delayed::ENTRY_EXCHANGE).await
+                            && self.exchange_exists(delayed::DELIVERY_EXCHANGE).await;
+                        tracing::warn!(%error, using_existing = exists, "cannot declare native delayed delivery's queues");
+                        exists
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Binds `queue` (through its exchange) to the end of the delay queues.
+    async fn bind_for_delays(&self, queue: &str, declaration: &Declaration) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        for step in delayed::destination(queue, queue, queue) {
+            apply(&channel, &step).await?;
+        }
+        let _ = channel.close(200, "bound").await;
+        tracing::debug!(%queue, exchange_type = %declaration.exchange_type, "ETA messages wait in the delay queues");
+        self.delayed
+            .lock()
+            .expect("delayed lock")
+            .insert(queue.to_string());
+        Ok(())
+    }
+
+    /// Whether `exchange` exists (a passive declare, on a channel of its own).
+    async fn exchange_exists(&self, exchange: &str) -> bool {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return false;
+        };
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = channel
+            .exchange_declare(
+                exchange,
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = channel.close(200, "inspected").await;
+        exists
+    }
+
+    /// Where `message` for `queue` is published: through the delay queues when its ETA is at
+    /// least a second away and the queue waits there, else straight to the queue.
+    fn route(&self, queue: &str, message: &Message) -> (&'static str, String) {
+        let delayed = self
+            .delayed
+            .lock()
+            .expect("delayed lock")
+            .contains(queue)
+            .then(|| message.eta())
+            .flatten()
+            .and_then(|eta| {
+                // Rounded up: delivered at its ETA or just after, never held by a worker.
+                let micros = (eta - chrono::Utc::now()).num_microseconds()?;
+                let seconds = u64::try_from(micros).ok()?.div_ceil(1_000_000);
+                delayed::routing_key(seconds, queue)
+            });
+        match delayed {
+            Some(key) => (delayed::ENTRY_EXCHANGE, key),
+            None => ("", queue.to_string()),
+        }
     }
 
     /// Declares `queue`, its exchange and their binding as `declaration` says, on a channel of
@@ -153,6 +250,56 @@ impl AmqpBroker {
             .await?;
         let _ = channel.close(200, "declared").await;
         Ok(())
+    }
+}
+
+/// Declares one thing of native delayed delivery's topology.
+async fn apply(channel: &Channel, step: &Declare) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let none = FieldTable::default;
+    match step {
+        Declare::Exchange(name) => {
+            channel
+                .exchange_declare(name, ExchangeKind::Topic, durable, none())
+                .await
+        }
+        Declare::Queue { name, arguments } => {
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(name, durable, arguments.clone())
+                .await
+                .map(drop)
+        }
+        Declare::BindQueue {
+            queue,
+            exchange,
+            key,
+        } => {
+            channel
+                .queue_bind(queue, exchange, key, QueueBindOptions::default(), none())
+                .await
+        }
+        Declare::BindExchange {
+            destination,
+            source,
+            key,
+        } => {
+            channel
+                .exchange_bind(
+                    destination,
+                    source,
+                    key,
+                    ExchangeBindOptions::default(),
+                    none(),
+                )
+                .await
+        }
     }
 }
 
@@ -202,11 +349,12 @@ impl AmqpBroker {
 impl Broker for AmqpBroker {
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
         self.ensure_queue(queue).await?;
+        let (exchange, routing_key) = self.route(queue, message);
         let confirm = self
             .publisher
             .basic_publish(
-                "",
-                queue,
+                exchange,
+                &routing_key,
                 BasicPublishOptions::default(),
                 &message.body,
                 properties_of(message),

@@ -12,7 +12,70 @@
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value};
 
-use crate::config::QueueType;
+use crate::config::{CeleryConfig, QueueType};
+
+/// The settings that shape what we declare: the type of each queue and exchange we create,
+/// and whether quorum queues get native delayed delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    default_queue: String,
+    default_queue_type: QueueType,
+    default_exchange_type: String,
+    create_missing_queue_type: QueueType,
+    create_missing_queue_exchange_type: String,
+    /// The type of the delay queues, where quorum queues are looked for
+    /// (`worker_detect_quorum_queues`); `None` where they are not.
+    pub native_delayed_delivery: Option<QueueType>,
+}
+
+impl Topology {
+    /// As `config` sets it.
+    pub fn of(config: &CeleryConfig) -> Self {
+        Self {
+            default_queue: config.task_default_queue.clone(),
+            default_queue_type: config.task_default_queue_type,
+            default_exchange_type: config.task_default_exchange_type.clone(),
+            create_missing_queue_type: config.task_create_missing_queue_type,
+            create_missing_queue_exchange_type: config
+                .task_create_missing_queue_exchange_type
+                .clone()
+                .unwrap_or_else(|| "direct".into()),
+            native_delayed_delivery: config
+                .worker_detect_quorum_queues
+                .then_some(config.broker_native_delayed_delivery_queue_type),
+        }
+    }
+
+    /// How we declare `queue` when it does not exist yet.
+    pub fn declaration(&self, queue: &str) -> Declaration {
+        let (queue_type, exchange_type) = match queue == self.default_queue {
+            true => (self.default_queue_type, &self.default_exchange_type),
+            false => (
+                self.create_missing_queue_type,
+                &self.create_missing_queue_exchange_type,
+            ),
+        };
+        Declaration {
+            exchange_type: exchange_type.clone(),
+            ..Declaration::celery(queue_type)
+        }
+    }
+
+    /// Whether messages for a queue declared as `declaration` wait out their ETA in the
+    /// broker's delay queues: a quorum queue (the case Celery sets delayed delivery up for)
+    /// behind an exchange that routes on the routing key's tail (not a direct one).
+    pub fn delays_natively(&self, declaration: &Declaration) -> bool {
+        self.native_delayed_delivery.is_some()
+            && declaration.is_quorum()
+            && declaration.exchange_type != "direct"
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::of(&CeleryConfig::default())
+    }
+}
 
 /// What a queue, its exchange and the binding between them are declared with.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +262,27 @@ mod tests {
 
     fn refusal(detail: &str) -> String {
         format!("PRECONDITION_FAILED - inequivalent arg {detail}")
+    }
+
+    #[test]
+    fn the_default_queue_and_missing_ones_follow_their_settings() {
+        let config = CeleryConfig {
+            task_default_queue_type: QueueType::Quorum,
+            task_default_exchange_type: "topic".into(),
+            ..CeleryConfig::default()
+        };
+        let topology = Topology::of(&config);
+        let default = topology.declaration("celery");
+        assert!(default.is_quorum() && default.exchange_type == "topic");
+        assert!(topology.delays_natively(&default));
+        let missing = topology.declaration("other");
+        assert!(!missing.is_quorum() && missing.exchange_type == "direct");
+        assert!(!topology.delays_natively(&missing));
+        let undetected = Topology::of(&CeleryConfig {
+            worker_detect_quorum_queues: false,
+            ..config
+        });
+        assert!(!undetected.delays_natively(&default));
     }
 
     #[test]

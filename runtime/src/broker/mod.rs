@@ -6,6 +6,7 @@
 
 pub mod amqp;
 pub mod declaration;
+pub mod delayed;
 pub mod redis;
 
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::config::{CeleryConfig, QueueTypes, SslOptions, TransportOptions};
+use crate::config::{CeleryConfig, SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
+use declaration::Topology;
 
 /// Which transport a URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,23 +208,23 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
 }
 
 /// Connects to the broker `url` names; `ssl` is `broker_use_ssl`. Queues it declares are
-/// classic ones.
+/// declared as Celery's defaults have them.
 pub async fn connect_with(
     url: &str,
     options: &TransportOptions,
     ssl: Option<&SslOptions>,
 ) -> Result<Arc<dyn Broker>> {
-    connect_declaring(url, options, ssl, QueueTypes::default()).await
+    connect_declaring(url, options, ssl, Topology::default()).await
 }
 
 /// Connects to the broker `config` names, with its transport options and TLS settings,
-/// declaring missing queues with the configured types.
+/// declaring missing queues as configured.
 pub async fn of(config: &CeleryConfig) -> Result<Arc<dyn Broker>> {
     connect_declaring(
         &config.broker_url,
         &config.broker_transport_options,
         config.broker_use_ssl.as_ref(),
-        config.queue_types(),
+        Topology::of(config),
     )
     .await
 }
@@ -231,10 +233,10 @@ async fn connect_declaring(
     url: &str,
     options: &TransportOptions,
     ssl: Option<&SslOptions>,
-    queue_types: QueueTypes,
+    topology: Topology,
 ) -> Result<Arc<dyn Broker>> {
     Ok(match BrokerKind::of(url)? {
-        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url, ssl, queue_types).await?),
+        BrokerKind::Amqp => Arc::new(amqp::AmqpBroker::connect(url, ssl, topology).await?),
         BrokerKind::Redis => Arc::new(redis::RedisBroker::connect(url, options, ssl).await?),
     })
 }

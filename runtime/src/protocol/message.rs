@@ -60,6 +60,14 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
+impl Message {
+    /// When the task is to run, for a protocol v2 task message that says (an unreadable time
+    /// counts as none here; decoding the request reports it).
+    pub fn eta(&self) -> Option<DateTime<Utc>> {
+        time(&self.headers, "eta").ok().flatten()
+    }
+}
+
 /// Why a message could not be turned into a task request; carries the id when it was readable,
 /// so a FAILURE can still be stored for it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,84 @@
+//! RabbitMQ only: quorum queues and native delayed delivery, through the `Broker` the worker,
+//! the client and the web app's outbox publish with.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{amqp_url, unique_queue, within};
+use runtime::broker::{self, Broker};
+use runtime::config::QueueType;
+use runtime::protocol::TaskRequest;
+use runtime::CeleryConfig;
+use serde_json::{json, Map};
+
+/// A broker whose default queue `queue` is a quorum queue behind a topic exchange: Celery's
+/// set-up for native delayed delivery.
+async fn delaying_broker(queue: &str) -> std::sync::Arc<dyn Broker> {
+    let config = CeleryConfig {
+        broker_url: amqp_url(),
+        task_default_queue: queue.to_string(),
+        task_default_queue_type: QueueType::Quorum,
+        task_default_exchange_type: "topic".into(),
+        ..CeleryConfig::default()
+    };
+    broker::of(&config).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_eta_message_waits_in_the_delay_queues_then_arrives() {
+    let queue = unique_queue("delayed");
+    let broker = delaying_broker(&queue).await;
+    let mut request = TaskRequest::new("tasks.add", vec![json!(1), json!(2)], Map::new());
+    // 2.5 s rounds up to 3 s, binary 11: first 2 s in level 1, then 1 s in level 0.
+    request.eta = Some(chrono::Utc::now() + chrono::Duration::milliseconds(2500));
+    let sent = Instant::now();
+    broker.publish(&queue, &request.encode()).await.unwrap();
+
+    let declared = broker.declaration(&queue).unwrap();
+    assert!(declared.is_quorum() && declared.exchange_type == "topic");
+    let ready = |queue: String| {
+        let broker = broker.clone();
+        async move { broker.depth(&queue).await.unwrap().unwrap().ready }
+    };
+    assert_eq!(
+        ready(queue.clone()).await,
+        0,
+        "published straight to its queue"
+    );
+    assert!(ready("celery_delayed_1".into()).await >= 1);
+
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let delivery = within(15, "the delayed message", deliveries.recv())
+        .await
+        .unwrap();
+    assert!(sent.elapsed().as_secs_f64() >= 2.0, "{:?}", sent.elapsed());
+    let received = TaskRequest::decode(&delivery.message.unwrap()).unwrap();
+    assert_eq!(received.id, request.id);
+    delivery.settle.ack().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_due_now_or_on_a_direct_exchange_goes_straight_to_its_queue() {
+    let queue = unique_queue("undelayed");
+    let broker = delaying_broker(&queue).await;
+    let mut due = TaskRequest::new("tasks.add", vec![json!(1), json!(2)], Map::new());
+    due.eta = Some(chrono::Utc::now());
+    broker.publish(&queue, &due.encode()).await.unwrap();
+    // Another queue this broker creates gets the default direct exchange: no native delays.
+    let direct = unique_queue("direct");
+    let mut later = due.clone();
+    later.eta = Some(chrono::Utc::now() + chrono::Duration::seconds(60));
+    broker.publish(&direct, &later.encode()).await.unwrap();
+    for queue in [&queue, &direct] {
+        let depth = broker.depth(queue).await.unwrap().unwrap();
+        assert_eq!(depth.ready, 1, "{queue}");
+        broker.delete_queue(queue).await.unwrap();
+    }
+    broker.close().await.unwrap();
+}
