@@ -226,7 +226,7 @@ impl AmqpBroker {
             .queue_declare(queue, options, declaration.arguments.clone())
             .await?;
         let exchange = ExchangeDeclareOptions {
-            durable: true,
+            durable: declaration.exchange_durable,
             ..Default::default()
         };
         let kind = match declaration.exchange_type.as_str() {
@@ -378,11 +378,15 @@ impl Broker for AmqpBroker {
             quorum |= self.ensure_queue(queue).await?.is_quorum();
         }
         let channel = self.connection.create_channel().await?;
-        // Global QoS bounds what the worker holds across all its queues, as Celery's does. A
+        // Global QoS bounds what is held across several queues, as Celery's worker sets it. A
         // quorum queue refuses to be consumed under it (by closing the whole connection), so
-        // with one among them the bound is per consumer, as Celery's worker then sets it.
+        // with one among them the bound is per consumer, as Celery's worker then sets it. With
+        // one queue (the worker's way: a channel per queue) the two bounds are the same, and
+        // per consumer needs no detection: RabbitMQ 4 can accept a quorum queue's redeclaration
+        // without its type (a vhost's default queue type, relaxed checks), hiding what it is.
+        let global = !quorum && queues.len() > 1;
         channel
-            .basic_qos(prefetch, BasicQosOptions { global: !quorum })
+            .basic_qos(prefetch, BasicQosOptions { global })
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut tags = Vec::new();

@@ -88,6 +88,8 @@ pub struct Declaration {
     pub arguments: FieldTable,
     /// The type of the exchange of the queue's own name (`direct` as Celery makes it).
     pub exchange_type: String,
+    /// The exchange survives a broker restart.
+    pub exchange_durable: bool,
 }
 
 impl Declaration {
@@ -105,6 +107,7 @@ impl Declaration {
             auto_delete: false,
             arguments,
             exchange_type: "direct".into(),
+            exchange_durable: true,
         }
     }
 
@@ -138,6 +141,9 @@ impl Declaration {
                 };
                 std::mem::replace(&mut self.exchange_type, kind) != self.exchange_type
             }
+            (Object::Exchange, "durable") => {
+                learn_flag(&mut self.exchange_durable, &difference.current)
+            }
             (Object::Queue, "durable") => learn_flag(&mut self.durable, &difference.current),
             (Object::Queue, "auto_delete") => {
                 learn_flag(&mut self.auto_delete, &difference.current)
@@ -145,18 +151,18 @@ impl Declaration {
             (Object::Queue, name) if name.starts_with("x-") => {
                 let key = ShortString::from(name);
                 let held = self.arguments.inner().get(&key).cloned();
-                match difference.current {
+                let value = match difference.current {
                     Current::None => {
                         self.arguments = without(&self.arguments, name);
-                        held.is_some()
+                        return held.is_some();
                     }
-                    Current::Value(value) => {
-                        let changed = held.as_ref() != Some(&value);
-                        self.arguments.insert(key, value);
-                        changed
-                    }
-                    Current::Word(_) => false,
-                }
+                    Current::Value(value) => value,
+                    // `x-queue-type` is shown as a bare word when both sides set it.
+                    Current::Word(word) => AMQPValue::LongString(LongString::from(word)),
+                };
+                let changed = held.as_ref() != Some(&value);
+                self.arguments.insert(key, value);
+                changed
             }
             _ => false,
         }
@@ -302,6 +308,19 @@ mod tests {
     }
 
     #[test]
+    fn learns_a_queue_type_shown_as_a_bare_word() {
+        let mut declaration = Declaration::celery(QueueType::Classic);
+        declaration.arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        assert!(declaration.learn(&refusal(
+            "'x-queue-type' for queue 'q' in vhost '/': received 'classic' but current is 'quorum'"
+        )));
+        assert!(declaration.is_quorum());
+    }
+
+    #[test]
     fn learns_typed_values_and_drops_what_the_queue_lacks() {
         let mut declaration = Declaration::celery(QueueType::Quorum);
         assert!(declaration.learn(&refusal(
@@ -329,6 +348,10 @@ mod tests {
             "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'q' in vhost '/': received 'direct' but current is 'topic'"
         ));
         assert_eq!(declaration.exchange_type, "topic");
+        assert!(declaration.learn(
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'q' in vhost '/': received 'true' but current is 'false'"
+        ));
+        assert!(!declaration.exchange_durable && !declaration.durable);
     }
 
     #[test]

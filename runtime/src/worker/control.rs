@@ -297,7 +297,7 @@ fn queue_info(queue: &str, declared: Option<Declaration>) -> Value {
         .map(|ms| ms / 1000.0);
     json!({
         "name": queue,
-        "exchange": {"name": queue, "type": declared.exchange_type, "arguments": null, "durable": true, "passive": false,
+        "exchange": {"name": queue, "type": declared.exchange_type, "arguments": null, "durable": declared.exchange_durable, "passive": false,
                      "auto_delete": false, "delivery_mode": null, "no_declare": false},
         "routing_key": queue,
         "queue_arguments": arguments, "binding_arguments": null, "consumer_arguments": null,

@@ -1,5 +1,6 @@
-"""RabbitMQ queues as production Celery declares them: quorum queues, and queues someone else
-declared with arguments our worker does not choose.
+"""RabbitMQ's topology as production Celery declares it: quorum queues, queues someone else
+declared with arguments our worker does not choose, native delayed delivery, and the private
+queues RabbitMQ 4 accepts.
 
 * A worker started on five queues that Python declared first, each with other arguments
   (quorum, x-max-priority, a TTL with dead-lettering, a bounded quorum queue, a topic exchange),
@@ -11,6 +12,8 @@ declared with arguments our worker does not choose.
   wait in the broker's ``celery_delayed_*`` queues, not in our worker; ours (the ``call``
   client, retries) are sent the same way and a Python worker runs them; the Python worker and
   ours declare the same delay topology.
+* The worker's pidbox queue is exclusive, as Celery 5.7 declares it (``control_queue_exclusive``):
+  RabbitMQ 4 refuses transient queues that are not.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from amqp.exceptions import ResourceLocked
 from kombu import Connection, Exchange, Queue
 
 from interop_app import create_app
@@ -155,3 +159,10 @@ def test_our_countdowns_and_retries_reach_a_python_worker_through_the_delay_queu
     flaky = app.send_task("tasks.flaky", (2,))
     assert flaky.get(timeout=GET_TIMEOUT) == 2
     assert OUR_DELAY_WARNING not in worker.process.log_text()
+
+
+def test_the_pidbox_queue_is_exclusive_as_rabbitmq_4_requires(rabbitmq, rust):
+    # Another connection may not even look at an exclusive queue.
+    with Connection(rabbitmq.broker_url, connect_timeout=5) as conn:
+        with pytest.raises(ResourceLocked):
+            conn.default_channel.queue_declare(queue=f"{rust.hostname}.celery.pidbox", passive=True)
