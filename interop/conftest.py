@@ -54,7 +54,20 @@ REDIS_URL = os.environ.get("INTEROP_REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKER_SETUPS = {
     "rabbitmq": (AMQP_URL, REDIS_URL),
     "redis": (REDIS_URL, REDIS_URL),
+    # Celery 5.5+'s production set-up: every queue a quorum queue behind a topic exchange, ETAs
+    # by native delayed delivery. Modules opt in with `pytestmark = ALL_SETUPS`.
+    "rabbitmq-quorum": (AMQP_URL, REDIS_URL),
 }
+# What every module runs on unless it opts in to more.
+DEFAULT_SETUPS = ["rabbitmq", "redis"]
+# The queue settings of the quorum set-up, for our processes and for Python's.
+QUORUM_RUST_ENV = {
+    "CELERY_TASK_DEFAULT_QUEUE_TYPE": "quorum",
+    "CELERY_TASK_CREATE_MISSING_QUEUE_TYPE": "quorum",
+    "CELERY_TASK_DEFAULT_EXCHANGE_TYPE": "topic",
+    "CELERY_TASK_CREATE_MISSING_QUEUE_EXCHANGE_TYPE": "topic",
+}
+QUORUM_PYTHON_ENV = {"INTEROP_DEFAULT_QUEUE_TYPE": "quorum", "INTEROP_DEFAULT_EXCHANGE_TYPE": "topic"}
 
 # The Redis database of `isolated_broker`: kombu's `unacked` / `unacked_index` / `unacked_mutex`
 # keys are per database and every consumer restores *every* entry older than its own visibility
@@ -82,10 +95,15 @@ class BrokerSetup:
         self.queues_to_delete.append(name)
         return name
 
+    @property
+    def quorum(self) -> bool:
+        return self.name == "rabbitmq-quorum"
+
     def rust_env(self, default_queue: str | None = None, **extra: str) -> dict[str, str]:
         """Environment for Rust processes (worker and `call`) talking to this setup."""
         return rust_env(
             {
+                **(QUORUM_RUST_ENV if self.quorum else {}),
                 "CELERY_BROKER_URL": self.broker_url,
                 "CELERY_RESULT_BACKEND": self.result_backend,
                 "CELERY_TASK_DEFAULT_QUEUE": default_queue or self.queue,
@@ -103,6 +121,7 @@ class BrokerSetup:
             INTEROP_RESULT_BACKEND=self.result_backend,
             INTEROP_DEFAULT_QUEUE=default_queue,
             PYTHONUNBUFFERED="1",
+            **(QUORUM_PYTHON_ENV if self.quorum else {}),
         )
         return env
 
@@ -203,16 +222,18 @@ def _delete_queues(broker_url: str, names: list[str]) -> None:
         print(f"interop: could not delete queues {names}: {exc}", file=sys.stderr)
 
 
-@pytest.fixture(scope="session", params=sorted(BROKER_SETUPS), ids=sorted(BROKER_SETUPS))
+@pytest.fixture(scope="session", params=DEFAULT_SETUPS, ids=DEFAULT_SETUPS)
 def broker(request) -> BrokerSetup:
     name = request.param
     broker_url, result_backend = BROKER_SETUPS[name]
     session_id = uuid.uuid4().hex[:8]
     queue = f"interop-{session_id}"
     py_queue = f"interop-py-{session_id}"
+    quorum = {"default_queue_type": "quorum", "default_exchange_type": "topic"} if name == "rabbitmq-quorum" else {}
     # strict: a remote-control broadcast without a destination raises instead of reaching every
     # worker on the shared broker (see interop_app.GuardedControl).
-    app = create_app(broker_url, result_backend, default_queue=queue, main=f"interop-{name}", strict_control=True)
+    app = create_app(broker_url, result_backend, default_queue=queue, main=f"interop-{name}", strict_control=True,
+                     **quorum)
     setup = BrokerSetup(
         name=name,
         broker_url=broker_url,

@@ -131,6 +131,9 @@ def create_app(
         task_default_queue=default_queue,
         task_default_queue_type=default_queue_type,
         task_default_exchange_type=default_exchange_type,
+        # Queues named by a send (`queue="..."`) are declared the same way.
+        task_create_missing_queue_type=default_queue_type,
+        task_create_missing_queue_exchange_type=default_exchange_type,
         task_track_started=True,
         broker_connection_retry_on_startup=True,
         enable_utc=True,

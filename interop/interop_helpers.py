@@ -26,6 +26,9 @@ ARTIFACTS_DIR = INTEROP_DIR / "artifacts"
 BIN_DIR = Path(os.environ.get("RCELERY_BIN_DIR") or REPO_DIR / "target" / "debug")
 CONFIG_PATH = Path(os.environ.get("RCELERY_CONFIG") or REPO_DIR / "celeryconfig.toml")
 # The PostgreSQL server of the web app's tests (each session creates and drops its own database).
+# `pytestmark = ALL_BROKER_SETUPS`: a module's tests run on every broker set-up of conftest,
+# RabbitMQ with quorum queues and native delayed delivery too, not only the default two.
+ALL_BROKER_SETUPS = pytest.mark.parametrize("broker", ["rabbitmq", "rabbitmq-quorum", "redis"], indirect=True)
 POSTGRES_URL = os.environ.get("INTEROP_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")

@@ -22,7 +22,9 @@ from celery import chain, chord, group
 from celery.exceptions import ChordError
 from celery.result import GroupResult
 
-from interop_helpers import logged_task_ids, run_command, rust_binary, rust_config, wait_state
+from interop_helpers import ALL_BROKER_SETUPS, logged_task_ids, run_command, rust_binary, rust_config, wait_state
+
+pytestmark = ALL_BROKER_SETUPS
 
 GET_TIMEOUT = 30
 

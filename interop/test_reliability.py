@@ -36,7 +36,9 @@ from collections import Counter
 import pytest
 from celery.exceptions import TimeLimitExceeded
 
-from interop_helpers import logged_task_ids, wait_for, wait_state
+from interop_helpers import ALL_BROKER_SETUPS, logged_task_ids, wait_for, wait_state
+
+pytestmark = ALL_BROKER_SETUPS
 
 GET_TIMEOUT = 20  # seconds for one AsyncResult.get()
 VISIBILITY_TIMEOUT = 5  # seconds (Redis)

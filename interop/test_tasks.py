@@ -21,7 +21,9 @@ from celery.exceptions import NotRegistered
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu import Connection
 
-from interop_helpers import run_call, wait_for
+from interop_helpers import ALL_BROKER_SETUPS, run_call, wait_for
+
+pytestmark = ALL_BROKER_SETUPS
 
 GET_TIMEOUT = 20  # seconds for one AsyncResult.get()
 
