@@ -58,7 +58,8 @@ impl TokenBucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.per_second)
+            // A rate so slow the wait overflows (`1e-30/s`) waits for ever, without a panic.
+            Duration::try_from_secs_f64(-self.tokens / self.per_second).unwrap_or(Duration::MAX)
         }
     }
 }
@@ -86,6 +87,10 @@ mod tests {
         let mut bucket = TokenBucket::new(4.0);
         let waits: Vec<Duration> = (0..4).map(|_| bucket.reserve(start)).collect();
         assert_eq!(waits, [0.0, 0.25, 0.5, 0.75].map(Duration::from_secs_f64));
+        // A rate too slow for any clock is no panic: the second start waits for ever.
+        let mut glacial = TokenBucket::new(parse("1e-30/s").unwrap().unwrap());
+        assert_eq!(glacial.reserve(start), Duration::ZERO);
+        assert_eq!(glacial.reserve(start), Duration::MAX);
         // A second later the backlog is paid off and one token is back.
         assert_eq!(
             bucket.reserve(start + Duration::from_secs(2)),

@@ -145,6 +145,18 @@ enum Ending {
     TimedOut(f64),
 }
 
+/// A time limit in seconds, as a message, a canvas option or a setting gives it: none unless
+/// it is a positive number of seconds a clock can count (`1e20` or infinity is no limit, not a
+/// panic).
+fn time_limit(seconds: Option<f64>) -> Option<Duration> {
+    seconds
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+}
+
+/// The most tasks one worker runs at once, however far `pool_grow` asks it to grow.
+const MAX_POOL: usize = 10_000;
+
 /// Retries a task gets when it declares no `max_retries`, as Celery's `Task.max_retries`.
 const DEFAULT_MAX_RETRIES: u32 = 3;
 
@@ -284,6 +296,9 @@ impl Worker {
     /// running tasks end, never by stopping one; the pool keeps at least one slot.
     fn resize_pool(&self, grow: bool, n: usize) {
         if grow {
+            // A control command's `n` is anyone's number: past the bound it would overflow the
+            // semaphore's permits (a panic) or hold a task per slot of a huge pool.
+            let n = n.min(MAX_POOL.saturating_sub(self.pool_size.load(Ordering::SeqCst)));
             self.slots.add_permits(n);
             self.pool_size.fetch_add(n, Ordering::SeqCst);
             return;
@@ -540,13 +555,13 @@ impl Worker {
         let soft_timer = soft.map(|soft| {
             let context = context.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs_f64(soft)).await;
+                tokio::time::sleep(soft).await;
                 context.exceed_soft_limit();
             })
         });
         let hard_deadline = async {
             match hard {
-                Some(hard) => tokio::time::sleep(Duration::from_secs_f64(hard)).await,
+                Some(hard) => tokio::time::sleep(hard).await,
                 None => std::future::pending().await,
             }
         };
@@ -556,7 +571,7 @@ impl Worker {
         let ending = tokio::select! {
             outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
             () = terminate.cancelled() => Ending::Terminated,
-            () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default()),
+            () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default().as_secs_f64()),
         };
         if let Some(timer) = soft_timer {
             timer.abort();
@@ -875,7 +890,7 @@ impl Worker {
         &self,
         request: &TaskRequest,
         options: &celery::task::TaskOptions,
-    ) -> (Option<f64>, Option<f64>) {
+    ) -> (Option<Duration>, Option<Duration>) {
         let hard = request
             .timelimit
             .0
@@ -886,7 +901,7 @@ impl Worker {
             .1
             .or(options.time_limit.map(f64::from))
             .or(self.config.task_soft_time_limit);
-        (hard.filter(|s| *s > 0.0), soft.filter(|s| *s > 0.0))
+        (time_limit(hard), time_limit(soft))
     }
 
     /// Acks now unless `task_acks_late`; returns the settlement still owed.

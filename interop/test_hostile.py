@@ -1,0 +1,44 @@
+"""Hostile numbers from anyone who can publish to the broker or send a control command: the
+worker settles what it cannot honour and goes on answering ``ping`` and running tasks.
+
+* A message time limit too large for any clock (``1e20`` s) is no limit, not a panic.
+* A rate limit too slow for any clock (``1e-30/s``) holds that task's later runs for ever,
+  without poisoning the lock every later message takes.
+* ``pool_grow`` with a huge ``n`` grows the pool to its bound instead of overflowing it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from interop_helpers import control_node, inspect_node
+
+pytestmark = pytest.mark.timeout(90)
+
+GET_TIMEOUT = 20
+
+
+def assert_still_serving(broker, worker, n: int) -> None:
+    assert inspect_node(broker.app, worker.hostname, "ping") == {"ok": "pong"}
+    assert broker.app.send_task("tasks.add", (n, n), queue=worker.queue).get(timeout=GET_TIMEOUT) == 2 * n
+    assert worker.process.alive()
+
+
+def test_numbers_too_large_for_a_clock_do_not_stop_the_worker(broker, spawn_rust_worker):
+    worker = spawn_rust_worker([broker.new_queue("hostile-numbers")], tag="numbers", concurrency=2)
+    app, node, queue = broker.app, worker.hostname, worker.queue
+
+    endless = app.send_task("tasks.add", (1, 2), queue=queue, time_limit=1e20, soft_time_limit=1e20)
+    assert endless.get(timeout=GET_TIMEOUT) == 3
+    assert_still_serving(broker, worker, 1)
+
+    reply = control_node(app, node, "rate_limit", task_name="tasks.mul", rate_limit="1e-30/s")
+    assert "new rate limit" in reply.get("ok", ""), reply
+    assert app.send_task("tasks.mul", (2, 3), queue=queue).get(timeout=GET_TIMEOUT) == 6
+    app.send_task("tasks.mul", (4, 5), queue=queue)  # waits for ever, for its token
+    assert_still_serving(broker, worker, 2)
+
+    control_node(app, node, "pool_grow", n=2**62)
+    stats = inspect_node(app, node, "stats")
+    assert stats["pool"]["max-concurrency"] <= 10_000, stats["pool"]
+    assert_still_serving(broker, worker, 3)
