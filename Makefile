@@ -4,10 +4,18 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
+.PHONY: services cluster cluster-stop venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
 
 services:
 	bash scripts/services.sh
+
+# Three clustered RabbitMQ nodes beside the main one (AMQP 5701-5703, data in
+# target/rabbitmq-cluster): amqp://guest:guest@127.0.0.1:5701//;...:5702//;...:5703//
+cluster:
+	bash scripts/cluster.sh start
+
+cluster-stop:
+	bash scripts/cluster.sh stop
 
 venv:
 	bash scripts/venv.sh
