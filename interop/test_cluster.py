@@ -138,6 +138,7 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
     republished: set[str] = set()
     call_failures: list[str] = []
     web_accepted: dict[str, int] = {}
+    sent_at: dict[str, list[float]] = {"python": [], "call": [], "web": []}  # time.time() of each send
     figures: dict = {"cluster_start_seconds": round(rabbit_cluster, 1)}
     failover: dict = {}
     rust_env = setup.rust_env(CELERY_TASK_DEFAULT_QUEUE_TYPE="quorum")
@@ -156,6 +157,7 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
             else:
                 raise AssertionError(f"could not publish {task_id}: {publish_errors}")
             published.append(task_id)
+            sent_at["python"].append(time.time())
             time.sleep(pause)
 
     def publish_rust() -> None:
@@ -167,6 +169,7 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
                 if result.returncode == 0:
                     expected[result.task_id] = x + 1
                     published.append(result.task_id)
+                    sent_at["call"].append(time.time())
                     break
                 call_failures.append(result.stderr[-300:])
             time.sleep(pause)
@@ -178,6 +181,7 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
             x = 200_000 + i
             task_id = web.submit({"task": "tasks.add", "args": [x, 1]}, conn=conn)
             web_accepted[task_id] = x + 1
+            sent_at["web"].append(time.time())
             time.sleep(pause)
 
     def fail_over(worker) -> None:
@@ -208,7 +212,8 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
                         reconnect_seconds=round(reconnected_at - stopped_at, 2),
                         resume_seconds=round(resumed_at - stopped_at, 2))
         cluster("start-node", str(node))
-        failover["node_down_seconds"] = round(time.time() - stopped_at, 1)
+        failover["restarted_at"] = time.time()
+        failover["node_down_seconds"] = round(failover["restarted_at"] - stopped_at, 1)
 
     database = f"rcelery_cluster_{session_id}"
     with own_database(database):
@@ -274,6 +279,8 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
             why["outbox_published_twice"] += 1
         else:
             unexplained.append(task_id)
+    down = (failover["stopped_at"], failover["restarted_at"])
+    sent_while_down = {client: sum(down[0] <= at <= down[1] for at in times) for client, times in sent_at.items()}
     figures.update(
         queue_type=declared["type"],
         queue_members=sorted(declared["members"]),
@@ -290,6 +297,8 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
         web_jobs_published_by_outbox=len(outbox_retried),
         python_publish_errors_retried=dict(publish_errors),
         call_failures_retried=len(call_failures),
+        call_failures_last_lines=[failure.strip().splitlines()[-1][-200:] for failure in call_failures[:3]],
+        sent_while_node_down=sent_while_down,
         completed_more_than_once=len(repeats),
         repeats_by_reason=dict(why),
         repeats_unexplained=len(unexplained),
@@ -306,6 +315,8 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
         stats["broker"]
     assert failover["connections_on_it_before"] >= 1, figures
     assert failover["worker_moved_to"] != failover["node_stopped"], figures
+    # Every client went on publishing while the node was down (each one's connect walked on).
+    assert all(sent_while_down.values()), figures
     assert not lost, f"{len(lost)} sent tasks never ended, e.g. {lost[:5]}: {figures}"
     assert not wrong, f"{len(wrong)} tasks ended wrong, e.g. {[metas[i] for i in wrong[:3]]}"
     assert not web_wrong, f"{len(web_wrong)} web jobs ended wrong: {[final_rows[i] for i in web_wrong[:3]]}"
