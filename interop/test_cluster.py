@@ -297,7 +297,7 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
         web_jobs_published_by_outbox=len(outbox_retried),
         python_publish_errors_retried=dict(publish_errors),
         call_failures_retried=len(call_failures),
-        call_failures_last_lines=[failure.strip().splitlines()[-1][-200:] for failure in call_failures[:3]],
+        call_failures_last_lines=[(failure.strip().splitlines() or [""])[-1][-200:] for failure in call_failures[:3]],
         sent_while_node_down=sent_while_down,
         completed_more_than_once=len(repeats),
         repeats_by_reason=dict(why),
