@@ -147,6 +147,7 @@ mod tests {
             ("amqp://127.0.0.1", "/"),
             ("amqps://u:p@rabbit:5671/prod", "prod"),
             ("amqp://rabbit/team%2Fone", "team/one"),
+            ("amqp://u:p@r1:5672/prod;amqp://u:p@r2:5672/prod", "prod"),
         ] {
             let api =
                 ManagementApi::new("http://guest:guest@127.0.0.1:15672/api", broker_url).unwrap();
