@@ -17,8 +17,8 @@ export PATH="/usr/lib/rabbitmq/bin:$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 here=$(cd "$(dirname "$0")/.." && pwd)
 CLUSTER_DIR=${CLUSTER_DIR:-$here/target/rabbitmq-cluster}
 NODES=(1 2 3)
-AMQP_BASE=${CLUSTER_AMQP_BASE:-5700}
-DIST_BASE=${CLUSTER_DIST_BASE:-25700}
+AMQP_BASE=5700
+DIST_BASE=25700
 
 log() { echo "cluster: $*"; }
 die() { echo "cluster: ERROR: $*" >&2; exit 1; }
