@@ -4,10 +4,18 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
+.PHONY: services cluster cluster-stop venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
 
 services:
 	bash scripts/services.sh
+
+# Three clustered RabbitMQ nodes beside the main one (AMQP 5701-5703, data in
+# target/rabbitmq-cluster): amqp://guest:guest@127.0.0.1:5701//;...:5702//;...:5703//
+cluster:
+	bash scripts/cluster.sh start
+
+cluster-stop:
+	bash scripts/cluster.sh stop
 
 venv:
 	bash scripts/venv.sh
@@ -38,10 +46,13 @@ fuzz:
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p web --release --test request_fuzz
 
 # The chaos run at full size (make test runs it at 1,500 tasks and 300 web jobs per broker):
-# 10,000 tasks and 2,000 web jobs per broker; figures in interop/artifacts/chaos-*.json.
+# 10,000 tasks and 2,000 web jobs per broker; figures in interop/artifacts/chaos-*.json. And the
+# RabbitMQ cluster losing a node (make test: 300 tasks, 60 web jobs) with 2,000 tasks and 2,000
+# web jobs: interop/artifacts/cluster.json.
 chaos: services venv build
-	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_WEB_JOBS=$${CHAOS_WEB_JOBS:-2000} RCELERY_BIN_DIR=$(BIN_DIR) \
-		.venv/bin/pytest -q -rP interop/test_chaos.py
+	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_WEB_JOBS=$${CHAOS_WEB_JOBS:-2000} \
+		CLUSTER_TASKS=$${CLUSTER_TASKS:-2000} CLUSTER_WEB_JOBS=$${CLUSTER_WEB_JOBS:-2000} \
+		RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q -rP interop/test_chaos.py interop/test_cluster.py
 
 # Ours against Python Celery on this machine, both brokers: bench/RESULTS.md, bench/results/.
 bench: services release

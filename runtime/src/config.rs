@@ -63,6 +63,18 @@ impl Default for TransportOptions {
     }
 }
 
+/// `broker_failover_strategy`: the order the URLs of a failover `broker_url` are tried in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum FailoverStrategy {
+    /// In the list's order, going on after the URL of the last connection.
+    #[default]
+    #[serde(rename = "round-robin")]
+    RoundRobin,
+    /// In a new random order at each connect.
+    #[serde(rename = "shuffle")]
+    Shuffle,
+}
+
 /// `cert_reqs` of a TLS setting: Python's `ssl` constants by name (and the lower-case forms
 /// Celery's `rediss://` URLs use).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -155,8 +167,12 @@ pub struct BeatEntry {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CeleryConfig {
-    /// `amqp://`, `amqps://`, `pyamqp://`, `redis://` or `rediss://`.
+    /// `amqp://`, `amqps://`, `pyamqp://`, `redis://` or `rediss://`; or Celery's failover
+    /// list of them, `;`-separated in one string or as a list (`["amqp://a//", "amqp://b//"]`).
+    #[serde(deserialize_with = "url_list")]
     pub broker_url: String,
+    /// How the URLs of a failover `broker_url` are tried: `round-robin` or `shuffle`.
+    pub broker_failover_strategy: FailoverStrategy,
     /// `redis://...`; `None` stores no results.
     pub result_backend: Option<String>,
     /// RabbitMQ's management API, as Flower's `broker_api` names it
@@ -253,6 +269,7 @@ impl Default for CeleryConfig {
     fn default() -> Self {
         Self {
             broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
+            broker_failover_strategy: FailoverStrategy::default(),
             result_backend: None,
             broker_api: None,
             broker_transport_options: TransportOptions::default(),
@@ -336,7 +353,22 @@ impl CeleryConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        crate::broker::BrokerKind::of(&self.broker_url)?;
+        let brokers = crate::broker::failover::urls(&self.broker_url);
+        let mut kinds = brokers
+            .iter()
+            .map(|url| crate::broker::BrokerKind::of(url))
+            .collect::<Result<Vec<_>>>()?;
+        kinds.dedup();
+        match kinds.len() {
+            0 => return Err(Error::Config("broker_url is empty".into())),
+            1 => {}
+            _ => {
+                return Err(Error::Config(format!(
+                    "broker_url {} mixes RabbitMQ and Redis in one failover list",
+                    redact_url(&self.broker_url)
+                )))
+            }
+        }
         if let Some(url) = &self.result_backend {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(Error::Config(format!(
@@ -349,7 +381,7 @@ impl CeleryConfig {
         // reading `broker_url` alone tells whether the traffic is encrypted.
         if let Some(ssl) = &self.broker_use_ssl {
             ssl.validate("broker_use_ssl")?;
-            if !crate::tls::is_tls_url(&self.broker_url) {
+            if !brokers.iter().all(|url| crate::tls::is_tls_url(url)) {
                 return Err(Error::Config(format!(
                     "broker_use_ssl is set but broker_url {} is not amqps:// or rediss://",
                     redact_url(&self.broker_url)
@@ -490,15 +522,33 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:********@host`; other URLs unchanged.
+/// `scheme://user:secret@host` → `scheme://user:********@host`, each URL of a `;`-separated
+/// failover list alike; other URLs unchanged.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("********"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+    url.split(';')
+        .map(|one| match url::Url::parse(one.trim()) {
+            Ok(mut parsed) if parsed.password().is_some() => {
+                let _ = parsed.set_password(Some("********"));
+                parsed.to_string()
+            }
+            _ => one.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// A URL, or Celery's list form of a failover list, read as the `;`-separated string.
+fn url_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
     }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(";"),
+    })
 }
 
 #[cfg(test)]
@@ -710,6 +760,54 @@ mod tests {
             Some("********")
         );
         assert_eq!(CeleryConfig::default().redacted().web_jwt_secret, None);
+    }
+
+    #[test]
+    fn broker_url_takes_a_failover_list_and_a_strategy() {
+        let list = "amqp://guest:pw@127.0.0.1:5701//;amqp://guest:pw@127.0.0.1:5702//";
+        let config = CeleryConfig::from_sources(
+            "",
+            env(&[
+                ("CELERY_BROKER_URL", list),
+                ("CELERY_BROKER_FAILOVER_STRATEGY", "shuffle"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.broker_url, list);
+        assert_eq!(config.broker_failover_strategy, FailoverStrategy::Shuffle);
+        let text = "broker_url = [\"amqp://a:5701//\", \"amqp://b:5702//\"]";
+        let config = CeleryConfig::from_sources(text, env(&[])).unwrap();
+        assert_eq!(config.broker_url, "amqp://a:5701//;amqp://b:5702//");
+        assert_eq!(
+            config.broker_failover_strategy,
+            FailoverStrategy::RoundRobin
+        );
+
+        let shown = CeleryConfig {
+            broker_url: list.into(),
+            ..CeleryConfig::default()
+        }
+        .redacted()
+        .broker_url;
+        assert_eq!(
+            shown,
+            "amqp://guest:********@127.0.0.1:5701//;amqp://guest:********@127.0.0.1:5702//"
+        );
+        for (bad, why) in [
+            ("amqp://a//;kafka://b", "kafka"),
+            ("amqp://a//;redis://b/0", "mixes"),
+            (" ; ", "empty"),
+        ] {
+            let err =
+                CeleryConfig::from_sources("", env(&[("CELERY_BROKER_URL", bad)])).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+        let err = CeleryConfig::from_sources("broker_failover_strategy = \"random\"", env(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("round-robin"), "{err}");
+        let half = "broker_url = \"amqps://a//;amqp://b//\"\nbroker_use_ssl = {}";
+        let err = CeleryConfig::from_sources(half, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("not amqps://"), "{err}");
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub enum Error {
     #[error("broker did not confirm the publish of task {0}")]
     NotConfirmed(String),
 
+    /// No URL of a failover `broker_url` could be connected to; each with why (redacted).
+    #[error("no broker of the failover list answered: {0}")]
+    NoBrokerAnswered(String),
+
     /// The broker closed the consumer's connection.
     #[error("the broker connection was lost")]
     ConnectionLost,

@@ -521,3 +521,55 @@ async fn a_panicking_task_is_a_lost_run_requeued_only_when_asked() {
         worker.stop().await;
     }
 }
+
+/// A failover `broker_url` and no result backend: the worker connects to the node of the list
+/// that answers and consumes (the task app handle, which cannot read a list, is not given it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_list_without_a_result_backend_consumes_from_the_node_that_answers() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let queue = format!("test-worker-{}", uuid::Uuid::new_v4().simple());
+    let config = CeleryConfig {
+        broker_url: format!("amqp://guest:guest@127.0.0.1:{dead}//;{}", BROKERS[0]),
+        result_backend: None,
+        task_default_queue: queue.clone(),
+        worker_concurrency: 1,
+        ..CeleryConfig::default()
+    };
+    let worker = Worker::new(
+        config,
+        tasks::registry(),
+        format!("{queue}@host"),
+        vec![queue.clone()],
+    )
+    .await
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let broker = runtime::broker::connect(BROKERS[0]).await.unwrap();
+    let request =
+        runtime::protocol::TaskRequest::new("tasks.add", vec![json!(1), json!(2)], Map::new());
+    broker.publish(&queue, &request.encode()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while broker
+        .depth(&queue)
+        .await
+        .unwrap()
+        .is_some_and(|d| d.ready > 0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker took nothing from {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    done.await.unwrap().unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}

@@ -74,7 +74,12 @@ impl ManagementApi {
         // which RabbitMQ refuses.
         let _ = base.set_username("");
         let _ = base.set_password(None);
-        let broker = Url::parse(broker_url).map_err(|e| invalid("broker_url", &e))?;
+        // Every node of a failover list serves the same virtual host: the first URL names it.
+        let first = runtime::broker::failover::urls(broker_url)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let broker = Url::parse(&first).map_err(|e| invalid("broker_url", &e))?;
         // The URL's path is the virtual host, percent-encoded (`/my%2Fvhost` is `my/vhost`).
         let vhost = match broker.path() {
             "" | "/" | "//" => "/".to_string(),
@@ -142,6 +147,7 @@ mod tests {
             ("amqp://127.0.0.1", "/"),
             ("amqps://u:p@rabbit:5671/prod", "prod"),
             ("amqp://rabbit/team%2Fone", "team/one"),
+            ("amqp://u:p@r1:5672/prod;amqp://u:p@r2:5672/prod", "prod"),
         ] {
             let api =
                 ManagementApi::new("http://guest:guest@127.0.0.1:15672/api", broker_url).unwrap();

@@ -2,11 +2,13 @@
 //!
 //! A [`Broker`] publishes a [`Message`] to a queue (returning only once the broker has it) and
 //! hands out [`Delivery`]s from a set of queues, at most `prefetch` unsettled at a time. Each
-//! delivery is settled exactly once, by [`Settle::ack`] or [`Settle::reject`].
+//! delivery is settled exactly once, by [`Settle::ack`] or [`Settle::reject`]. A connect walks
+//! `broker_url`'s failover list ([`failover`]) until a broker answers.
 
 pub mod amqp;
 pub mod declaration;
 pub mod delayed;
+pub mod failover;
 pub mod redis;
 
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::config::{CeleryConfig, SslOptions, TransportOptions};
+use crate::config::{redact_url, CeleryConfig, FailoverStrategy, SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
 use declaration::Topology;
@@ -207,26 +209,68 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     connect_with(url, &TransportOptions::default(), None).await
 }
 
-/// Connects to the broker `url` names; `ssl` is `broker_use_ssl`. Queues it declares are
-/// declared as Celery's defaults have them.
+/// Connects to the broker `url` names (a failover list is tried round-robin); `ssl` is
+/// `broker_use_ssl`. Queues it declares are declared as Celery's defaults have them.
 pub async fn connect_with(
     url: &str,
     options: &TransportOptions,
     ssl: Option<&SslOptions>,
 ) -> Result<Arc<dyn Broker>> {
-    connect_declaring(url, options, ssl, Topology::default()).await
+    walk(
+        url,
+        FailoverStrategy::default(),
+        options,
+        ssl,
+        Topology::default(),
+    )
+    .await
 }
 
 /// Connects to the broker `config` names, with its transport options and TLS settings,
-/// declaring missing queues as configured.
+/// declaring missing queues as configured. The worker, the client and the web app's outbox
+/// connect and reconnect through here, so a reconnect lands on a node of the failover list
+/// that answers.
 pub async fn of(config: &CeleryConfig) -> Result<Arc<dyn Broker>> {
-    connect_declaring(
+    walk(
         &config.broker_url,
+        config.broker_failover_strategy,
         &config.broker_transport_options,
         config.broker_use_ssl.as_ref(),
         Topology::of(config),
     )
     .await
+}
+
+/// Tries the URLs of `list` in `strategy`'s order, once each, and keeps the first connection
+/// made. The caller's backoff applies only after the whole list failed, as kombu's does.
+async fn walk(
+    list: &str,
+    strategy: FailoverStrategy,
+    options: &TransportOptions,
+    ssl: Option<&SslOptions>,
+    topology: Topology,
+) -> Result<Arc<dyn Broker>> {
+    let attempts = failover::attempts(list, strategy);
+    if attempts.is_empty() {
+        return Err(Error::UnsupportedUrl(redact_url(list)));
+    }
+    let mut refusals = Vec::new();
+    for (index, url) in &attempts {
+        match connect_declaring(url, options, ssl, topology.clone()).await {
+            Ok(broker) => {
+                failover::connected(list, *index);
+                tracing::info!(url = %redact_url(url), "connected to the broker");
+                return Ok(broker);
+            }
+            // One URL: its own error, as it always was.
+            Err(error) if attempts.len() == 1 => return Err(error),
+            Err(error) => {
+                tracing::warn!(url = %redact_url(url), %error, "broker unreachable; trying the next of the list");
+                refusals.push(format!("{} ({error})", redact_url(url)));
+            }
+        }
+    }
+    Err(Error::NoBrokerAnswered(refusals.join("; ")))
 }
 
 async fn connect_declaring(

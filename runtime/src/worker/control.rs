@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::Worker;
 use crate::broker::declaration::Declaration;
 use crate::broker::{BrokerKind, Exchange};
-use crate::config::{glob_match, QueueType};
+use crate::config::{glob_match, CeleryConfig, QueueType};
 use crate::events::timestamp;
 use crate::protocol::message::JSON;
 use crate::protocol::{Message, Properties};
@@ -252,7 +252,7 @@ impl Worker {
                 "put-guarded-by-semaphore": false,
                 "timeouts": [0, 0],
             },
-            "broker": broker_info(&self.config.broker_url),
+            "broker": broker_info(&self.config),
             "rusage": rusage(),
         })
     }
@@ -263,7 +263,7 @@ impl Worker {
             env!("CARGO_PKG_VERSION"),
             std::env::consts::OS,
             std::env::consts::ARCH,
-            broker_info(&self.config.broker_url)["transport"].as_str().unwrap_or(""),
+            broker_info(&self.config)["transport"].as_str().unwrap_or(""),
             self.config.result_backend.as_deref().map(crate::config::redact_url).unwrap_or_default(),
         )
     }
@@ -308,8 +308,18 @@ fn queue_info(queue: &str, declared: Option<Declaration>) -> Value {
     })
 }
 
-/// The broker connection as `stats` shows it: never the password.
-fn broker_info(broker_url: &str) -> Value {
+/// The broker connection as `stats` shows it: never the password. A failover list is shown
+/// as kombu shows it, by its first URL with the whole list as `alternates` (masked here).
+fn broker_info(config: &CeleryConfig) -> Value {
+    let urls = crate::broker::failover::urls(&config.broker_url);
+    let broker_url = urls.first().map_or("", String::as_str);
+    let alternates: Vec<String> = match urls.len() {
+        1 => Vec::new(),
+        _ => urls
+            .iter()
+            .map(|url| crate::config::redact_url(url))
+            .collect(),
+    };
     let parsed = url::Url::parse(broker_url).ok();
     let transport = match BrokerKind::of(broker_url) {
         Ok(BrokerKind::Redis) => "redis",
@@ -331,7 +341,7 @@ fn broker_info(broker_url: &str) -> Value {
         "hostname": host, "userid": userid, "virtual_host": virtual_host, "port": port,
         "insist": false, "ssl": broker_url.starts_with("amqps") || broker_url.starts_with("rediss"),
         "transport": transport, "connect_timeout": 4, "transport_options": {}, "login_method": null,
-        "uri_prefix": null, "credential_provider": null, "heartbeat": 120.0, "failover_strategy": "round-robin", "alternates": [],
+        "uri_prefix": null, "credential_provider": null, "heartbeat": 120.0, "failover_strategy": config.broker_failover_strategy, "alternates": alternates,
     })
 }
 
@@ -376,15 +386,38 @@ mod tests {
 
     #[test]
     fn broker_info_never_shows_the_password() {
-        let info = broker_info("amqp://guest:s3cret@127.0.0.1:5672//");
+        let config = |broker_url: &str| CeleryConfig {
+            broker_url: broker_url.into(),
+            ..CeleryConfig::default()
+        };
+        let info = broker_info(&config("amqp://guest:s3cret@127.0.0.1:5672//"));
         assert_eq!(
             (&info["userid"], &info["virtual_host"], &info["port"]),
             (&json!("guest"), &json!("/"), &json!(5672))
         );
+        assert_eq!(info["alternates"], json!([]));
         assert!(!info.to_string().contains("s3cret"));
         assert_eq!(
-            broker_info("redis://:pw@127.0.0.1:6379/0")["transport"],
+            broker_info(&config("redis://:pw@127.0.0.1:6379/0"))["transport"],
             "redis"
         );
+        let list = "amqp://guest:s3cret@127.0.0.1:5701//;amqp://guest:s3cret@127.0.0.1:5702//";
+        let info = broker_info(&config(list));
+        assert_eq!(
+            (
+                &info["port"],
+                &info["virtual_host"],
+                &info["failover_strategy"]
+            ),
+            (&json!(5701), &json!("/"), &json!("round-robin"))
+        );
+        assert_eq!(
+            info["alternates"],
+            json!([
+                "amqp://guest:********@127.0.0.1:5701//",
+                "amqp://guest:********@127.0.0.1:5702//"
+            ])
+        );
+        assert!(!info.to_string().contains("s3cret"));
     }
 }
