@@ -5,11 +5,16 @@ worker settles what it cannot honour and goes on answering ``ping`` and running 
 * A rate limit too slow for any clock (``1e-30/s``) holds that task's later runs for ever,
   without poisoning the lock every later message takes.
 * ``pool_grow`` with a huge ``n`` grows the pool to its bound instead of overflowing it.
+* A control request whose reply routing key is longer than AMQP can carry is not answered,
+  instead of a malformed frame taking the worker's connection down.
 """
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+from kombu import Connection, Exchange, Producer
 
 from interop_helpers import control_node, inspect_node
 
@@ -42,3 +47,16 @@ def test_numbers_too_large_for_a_clock_do_not_stop_the_worker(broker, spawn_rust
     stats = inspect_node(app, node, "stats")
     assert stats["pool"]["max-concurrency"] <= 10_000, stats["pool"]
     assert_still_serving(broker, worker, 3)
+
+
+def test_a_reply_key_too_long_for_amqp_does_not_drop_the_connection(broker, spawn_rust_worker):
+    worker = spawn_rust_worker([broker.new_queue("hostile-reply")], tag="reply", concurrency=1)
+    request = {
+        "method": "ping", "arguments": {}, "destination": [worker.hostname], "pattern": None, "matcher": None,
+        "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "r" * 300}, "ticket": str(uuid.uuid4()),
+    }
+    with Connection(broker.broker_url, connect_timeout=5) as conn:
+        Producer(conn.default_channel).publish(
+            request, exchange=Exchange("celery.pidbox", "fanout", durable=False), routing_key="", serializer="json")
+    assert_still_serving(broker, worker, 4)
+    assert "connection lost" not in worker.process.log_text()

@@ -249,6 +249,8 @@ pub struct CeleryConfig {
     pub web_default_task: String,
     /// Task names `POST /receive` accepts besides the Rust registry's (e.g. Python tasks).
     pub web_allowed_tasks: Vec<String>,
+    /// Queues a `POST /receive` job may name; empty, any valid queue name.
+    pub web_allowed_queues: Vec<String>,
     /// Largest request body the web app reads, in bytes.
     pub web_body_limit: u64,
     /// Bearer token the web app's job routes require; unset, they are open.
@@ -303,6 +305,7 @@ impl Default for CeleryConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/rcelery".into(),
             web_default_task: "tasks.echo".into(),
             web_allowed_tasks: Vec::new(),
+            web_allowed_queues: Vec::new(),
             web_body_limit: 1 << 20,
             web_auth_token: None,
             web_jwt_secret: None,

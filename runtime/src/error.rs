@@ -13,6 +13,10 @@ pub enum Error {
     #[error("unsupported URL scheme in {0}")]
     UnsupportedUrl(String),
 
+    /// A queue, exchange, routing key or header name the broker cannot take.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+
     /// A send option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -1,5 +1,5 @@
-//! RabbitMQ only: quorum queues and native delayed delivery, through the `Broker` the worker,
-//! the client and the web app's outbox publish with.
+//! RabbitMQ only: quorum queues, native delayed delivery and AMQP's name limits, through the
+//! `Broker` the worker, the client and the web app's outbox publish with.
 
 mod common;
 
@@ -80,5 +80,27 @@ async fn a_message_due_now_or_on_a_direct_exchange_goes_straight_to_its_queue() 
         assert_eq!(depth.ready, 1, "{queue}");
         broker.delete_queue(queue).await.unwrap();
     }
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_name_too_long_for_amqp_is_refused_and_the_connection_lives_on() {
+    let broker = broker::connect(&amqp_url()).await.unwrap();
+    let request = TaskRequest::new("tasks.add", vec![json!(1), json!(2)], Map::new());
+    let long = "q".repeat(300);
+    let error = broker.publish(&long, &request.encode()).await.unwrap_err();
+    assert!(matches!(error, runtime::Error::InvalidName(_)), "{error}");
+    let mut hostile = request.encode();
+    hostile
+        .headers
+        .insert("h".repeat(300), json!("a header name too long"));
+    let queue = unique_queue("names");
+    let error = broker.publish(&queue, &hostile).await.unwrap_err();
+    assert!(matches!(error, runtime::Error::InvalidName(_)), "{error}");
+    // The shared connection and its publishing channel are whole.
+    broker.publish(&queue, &request.encode()).await.unwrap();
+    broker.check().await.unwrap();
+    assert_eq!(broker.depth(&queue).await.unwrap().unwrap().ready, 1);
+    broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
 }

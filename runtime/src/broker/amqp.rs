@@ -85,6 +85,7 @@ impl AmqpBroker {
         if let Some(known) = self.declaration(queue) {
             return Ok(known);
         }
+        short(queue, "a queue name")?;
         let mut declaration = self.topology.declaration(queue);
         let mut refusals = 0;
         // Each refusal names one difference and closes its channel: a channel per attempt.
@@ -206,7 +207,10 @@ impl AmqpBroker {
                 let micros = (eta - chrono::Utc::now()).num_microseconds()?;
                 let seconds = u64::try_from(micros).ok()?.div_ceil(1_000_000);
                 delayed::routing_key(seconds, queue)
-            });
+            })
+            // 56 bytes of delay digits in front of a long queue name may not fit a short
+            // string: such a message waits in the worker instead.
+            .filter(|key| key.len() <= super::MAX_NAME_BYTES);
         match delayed {
             Some(key) => (delayed::ENTRY_EXCHANGE, key),
             None => ("", queue.to_string()),
@@ -357,7 +361,7 @@ impl Broker for AmqpBroker {
                 &routing_key,
                 BasicPublishOptions::default(),
                 &message.body,
-                properties_of(message),
+                properties_of(message)?,
             )
             .await?
             .await?;
@@ -456,6 +460,8 @@ impl Broker for AmqpBroker {
         routing_key: &str,
         message: &Message,
     ) -> Result<()> {
+        // A control reply's routing key is the caller's word, whoever the caller is.
+        short(routing_key, "a routing key")?;
         self.ensure_exchange(&self.publisher, exchange).await?;
         // Sent, not confirmed: monitoring traffic must never hold a task up.
         let _confirm = self
@@ -465,7 +471,7 @@ impl Broker for AmqpBroker {
                 routing_key,
                 BasicPublishOptions::default(),
                 &message.body,
-                properties_of(message),
+                properties_of(message)?,
             )
             .await?;
         Ok(())
@@ -477,6 +483,7 @@ impl Broker for AmqpBroker {
         binding_key: &str,
         subscription: &Subscription,
     ) -> Result<mpsc::Receiver<Message>> {
+        short(&subscription.queue, "a queue name")?;
         let channel = self.connection.create_channel().await?;
         self.ensure_exchange(&channel, exchange).await?;
         let mut arguments = FieldTable::default();
@@ -608,25 +615,39 @@ impl Acker for AmqpAcker {
     }
 }
 
-fn properties_of(message: &Message) -> BasicProperties {
-    let headers = match json_to_amqp(&Value::Object(message.headers.clone())) {
+/// `text` as an AMQP short string, or why it cannot be one: lapin writes a short string's
+/// length as one byte without checking it, so a longer one would make a malformed frame that
+/// takes the whole shared connection down.
+fn short(text: &str, what: &str) -> Result<ShortString> {
+    if text.len() > super::MAX_NAME_BYTES {
+        return Err(Error::InvalidName(format!(
+            "{what} of {} bytes: AMQP takes {} at most",
+            text.len(),
+            super::MAX_NAME_BYTES
+        )));
+    }
+    Ok(ShortString::from(text))
+}
+
+fn properties_of(message: &Message) -> Result<BasicProperties> {
+    let headers = match json_to_amqp(&Value::Object(message.headers.clone()))? {
         AMQPValue::FieldTable(table) => table,
         _ => FieldTable::default(),
     };
     let p = &message.properties;
     let mut properties = BasicProperties::default()
-        .with_content_type(message.content_type.as_str().into())
-        .with_content_encoding(message.content_encoding.as_str().into())
+        .with_content_type(short(&message.content_type, "a content type")?)
+        .with_content_encoding(short(&message.content_encoding, "a content encoding")?)
         .with_headers(headers)
         .with_delivery_mode(p.delivery_mode)
         .with_priority(p.priority);
     if let Some(id) = &p.correlation_id {
-        properties = properties.with_correlation_id(id.as_str().into());
+        properties = properties.with_correlation_id(short(id, "a correlation id")?);
     }
     if let Some(reply_to) = &p.reply_to {
-        properties = properties.with_reply_to(reply_to.as_str().into());
+        properties = properties.with_reply_to(short(reply_to, "a reply-to")?);
     }
-    properties
+    Ok(properties)
 }
 
 fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
@@ -690,8 +711,8 @@ fn amqp_to_json(value: &AMQPValue) -> Value {
 }
 
 /// JSON as the AMQP field values py-amqp would send for it.
-fn json_to_amqp(value: &Value) -> AMQPValue {
-    match value {
+fn json_to_amqp(value: &Value) -> Result<AMQPValue> {
+    Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::Number(n) => match n.as_i64() {
@@ -700,16 +721,16 @@ fn json_to_amqp(value: &Value) -> AMQPValue {
         },
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
         Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
-            items.iter().map(json_to_amqp).collect::<Vec<_>>(),
+            items.iter().map(json_to_amqp).collect::<Result<Vec<_>>>()?,
         )),
         Value::Object(map) => {
             let mut table = FieldTable::default();
             for (k, v) in map {
-                table.insert(ShortString::from(k.as_str()), json_to_amqp(v));
+                table.insert(short(k, "a header name")?, json_to_amqp(v)?);
             }
             AMQPValue::FieldTable(table)
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -721,6 +742,6 @@ mod tests {
     fn headers_survive_the_amqp_field_table() {
         let headers = json!({"task": "tasks.add", "retries": 0, "timelimit": [null, 20.5],
             "ignore_result": false, "stamps": {}, "group": null, "big": 12345678901_i64});
-        assert_eq!(amqp_to_json(&json_to_amqp(&headers)), headers);
+        assert_eq!(amqp_to_json(&json_to_amqp(&headers).unwrap()), headers);
     }
 }

@@ -39,6 +39,8 @@ pub struct Accepts {
     pub default_task: String,
     /// Body size limit in bytes.
     pub body_limit: u64,
+    /// Queues a job may name (`web_allowed_queues`); empty, any valid queue name.
+    pub queues: BTreeSet<String>,
 }
 
 impl Accepts {
@@ -52,7 +54,25 @@ impl Accepts {
                 .collect(),
             default_task: config.web_default_task.clone(),
             body_limit: config.web_body_limit,
+            queues: config.web_allowed_queues.iter().cloned().collect(),
         }
+    }
+}
+
+impl Accepts {
+    /// `queue` if a job may name it: a name both brokers take (a bad one would fail every
+    /// publish and hold its row in the outbox for good), and one of `web_allowed_queues` when
+    /// that is set.
+    fn queue(&self, queue: &str) -> Result<String, Error> {
+        if let Some(problem) = runtime::broker::queue_name_problem(queue) {
+            return Err(Error::Unprocessable(format!("`queue`: {problem}")));
+        }
+        if !self.queues.is_empty() && !self.queues.contains(queue) {
+            return Err(Error::Unprocessable(format!(
+                "`queue` must be one of web_allowed_queues, not `{queue}`"
+            )));
+        }
+        Ok(queue.to_string())
     }
 }
 
@@ -143,7 +163,7 @@ impl JobRequest {
             },
             queue: match call.get("queue") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(queue)) if !queue.is_empty() => Some(queue.clone()),
+                Some(Value::String(queue)) => Some(accepts.queue(queue)?),
                 Some(_) => return Err(wrong("queue", "a queue name")),
             },
             countdown: seconds("countdown", false)?,
@@ -253,8 +273,12 @@ fn field_schema(field: &str) -> Value {
         "queue" => json!({
             "type": ["string", "null"],
             "minLength": 1,
+            "maxLength": runtime::broker::MAX_NAME_BYTES,
+            "pattern": format!("^[A-Za-z0-9{}]+$", runtime::broker::QUEUE_NAME_PUNCTUATION),
             "description": "the queue to publish to; by default the one `task_routes` or \
-                `task_default_queue` names",
+                `task_default_queue` names. Not `amq.*` (RabbitMQ's) nor kombu's own Redis keys \
+                (`unacked`, `unacked_index`, `unacked_mutex`, `_kombu.*`); one of \
+                `web_allowed_queues` when that is set; any other is 422",
         }),
         "countdown" => {
             let mut schema = seconds("before the job may run");
@@ -655,7 +679,22 @@ mod tests {
             tasks: ["tasks.add".to_string(), "py.mul".to_string()].into(),
             default_task: "tasks.echo".into(),
             body_limit: 1024,
+            queues: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn web_allowed_queues_bounds_the_queues_a_job_may_name() {
+        let accepts = Accepts {
+            queues: ["python".to_string()].into(),
+            ..accepts()
+        };
+        let named = |queue: &str| {
+            Submission::from_json(json!({"task": "tasks.add", "queue": queue}), &accepts)
+        };
+        assert!(named("python").is_ok());
+        let error = named("other").unwrap_err().to_string();
+        assert!(error.contains("web_allowed_queues"), "{error}");
     }
 
     /// The one job `body` is read as.
@@ -716,6 +755,28 @@ mod tests {
             (
                 json!({"task": "tasks.add", "queue": 3}),
                 "`queue` must be a queue name",
+            ),
+            // Names a broker refuses on every publish, which would hold their rows in the
+            // outbox for good.
+            (
+                json!({"task": "tasks.add", "queue": "amq.x"}),
+                "`queue`: the amq. prefix is RabbitMQ's own",
+            ),
+            (
+                json!({"task": "tasks.add", "queue": "unacked"}),
+                "`queue`: unacked is a key of kombu's own",
+            ),
+            (
+                json!({"task": "tasks.add", "queue": "q".repeat(256)}),
+                "`queue`: a queue name has 1 to 255 bytes",
+            ),
+            (
+                json!({"task": "tasks.add", "queue": ""}),
+                "`queue`: a queue name has 1 to 255 bytes",
+            ),
+            (
+                json!({"chain": [{"task": "tasks.add", "queue": "a b"}]}),
+                "step 0 of the chain: `queue`: a queue name has letters, digits",
             ),
             (
                 json!({"task": "tasks.add", "countdown": 1e13}),
