@@ -21,7 +21,7 @@ use crate::protocol::{DecodeError, Message};
 pub enum BrokerKind {
     /// `amqp://`, `amqps://`, `pyamqp://`.
     Amqp,
-    /// `redis://`, `rediss://`.
+    /// `redis://`, `rediss://`, `sentinel://` (a list of Redis sentinels).
     Redis,
 }
 
@@ -31,7 +31,7 @@ impl BrokerKind {
         let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
         match scheme {
             "amqp" | "amqps" | "pyamqp" => Ok(Self::Amqp),
-            "redis" | "rediss" => Ok(Self::Redis),
+            "redis" | "rediss" | "sentinel" => Ok(Self::Redis),
             _ => Err(Error::UnsupportedUrl(crate::config::redact_url(url))),
         }
     }

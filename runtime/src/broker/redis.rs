@@ -124,13 +124,23 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects to `url`; `rediss://` over TLS as `ssl` (`broker_use_ssl`) says.
+    /// Connects to `url`; `rediss://` over TLS as `ssl` (`broker_use_ssl`) says. For a
+    /// `sentinel://` list, to the master the sentinels name now: after a failover this
+    /// connection fails, and the next one (the worker's reconnect, the client's next send) finds
+    /// the new master.
     pub async fn connect(
         url: &str,
         options: &TransportOptions,
         ssl: Option<&SslOptions>,
     ) -> Result<Self> {
-        let client = crate::tls::redis_open(url, ssl)?;
+        let sentinel = crate::sentinel::of(
+            url,
+            "broker_url",
+            options.master_name.as_deref(),
+            options.sentinel_kwargs.as_ref(),
+            ssl,
+        )?;
+        let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
         Ok(Self {
             client,

@@ -52,13 +52,13 @@ pub fn expand_hostname(template: &str) -> String {
 /// Builds the rusty-celery app handle that its `Request::new` requires. It is never used to send
 /// or receive: we point it at a Redis URL when there is one, since the crate's Redis transport
 /// connects but declares nothing, whereas its AMQP transport declares the default queue. The
-/// crate speaks neither `amqps://` nor `rediss://`, so with TLS URLs only it is given a local
-/// placeholder instead (see [`placeholder_redis`]).
+/// crate speaks neither `amqps://` nor `rediss://` nor Sentinel lists, so with such URLs only it
+/// is given a local placeholder instead (see [`placeholder_redis`]).
 pub async fn app_handle(config: &CeleryConfig) -> Result<Arc<Celery>> {
     let plain: Vec<&String> = [Some(&config.broker_url), config.result_backend.as_ref()]
         .into_iter()
         .flatten()
-        .filter(|url| !crate::tls::is_tls_url(url))
+        .filter(|url| !crate::tls::is_tls_url(url) && !crate::sentinel::is_sentinel_url(url))
         .collect();
     let url = match plain
         .iter()
