@@ -12,9 +12,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::config::SslOptions;
-use crate::sentinel::{Following, Sentinel};
 use crate::error::{Error, Result};
 use crate::protocol::result::{state, ResultMeta};
+use crate::sentinel::{Following, Sentinel};
 
 /// Sets and publishes ARGV[1] under KEYS[1] (expiring after ARGV[2] seconds when > 0), unless
 /// the key already holds a SUCCESS. Returns 1 when written.
@@ -81,7 +81,9 @@ impl RedisBackend {
         match config.backend_sentinel()? {
             Some(sentinel) => {
                 let client = sentinel.master().await?;
-                Ok(Some(Self::following(client, Some(sentinel), expires).await?))
+                Ok(Some(
+                    Self::following(client, Some(sentinel), expires).await?,
+                ))
             }
             None => Ok(Some(Self::connect(url, expires, ssl).await?)),
         }

@@ -652,7 +652,8 @@ mod tests {
         let plain = "broker_url = \"amqp://h//\"\nbroker_use_ssl = { cert_reqs = \"CERT_NONE\" }";
         let err = CeleryConfig::from_sources(plain, env(&[])).unwrap_err();
         assert!(
-            err.to_string().contains("is not amqps://, rediss:// or sentinel://"),
+            err.to_string()
+                .contains("is not amqps://, rediss:// or sentinel://"),
             "{err}"
         );
         let err = CeleryConfig::from_sources(
@@ -740,8 +741,8 @@ mod tests {
     #[test]
     fn sentinel_urls_need_a_master_name_and_take_tls_from_the_settings() {
         let url = "sentinel://:pw@127.0.0.1:26379/2;sentinel://127.0.0.1:26380/2";
-        let err = CeleryConfig::from_sources(&format!("broker_url = \"{url}\""), env(&[]))
-            .unwrap_err();
+        let err =
+            CeleryConfig::from_sources(&format!("broker_url = \"{url}\""), env(&[])).unwrap_err();
         assert!(
             err.to_string().contains("broker_url is a sentinel:// URL")
                 && err.to_string().contains("master_name"),
@@ -756,7 +757,10 @@ mod tests {
             "#
         );
         let err = CeleryConfig::from_sources(&text, env(&[])).unwrap_err();
-        assert!(err.to_string().contains("result_backend is a sentinel://"), "{err}");
+        assert!(
+            err.to_string().contains("result_backend is a sentinel://"),
+            "{err}"
+        );
         let config = CeleryConfig::from_sources(
             &text,
             env(&[(
@@ -774,7 +778,10 @@ mod tests {
             crate::broker::BrokerKind::Redis
         );
         let shown = format!("{:?}", config.redacted());
-        assert!(!shown.contains("pw@") && !shown.contains("guard"), "{shown}");
+        assert!(
+            !shown.contains("pw@") && !shown.contains("guard"),
+            "{shown}"
+        );
 
         let unknown = format!(
             "broker_url = \"{url}\"\nbroker_transport_options = {{ master_name = \"m\", sentinel_kwargs = {{ ssl = true }} }}"

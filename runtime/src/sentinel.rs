@@ -17,11 +17,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError,
     RedisFuture, RedisResult, Value,
 };
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{redact_url, SentinelKwargs, SslOptions};
 use crate::error::{Error, Result};
@@ -31,6 +33,9 @@ const DEFAULT_PORT: u16 = 26379;
 /// How long one sentinel, or the master it names, may take to connect and answer: a dead
 /// sentinel must not hold up asking the next one.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between two looks at the sentinels when they cannot be heard or name a master that
+/// is not one yet.
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// Whether `url` is a list of sentinels.
 pub fn is_sentinel_url(url: &str) -> bool {
@@ -140,14 +145,87 @@ impl Sentinel {
         })
     }
 
-    /// The master the sentinel at `host:port` names, once it says it is one; `Ok(Err(why))`
-    /// when the sentinel answered but named no usable master.
-    async fn ask(&self, host: &str, port: u16) -> Result<std::result::Result<redis::Client, String>> {
-        let sentinel = redis::Client::open(ConnectionInfo {
+    /// A client of the sentinel at `host:port`.
+    fn sentinel_client(&self, host: &str, port: u16) -> RedisResult<redis::Client> {
+        redis::Client::open(ConnectionInfo {
             addr: ConnectionAddr::Tcp(host.to_string(), port),
             redis: self.auth.clone(),
-        })?;
-        let mut connection = quick_connection(&sentinel).await?;
+        })
+    }
+
+    /// Returns once the sentinels name a master other than `from`: at once if they do already,
+    /// else when one announces the move (`+switch-master`). Without this a client kept on a
+    /// master that a `SENTINEL FAILOVER` demoted goes on writing to it (nothing cuts its
+    /// connection) until the sentinels turn it into a replica, up to 10 s later, and that
+    /// replica then drops everything written to it since the failover.
+    pub async fn moved_from(&self, from: &ConnectionAddr) {
+        let from = match from {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                (host.clone(), *port)
+            }
+            ConnectionAddr::Unix(_) => return std::future::pending().await,
+        };
+        loop {
+            for (host, port) in &self.sentinels {
+                if let Ok(Some(named)) = self.announced(host, *port, &from).await {
+                    tracing::warn!(
+                        master = %self.master_name,
+                        from = %format!("{}:{}", from.0, from.1),
+                        to = %format!("{}:{}", named.0, named.1),
+                        "the sentinels moved the Redis master"
+                    );
+                    return;
+                }
+            }
+            tokio::time::sleep(RECHECK).await;
+        }
+    }
+
+    /// Listens to the sentinel at `host:port` until it names a master other than `from`
+    /// (`Ok(Some(that master))`); `Ok(None)` when the sentinel went away.
+    async fn announced(
+        &self,
+        host: &str,
+        port: u16,
+        from: &(String, u16),
+    ) -> RedisResult<Option<(String, u16)>> {
+        let client = self.sentinel_client(host, port)?;
+        let mut pubsub = tokio::time::timeout(ASK_TIMEOUT, client.get_async_pubsub())
+            .await
+            .map_err(|_| RedisError::from((ErrorKind::IoError, "sentinel did not answer")))??;
+        pubsub.subscribe("+switch-master").await?;
+        // A move between finding the master and subscribing is not announced again.
+        let named: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.master_name)
+            .query_async(&mut quick_connection(&client).await?)
+            .await?;
+        if let Some(named) = named.filter(|named| named != from) {
+            return Ok(Some(named));
+        }
+        let mut announcements = pubsub.on_message();
+        while let Some(message) = announcements.next().await {
+            let text: String = message.get_payload()?;
+            // `<master name> <old ip> <old port> <new ip> <new port>`
+            let fields: Vec<&str> = text.split(' ').collect();
+            if let [name, _, _, ip, port] = fields[..] {
+                let named = (ip.to_string(), port.parse().unwrap_or_default());
+                if name == self.master_name && &named != from {
+                    return Ok(Some(named));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The master the sentinel at `host:port` names, once it says it is one; `Ok(Err(why))`
+    /// when the sentinel answered but named no usable master.
+    async fn ask(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<std::result::Result<redis::Client, String>> {
+        let mut connection = quick_connection(&self.sentinel_client(host, port)?).await?;
         let address: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("GET-MASTER-ADDR-BY-NAME")
             .arg(&self.master_name)
@@ -157,9 +235,18 @@ impl Sentinel {
             return Ok(Err(format!("knows no master named {:?}", self.master_name)));
         };
         let master = self.node_client(master_host.clone(), master_port)?;
-        let role: Vec<Value> = redis::cmd("ROLE")
-            .query_async(&mut quick_connection(&master).await?)
-            .await?;
+        let role = match quick_connection(&master).await {
+            Ok(mut connection) => redis::cmd("ROLE").query_async(&mut connection).await,
+            Err(error) => Err(error),
+        };
+        let role: Vec<Value> = match role {
+            Ok(role) => role,
+            Err(error) => {
+                return Ok(Err(format!(
+                    "names {master_host}:{master_port}, which does not answer: {error}"
+                )))
+            }
+        };
         Ok(match role.first() {
             Some(Value::BulkString(role)) if role == b"master" => Ok(master),
             _ => Err(format!(
@@ -255,35 +342,49 @@ struct Node {
     generation: u64,
 }
 
-/// A connection that reconnects by itself and, under Sentinel, follows the master: a command
-/// that fails as a moved master would (connection lost, `READONLY`) makes it ask the sentinels
-/// again and move there if the master changed. That command still fails (it may have run),
-/// except after `READONLY`, which says it did not run: it is then sent to the new master.
+/// A connection that reconnects by itself and, under Sentinel, follows the master. It moves
+/// when the sentinels announce a new master (`+switch-master`), and when a command fails as a
+/// moved master would (connection lost, `READONLY`) and the sentinels name another. The command
+/// that failed still fails (it may have run), except after `READONLY`, which says it did not
+/// run: it is then sent to the new master.
 #[derive(Clone)]
 pub struct Following {
+    shared: Arc<Shared>,
+    /// Stops the announcement watch when the last clone goes.
+    _watching: Option<Arc<DropGuard>>,
+}
+
+/// What the clones of a [`Following`] share.
+struct Shared {
     sentinel: Option<Arc<Sentinel>>,
-    node: Arc<Mutex<Arc<Node>>>,
+    node: Mutex<Arc<Node>>,
     /// One move at a time.
-    moving: Arc<tokio::sync::Mutex<()>>,
+    moving: tokio::sync::Mutex<()>,
 }
 
 impl Following {
     /// Connects to `client`'s server, following the master of `sentinel` when given.
     pub(crate) async fn new(client: redis::Client, sentinel: Option<Sentinel>) -> Result<Self> {
         let connection = ConnectionManager::new(client.clone()).await?;
-        Ok(Self {
-            sentinel: sentinel.map(Arc::new),
-            node: Arc::new(Mutex::new(Arc::new(Node {
+        let sentinel = sentinel.map(Arc::new);
+        let shared = Arc::new(Shared {
+            sentinel: sentinel.clone(),
+            node: Mutex::new(Arc::new(Node {
                 client,
                 connection,
                 generation: 0,
-            }))),
-            moving: Arc::new(tokio::sync::Mutex::new(())),
+            })),
+            moving: tokio::sync::Mutex::new(()),
+        });
+        let watching = sentinel.map(|sentinel| Arc::new(watch(&shared, sentinel)));
+        Ok(Self {
+            shared,
+            _watching: watching,
         })
     }
 
     fn current(&self) -> Arc<Node> {
-        self.node.lock().expect("node lock").clone()
+        self.shared.current()
     }
 
     /// A subscription connection to the current server; under Sentinel, to the master the
@@ -291,11 +392,46 @@ impl Following {
     pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub> {
         let node = self.current();
         Ok(match node.client.get_async_pubsub().await {
-            Err(error) if self.moved_after(&error, node.generation).await => {
+            Err(error) if self.shared.moved_after(&error, node.generation).await => {
                 self.current().client.get_async_pubsub().await?
             }
             subscribed => subscribed?,
         })
+    }
+}
+
+/// Follows the announcements of `sentinel` for `shared`'s connection until it is dropped.
+fn watch(shared: &Arc<Shared>, sentinel: Arc<Sentinel>) -> DropGuard {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let shared = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            let Some(node) = shared.upgrade().map(|shared| shared.current()) else {
+                break;
+            };
+            tokio::select! {
+                () = stopped.cancelled() => break,
+                () = sentinel.moved_from(&node.client.get_connection_info().addr) => {}
+            }
+            let Some(shared) = shared.upgrade() else {
+                break;
+            };
+            match shared.follow(node.generation).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(reason) => tracing::warn!(%reason, "cannot find the Redis master yet"),
+            }
+            // The sentinels disagree with what the master says of itself: mid-failover.
+            tokio::time::sleep(RECHECK).await;
+        }
+    });
+    stop.drop_guard()
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Node> {
+        self.node.lock().expect("node lock").clone()
     }
 
     /// Asks the sentinels where the master is and moves there, unless another command already
@@ -348,8 +484,14 @@ impl ConnectionLike for Following {
         Box::pin(async move {
             let node = self.current();
             match node.connection.clone().req_packed_command(cmd).await {
-                Err(error) if self.moved_after(&error, node.generation).await && unrun(&error) => {
-                    self.current().connection.clone().req_packed_command(cmd).await
+                Err(error)
+                    if self.shared.moved_after(&error, node.generation).await && unrun(&error) =>
+                {
+                    self.current()
+                        .connection
+                        .clone()
+                        .req_packed_command(cmd)
+                        .await
                 }
                 answer => answer,
             }
@@ -370,7 +512,9 @@ impl ConnectionLike for Following {
                 .req_packed_commands(cmd, offset, count)
                 .await;
             match sent {
-                Err(error) if self.moved_after(&error, node.generation).await && unrun(&error) => {
+                Err(error)
+                    if self.shared.moved_after(&error, node.generation).await && unrun(&error) =>
+                {
                     self.current()
                         .connection
                         .clone()
@@ -414,7 +558,10 @@ mod tests {
         assert_eq!(sentinel.db(), 3);
         assert_eq!(sentinel.node.password.as_deref(), Some("s@cret"));
         assert_eq!(sentinel.node.username, None);
-        assert_eq!((sentinel.auth.username, sentinel.auth.password), (None, None));
+        assert_eq!(
+            (sentinel.auth.username, sentinel.auth.password),
+            (None, None)
+        );
 
         let kwargs = SentinelKwargs {
             username: None,
