@@ -5,9 +5,12 @@
 //! The first URL of the list carries what the Redis master needs (database number, username,
 //! password); every URL names one sentinel. Sentinels are asked in order for the address of
 //! `master_name`, and the address is taken only once the server there says it is a master: right
-//! after a failover a sentinel may still name the old one. The connections to the master are
-//! over TLS when the broker's or backend's TLS settings are given, as kombu and Celery do it;
-//! the sentinels themselves are always reached in plain TCP, with `sentinel_kwargs`' credentials.
+//! after a failover a sentinel may still name the old one. A connection then also listens for the
+//! sentinels' `+switch-master` announcement and leaves the old master as soon as it is made,
+//! because a master demoted by `SENTINEL FAILOVER` goes on taking writes, which it later drops,
+//! for up to 10 s. The connections to the master are over TLS when the broker's or backend's TLS
+//! settings are given, as kombu and Celery do it; the sentinels themselves are always reached in
+//! plain TCP, with `sentinel_kwargs`' credentials.
 //!
 //! The `redis` crate's own `sentinel` module is not used: it builds master clients with
 //! `Client::open`, so a private CA or a client certificate (`ca_certs`, `certfile`) could not
@@ -43,7 +46,7 @@ pub fn is_sentinel_url(url: &str) -> bool {
 }
 
 /// Where a master is found: the sentinels, its name, and how to log in to it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Sentinel {
     /// `(host, port)` of every sentinel, in the URL's order.
     pub sentinels: Vec<(String, u16)>,
@@ -273,6 +276,17 @@ impl Sentinel {
             redis: self.node.clone(),
         };
         crate::tls::redis_client(info, ssl)
+    }
+}
+
+/// Without the credentials.
+impl std::fmt::Debug for Sentinel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sentinel")
+            .field("sentinels", &self.sentinels)
+            .field("master_name", &self.master_name)
+            .field("db", &self.node.db)
+            .finish_non_exhaustive()
     }
 }
 
@@ -579,6 +593,8 @@ mod tests {
         assert_eq!(sentinel.db(), 0);
         assert_eq!(sentinel.node.username.as_deref(), Some("app"));
         assert_eq!(sentinel.auth.password.as_deref(), Some("guard"));
+        let shown = format!("{sentinel:?}");
+        assert!(!shown.contains("pw") && !shown.contains("guard"), "{shown}");
     }
 
     #[test]
