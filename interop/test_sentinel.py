@@ -416,6 +416,15 @@ def test_worker_web_and_python_follow_the_master(redis_group):
         "tasks_lost_by_failover": [
             sum(event.window[0] <= published[task_id] <= event.window[1] for task_id in lost) for event in failovers
         ],
+        # When the lost tasks were published, in seconds from their failover's start: before 0,
+        # acknowledged and not yet replicated; after, written to a master nobody names.
+        "tasks_lost_published_seconds_after_failover": [
+            [round(f(published[task_id] - event.began for task_id in lost
+                     if event.window[0] <= published[task_id] <= event.window[1]), 2)
+             for f in (min, max)] if any(event.window[0] <= published[task_id] <= event.window[1]
+                                         for task_id in lost) else None
+            for event in failovers
+        ],
         "tasks_lost_outside_failover_windows": len(lost_outside),
         "tasks_wrong": len(wrong),
         "tasks_run_more_than_once": len(repeated),
