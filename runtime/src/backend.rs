@@ -182,22 +182,27 @@ impl RedisBackend {
     }
 
     /// Every result meta written from now on, by any worker, as (task id, meta). Celery publishes
-    /// each state write on the key's channel, so this follows Python workers too.
+    /// each state write on the key's channel, so this follows Python workers too. The stream
+    /// ends when the connection is lost, or moves to a new master (Sentinel): subscribe again.
     pub async fn watch_all(&self) -> Result<impl futures::Stream<Item = (String, ResultMeta)>> {
+        let moved = self.connection.moved();
         let mut pubsub = self.connection.pubsub().await?;
         pubsub.psubscribe(result_key("*")).await?;
         let prefix = result_key("");
-        Ok(pubsub.into_on_message().filter_map(move |message| {
-            let id = message
-                .get_channel_name()
-                .strip_prefix(&prefix)
-                .map(str::to_owned);
-            let meta = message
-                .get_payload::<String>()
-                .ok()
-                .and_then(|text| serde_json::from_str(&text).ok());
-            futures::future::ready(id.zip(meta))
-        }))
+        Ok(pubsub
+            .into_on_message()
+            .take_until(moved)
+            .filter_map(move |message| {
+                let id = message
+                    .get_channel_name()
+                    .strip_prefix(&prefix)
+                    .map(str::to_owned);
+                let meta = message
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok());
+                futures::future::ready(id.zip(meta))
+            }))
     }
 
     /// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) and returns its meta. Subscribes

@@ -374,6 +374,8 @@ struct Shared {
     node: Mutex<Arc<Node>>,
     /// One move at a time.
     moving: tokio::sync::Mutex<()>,
+    /// The generation of the current node, for those who must know when it moves.
+    moves: tokio::sync::watch::Sender<u64>,
 }
 
 impl Following {
@@ -389,6 +391,7 @@ impl Following {
                 generation: 0,
             })),
             moving: tokio::sync::Mutex::new(()),
+            moves: tokio::sync::watch::Sender::new(0),
         });
         let watching = sentinel.map(|sentinel| Arc::new(watch(&shared, sentinel)));
         Ok(Self {
@@ -399,6 +402,15 @@ impl Following {
 
     fn current(&self) -> Arc<Node> {
         self.shared.current()
+    }
+
+    /// Resolves when the connection moves to another master from the one it is on now: a
+    /// subscription to the old master then hears nothing more of what is written.
+    pub(crate) fn moved(&self) -> impl std::future::Future<Output = ()> {
+        let mut moves = self.shared.moves.subscribe();
+        async move {
+            let _ = moves.changed().await;
+        }
     }
 
     /// A subscription connection to the current server; under Sentinel, to the master the
@@ -475,6 +487,7 @@ impl Shared {
             connection,
             generation: seen + 1,
         });
+        self.moves.send_replace(seen + 1);
         Ok(true)
     }
 
