@@ -203,8 +203,16 @@ impl Sentinel {
             .arg(&self.master_name)
             .query_async(&mut quick_connection(&client).await?)
             .await?;
+        // A sentinel that has not heard of a move yet may name a master that is gone: only one
+        // that answers as a master counts.
         if let Some(named) = named.filter(|named| named != from) {
-            return Ok(Some(named));
+            if self
+                .role_of(&named.0, named.1)
+                .await
+                .is_ok_and(|role| role == "master")
+            {
+                return Ok(Some(named));
+            }
         }
         let mut announcements = pubsub.on_message();
         while let Some(message) = announcements.next().await {
@@ -237,24 +245,27 @@ impl Sentinel {
         let Some((master_host, master_port)) = address else {
             return Ok(Err(format!("knows no master named {:?}", self.master_name)));
         };
-        let master = self.node_client(master_host.clone(), master_port)?;
-        let role = match quick_connection(&master).await {
-            Ok(mut connection) => redis::cmd("ROLE").query_async(&mut connection).await,
-            Err(error) => Err(error),
-        };
-        let role: Vec<Value> = match role {
-            Ok(role) => role,
-            Err(error) => {
-                return Ok(Err(format!(
-                    "names {master_host}:{master_port}, which does not answer: {error}"
-                )))
-            }
-        };
-        Ok(match role.first() {
-            Some(Value::BulkString(role)) if role == b"master" => Ok(master),
-            _ => Err(format!(
+        Ok(match self.role_of(&master_host, master_port).await {
+            Ok(role) if role == "master" => Ok(self.node_client(master_host, master_port)?),
+            Ok(_) => Err(format!(
                 "names {master_host}:{master_port}, which is not (or no longer) a master"
             )),
+            Err(error) => Err(format!(
+                "names {master_host}:{master_port}, which does not answer: {error}"
+            )),
+        })
+    }
+
+    /// What the Redis server at `host:port` says it is (`master`, `slave`), asked with the
+    /// master's credentials.
+    async fn role_of(&self, host: &str, port: u16) -> Result<String> {
+        let client = self.node_client(host.to_string(), port)?;
+        let role: Vec<Value> = redis::cmd("ROLE")
+            .query_async(&mut quick_connection(&client).await?)
+            .await?;
+        Ok(match role.first() {
+            Some(Value::BulkString(role)) => String::from_utf8_lossy(role).into_owned(),
+            _ => String::new(),
         })
     }
 
