@@ -9,12 +9,12 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use serde_json::{json, Value};
 
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::result::{state, ResultMeta};
+use crate::sentinel::{Following, Sentinel};
 
 /// Sets and publishes ARGV[1] under KEYS[1] (expiring after ARGV[2] seconds when > 0), unless
 /// the key already holds a SUCCESS. Returns 1 when written.
@@ -56,29 +56,36 @@ pub fn group_key(group_id: &str) -> String {
 }
 
 /// A connection to the result backend. It reconnects by itself after the server drops it: the
-/// command that met the broken connection fails, the next one runs on a new connection.
+/// command that met the broken connection fails, the next one runs on a new connection. Under
+/// Sentinel it also follows the master to its new address after a failover.
 #[derive(Clone)]
 pub struct RedisBackend {
-    client: redis::Client,
-    connection: ConnectionManager,
+    connection: Following,
     store: redis::Script,
     expires: u64,
 }
 
 impl RedisBackend {
-    /// The `result_backend` of `config`, connected, with its expiry and TLS settings; `None`
-    /// when there is none.
+    /// The `result_backend` of `config`, connected, with its expiry, TLS and Sentinel settings;
+    /// `None` when there is none.
     pub async fn of(config: &crate::CeleryConfig) -> Result<Option<Self>> {
-        match &config.result_backend {
-            Some(url) => Ok(Some(
-                Self::connect(
-                    url,
-                    config.result_expires,
-                    config.redis_backend_use_ssl.as_ref(),
-                )
-                .await?,
-            )),
-            None => Ok(None),
+        Self::of_expiring(config, config.result_expires).await
+    }
+
+    /// As [`RedisBackend::of`], with records kept `expires` seconds (0: for ever).
+    pub async fn of_expiring(config: &crate::CeleryConfig, expires: u64) -> Result<Option<Self>> {
+        let Some(url) = &config.result_backend else {
+            return Ok(None);
+        };
+        let ssl = config.redis_backend_use_ssl.as_ref();
+        match config.backend_sentinel()? {
+            Some(sentinel) => {
+                let client = sentinel.master().await?;
+                Ok(Some(
+                    Self::following(client, Some(sentinel), expires).await?,
+                ))
+            }
+            None => Ok(Some(Self::connect(url, expires, ssl).await?)),
         }
     }
 
@@ -95,17 +102,23 @@ impl RedisBackend {
                 }
             }
         }
-        let connection = ConnectionManager::new(client.clone()).await?;
+        Self::following(client, None, expires).await
+    }
+
+    async fn following(
+        client: redis::Client,
+        sentinel: Option<Sentinel>,
+        expires: u64,
+    ) -> Result<Self> {
         Ok(Self {
-            client,
-            connection,
+            connection: Following::new(client, sentinel).await?,
             store: redis::Script::new(STORE_SCRIPT),
             expires,
         })
     }
 
     /// A handle on the shared connection, for the backend's other records (chords).
-    pub(crate) fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> Following {
         self.connection.clone()
     }
 
@@ -169,29 +182,34 @@ impl RedisBackend {
     }
 
     /// Every result meta written from now on, by any worker, as (task id, meta). Celery publishes
-    /// each state write on the key's channel, so this follows Python workers too.
+    /// each state write on the key's channel, so this follows Python workers too. The stream
+    /// ends when the connection is lost, or moves to a new master (Sentinel): subscribe again.
     pub async fn watch_all(&self) -> Result<impl futures::Stream<Item = (String, ResultMeta)>> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let moved = self.connection.moved();
+        let mut pubsub = self.connection.pubsub().await?;
         pubsub.psubscribe(result_key("*")).await?;
         let prefix = result_key("");
-        Ok(pubsub.into_on_message().filter_map(move |message| {
-            let id = message
-                .get_channel_name()
-                .strip_prefix(&prefix)
-                .map(str::to_owned);
-            let meta = message
-                .get_payload::<String>()
-                .ok()
-                .and_then(|text| serde_json::from_str(&text).ok());
-            futures::future::ready(id.zip(meta))
-        }))
+        Ok(pubsub
+            .into_on_message()
+            .take_until(moved)
+            .filter_map(move |message| {
+                let id = message
+                    .get_channel_name()
+                    .strip_prefix(&prefix)
+                    .map(str::to_owned);
+                let meta = message
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok());
+                futures::future::ready(id.zip(meta))
+            }))
     }
 
     /// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) and returns its meta. Subscribes
     /// first, then reads once, so a result stored in between is not missed.
     pub async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta> {
         let key = result_key(task_id);
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let mut pubsub = self.connection.pubsub().await?;
         pubsub.subscribe(&key).await?;
         if let Some(meta) = self
             .get(task_id)

@@ -101,12 +101,13 @@ pub struct Beat {
 impl Beat {
     /// A beat for the schedule of `config`, which needs a Redis result backend for its state.
     pub async fn new(config: CeleryConfig) -> Result<Self> {
-        let url = config.result_backend.clone().ok_or_else(|| {
-            Error::Config(
-                "beat keeps its state in the result backend's Redis: set result_backend".into(),
-            )
-        })?;
-        let backend = RedisBackend::connect(&url, 0, config.redis_backend_use_ssl.as_ref()).await?;
+        let backend = RedisBackend::of_expiring(&config, 0)
+            .await?
+            .ok_or_else(|| {
+                Error::Config(
+                    "beat keeps its state in the result backend's Redis: set result_backend".into(),
+                )
+            })?;
         let entries = config
             .beat_schedule
             .iter()

@@ -46,19 +46,26 @@ pub enum QueueType {
     Quorum,
 }
 
-/// `broker_transport_options`: the Redis transport's recovery settings, as kombu names them.
+/// `broker_transport_options`: the Redis transport's recovery settings and, for a
+/// `sentinel://` broker, the master's name, as kombu names them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportOptions {
     /// Seconds a delivered, unacked message may stay with a consumer before another consumer
     /// restores it to its queue (a consumer that died holding it).
     pub visibility_timeout: u64,
+    /// The name the sentinels of a `sentinel://` broker know the Redis master by.
+    pub master_name: Option<String>,
+    /// How to log in to those sentinels.
+    pub sentinel_kwargs: Option<SentinelKwargs>,
 }
 
 impl Default for TransportOptions {
     fn default() -> Self {
         Self {
             visibility_timeout: 3600,
+            master_name: None,
+            sentinel_kwargs: None,
         }
     }
 }
@@ -73,6 +80,28 @@ pub enum FailoverStrategy {
     /// In a new random order at each connect.
     #[serde(rename = "shuffle")]
     Shuffle,
+}
+
+/// `result_backend_transport_options`: for a `sentinel://` result backend, the master's name,
+/// as Celery's Sentinel backend reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTransportOptions {
+    /// The name the sentinels of a `sentinel://` result backend know the Redis master by.
+    pub master_name: Option<String>,
+    /// How to log in to those sentinels.
+    pub sentinel_kwargs: Option<SentinelKwargs>,
+}
+
+/// `sentinel_kwargs`: the keys of redis-py's that apply here, the sentinels' own credentials
+/// (the master's are those of the first URL of the list).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelKwargs {
+    /// ACL user of the sentinels.
+    pub username: Option<String>,
+    /// Password of the sentinels (`requirepass` of their configuration).
+    pub password: Option<String>,
 }
 
 /// `cert_reqs` of a TLS setting: Python's `ssl` constants by name (and the lower-case forms
@@ -167,23 +196,28 @@ pub struct BeatEntry {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CeleryConfig {
-    /// `amqp://`, `amqps://`, `pyamqp://`, `redis://` or `rediss://`; or Celery's failover
-    /// list of them, `;`-separated in one string or as a list (`["amqp://a//", "amqp://b//"]`).
+    /// `amqp://`, `amqps://`, `pyamqp://`, `redis://` or `rediss://`; Celery's failover list
+    /// of them, `;`-separated in one string or as a list (`["amqp://a//", "amqp://b//"]`); or a
+    /// Sentinel list (`sentinel://host:port;sentinel://...`, with
+    /// `broker_transport_options.master_name`).
     #[serde(deserialize_with = "url_list")]
     pub broker_url: String,
     /// How the URLs of a failover `broker_url` are tried: `round-robin` or `shuffle`.
     pub broker_failover_strategy: FailoverStrategy,
-    /// `redis://...`; `None` stores no results.
+    /// `redis://...`, `rediss://...` or a Sentinel list (with
+    /// `result_backend_transport_options.master_name`); `None` stores no results.
     pub result_backend: Option<String>,
+    /// Settings of the result backend's connection (Sentinel: `master_name`).
+    pub result_backend_transport_options: BackendTransportOptions,
     /// RabbitMQ's management API, as Flower's `broker_api` names it
     /// (`http://user:password@host:15672/api/`): where `GET /queues` reads what AMQP does not
     /// tell (unacknowledged messages, publish and ack rates). Unset, it uses passive declares.
     pub broker_api: Option<String>,
-    /// Transport tuning (Redis: `visibility_timeout`).
+    /// Transport tuning (Redis: `visibility_timeout`; Sentinel: `master_name`).
     pub broker_transport_options: TransportOptions,
-    /// TLS settings of an `amqps://` or `rediss://` broker.
+    /// TLS settings of an `amqps://` or `rediss://` broker, or of a Sentinel broker's master.
     pub broker_use_ssl: Option<SslOptions>,
-    /// TLS settings of a `rediss://` result backend.
+    /// TLS settings of a `rediss://` result backend, or of a Sentinel backend's master.
     pub redis_backend_use_ssl: Option<SslOptions>,
     /// Queue used when a task has no route and the sender names none.
     pub task_default_queue: String,
@@ -273,6 +307,7 @@ impl Default for CeleryConfig {
             broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
             broker_failover_strategy: FailoverStrategy::default(),
             result_backend: None,
+            result_backend_transport_options: BackendTransportOptions::default(),
             broker_api: None,
             broker_transport_options: TransportOptions::default(),
             broker_use_ssl: None,
@@ -372,34 +407,42 @@ impl CeleryConfig {
                 )))
             }
         }
+        self.broker_sentinel()?;
         if let Some(url) = &self.result_backend {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || crate::sentinel::is_sentinel_url(url))
+            {
                 return Err(Error::Config(format!(
                     "result_backend {} is not supported: use redis://",
                     redact_url(url)
                 )));
             }
         }
+        self.backend_sentinel()?;
         // Celery would turn TLS on for a plain URL here; we ask for the URL to say so, so that
-        // reading `broker_url` alone tells whether the traffic is encrypted.
+        // reading `broker_url` alone tells whether the traffic is encrypted. A Sentinel list has
+        // no TLS form of its own: there, as in kombu, the setting alone asks for TLS.
         if let Some(ssl) = &self.broker_use_ssl {
             ssl.validate("broker_use_ssl")?;
-            if !brokers.iter().all(|url| crate::tls::is_tls_url(url)) {
+            if !brokers
+                .iter()
+                .all(|url| crate::tls::is_tls_url(url) || crate::sentinel::is_sentinel_url(url))
+            {
                 return Err(Error::Config(format!(
-                    "broker_use_ssl is set but broker_url {} is not amqps:// or rediss://",
+                    "broker_use_ssl is set but broker_url {} is not amqps://, rediss:// or sentinel://",
                     redact_url(&self.broker_url)
                 )));
             }
         }
         if let Some(ssl) = &self.redis_backend_use_ssl {
             ssl.validate("redis_backend_use_ssl")?;
-            if !self
-                .result_backend
-                .as_deref()
-                .is_some_and(crate::tls::is_tls_url)
-            {
+            if !self.result_backend.as_deref().is_some_and(|url| {
+                crate::tls::is_tls_url(url) || crate::sentinel::is_sentinel_url(url)
+            }) {
                 return Err(Error::Config(
-                    "redis_backend_use_ssl is set but result_backend is not rediss://".into(),
+                    "redis_backend_use_ssl is set but result_backend is not rediss:// or sentinel://"
+                        .into(),
                 ));
             }
         }
@@ -450,6 +493,33 @@ impl CeleryConfig {
         Ok(())
     }
 
+    /// The sentinels of a `sentinel://` `broker_url`, else `None`.
+    pub fn broker_sentinel(&self) -> Result<Option<crate::sentinel::Sentinel>> {
+        let options = &self.broker_transport_options;
+        crate::sentinel::of(
+            &self.broker_url,
+            "broker_url",
+            options.master_name.as_deref(),
+            options.sentinel_kwargs.as_ref(),
+            self.broker_use_ssl.as_ref(),
+        )
+    }
+
+    /// The sentinels of a `sentinel://` `result_backend`, else `None`.
+    pub fn backend_sentinel(&self) -> Result<Option<crate::sentinel::Sentinel>> {
+        let Some(url) = &self.result_backend else {
+            return Ok(None);
+        };
+        let options = &self.result_backend_transport_options;
+        crate::sentinel::of(
+            url,
+            "result_backend",
+            options.master_name.as_deref(),
+            options.sentinel_kwargs.as_ref(),
+            self.redis_backend_use_ssl.as_ref(),
+        )
+    }
+
     /// Concurrency with 0 resolved to the number of CPUs.
     pub fn concurrency(&self) -> usize {
         match self.worker_concurrency {
@@ -482,6 +552,16 @@ impl CeleryConfig {
             database_url: redact_url(&self.database_url),
             web_auth_token: self.web_auth_token.as_ref().map(|_| "********".to_string()),
             web_jwt_secret: self.web_jwt_secret.as_ref().map(|_| "********".to_string()),
+            broker_transport_options: TransportOptions {
+                sentinel_kwargs: redact_kwargs(&self.broker_transport_options.sentinel_kwargs),
+                ..self.broker_transport_options.clone()
+            },
+            result_backend_transport_options: BackendTransportOptions {
+                sentinel_kwargs: redact_kwargs(
+                    &self.result_backend_transport_options.sentinel_kwargs,
+                ),
+                ..self.result_backend_transport_options.clone()
+            },
             ..self.clone()
         }
     }
@@ -489,6 +569,14 @@ impl CeleryConfig {
 
 /// The exchange types RabbitMQ has built in.
 const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
+
+/// `sentinel_kwargs` with the password masked.
+fn redact_kwargs(kwargs: &Option<SentinelKwargs>) -> Option<SentinelKwargs> {
+    kwargs.as_ref().map(|kwargs| SentinelKwargs {
+        password: kwargs.password.as_ref().map(|_| "********".to_string()),
+        ..kwargs.clone()
+    })
+}
 
 /// An override's value typed after the setting's default: strings stay strings, others are JSON.
 fn env_value(default: &Value, raw: &str) -> Value {
@@ -680,7 +768,8 @@ mod tests {
         let plain = "broker_url = \"amqp://h//\"\nbroker_use_ssl = { cert_reqs = \"CERT_NONE\" }";
         let err = CeleryConfig::from_sources(plain, env(&[])).unwrap_err();
         assert!(
-            err.to_string().contains("not amqps:// or rediss://"),
+            err.to_string()
+                .contains("is not amqps://, rediss:// or sentinel://"),
             "{err}"
         );
         let err = CeleryConfig::from_sources(
@@ -811,6 +900,58 @@ mod tests {
         let half = "broker_url = \"amqps://a//;amqp://b//\"\nbroker_use_ssl = {}";
         let err = CeleryConfig::from_sources(half, env(&[])).unwrap_err();
         assert!(err.to_string().contains("not amqps://"), "{err}");
+    }
+
+    #[test]
+    fn sentinel_urls_need_a_master_name_and_take_tls_from_the_settings() {
+        let url = "sentinel://:pw@127.0.0.1:26379/2;sentinel://127.0.0.1:26380/2";
+        let err =
+            CeleryConfig::from_sources(&format!("broker_url = \"{url}\""), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("broker_url is a sentinel:// URL")
+                && err.to_string().contains("master_name"),
+            "{err}"
+        );
+        let text = format!(
+            r#"
+            broker_url = "{url}"
+            broker_transport_options = {{ master_name = "mymaster", sentinel_kwargs = {{ password = "guard" }} }}
+            broker_use_ssl = {{ cert_reqs = "CERT_NONE" }}
+            result_backend = "{url}"
+            "#
+        );
+        let err = CeleryConfig::from_sources(&text, env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("result_backend is a sentinel://"),
+            "{err}"
+        );
+        let config = CeleryConfig::from_sources(
+            &text,
+            env(&[(
+                "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS",
+                r#"{"master_name": "other"}"#,
+            )]),
+        )
+        .unwrap();
+        let broker = config.broker_sentinel().unwrap().unwrap();
+        assert_eq!((broker.master_name.as_str(), broker.db()), ("mymaster", 2));
+        let backend = config.backend_sentinel().unwrap().unwrap();
+        assert_eq!(backend.master_name, "other");
+        assert_eq!(
+            crate::broker::BrokerKind::of(url).unwrap(),
+            crate::broker::BrokerKind::Redis
+        );
+        let shown = format!("{:?}", config.redacted());
+        assert!(
+            !shown.contains("pw@") && !shown.contains("guard"),
+            "{shown}"
+        );
+
+        let unknown = format!(
+            "broker_url = \"{url}\"\nbroker_transport_options = {{ master_name = \"m\", sentinel_kwargs = {{ ssl = true }} }}"
+        );
+        let err = CeleryConfig::from_sources(&unknown, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("ssl"), "{err}");
     }
 
     #[test]

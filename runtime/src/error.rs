@@ -29,6 +29,15 @@ pub enum Error {
     #[error("tls: {0}")]
     Tls(String),
 
+    /// No sentinel named a reachable master.
+    #[error("no sentinel names a reachable Redis master {name:?}: {reasons}")]
+    NoMaster {
+        /// The `master_name` asked for.
+        name: String,
+        /// What each sentinel answered.
+        reasons: String,
+    },
+
     /// An AMQP operation failed.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),

@@ -19,6 +19,7 @@
 //! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
 //! - [`tls`]: certificates for `amqps://` and `rediss://` (Celery's `*_use_ssl` settings).
+//! - [`sentinel`]: `sentinel://` lists: finding the Redis master and following it over failovers.
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
 pub mod backend;
@@ -37,6 +38,7 @@ pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
+pub mod sentinel;
 pub mod signals;
 pub mod state;
 pub mod tls;

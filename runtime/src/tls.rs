@@ -113,15 +113,18 @@ pub(crate) fn redis_open(url: &str, settings: Option<&SslOptions>) -> Result<red
         return Ok(redis::Client::open(url)?);
     }
     let (url, options) = split_url(url, settings)?;
-    redis_client(&url, &options)
+    use redis::IntoConnectionInfo as _;
+    redis_client(url.as_str().into_connection_info()?, &options)
 }
 
-/// A Redis client for the `rediss://` `url` (its `ssl_*` parameters taken off) with `options`.
-fn redis_client(url: &str, options: &SslOptions) -> Result<redis::Client> {
-    use redis::IntoConnectionInfo as _;
-    let mut info = url.into_connection_info()?;
+/// A Redis client for the TLS server `info` (a `rediss://` URL's, or a master a sentinel
+/// named) with `options`.
+pub(crate) fn redis_client(
+    mut info: redis::ConnectionInfo,
+    options: &SslOptions,
+) -> Result<redis::Client> {
     if !options.verifies() {
-        warn_unverified(url);
+        warn_unverified(&format!("rediss://{}", info.addr));
         if let redis::ConnectionAddr::TcpTls { insecure, .. } = &mut info.addr {
             *insecure = true;
         }
@@ -334,7 +337,7 @@ mod tests {
                 .contains("cannot read ca_certs /nonexistent/ca.pem"),
             "{err}"
         );
-        let err = redis_client("rediss://h/0", &missing).unwrap_err();
+        let err = redis_open("rediss://h/0", Some(&missing)).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 
         let empty = std::env::temp_dir().join(format!("rcelery-empty-{}.pem", std::process::id()));

@@ -207,6 +207,7 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
     let queue = unique_queue("restore");
     let options = TransportOptions {
         visibility_timeout: 1,
+        ..Default::default()
     };
     let crashed = broker::connect_with(&url, &options, None).await.unwrap();
     let sent = request(6);

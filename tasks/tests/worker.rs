@@ -430,6 +430,7 @@ async fn a_cold_shutdown_returns_acks_late_tasks_to_the_broker() {
             url,
             &runtime::config::TransportOptions {
                 visibility_timeout: 1,
+                ..Default::default()
             },
             None,
         )

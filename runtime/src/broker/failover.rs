@@ -15,8 +15,12 @@ use std::sync::{Mutex, OnceLock};
 use crate::config::FailoverStrategy;
 
 /// The URLs of `list`, each whole (hosts completed from the first URL); empty entries are
-/// skipped.
+/// skipped. A Sentinel list is one URL: its sentinels are tried by the Redis transport, which
+/// asks them for the one master.
 pub fn urls(list: &str) -> Vec<String> {
+    if crate::sentinel::is_sentinel_url(list) {
+        return vec![list.trim().to_string()];
+    }
     let mut entries = list.split(';').map(str::trim).filter(|e| !e.is_empty());
     let Some(first) = entries.next() else {
         return Vec::new();
@@ -119,6 +123,12 @@ mod tests {
             ["redis://127.0.0.1:6379/0"]
         );
         assert!(urls(" ; ").is_empty());
+    }
+
+    #[test]
+    fn a_sentinel_list_is_one_url_whose_sentinels_find_one_master() {
+        let list = "sentinel://:pw@127.0.0.1:26379/2;sentinel://127.0.0.1:26380/2";
+        assert_eq!(urls(list), [list]);
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub fn queue_name_problem(name: &str) -> Option<String> {
 pub enum BrokerKind {
     /// `amqp://`, `amqps://`, `pyamqp://`.
     Amqp,
-    /// `redis://`, `rediss://`.
+    /// `redis://`, `rediss://`, `sentinel://` (a list of Redis sentinels).
     Redis,
 }
 
@@ -69,7 +69,7 @@ impl BrokerKind {
         let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
         match scheme {
             "amqp" | "amqps" | "pyamqp" => Ok(Self::Amqp),
-            "redis" | "rediss" => Ok(Self::Redis),
+            "redis" | "rediss" | "sentinel" => Ok(Self::Redis),
             _ => Err(Error::UnsupportedUrl(crate::config::redact_url(url))),
         }
     }

@@ -121,17 +121,48 @@ pub struct RedisBroker {
     closing: CancellationToken,
     visibility_timeout: u64,
     restoring: std::sync::atomic::AtomicBool,
+    /// Cancelled when the sentinels name another master: this connection is then done, as if
+    /// lost, so that the worker reconnects and the client's next send connects afresh.
+    moved: CancellationToken,
+    /// Stops watching the sentinels when the broker goes.
+    _watching: Option<tokio_util::sync::DropGuard>,
 }
 
 impl RedisBroker {
-    /// Connects to `url`; `rediss://` over TLS as `ssl` (`broker_use_ssl`) says.
+    /// Connects to `url`; `rediss://` over TLS as `ssl` (`broker_use_ssl`) says. For a
+    /// `sentinel://` list, to the master the sentinels name now: after a failover this
+    /// connection fails, and the next one (the worker's reconnect, the client's next send) finds
+    /// the new master.
     pub async fn connect(
         url: &str,
         options: &TransportOptions,
         ssl: Option<&SslOptions>,
     ) -> Result<Self> {
-        let client = crate::tls::redis_open(url, ssl)?;
+        let sentinel = crate::sentinel::of(
+            url,
+            "broker_url",
+            options.master_name.as_deref(),
+            options.sentinel_kwargs.as_ref(),
+            ssl,
+        )?;
+        let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
+        let moved = CancellationToken::new();
+        let watching = sentinel.map(|sentinel| {
+            let (stop, moved, master) = (
+                CancellationToken::new(),
+                moved.clone(),
+                client.get_connection_info().addr.clone(),
+            );
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = sentinel.moved_from(&master) => moved.cancel(),
+                    () = stopped.cancelled() => {}
+                }
+            });
+            stop.drop_guard()
+        });
         Ok(Self {
             client,
             connection,
@@ -141,6 +172,8 @@ impl RedisBroker {
             closing: CancellationToken::new(),
             visibility_timeout: options.visibility_timeout,
             restoring: std::sync::atomic::AtomicBool::new(false),
+            moved,
+            _watching: watching,
         })
     }
 
@@ -196,6 +229,14 @@ impl RedisBroker {
 }
 
 impl RedisBroker {
+    /// Fails once the sentinels have named another master than this connection's.
+    fn still_master(&self) -> Result<()> {
+        match self.moved.is_cancelled() {
+            true => Err(Error::ConnectionLost),
+            false => Ok(()),
+        }
+    }
+
     /// The PUB/SUB channel kombu uses for a fanout exchange: prefixed with the database number,
     /// because channels are not scoped by database.
     fn fanout_channel(&self, exchange: &str, routing_key: &str) -> String {
@@ -228,6 +269,7 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.still_master()?;
         self.bind(queue).await?;
         let info = DeliveryInfo {
             exchange: String::new(),
@@ -252,6 +294,7 @@ impl Broker for RedisBroker {
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
+        let moved = self.moved.clone();
         // Blocking commands hold their connection, so the idle wait gets one of its own.
         let mut waiting = Some(self.client.get_multiplexed_async_connection().await?);
         let fetching = tokio::spawn(async move {
@@ -262,6 +305,10 @@ impl Broker for RedisBroker {
                 let slot = tokio::select! {
                     slot = slots.clone().acquire_owned() => slot,
                     () = closing.cancelled() => break,
+                    () = moved.cancelled() => {
+                        tracing::warn!("the Redis master moved; this consumer stops");
+                        break;
+                    }
                 };
                 let Ok(slot) = slot else { break };
                 let mut free = vec![slot];
@@ -271,7 +318,7 @@ impl Broker for RedisBroker {
                         Err(_) => break,
                     }
                 }
-                if sender.is_closed() || closing.is_cancelled() {
+                if sender.is_closed() || closing.is_cancelled() || moved.is_cancelled() {
                     break;
                 }
                 let mut call = pop.key(UNACKED);
@@ -300,6 +347,10 @@ impl Broker for RedisBroker {
                             }
                         },
                         () = closing.cancelled() => break,
+                        () = moved.cancelled() => {
+                            tracing::warn!("the Redis master moved; this consumer stops");
+                            break;
+                        }
                     }
                 }
                 let mut deliveries = popped
@@ -338,6 +389,7 @@ impl Broker for RedisBroker {
             routing_key: routing_key.to_string(),
         };
         let (_, text) = envelope::encode(message, info);
+        self.still_master()?;
         let mut connection = self.connection.clone();
         match exchange.kind {
             ExchangeKind::Fanout | ExchangeKind::Topic => {
@@ -400,6 +452,7 @@ impl Broker for RedisBroker {
     }
 
     async fn check(&self) -> Result<()> {
+        self.still_master()?;
         redis::cmd("PING")
             .query_async::<()>(&mut self.connection.clone())
             .await?;

@@ -53,13 +53,17 @@ pub fn expand_hostname(template: &str) -> String {
 /// or receive: we point it at a Redis URL when there is one, since the crate's Redis transport
 /// connects but declares nothing, whereas its AMQP transport declares the default queue. The
 /// crate speaks neither `amqps://` nor `rediss://` nor failover lists (whose first node may be
-/// the one down), so without a plain URL it is given a local placeholder instead (see
-/// [`placeholder_redis`]).
+/// the one down) nor Sentinel lists, so without a plain URL it is given a local placeholder
+/// instead (see [`placeholder_redis`]).
 pub async fn app_handle(config: &CeleryConfig) -> Result<Arc<Celery>> {
     let plain: Vec<&String> = [Some(&config.broker_url), config.result_backend.as_ref()]
         .into_iter()
         .flatten()
-        .filter(|url| !crate::tls::is_tls_url(url) && !url.contains(';'))
+        .filter(|url| {
+            !crate::tls::is_tls_url(url)
+                && !url.contains(';')
+                && !crate::sentinel::is_sentinel_url(url)
+        })
         .collect();
     let url = match plain
         .iter()
