@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -320,6 +321,22 @@ class CallResult:
             f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{strip_ansi(self.stderr)}"
         )
 
+
+def publish_until_taken(app: Any, name: str, args: Any, *, task_id: str, attempts: int,
+                        errors: Counter[str], republished: set[str], **options: Any) -> None:
+    """``app.send_task`` until the broker takes it, through a disruption: each failed publish is
+    counted in ``errors`` by exception type, and the task id noted in ``republished`` (the
+    broker may have taken a message whose confirmation was lost: a task run twice is then
+    explained). Fails after ``attempts`` tries, 0.1 s apart."""
+    for _ in range(attempts):
+        try:
+            app.send_task(name, args, task_id=task_id, **options)
+            return
+        except Exception as exc:  # noqa: BLE001 - any publish error is retried, then counted
+            errors[type(exc).__name__] += 1
+            republished.add(task_id)
+            time.sleep(0.1)
+    raise AssertionError(f"could not publish {task_id} in {attempts} attempts: {dict(errors)}")
 
 def run_call(
     env: Mapping[str, str],

@@ -54,8 +54,8 @@ from disruption import (
     rabbitmq_vhost,
 )
 from interop_app import create_app
-from interop_helpers import ARTIFACTS_DIR, psql, strip_ansi, wait_for, with_redis_db
-from web_process import HOST, start_web, stop_web
+from interop_helpers import ARTIFACTS_DIR, psql, publish_until_taken, strip_ansi, wait_for, with_redis_db
+from web_process import HOST, post_until_accepted, start_web, stop_web
 
 CHAOS_TASKS = int(os.environ.get("CHAOS_TASKS", "1500"))
 CHAOS_WEB_JOBS = int(os.environ.get("CHAOS_WEB_JOBS", "300"))
@@ -162,33 +162,19 @@ class WebBurst:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _client(self, numbers: list[int]) -> None:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-        deadline = time.monotonic() + 120
-        for x in numbers:
-            body = json.dumps({"task": "tasks.add", "args": [x, 1]}).encode()
-            while True:
-                assert time.monotonic() < deadline, "web burst: a job was not accepted within 120 s"
-                try:
-                    sent = time.monotonic()
-                    conn.request("POST", "/receive", body=body, headers={"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    data = response.read()
-                    took = time.monotonic() - sent
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-                    time.sleep(0.05)
-                    continue
-                if response.status == 202:
-                    with self.lock:
-                        self.accepted[json.loads(data)["task_id"]] = x
-                    break
-                assert response.status == 503, f"POST /receive answered {response.status}: {data[:300]!r}"
-                with self.lock:
-                    self.refused_503 += 1
-                    self.slowest_503 = max(self.slowest_503, took)
-                time.sleep(0.05)
-        conn.close()
+        def accepted(task_id: str, x: int) -> None:
+            with self.lock:
+                self.accepted[task_id] = x
+
+        def refused(why: str, took: float) -> None:
+            if not why.isdigit():
+                return  # a dropped connection: posted again
+            assert why == "503", f"POST /receive answered {why}"
+            with self.lock:
+                self.refused_503 += 1
+                self.slowest_503 = max(self.slowest_503, took)
+
+        post_until_accepted(self.port, numbers, accepted, refused)
 
     def _outage(self) -> None:
         wait_for(lambda: len(self.accepted) >= CHAOS_WEB_JOBS // 3, 120, interval=0.01,
@@ -273,16 +259,8 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
     def publish() -> None:
         pause = PUBLISH_SECONDS / max(1, len(plan))
         for task_id, name, args, _ in plan:
-            for attempt in range(100):
-                try:
-                    setup.app.send_task(name, args, queue=setup.queue, task_id=task_id)
-                    break
-                except Exception as exc:  # noqa: BLE001 - any publish error is retried, then counted
-                    publish_errors[type(exc).__name__] += 1
-                    republished.add(task_id)
-                    time.sleep(0.1)
-            else:
-                raise AssertionError(f"could not publish {task_id} in 100 attempts: {publish_errors}")
+            publish_until_taken(setup.app, name, args, queue=setup.queue, task_id=task_id, attempts=100,
+                                errors=publish_errors, republished=republished)
             published.append(task_id)
             time.sleep(pause)
 

@@ -34,7 +34,6 @@ import os
 import random
 import re
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
@@ -52,6 +51,7 @@ from interop_helpers import (
     inspect_node,
     logged_task_ids,
     psql,
+    publish_until_taken,
     run_call,
     strip_ansi,
     wait_for,
@@ -152,16 +152,8 @@ def test_a_node_dies_under_the_worker_and_nothing_is_lost(rabbit_cluster):
     def publish_python() -> None:
         pause = PUBLISH_SECONDS / len(plan)
         for task_id, name, args, _ in plan:
-            for _ in range(100):
-                try:
-                    app.send_task(name, args, queue=queue, task_id=task_id, retry_policy=noting_retries(task_id))
-                    break
-                except Exception as exc:  # noqa: BLE001 - any publish error is retried, then counted
-                    publish_errors[type(exc).__name__] += 1
-                    republished.add(task_id)
-                    time.sleep(0.1)
-            else:
-                raise AssertionError(f"could not publish {task_id}: {publish_errors}")
+            publish_until_taken(app, name, args, queue=queue, task_id=task_id, attempts=100, errors=publish_errors,
+                                republished=republished, retry_policy=noting_retries(task_id))
             published.append(task_id)
             sent_at["python"].append(time.time())
             time.sleep(pause)

@@ -36,7 +36,6 @@ runs it larger.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -57,9 +56,18 @@ from redis.sentinel import Sentinel
 
 from conftest import BrokerSetup, start_rust_worker, stop_rust_worker
 from interop_app import create_app
-from interop_helpers import ARTIFACTS_DIR, ManagedProcess, free_port, psql, run_call, start_process, wait_for
+from interop_helpers import (
+    ARTIFACTS_DIR,
+    ManagedProcess,
+    free_port,
+    psql,
+    publish_until_taken,
+    run_call,
+    start_process,
+    wait_for,
+)
 from test_chaos import succeeded_runs
-from web_process import HOST, own_database, running_web
+from web_process import own_database, post_until_accepted, running_web
 
 SENTINEL_TASKS = int(os.environ.get("SENTINEL_TASKS", "600"))
 SENTINEL_WEB_JOBS = int(os.environ.get("SENTINEL_WEB_JOBS", "120"))
@@ -222,7 +230,17 @@ def fail_over(group: RedisGroup, kill: bool) -> Failover:
     if kill:
         group.servers[old].kill()
     else:
-        group.sentinel(next(iter(group.sentinels))).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        def accepted() -> bool:
+            try:
+                group.sentinel(next(iter(group.sentinels))).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+            except redis_py.ResponseError as exc:
+                # The sentinels have not had the replica's INFO yet (slow under load).
+                if "NOGOODSLAVE" in str(exc):
+                    return False
+                raise
+            return True
+
+        wait_for(accepted, 10, interval=0.2, describe="a sentinel to accept SENTINEL FAILOVER")
     new = wait_for(lambda: (port := group.master_port()) not in (None, old) and port, 30, interval=0.05,
                    describe=f"the sentinels to promote a new master after {event.kind}")
     event.new_master, event.promoted_after = new, time.time() - event.began
@@ -247,30 +265,15 @@ class WebJobs:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def client(self, numbers: list[int], pause: float) -> None:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-        deadline = time.monotonic() + 120
-        for x in numbers:
-            body = json.dumps({"task": "tasks.add", "args": [x, 1]}).encode()
-            while True:
-                assert time.monotonic() < deadline, "a web job was not accepted within 120 s"
-                try:
-                    conn.request("POST", "/receive", body=body, headers={"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    data = response.read()
-                except (OSError, http.client.HTTPException) as exc:
-                    self.refused[type(exc).__name__] += 1
-                    conn.close()
-                    conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-                    time.sleep(0.05)
-                    continue
-                if response.status == 202:
-                    with self.lock:
-                        self.accepted[json.loads(data)["task_id"]] = (x, time.time())
-                    break
-                self.refused[str(response.status)] += 1
-                time.sleep(0.05)
-            time.sleep(pause)
-        conn.close()
+        def accepted(task_id: str, x: int) -> None:
+            with self.lock:
+                self.accepted[task_id] = (x, time.time())
+
+        def refused(why: str, _took: float) -> None:
+            with self.lock:
+                self.refused[why] += 1
+
+        post_until_accepted(self.port, numbers, accepted, refused, pause)
 
     def run(self) -> None:
         numbers = list(range(SENTINEL_WEB_JOBS))
@@ -320,16 +323,8 @@ def test_worker_web_and_python_follow_the_master(redis_group):
     def publish() -> None:
         pause = PUBLISH_SECONDS / max(1, len(plan))
         for task_id, i in plan:
-            for _ in range(300):
-                try:
-                    app.send_task("tasks.add", [i, i], queue=queue, task_id=task_id)
-                    break
-                except Exception as exc:  # noqa: BLE001 - any publish error is retried, then counted
-                    publish_errors[type(exc).__name__] += 1
-                    republished.add(task_id)
-                    time.sleep(0.1)
-            else:
-                raise AssertionError(f"could not publish {task_id} in 300 attempts: {publish_errors}")
+            publish_until_taken(app, "tasks.add", [i, i], queue=queue, task_id=task_id, attempts=300,
+                                errors=publish_errors, republished=republished)
             published[task_id] = time.time()
             time.sleep(pause)
 

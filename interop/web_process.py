@@ -10,7 +10,8 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 
@@ -113,6 +114,39 @@ class WebApp:
     def count_rows(self) -> int:
         return int(psql("SELECT count(*) FROM tasks", database=self.database, server=self.server))
 
+
+def post_until_accepted(port: int, numbers: Iterable[int], accepted: Callable[[str, int], None],
+                        refused: Callable[[str, float], None], pause: float = 0.0, within: float = 120.0) -> None:
+    """``POST /receive`` ``tasks.add(x, 1)`` for each ``x`` to the web app on ``port``, over one
+    keep-alive connection, each retried until it is accepted (202): then ``accepted(task_id, x)``.
+    Each refusal is ``refused(why, seconds)``, ``why`` being the HTTP status as text or the name
+    of the exception that dropped the connection (made anew), and is retried 0.05 s later; a job
+    refused is never accepted, so nothing is posted twice. ``pause`` s between jobs; fails once
+    ``within`` s have passed."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    deadline = time.monotonic() + within
+    for x in numbers:
+        body = json.dumps({"task": "tasks.add", "args": [x, 1]}).encode()
+        while True:
+            assert time.monotonic() < deadline, f"a web job was not accepted within {within} s"
+            sent = time.monotonic()
+            try:
+                conn.request("POST", "/receive", body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                refused(type(exc).__name__, time.monotonic() - sent)
+                conn.close()
+                conn = http.client.HTTPConnection(HOST, port, timeout=30)
+                time.sleep(0.05)
+                continue
+            if response.status == 202:
+                accepted(json.loads(data)["task_id"], x)
+                break
+            refused(str(response.status), time.monotonic() - sent)
+            time.sleep(0.05)
+        time.sleep(pause)
+    conn.close()
 
 def accepted_task_id(reply: Reply) -> str:
     """Checks a 202 answer of POST /receive (body, Location header) and returns the task id."""

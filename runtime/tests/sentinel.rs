@@ -210,13 +210,53 @@ async fn the_broker_and_the_backend_follow_a_sentinel_failover() {
     broker.publish(&queue, &request.encode()).await.unwrap();
     let before = ResultMeta::new("before", state::SUCCESS, json!(1), Utc::now());
     assert!(backend.store(&before).await.unwrap());
+    // Replication is asynchronous: what the test later finds on the new master must have
+    // reached the replica before the failover is asked for.
+    within(5, "the replica to have the message and the result", async {
+        loop {
+            let mut replica = connection(group.replica).await;
+            let length: u64 = redis::cmd("LLEN")
+                .arg(&queue)
+                .query_async(&mut replica)
+                .await
+                .unwrap_or(0);
+            redis::cmd("SELECT")
+                .arg(1)
+                .query_async::<()>(&mut replica)
+                .await
+                .unwrap();
+            let stored: Option<String> = redis::cmd("GET")
+                .arg(result_key("before"))
+                .query_async(&mut replica)
+                .await
+                .unwrap_or(None);
+            if length == 1 && stored.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 
-    redis::cmd("SENTINEL")
-        .arg("FAILOVER")
-        .arg(MASTER_NAME)
-        .query_async::<()>(&mut connection(group.sentinels[0]).await)
-        .await
-        .unwrap();
+    within(10, "a sentinel to accept the failover", async {
+        loop {
+            match redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(MASTER_NAME)
+                .query_async::<()>(&mut connection(group.sentinels[0]).await)
+                .await
+            {
+                Ok(()) => break,
+                // The sentinels have not had the replica's INFO yet (slow under load): it is
+                // no candidate until they have.
+                Err(error) if error.code() == Some("NOGOODSLAVE") => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("SENTINEL FAILOVER: {error}"),
+            }
+        }
+    })
+    .await;
     // The old master stays up, and a master, for seconds: only the announcement tells.
     within(
         5,
