@@ -10,10 +10,14 @@ worker settles what it cannot honour and goes on answering ``ping`` and running 
 * Messages with a 10-year countdown, more than the prefetch window holds, do not stop the queue:
   each is held outside the window (Celery raises its QoS by one per ETA task), and a revoke lets
   a held one go at once, as REVOKED.
+* A task message whose headers nest tables as deep as one AMQP frame carries (about 21,000
+  levels) does not overflow a stack: it is refused, FAILURE under its id, and the worker goes on.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import uuid
 
 import pytest
@@ -79,3 +83,42 @@ def test_far_etas_do_not_stop_the_queue_and_a_revoke_frees_one(broker, spawn_rus
     assert wait_state(held[0], "REVOKED", timeout=GET_TIMEOUT) == "REVOKED"
     assert held[1].state == "PENDING"
     assert_still_serving(broker, worker, 6)
+
+
+def publish_deep_headers(broker_url: str, queue: str, task_id: str, depth: int) -> None:
+    """py-amqp encodes nested tables recursively: in a thread with room for ``depth`` levels."""
+    nested: dict = {"end": True}
+    for _ in range(depth):
+        nested = {"": nested}
+    headers = {"id": task_id, "task": "tasks.add", "lang": "py", "deep": nested}
+
+    def publish() -> None:
+        with Connection(broker_url, connect_timeout=5) as conn:
+            Producer(conn.default_channel).publish(
+                [[1, 2], {}, {}], routing_key=queue, serializer="json", headers=headers, retry=False)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20 * depth))
+    threading.stack_size(512 * 1024 * 1024)
+    try:
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        publisher.join(timeout=60)
+    finally:
+        threading.stack_size(0)
+        sys.setrecursionlimit(limit)
+    assert not publisher.is_alive()
+
+
+def test_headers_nested_as_deep_as_a_frame_holds_are_refused(broker, spawn_rust_worker):
+    if not broker.broker_url.startswith("amqp"):
+        pytest.skip("AMQP field tables")
+    worker = spawn_rust_worker([broker.new_queue("hostile-deep")], tag="deep", concurrency=1)
+    task_id = str(uuid.uuid4())
+    # 6 bytes a level (empty name, type, length): about all of a 128 KiB frame.
+    publish_deep_headers(broker.broker_url, worker.queue, task_id, 21_000)
+    result = broker.app.AsyncResult(task_id)
+    assert wait_state(result, "FAILURE", timeout=GET_TIMEOUT) == "FAILURE"
+    assert "nested deeper than" in str(result.result)
+    assert_still_serving(broker, worker, 7)
+    assert "overflowed its stack" not in worker.process.log_text()

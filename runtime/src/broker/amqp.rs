@@ -24,7 +24,7 @@ use super::delayed::{self, Declare};
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
 use crate::config::{redact_url, SslOptions};
 use crate::error::{Error, Result};
-use crate::protocol::{Message, Properties};
+use crate::protocol::{DecodeError, Message, Properties};
 
 /// A connection to RabbitMQ with one confirming channel for publishing.
 pub struct AmqpBroker {
@@ -506,13 +506,17 @@ impl Broker for AmqpBroker {
             .basic_consume(queue, "", no_ack, FieldTable::default())
             .await?;
         let (sender, receiver) = mpsc::channel(256);
+        let queue = queue.to_string();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                if sender
-                    .send(message_of(&delivery.properties, delivery.data))
-                    .await
-                    .is_err()
-                {
+                let message = match message_of(&delivery.properties, delivery.data) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%queue, reason = %error.reason, "dropping a broadcast message");
+                        continue;
+                    }
+                };
+                if sender.send(message).await.is_err() {
                     break;
                 }
             }
@@ -600,7 +604,7 @@ async fn forward(
             }
         };
         let delivery = Delivery {
-            message: Ok(message_of(&delivery.properties, delivery.data)),
+            message: message_of(&delivery.properties, delivery.data),
             queue: queue.clone(),
             tag: delivery.delivery_tag.to_string(),
             settle: Settle::new(AmqpAcker {
@@ -783,14 +787,36 @@ fn properties_of(message: &Message) -> Result<BasicProperties> {
     Ok(properties)
 }
 
-fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
+/// Deepest nesting of tables and arrays read from a message's headers. Celery's own go two or
+/// three levels deep (stamps, canvas options); a frame can carry about 21,800, which this
+/// process would follow recursively.
+const MAX_HEADER_DEPTH: usize = 32;
+
+/// The message a delivery carries, or why not: headers nested deeper than
+/// [`MAX_HEADER_DEPTH`] are refused, naming the task id and name when the top level has them.
+fn message_of(
+    properties: &BasicProperties,
+    body: Vec<u8>,
+) -> std::result::Result<Message, DecodeError> {
     let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(table_to_json)
-        .unwrap_or_default();
-    Message {
+    let headers = match properties.headers() {
+        None => Map::new(),
+        Some(table) => table_to_json(table).ok_or_else(|| {
+            let top = |name: &str| match table.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+                _ => None,
+            };
+            DecodeError {
+                task_id: top("id"),
+                task: top("task"),
+                reason: format!("headers nested deeper than {MAX_HEADER_DEPTH} levels"),
+            }
+        })?,
+    };
+    Ok(Message {
         content_type: text(properties.content_type()).unwrap_or_default(),
         content_encoding: text(properties.content_encoding()).unwrap_or_default(),
         headers,
@@ -801,21 +827,28 @@ fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
             priority: properties.priority().unwrap_or(0),
         },
         body,
-    }
+    })
 }
 
-pub(super) fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+/// A field table as JSON; `None` when it nests deeper than [`MAX_HEADER_DEPTH`].
+pub(super) fn table_to_json(table: &FieldTable) -> Option<Map<String, Value>> {
+    table_within(table, MAX_HEADER_DEPTH)
+}
+
+/// `table` as JSON if it nests at most `depth` levels (itself included).
+fn table_within(table: &FieldTable, depth: usize) -> Option<Map<String, Value>> {
+    let depth = depth.checked_sub(1)?;
     table
         .inner()
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+        .map(|(k, v)| Some((k.as_str().to_string(), amqp_to_json(v, depth)?)))
         .collect()
 }
 
-/// AMQP field values as the JSON Celery meant by them.
-fn amqp_to_json(value: &AMQPValue) -> Value {
+/// AMQP field values as the JSON Celery meant by them, if nested at most `depth` levels.
+fn amqp_to_json(value: &AMQPValue, depth: usize) -> Option<Value> {
     let float = |f: f64| Number::from_f64(f).map_or(Value::Null, Value::Number);
-    match value {
+    Some(match value {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(n) => (*n).into(),
         AMQPValue::ShortShortUInt(n) => (*n).into(),
@@ -836,11 +869,18 @@ fn amqp_to_json(value: &AMQPValue) -> Value {
             Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
         }
         AMQPValue::FieldArray(items) => {
-            Value::Array(items.as_slice().iter().map(amqp_to_json).collect())
+            let depth = depth.checked_sub(1)?;
+            Value::Array(
+                items
+                    .as_slice()
+                    .iter()
+                    .map(|item| amqp_to_json(item, depth))
+                    .collect::<Option<_>>()?,
+            )
         }
-        AMQPValue::FieldTable(table) => Value::Object(table_to_json(table)),
+        AMQPValue::FieldTable(table) => Value::Object(table_within(table, depth)?),
         AMQPValue::Void => Value::Null,
-    }
+    })
 }
 
 /// JSON as the AMQP field values py-amqp would send for it.
@@ -875,6 +915,22 @@ mod tests {
     fn headers_survive_the_amqp_field_table() {
         let headers = json!({"task": "tasks.add", "retries": 0, "timelimit": [null, 20.5],
             "ignore_result": false, "stamps": {}, "group": null, "big": 12345678901_i64});
-        assert_eq!(amqp_to_json(&json_to_amqp(&headers).unwrap()), headers);
+        let table = json_to_amqp(&headers).unwrap();
+        assert_eq!(amqp_to_json(&table, MAX_HEADER_DEPTH), Some(headers));
+    }
+
+    #[test]
+    fn headers_nested_past_the_bound_are_refused() {
+        // As many tables as the bound allows, one inside the other.
+        let mut nested = json!(1);
+        for _ in 0..MAX_HEADER_DEPTH {
+            nested = json!({ "n": nested });
+        }
+        let table = json_to_amqp(&nested).unwrap();
+        assert!(amqp_to_json(&table, MAX_HEADER_DEPTH).is_some());
+        assert_eq!(amqp_to_json(&table, MAX_HEADER_DEPTH - 1), None);
+        let listed = json_to_amqp(&json!([[[1]]])).unwrap();
+        assert_eq!(amqp_to_json(&listed, 3), Some(json!([[[1]]])));
+        assert_eq!(amqp_to_json(&listed, 2), None);
     }
 }
