@@ -240,6 +240,53 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
 }
 
 #[tokio::test]
+async fn redis_keeps_a_message_held_for_its_eta_past_the_visibility_timeout() {
+    use runtime::config::TransportOptions;
+    let url = common::isolated_redis_url();
+    let queue = unique_queue("held");
+    let options = TransportOptions {
+        visibility_timeout: 2,
+        ..Default::default()
+    };
+    let broker = broker::connect_with(&url, &options, None).await.unwrap();
+    let (held, left) = (request(7), request(8));
+    broker.publish(&queue, &held.encode()).await.unwrap();
+    broker.publish(&queue, &left.encode()).await.unwrap();
+    // Room for a restored copy of each, so that only the restorer decides what comes again.
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 3)
+        .await
+        .unwrap();
+    let id = |delivery: &Delivery| {
+        TaskRequest::decode(delivery.message.as_ref().unwrap())
+            .unwrap()
+            .id
+    };
+    let mut first = next(&mut deliveries).await;
+    let second = next(&mut deliveries).await;
+    assert_eq!(
+        (id(&first), id(&second)),
+        (held.id.clone(), left.id.clone())
+    );
+    first.settle.hold(u16::MAX).await;
+    // The one not held, unsettled past the timeout, is restored and comes again; the held one
+    // does not, for several timeouts.
+    let again = within(10, "the message not held, restored", deliveries.recv())
+        .await
+        .unwrap();
+    assert_eq!(id(&again), left.id);
+    // Settled, so that it does not come a third time; the restored copy settles the record
+    // both copies share.
+    again.settle.ack().await.unwrap();
+    drop(second);
+    let more = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.recv()).await;
+    assert!(more.is_err(), "the held message was restored");
+    first.settle.ack().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn deliveries_end_when_the_connection_does() {
     for url in broker_urls() {
         let queue = unique_queue("lost");

@@ -721,7 +721,13 @@ impl Acker for RedisAcker {
         *self.keeping.lock().expect("keeping lock") = Some(keep.clone().drop_guard());
         let mut connection = self.connection.clone();
         let tag = self.tag.clone();
-        let every = Duration::from_secs((self.holding.visibility_timeout / 2).clamp(1, 60));
+        // Well within the timeout, so no restorer finds the record old between two refreshes.
+        let every = Duration::from_millis(
+            self.holding
+                .visibility_timeout
+                .saturating_mul(250)
+                .clamp(100, 60_000),
+        );
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             loop {
