@@ -39,10 +39,12 @@ test: services venv
 	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
 
-# Property-based fuzzing of the wire decoders and the web app's request parsing, bounded:
-# PROPTEST_CASES inputs per property.
-fuzz:
+# Property-based fuzzing of the wire decoders, the dispatcher (random and mutated task messages
+# through a real worker on both brokers, which must still answer ping and run a task) and the
+# web app's request parsing, bounded: PROPTEST_CASES inputs per property.
+fuzz: services
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p runtime --release --test decode_fuzz
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p tasks --release --test dispatcher_fuzz
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p web --release --test request_fuzz
 
 # The chaos run at full size (make test runs it at 1,500 tasks and 300 web jobs per broker):

@@ -7,16 +7,23 @@ worker settles what it cannot honour and goes on answering ``ping`` and running 
 * ``pool_grow`` with a huge ``n`` grows the pool to its bound instead of overflowing it.
 * A control request whose reply routing key is longer than AMQP can carry is not answered,
   instead of a malformed frame taking the worker's connection down.
+* Messages with a 10-year countdown, more than the prefetch window holds, do not stop the queue:
+  each is held outside the window (Celery raises its QoS by one per ETA task), and a revoke lets
+  a held one go at once, as REVOKED.
+* A task message whose headers nest tables as deep as one AMQP frame carries (about 21,000
+  levels) does not overflow a stack: it is refused, FAILURE under its id, and the worker goes on.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import uuid
 
 import pytest
 from kombu import Connection, Exchange, Producer
 
-from interop_helpers import control_node, inspect_node
+from interop_helpers import control_node, inspect_node, wait_state
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -60,3 +67,58 @@ def test_a_reply_key_too_long_for_amqp_does_not_drop_the_connection(broker, spaw
             request, exchange=Exchange("celery.pidbox", "fanout", durable=False), routing_key="", serializer="json")
     assert_still_serving(broker, worker, 4)
     assert "connection lost" not in worker.process.log_text()
+
+
+def test_far_etas_do_not_stop_the_queue_and_a_revoke_frees_one(broker, spawn_rust_worker):
+    # A window of one message: without holding ETA messages outside it, the first one stops all.
+    worker = spawn_rust_worker([broker.new_queue("hostile-eta")], tag="eta", concurrency=1,
+                               extra_env={"CELERY_WORKER_PREFETCH_MULTIPLIER": "1"})
+    app, queue = broker.app, worker.queue
+    ten_years = 10 * 365 * 24 * 3600
+    held = [app.send_task("tasks.add", (i, i), queue=queue, countdown=ten_years) for i in range(4)]
+    assert app.send_task("tasks.add", (5, 5), queue=queue).get(timeout=GET_TIMEOUT) == 10
+    assert all(result.state == "PENDING" for result in held)
+
+    control_node(app, worker.hostname, "revoke", task_id=held[0].id)
+    assert wait_state(held[0], "REVOKED", timeout=GET_TIMEOUT) == "REVOKED"
+    assert held[1].state == "PENDING"
+    assert_still_serving(broker, worker, 6)
+
+
+def publish_deep_headers(broker_url: str, queue: str, task_id: str, depth: int) -> None:
+    """py-amqp encodes nested tables recursively: in a thread with room for ``depth`` levels."""
+    nested: dict = {"end": True}
+    for _ in range(depth):
+        nested = {"": nested}
+    headers = {"id": task_id, "task": "tasks.add", "lang": "py", "deep": nested}
+
+    def publish() -> None:
+        with Connection(broker_url, connect_timeout=5) as conn:
+            Producer(conn.default_channel).publish(
+                [[1, 2], {}, {}], routing_key=queue, serializer="json", headers=headers, retry=False)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20 * depth))
+    threading.stack_size(512 * 1024 * 1024)
+    try:
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        publisher.join(timeout=60)
+    finally:
+        threading.stack_size(0)
+        sys.setrecursionlimit(limit)
+    assert not publisher.is_alive()
+
+
+def test_headers_nested_as_deep_as_a_frame_holds_are_refused(broker, spawn_rust_worker):
+    if not broker.broker_url.startswith("amqp"):
+        pytest.skip("AMQP field tables")
+    worker = spawn_rust_worker([broker.new_queue("hostile-deep")], tag="deep", concurrency=1)
+    task_id = str(uuid.uuid4())
+    # 6 bytes a level (empty name, type, length): about all of a 128 KiB frame.
+    publish_deep_headers(broker.broker_url, worker.queue, task_id, 21_000)
+    result = broker.app.AsyncResult(task_id)
+    assert wait_state(result, "FAILURE", timeout=GET_TIMEOUT) == "FAILURE"
+    assert "nested deeper than" in str(result.result)
+    assert_still_serving(broker, worker, 7)
+    assert "overflowed its stack" not in worker.process.log_text()

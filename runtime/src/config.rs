@@ -252,6 +252,10 @@ pub struct CeleryConfig {
     pub task_ignore_result: bool,
     /// Messages a worker holds per unit of concurrency.
     pub worker_prefetch_multiplier: u16,
+    /// The most messages a consumer's prefetch window grows to while it holds messages for
+    /// their ETA (each held one widens it by one, as Celery 5.6 raises its QoS); past it,
+    /// held messages take window slots. Unset: 65,535, AMQP's largest prefetch count.
+    pub worker_eta_task_limit: Option<u16>,
     /// Tasks run at once by one worker process; 0 means the number of CPUs.
     pub worker_concurrency: usize,
     /// Seconds a result is kept; 0 keeps it forever.
@@ -326,6 +330,7 @@ impl Default for CeleryConfig {
             task_track_started: false,
             task_ignore_result: false,
             worker_prefetch_multiplier: 4,
+            worker_eta_task_limit: None,
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,

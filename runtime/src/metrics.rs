@@ -206,6 +206,10 @@ const MAX_HEAD: usize = 8192;
 /// How long one connection may take, from the request's first byte to the answer's last: a
 /// client that stops reading or writing is cut off.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to send its request head: short, so that connections that
+/// send nothing (all [`MAX_CONNECTIONS`] of them, say) hold the listener only this long and a
+/// scrape behind them is still answered in time. A scraper sends its head at once.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections answered at once; more wait to be accepted, so scrapers cannot exhaust the
 /// file descriptors the broker connection needs.
 const MAX_CONNECTIONS: usize = 16;
@@ -245,7 +249,11 @@ async fn answer(
     mut stream: TcpStream,
     render: &(dyn Fn() -> String + Send + Sync),
 ) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request head in time")
+        })??;
     let (status, content_type, body) = match request_line(&head) {
         Some(("GET" | "HEAD", "/metrics")) => ("200 OK", CONTENT_TYPE, render()),
         Some((_, "/metrics")) => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
@@ -400,5 +408,36 @@ mod tests {
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         let post = ask("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cannot_starve_a_scrape() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Arc::new(|| "up 1\n".to_string())));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(address).await.unwrap());
+        }
+        let began = std::time::Instant::now();
+        let scrape = async {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        // Well under the whole exchange's bound, which idle connections held before.
+        let bound = HEAD_TIMEOUT + Duration::from_secs(3);
+        assert!(bound < EXCHANGE_TIMEOUT);
+        let answer = tokio::time::timeout(bound, scrape)
+            .await
+            .expect("a scrape is answered while idle connections are open");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(began.elapsed() >= HEAD_TIMEOUT / 2, "the idle ones held it");
+        drop(idle);
     }
 }

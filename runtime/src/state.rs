@@ -63,7 +63,8 @@ impl WorkerState {
         }
     }
 
-    /// Starts holding `request`; the token is cancelled if it is revoked with `terminate`.
+    /// Starts holding `request`; the token is cancelled when it is revoked before it runs, or
+    /// with `terminate` while it runs.
     pub fn hold(&self, request: &TaskRequest, queue: &str) -> CancellationToken {
         let phase = match request.eta {
             Some(eta) if eta > Utc::now() => Phase::Scheduled(eta),
@@ -205,7 +206,8 @@ impl WorkerState {
         })
     }
 
-    /// Records `ids` as revoked; those held and running are terminated when `terminate`.
+    /// Records `ids` as revoked; those held and not running yet are let go, those running are
+    /// terminated when `terminate`.
     /// Returns the ids that were running and got the signal.
     pub fn revoke(&self, ids: &[String], terminate: bool) -> Vec<String> {
         let mut revoked = self.revoked.lock().expect("state lock");
@@ -220,17 +222,18 @@ impl WorkerState {
             }
         }
         drop(revoked);
-        if !terminate {
-            return Vec::new();
-        }
         let held = self.held.lock().expect("state lock");
         ids.iter()
             .filter_map(|id| {
-                let running = held
-                    .get(id)
-                    .filter(|h| matches!(h.phase, Phase::Active(_)))?;
-                running.terminate.cancel();
-                Some(id.clone())
+                let held = held.get(id)?;
+                let running = matches!(held.phase, Phase::Active(_));
+                // One not running yet is let go at once (and settled REVOKED), not at its ETA
+                // or its turn: a revoke frees what a 10-year countdown holds.
+                if running && !terminate {
+                    return None;
+                }
+                held.terminate.cancel();
+                running.then(|| id.clone())
             })
             .collect()
     }
@@ -278,7 +281,7 @@ mod tests {
     }
 
     #[test]
-    fn revoke_terminates_only_running_requests_and_is_bounded() {
+    fn revoke_terminates_only_running_requests_lets_waiting_ones_go_and_is_bounded() {
         let state = WorkerState::new("w@h", Arc::default());
         let running = request("tasks.sleep");
         let waiting = request("tasks.sleep");
@@ -286,8 +289,11 @@ mod tests {
         let waiting_token = state.hold(&waiting, "celery");
         state.activate(&running.id, true);
         let ids = vec![running.id.clone(), waiting.id.clone()];
+        // Without `terminate` a running task goes on; a waiting one is let go at once.
+        assert_eq!(state.revoke(&ids, false), Vec::<String>::new());
+        assert!(!running_token.is_cancelled() && waiting_token.is_cancelled());
         assert_eq!(state.revoke(&ids, true), vec![running.id.clone()]);
-        assert!(running_token.is_cancelled() && !waiting_token.is_cancelled());
+        assert!(running_token.is_cancelled());
         assert!(state.is_revoked(&waiting.id));
         let many: Vec<String> = (0..REVOKES_MAX + 10).map(|i| i.to_string()).collect();
         state.revoke(&many, false);

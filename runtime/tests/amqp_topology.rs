@@ -104,3 +104,93 @@ async fn a_name_too_long_for_amqp_is_refused_and_the_connection_lives_on() {
     broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
 }
+
+/// Far deeper than any header Celery sends, and still within what lapin encodes and parses on
+/// its I/O thread's default stack (a thousand levels are not: the deepest a frame can carry is
+/// tested on the worker binary, in interop/test_hostile.py).
+const DEEP: usize = 100;
+
+/// Publishes a task message whose headers hold a table nested [`DEEP`] levels.
+fn publish_deep_headers(queue: &str, id: &str) {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let (queue, id) = (queue.to_string(), id.to_string());
+    std::thread::Builder::new()
+        .spawn(move || {
+            let mut nested = FieldTable::default();
+            nested.insert("end".into(), AMQPValue::Boolean(true));
+            for _ in 0..DEEP {
+                let mut outer = FieldTable::default();
+                outer.insert("n".into(), AMQPValue::FieldTable(nested));
+                nested = outer;
+            }
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "id".into(),
+                AMQPValue::LongString(LongString::from(id.as_str())),
+            );
+            headers.insert("task".into(), AMQPValue::LongString("tasks.add".into()));
+            headers.insert("deep".into(), AMQPValue::FieldTable(nested));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let connection =
+                    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                        .await
+                        .unwrap();
+                let channel = connection.create_channel().await.unwrap();
+                let properties = lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_content_encoding("utf-8".into())
+                    .with_headers(headers);
+                channel
+                    .basic_publish(
+                        "",
+                        &queue,
+                        BasicPublishOptions::default(),
+                        b"[[1, 2], {}, {}]",
+                        properties,
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                connection.close(200, "bye").await.unwrap();
+            });
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn headers_nested_deep_are_refused_naming_the_task() {
+    let queue = unique_queue("deep-headers");
+    let broker = broker::connect(&amqp_url()).await.unwrap();
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    publish_deep_headers(&queue, &id);
+    let delivery = within(10, "the deep message", deliveries.recv())
+        .await
+        .unwrap();
+    let error = delivery
+        .message
+        .expect_err("headers too deep are not a message");
+    assert_eq!(error.task_id.as_deref(), Some(id.as_str()));
+    assert!(error.reason.contains("deep"), "{}", error.reason);
+    delivery.settle.reject(false).await.unwrap();
+    // The connection goes on: a task after it arrives.
+    let request = TaskRequest::new("tasks.add", vec![json!(1), json!(2)], Map::new());
+    broker.publish(&queue, &request.encode()).await.unwrap();
+    let next = within(10, "the next message", deliveries.recv())
+        .await
+        .unwrap();
+    let next = TaskRequest::decode(&next.message.unwrap()).unwrap();
+    assert_eq!(next.id, request.id);
+    broker.delete_queue(&queue).await.unwrap();
+}

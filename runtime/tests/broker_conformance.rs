@@ -239,6 +239,102 @@ async fn redis_restores_what_a_dead_consumer_left_unacked() {
     survivor.close().await.unwrap();
 }
 
+/// Whether no delivery comes for a while.
+async fn quiet(deliveries: &mut tokio::sync::mpsc::Receiver<Delivery>) -> bool {
+    tokio::time::timeout(std::time::Duration::from_millis(700), deliveries.recv())
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn a_held_message_widens_the_window_up_to_its_bound() {
+    for url in broker_urls() {
+        let queue = unique_queue("widen");
+        let broker = broker::connect(&url).await.unwrap();
+        for n in 0..4 {
+            broker.publish(&queue, &request(n).encode()).await.unwrap();
+        }
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 1)
+            .await
+            .unwrap();
+        let mut first = next(&mut deliveries).await;
+        assert!(
+            quiet(&mut deliveries).await,
+            "{url}: a window of one took two"
+        );
+        // Held, within a bound of two: one more comes.
+        first.settle.hold(2).await;
+        let mut second = next(&mut deliveries).await;
+        // Held too, but the window is at its bound: no third.
+        second.settle.hold(2).await;
+        assert!(
+            quiet(&mut deliveries).await,
+            "{url}: the window grew past its bound"
+        );
+        // Due again and settled: the window is one message again, and the third comes.
+        first.settle.unhold().await;
+        first.settle.ack().await.unwrap();
+        second.settle.ack().await.unwrap();
+        let third = next(&mut deliveries).await;
+        assert!(
+            quiet(&mut deliveries).await,
+            "{url}: the window stayed wide"
+        );
+        third.settle.ack().await.unwrap();
+        drop(deliveries);
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_keeps_a_message_held_for_its_eta_past_the_visibility_timeout() {
+    use runtime::config::TransportOptions;
+    let url = common::isolated_redis_url();
+    let queue = unique_queue("held");
+    let options = TransportOptions {
+        visibility_timeout: 2,
+        ..Default::default()
+    };
+    let broker = broker::connect_with(&url, &options, None).await.unwrap();
+    let (held, left) = (request(7), request(8));
+    broker.publish(&queue, &held.encode()).await.unwrap();
+    broker.publish(&queue, &left.encode()).await.unwrap();
+    // Room for a restored copy of each, so that only the restorer decides what comes again.
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 3)
+        .await
+        .unwrap();
+    let id = |delivery: &Delivery| {
+        TaskRequest::decode(delivery.message.as_ref().unwrap())
+            .unwrap()
+            .id
+    };
+    let mut first = next(&mut deliveries).await;
+    let second = next(&mut deliveries).await;
+    assert_eq!(
+        (id(&first), id(&second)),
+        (held.id.clone(), left.id.clone())
+    );
+    first.settle.hold(u16::MAX).await;
+    // The one not held, unsettled past the timeout, is restored and comes again; the held one
+    // does not, for several timeouts.
+    let again = within(10, "the message not held, restored", deliveries.recv())
+        .await
+        .unwrap();
+    assert_eq!(id(&again), left.id);
+    // Settled, so that it does not come a third time; the restored copy settles the record
+    // both copies share.
+    again.settle.ack().await.unwrap();
+    drop(second);
+    let more = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.recv()).await;
+    assert!(more.is_err(), "the held message was restored");
+    first.settle.ack().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn deliveries_end_when_the_connection_does() {
     for url in broker_urls() {

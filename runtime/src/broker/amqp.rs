@@ -2,6 +2,7 @@
 //! of its own name, tasks published to the default exchange with the queue as routing key.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -23,7 +24,7 @@ use super::delayed::{self, Declare};
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
 use crate::config::{redact_url, SslOptions};
 use crate::error::{Error, Result};
-use crate::protocol::{Message, Properties};
+use crate::protocol::{DecodeError, Message, Properties};
 
 /// A connection to RabbitMQ with one confirming channel for publishing.
 pub struct AmqpBroker {
@@ -393,10 +394,19 @@ impl Broker for AmqpBroker {
             .basic_qos(prefetch, BasicQosOptions { global })
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
+        let window = Arc::new(Window {
+            channel: channel.clone(),
+            queue: (!global).then(|| queues.first().cloned()).flatten(),
+            sender: sender.downgrade(),
+            held: Mutex::new(Held {
+                prefetch,
+                extras: Vec::new(),
+            }),
+        });
         let mut tags = Vec::new();
         let mut forwarders = tokio::task::JoinSet::new();
         for queue in queues {
-            let mut consumer = channel
+            let consumer = channel
                 .basic_consume(
                     queue,
                     "",
@@ -405,36 +415,12 @@ impl Broker for AmqpBroker {
                 )
                 .await?;
             tags.push(consumer.tag());
-            let sender = sender.clone();
-            let queue = queue.clone();
-            let channel = channel.clone();
-            forwarders.spawn(async move {
-                while let Some(next) = consumer.next().await {
-                    let delivery = match next {
-                        Ok(delivery) => delivery,
-                        Err(error) => {
-                            tracing::error!(%queue, %error, "AMQP consumer failed");
-                            break;
-                        }
-                    };
-                    let tag = delivery.delivery_tag.to_string();
-                    let message = Ok(message_of(&delivery.properties, delivery.data));
-                    let settle = Settle::new(AmqpAcker {
-                        acker: delivery.acker,
-                        _channel: channel.clone(),
-                    });
-                    let delivery = Delivery {
-                        message,
-                        queue: queue.clone(),
-                        tag,
-                        settle,
-                    };
-                    // After a cancel the stream ends once what was prefetched is given back.
-                    if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
-                        super::give_back(unwanted).await;
-                    }
-                }
-            });
+            forwarders.spawn(forward(
+                consumer,
+                queue.clone(),
+                window.clone(),
+                sender.clone(),
+            ));
         }
         // When the receiver goes, stop the deliveries; the channel stays open so messages
         // already handed out can still be acked. When the connection goes, the forwarders end
@@ -442,6 +428,7 @@ impl Broker for AmqpBroker {
         tokio::spawn(async move {
             tokio::select! {
                 () = sender.closed() => {
+                    tags.append(&mut window.held.lock().await.extras);
                     for tag in tags {
                         let _ = channel.basic_cancel(tag.as_str(), BasicCancelOptions::default()).await;
                     }
@@ -519,13 +506,17 @@ impl Broker for AmqpBroker {
             .basic_consume(queue, "", no_ack, FieldTable::default())
             .await?;
         let (sender, receiver) = mpsc::channel(256);
+        let queue = queue.to_string();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                if sender
-                    .send(message_of(&delivery.properties, delivery.data))
-                    .await
-                    .is_err()
-                {
+                let message = match message_of(&delivery.properties, delivery.data) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%queue, reason = %error.reason, "dropping a broadcast message");
+                        continue;
+                    }
+                };
+                if sender.send(message).await.is_err() {
                     break;
                 }
             }
@@ -596,12 +587,44 @@ impl Broker for AmqpBroker {
     }
 }
 
+/// Hands each delivery of `consumer` to `sender` until the consumer ends (cancelled, or its
+/// connection lost).
+async fn forward(
+    mut consumer: lapin::Consumer,
+    queue: String,
+    window: Arc<Window>,
+    sender: mpsc::Sender<Delivery>,
+) {
+    while let Some(next) = consumer.next().await {
+        let delivery = match next {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                tracing::error!(%queue, %error, "AMQP consumer failed");
+                break;
+            }
+        };
+        let delivery = Delivery {
+            message: message_of(&delivery.properties, delivery.data),
+            queue: queue.clone(),
+            tag: delivery.delivery_tag.to_string(),
+            settle: Settle::new(AmqpAcker {
+                acker: delivery.acker,
+                window: window.clone(),
+            }),
+        };
+        // After a cancel the stream ends once what was prefetched is given back.
+        if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
+            super::give_back(unwanted).await;
+        }
+    }
+}
+
 struct AmqpAcker {
     acker: lapin::acker::Acker,
-    /// Keeps the channel open while the delivery is unsettled: a closed channel requeues all it
-    /// held, so a task that finishes after its consumer was cancelled (a warm shutdown with
-    /// `task_acks_late`) could not be acked and would run again.
-    _channel: Channel,
+    /// Also keeps the channel open while the delivery is unsettled: a closed channel requeues
+    /// all it held, so a task that finishes after its consumer was cancelled (a warm shutdown
+    /// with `task_acks_late`) could not be acked and would run again.
+    window: Arc<Window>,
 }
 
 #[async_trait]
@@ -612,6 +635,120 @@ impl Acker for AmqpAcker {
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
         Ok(self.acker.reject(BasicRejectOptions { requeue }).await?)
+    }
+
+    async fn hold(&self, max: u16) -> bool {
+        self.window.widen(max).await
+    }
+
+    async fn unhold(&self, widened: bool) {
+        if widened {
+            self.window.narrow().await;
+        }
+    }
+}
+
+/// The prefetch window of one consuming channel, widened by one for each message held for its
+/// ETA, as Celery raises its QoS. RabbitMQ applies a new global prefetch count at once, but a
+/// new per-consumer one only to consumers made after it: so with per-consumer QoS (one queue,
+/// the worker's way, and any quorum queue) each widening is one more consumer of the queue
+/// with a prefetch of one, cancelled when the held message is due.
+struct Window {
+    channel: Channel,
+    /// The queue extra consumers take from (the first, when a quorum queue is one of several);
+    /// `None` with global QoS.
+    queue: Option<String>,
+    /// Weak, so that a lost connection still ends the receiver while messages are held.
+    sender: mpsc::WeakSender<Delivery>,
+    held: Mutex<Held>,
+}
+
+struct Held {
+    /// The prefetch count asked for; 0 is RabbitMQ's "no limit", which never widens.
+    prefetch: u16,
+    /// With global QoS, one empty tag per widening; else the tags of the extra consumers.
+    extras: Vec<ShortString>,
+}
+
+impl Window {
+    /// Lets one more message in while the window stays at most `max`; `true` when it did.
+    async fn widen(self: &Arc<Self>, max: u16) -> bool {
+        let mut held = self.held.lock().await;
+        let size = usize::from(held.prefetch) + held.extras.len();
+        if held.prefetch == 0 || size >= usize::from(max) {
+            return false;
+        }
+        let widened = match &self.queue {
+            None => self
+                .set_global(size + 1)
+                .await
+                .map(|()| ShortString::from("")),
+            Some(queue) => self.add_consumer(queue).await,
+        };
+        match widened {
+            Ok(tag) => {
+                held.extras.push(tag);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot widen the prefetch window for a held message");
+                false
+            }
+        }
+    }
+
+    /// Undoes one [`Window::widen`].
+    async fn narrow(&self) {
+        let mut held = self.held.lock().await;
+        let Some(tag) = held.extras.pop() else {
+            return;
+        };
+        let narrowed = match self.queue {
+            None => {
+                self.set_global(usize::from(held.prefetch) + held.extras.len())
+                    .await
+            }
+            // Its message, if it took one, stays unacked on the channel and can be settled.
+            Some(_) => {
+                self.channel
+                    .basic_cancel(tag.as_str(), BasicCancelOptions::default())
+                    .await
+            }
+        };
+        if let Err(error) = narrowed {
+            tracing::warn!(%error, "cannot narrow the prefetch window");
+        }
+    }
+
+    async fn set_global(&self, size: usize) -> lapin::Result<()> {
+        let size = u16::try_from(size).unwrap_or(u16::MAX);
+        self.channel
+            .basic_qos(size, BasicQosOptions { global: true })
+            .await
+    }
+
+    /// One more consumer of `queue` with a prefetch of one, forwarding as the first does.
+    async fn add_consumer(self: &Arc<Self>, queue: &str) -> lapin::Result<ShortString> {
+        let Some(sender) = self.sender.upgrade() else {
+            return Err(lapin::Error::InvalidChannelState(
+                lapin::ChannelState::Closing,
+            ));
+        };
+        self.channel
+            .basic_qos(1, BasicQosOptions { global: false })
+            .await?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                queue,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let tag = consumer.tag();
+        tokio::spawn(forward(consumer, queue.to_string(), self.clone(), sender));
+        Ok(tag)
     }
 }
 
@@ -650,14 +787,36 @@ fn properties_of(message: &Message) -> Result<BasicProperties> {
     Ok(properties)
 }
 
-fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
+/// Deepest nesting of tables and arrays read from a message's headers. Celery's own go two or
+/// three levels deep (stamps, canvas options); a frame can carry about 21,800, which this
+/// process would follow recursively.
+const MAX_HEADER_DEPTH: usize = 32;
+
+/// The message a delivery carries, or why not: headers nested deeper than
+/// [`MAX_HEADER_DEPTH`] are refused, naming the task id and name when the top level has them.
+fn message_of(
+    properties: &BasicProperties,
+    body: Vec<u8>,
+) -> std::result::Result<Message, DecodeError> {
     let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(table_to_json)
-        .unwrap_or_default();
-    Message {
+    let headers = match properties.headers() {
+        None => Map::new(),
+        Some(table) => table_to_json(table).ok_or_else(|| {
+            let top = |name: &str| match table.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+                _ => None,
+            };
+            DecodeError {
+                task_id: top("id"),
+                task: top("task"),
+                reason: format!("headers nested deeper than {MAX_HEADER_DEPTH} levels"),
+            }
+        })?,
+    };
+    Ok(Message {
         content_type: text(properties.content_type()).unwrap_or_default(),
         content_encoding: text(properties.content_encoding()).unwrap_or_default(),
         headers,
@@ -668,21 +827,28 @@ fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Message {
             priority: properties.priority().unwrap_or(0),
         },
         body,
-    }
+    })
 }
 
-pub(super) fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+/// A field table as JSON; `None` when it nests deeper than [`MAX_HEADER_DEPTH`].
+pub(super) fn table_to_json(table: &FieldTable) -> Option<Map<String, Value>> {
+    table_within(table, MAX_HEADER_DEPTH)
+}
+
+/// `table` as JSON if it nests at most `depth` levels (itself included).
+fn table_within(table: &FieldTable, depth: usize) -> Option<Map<String, Value>> {
+    let depth = depth.checked_sub(1)?;
     table
         .inner()
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+        .map(|(k, v)| Some((k.as_str().to_string(), amqp_to_json(v, depth)?)))
         .collect()
 }
 
-/// AMQP field values as the JSON Celery meant by them.
-fn amqp_to_json(value: &AMQPValue) -> Value {
+/// AMQP field values as the JSON Celery meant by them, if nested at most `depth` levels.
+fn amqp_to_json(value: &AMQPValue, depth: usize) -> Option<Value> {
     let float = |f: f64| Number::from_f64(f).map_or(Value::Null, Value::Number);
-    match value {
+    Some(match value {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(n) => (*n).into(),
         AMQPValue::ShortShortUInt(n) => (*n).into(),
@@ -703,11 +869,18 @@ fn amqp_to_json(value: &AMQPValue) -> Value {
             Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
         }
         AMQPValue::FieldArray(items) => {
-            Value::Array(items.as_slice().iter().map(amqp_to_json).collect())
+            let depth = depth.checked_sub(1)?;
+            Value::Array(
+                items
+                    .as_slice()
+                    .iter()
+                    .map(|item| amqp_to_json(item, depth))
+                    .collect::<Option<_>>()?,
+            )
         }
-        AMQPValue::FieldTable(table) => Value::Object(table_to_json(table)),
+        AMQPValue::FieldTable(table) => Value::Object(table_within(table, depth)?),
         AMQPValue::Void => Value::Null,
-    }
+    })
 }
 
 /// JSON as the AMQP field values py-amqp would send for it.
@@ -742,6 +915,22 @@ mod tests {
     fn headers_survive_the_amqp_field_table() {
         let headers = json!({"task": "tasks.add", "retries": 0, "timelimit": [null, 20.5],
             "ignore_result": false, "stamps": {}, "group": null, "big": 12345678901_i64});
-        assert_eq!(amqp_to_json(&json_to_amqp(&headers).unwrap()), headers);
+        let table = json_to_amqp(&headers).unwrap();
+        assert_eq!(amqp_to_json(&table, MAX_HEADER_DEPTH), Some(headers));
+    }
+
+    #[test]
+    fn headers_nested_past_the_bound_are_refused() {
+        // As many tables as the bound allows, one inside the other.
+        let mut nested = json!(1);
+        for _ in 0..MAX_HEADER_DEPTH {
+            nested = json!({ "n": nested });
+        }
+        let table = json_to_amqp(&nested).unwrap();
+        assert!(amqp_to_json(&table, MAX_HEADER_DEPTH).is_some());
+        assert_eq!(amqp_to_json(&table, MAX_HEADER_DEPTH - 1), None);
+        let listed = json_to_amqp(&json!([[[1]]])).unwrap();
+        assert_eq!(amqp_to_json(&listed, 3), Some(json!([[[1]]])));
+        assert_eq!(amqp_to_json(&listed, 2), None);
     }
 }

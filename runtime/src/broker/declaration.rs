@@ -123,8 +123,7 @@ impl Declaration {
     /// The arguments as JSON, as `inspect active_queues` reports `queue_arguments` (`None`
     /// when there are none, as Celery shows a queue declared without).
     pub fn arguments_json(&self) -> Option<Map<String, Value>> {
-        let arguments = super::amqp::table_to_json(&self.arguments);
-        (!arguments.is_empty()).then_some(arguments)
+        super::amqp::table_to_json(&self.arguments).filter(|arguments| !arguments.is_empty())
     }
 
     /// Takes over what a refusal says the existing queue or exchange holds. `false` when the

@@ -94,25 +94,57 @@ pub trait Acker: Send + Sync {
     async fn ack(self: Box<Self>) -> Result<()>;
     /// The message is refused; with `requeue` it goes back to its queue.
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+    /// The message waits for its ETA: its consumer may take one more message in its place
+    /// while its window stays at most `max` (`true` when it did), and the broker must not give
+    /// it to another consumer meanwhile.
+    async fn hold(&self, _max: u16) -> bool {
+        false
+    }
+    /// The message no longer waits; `widened` is what [`Acker::hold`] answered.
+    async fn unhold(&self, _widened: bool) {}
 }
 
 /// Settles one delivery; consumed by use so a delivery cannot be settled twice.
-pub struct Settle(Box<dyn Acker>);
+pub struct Settle {
+    acker: Box<dyn Acker>,
+    /// Held for an ETA (and whether that widened the window), until [`Settle::unhold`].
+    held: Option<bool>,
+}
 
 impl Settle {
     /// Wraps a broker's acker.
     pub fn new(acker: impl Acker + 'static) -> Self {
-        Self(Box::new(acker))
+        Self {
+            acker: Box::new(acker),
+            held: None,
+        }
+    }
+
+    /// The message waits for its ETA outside its consumer's prefetch window, as Celery raises
+    /// its QoS by one per ETA task, while the window stays at most `max` messages.
+    pub async fn hold(&mut self, max: u16) {
+        if self.held.is_none() {
+            self.held = Some(self.acker.hold(max).await);
+        }
+    }
+
+    /// The message is due (or settled): it counts in its consumer's window again.
+    pub async fn unhold(&mut self) {
+        if let Some(widened) = self.held.take() {
+            self.acker.unhold(widened).await;
+        }
     }
 
     /// Acknowledges the delivery.
-    pub async fn ack(self) -> Result<()> {
-        self.0.ack().await
+    pub async fn ack(mut self) -> Result<()> {
+        self.unhold().await;
+        self.acker.ack().await
     }
 
     /// Rejects the delivery, putting it back on its queue when `requeue`.
-    pub async fn reject(self, requeue: bool) -> Result<()> {
-        self.0.reject(requeue).await
+    pub async fn reject(mut self, requeue: bool) -> Result<()> {
+        self.unhold().await;
+        self.acker.reject(requeue).await
     }
 }
 

@@ -9,6 +9,7 @@
 //! the script. See [`wait_for_work`].
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -291,6 +292,11 @@ impl Broker for RedisBroker {
         self.start_restoring().await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
+        let holding = Arc::new(Holding {
+            prefetch,
+            outside: std::sync::atomic::AtomicU16::new(0),
+            visibility_timeout: self.visibility_timeout,
+        });
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
@@ -356,7 +362,7 @@ impl Broker for RedisBroker {
                 let mut deliveries = popped
                     .into_iter()
                     .zip(free)
-                    .map(|((list, raw), slot)| delivery(&connection, list, raw, slot));
+                    .map(|((list, raw), slot)| delivery(&connection, &holding, list, raw, slot));
                 let mut refused = false;
                 for delivery in deliveries.by_ref() {
                     if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
@@ -513,6 +519,7 @@ impl Broker for RedisBroker {
 /// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`.
 fn delivery(
     connection: &MultiplexedConnection,
+    holding: &Arc<Holding>,
     list: String,
     raw: Vec<u8>,
     slot: OwnedSemaphorePermit,
@@ -533,7 +540,9 @@ fn delivery(
                 tag,
                 list,
                 raw,
-                _slot: slot,
+                slot: std::sync::Mutex::new(Some(slot)),
+                holding: holding.clone(),
+                keeping: std::sync::Mutex::new(None),
             }),
         },
         None => Delivery {
@@ -677,8 +686,20 @@ struct RedisAcker {
     tag: String,
     list: String,
     raw: Vec<u8>,
-    /// Held until settled: the consumer fetches no more than its prefetch.
-    _slot: OwnedSemaphorePermit,
+    /// Held until settled (or until held for an ETA outside the window): the consumer fetches
+    /// no more than its prefetch.
+    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    holding: Arc<Holding>,
+    /// While held for an ETA: stops keeping its unacked record fresh when dropped.
+    keeping: std::sync::Mutex<Option<tokio_util::sync::DropGuard>>,
+}
+
+/// What one consumer holds outside its prefetch window.
+struct Holding {
+    prefetch: u16,
+    /// Messages held for their ETA whose slot was given back.
+    outside: std::sync::atomic::AtomicU16,
+    visibility_timeout: u64,
 }
 
 #[async_trait]
@@ -690,6 +711,67 @@ impl Acker for RedisAcker {
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
         let back = requeue.then_some((self.list.as_str(), self.raw.as_slice()));
         forget(&self.connection, &self.tag, back).await
+    }
+
+    /// Gives the prefetch slot back (our accounting is the window), and keeps the unacked
+    /// record's time fresh: kombu lets a message held past `visibility_timeout` be restored to
+    /// another worker, which then holds (and later runs) it too.
+    async fn hold(&self, max: u16) -> bool {
+        let keep = CancellationToken::new();
+        *self.keeping.lock().expect("keeping lock") = Some(keep.clone().drop_guard());
+        let mut connection = self.connection.clone();
+        let tag = self.tag.clone();
+        // Well within the timeout, so no restorer finds the record old between two refreshes.
+        let every = Duration::from_millis(
+            self.holding
+                .visibility_timeout
+                .saturating_mul(250)
+                .clamp(100, 60_000),
+        );
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = keep.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let fresh = redis::cmd("ZADD")
+                    .arg(UNACKED_INDEX)
+                    .arg("XX")
+                    .arg(now_seconds())
+                    .arg(&tag)
+                    .query_async::<()>(&mut connection)
+                    .await;
+                if let Err(error) = fresh {
+                    tracing::warn!(%tag, %error, "cannot keep a held message's unacked record fresh");
+                }
+            }
+        });
+        let outside = &self.holding.outside;
+        let widened = outside
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (u32::from(self.holding.prefetch) + u32::from(n) < u32::from(max)).then(|| n + 1)
+            })
+            .is_ok();
+        if widened {
+            drop(self.slot.lock().expect("slot lock").take());
+        }
+        widened
+    }
+
+    /// Stops the refresh only: a message once outside the window stays outside (counted in
+    /// `outside`) until settled, so messages due together cannot pull in more behind them.
+    async fn unhold(&self, _widened: bool) {
+        drop(self.keeping.lock().expect("keeping lock").take());
+    }
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        let slot = self.slot.get_mut().map(|slot| slot.is_none());
+        if slot.unwrap_or(false) {
+            self.holding.outside.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

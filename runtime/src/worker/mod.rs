@@ -253,6 +253,12 @@ impl Worker {
         prefetch_of(&self.config)
     }
 
+    /// The most messages one consumer's window grows to with messages held for their ETA:
+    /// `worker_eta_task_limit`, as Celery bounds its QoS, else AMQP's largest prefetch count.
+    fn eta_window(&self) -> u16 {
+        self.config.worker_eta_task_limit.unwrap_or(u16::MAX)
+    }
+
     /// Starts consuming `queue` (prefetch applies per queue); `false` if already consuming it.
     async fn add_consumer(self: &Arc<Self>, queue: &str) -> Result<bool> {
         let mut consumers = self.consumers.lock().await;
@@ -508,10 +514,20 @@ impl Worker {
         self.events
             .task("task-received", &request.id, received_fields(&request));
         // Held unacked until due and until a slot is free: a crash before then gives the message
-        // back to the broker, and so does a shutdown.
+        // back to the broker, and so does a shutdown. Until due it is held outside the prefetch
+        // window, so that messages with far ETAs cannot stop the queue.
+        let mut settle = settle;
+        let eta_wait = request
+            .eta
+            .and_then(|eta| (eta - Utc::now()).to_std().ok())
+            .filter(|wait| !wait.is_zero());
+        if eta_wait.is_some() {
+            settle.hold(self.eta_window()).await;
+        }
         let due_and_free = async {
-            if let Some(wait) = request.eta.and_then(|eta| (eta - Utc::now()).to_std().ok()) {
+            if let Some(wait) = eta_wait {
                 tokio::time::sleep(wait).await;
+                settle.unhold().await;
             }
             let rate_wait = self
                 .rate_limits
@@ -527,8 +543,14 @@ impl Worker {
         let slot = tokio::select! {
             slot = due_and_free => slot.ok(),
             () = self.stopping.cancelled() => None,
+            () = terminate.cancelled() => None,
         };
         let Some(_slot) = slot else {
+            if self.discard_if_dead(&request, &queue).await {
+                self.state.release(&request.id);
+                settle_with(settle.ack(), &tag).await;
+                return;
+            }
             info!(task = %request.task, id = %request.id, "giving back a task not started");
             self.state.release(&request.id);
             settle_with(settle.reject(true), &tag).await;

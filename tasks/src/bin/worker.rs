@@ -33,8 +33,25 @@ struct Args {
     metrics_port: Option<u16>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The stack of every thread (unless `RUST_MIN_STACK` says otherwise), in bytes: lapin reads
+/// and drops a message's header tables recursively, on its I/O thread and ours, and the
+/// deepest nesting one frame (128 KiB) carries, about 21,800 levels, overflows the default
+/// 2 MiB and aborts the process. Only the pages a thread touches are taken from memory.
+const THREAD_STACK_BYTES: &str = "268435456";
+
+fn main() -> anyhow::Result<()> {
+    // Read once, when the first thread starts: so before the runtime makes its threads.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     args.common.init_logging();
     let mut config = CeleryConfig::load(Some(&args.common.config)).context("loading settings")?;
