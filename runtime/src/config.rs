@@ -294,6 +294,9 @@ pub struct CeleryConfig {
     pub web_jwt_secret: Option<String>,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
+    /// Failed publishes after which a job the broker keeps refusing (while it takes others)
+    /// ends FAILURE with a `PublishError`; the waits between them double from 1 s up to 60 s.
+    pub web_publish_max_attempts: u32,
     /// Periodic tasks `beat` sends, by entry name.
     pub beat_schedule: BTreeMap<String, BeatEntry>,
     /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
@@ -345,6 +348,7 @@ impl Default for CeleryConfig {
             web_auth_token: None,
             web_jwt_secret: None,
             web_sweep_interval: 5,
+            web_publish_max_attempts: 10,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
         }
@@ -468,6 +472,11 @@ impl CeleryConfig {
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
                 "web_sweep_interval must be at least 1 second".into(),
+            ));
+        }
+        if !(1..=1000).contains(&self.web_publish_max_attempts) {
+            return Err(Error::Config(
+                "web_publish_max_attempts must be from 1 to 1000".into(),
             ));
         }
         for exchange_type in std::iter::once(&self.task_default_exchange_type)
