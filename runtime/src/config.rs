@@ -281,7 +281,8 @@ pub struct CeleryConfig {
     /// Task that `POST /receive` runs for a payload that names no task (the payload is its
     /// one argument).
     pub web_default_task: String,
-    /// Task names `POST /receive` accepts besides the Rust registry's (e.g. Python tasks).
+    /// Task names `POST /receive` accepts besides `web_default_task`: an explicit list (a task
+    /// in a worker's registry is not open to the API unless listed).
     pub web_allowed_tasks: Vec<String>,
     /// Queues a `POST /receive` job may name; empty, any valid queue name.
     pub web_allowed_queues: Vec<String>,

@@ -61,6 +61,9 @@ impl Stack {
             database_url: format!("{POSTGRES}/{database}"),
             web_body_limit: 4096,
             web_sweep_interval: 1,
+            web_allowed_tasks: ["tasks.add", "tasks.mul", "tasks.fail", "tasks.progress"]
+                .map(String::from)
+                .into(),
             ..CeleryConfig::default()
         };
         customize(&mut config);
