@@ -10,6 +10,7 @@ pub mod declaration;
 pub mod delayed;
 pub mod failover;
 pub mod redis;
+pub mod remembered;
 
 use std::sync::Arc;
 
