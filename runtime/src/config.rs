@@ -224,6 +224,9 @@ pub struct CeleryConfig {
     /// Type of `task_default_queue` where we declare it (RabbitMQ). A queue that already
     /// exists is used as it was declared, whatever its type.
     pub task_default_queue_type: QueueType,
+    /// Publishers may create a queue that does not exist (Celery's default). Off, the client
+    /// and the web app publish only to the queues the settings name and those that exist.
+    pub task_create_missing_queues: bool,
     /// Type of every other queue we declare because it does not exist yet (RabbitMQ).
     pub task_create_missing_queue_type: QueueType,
     /// Type of the exchange of `task_default_queue`'s name where we declare it: `direct`,
@@ -318,6 +321,7 @@ impl Default for CeleryConfig {
             redis_backend_use_ssl: None,
             task_default_queue: "celery".into(),
             task_default_queue_type: QueueType::Classic,
+            task_create_missing_queues: true,
             task_create_missing_queue_type: QueueType::Classic,
             task_default_exchange_type: "direct".into(),
             task_create_missing_queue_exchange_type: None,

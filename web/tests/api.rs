@@ -468,6 +468,84 @@ async fn a_job_the_broker_always_refuses_delays_only_itself_then_fails() {
     stack.stop().await;
 }
 
+/// With `task_create_missing_queues` off, a job may name a queue the settings name or one that
+/// exists, and any other is 422; the client refuses to publish there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_create_missing_queues_only_existing_queues_take_jobs() {
+    for url in BROKERS {
+        let stack = Stack::start_with(url, true, |c| c.task_create_missing_queues = false).await;
+        let missing = format!("test-web-missing-{}", uuid::Uuid::new_v4().simple());
+        let (status, answer) = stack
+            .post(&json!({"task": "tasks.add", "args": [1, 2], "queue": missing}).to_string())
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity, "{url}: {answer}");
+        assert_eq!(
+            answer["error"],
+            format!(
+                "`queue`: queue {missing} does not exist and task_create_missing_queues is false"
+            )
+        );
+        let (status, answer) = stack
+            .post(
+                &json!({"group": [{"task": "tasks.add", "args": [1, 2], "queue": missing}]})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity, "{url}: {answer}");
+        let client = runtime::client::Client::connect(stack.config.clone())
+            .await
+            .unwrap();
+        let refused = client
+            .send_task(
+                "tasks.add",
+                vec![json!(1), json!(2)],
+                Default::default(),
+                runtime::client::SendOptions {
+                    queue: Some(missing.clone()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(runtime::Error::MissingQueue(_))),
+            "{url}: {:?}",
+            refused.err()
+        );
+        client.close().await.unwrap();
+        let broker = runtime::broker::connect(url).await.unwrap();
+        assert!(!broker.exists(&missing).await.unwrap(), "{url}: created");
+        // Once someone made it (a publisher allowed to), it takes jobs.
+        let creating = runtime::client::Client::connect(CeleryConfig {
+            task_create_missing_queues: true,
+            ..stack.config.clone()
+        })
+        .await
+        .unwrap();
+        let to_missing = runtime::client::SendOptions {
+            queue: Some(missing.clone()),
+            ..Default::default()
+        };
+        creating
+            .send_task("tasks.add", vec![], Default::default(), to_missing)
+            .await
+            .unwrap();
+        creating.close().await.unwrap();
+        assert!(broker.exists(&missing).await.unwrap(), "{url}");
+        stack
+            .submit(json!({"task": "tasks.add", "args": [1, 2], "queue": missing}))
+            .await;
+        broker.delete_queue(&missing).await.unwrap();
+        broker.close().await.unwrap();
+        // The default queue exists (the worker consumes it), and is named by the settings.
+        let id = stack
+            .submit(json!({"task": "tasks.add", "args": [2, 3], "queue": stack.config.task_default_queue}))
+            .await;
+        let done = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(done["result"], 5, "{url}");
+        stack.stop().await;
+    }
+}
+
 /// Step `position` of workflow `id`, a `kind`, calling `task` with `args`.
 fn step(
     kind: web::workflow::Kind,

@@ -485,6 +485,18 @@ impl Broker for RedisBroker {
         }))
     }
 
+    /// Redis has no queues of its own: one exists once a consumer bound it (kombu's binding
+    /// record, as Celery's declare writes it) or while it holds messages.
+    async fn exists(&self, queue: &str) -> Result<bool> {
+        let mut query = redis::pipe();
+        query.exists(format!("_kombu.binding.{queue}"));
+        for &step in &PRIORITY_STEPS {
+            query.exists(list_for(queue, step));
+        }
+        let found: Vec<bool> = query.query_async(&mut self.connection.clone()).await?;
+        Ok(found.contains(&true))
+    }
+
     async fn delete_queue(&self, queue: &str) -> Result<()> {
         let mut keys: Vec<String> = PRIORITY_STEPS
             .iter()

@@ -562,8 +562,9 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
         (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`", body = ErrorBody),
         (status = 415, description = "the body is not JSON", body = ErrorBody),
-        (status = 422, description = "a task call or workflow with wrong fields, or a task not \
-            accepted", body = ErrorBody),
+        (status = 422, description = "a task call or workflow with wrong fields, a task not \
+            accepted, or a queue that does not exist while `task_create_missing_queues` is \
+            false", body = ErrorBody),
         (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
@@ -576,12 +577,39 @@ pub async fn receive(
     journal: &State<Arc<Journal>>,
     client: &State<Client>,
 ) -> Result<Accepted, Error> {
-    match submission? {
+    let submission = submission?;
+    check_queues(&submission, client).await?;
+    match submission {
         Submission::Job(job) => receive_job(job, pool, journal, client).await,
         Submission::Workflow { kind, steps } => {
             receive_workflow(kind, steps, pool, journal, client).await
         }
     }
+}
+
+/// 422 for a queue named in `submission` that must not be created: one that does not exist
+/// while `task_create_missing_queues` is off. When the broker cannot tell, the job is taken:
+/// its publish decides (the outbox ends it with the reason if the queue is missing).
+async fn check_queues(submission: &Submission, client: &Client) -> Result<(), Error> {
+    let named: BTreeSet<&str> = match submission {
+        Submission::Job(job) => job.queue.iter().map(String::as_str).collect(),
+        Submission::Workflow { steps, .. } => {
+            steps.iter().filter_map(|s| s.queue.as_deref()).collect()
+        }
+    };
+    for queue in named {
+        match client.may_publish_to(queue).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let missing = runtime::Error::MissingQueue(queue.to_string());
+                return Err(Error::Unprocessable(format!("`queue`: {missing}")));
+            }
+            Err(error) => {
+                tracing::warn!(%queue, %error, "cannot tell whether the queue exists; the job is taken")
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn receive_job(
