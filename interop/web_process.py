@@ -36,7 +36,8 @@ HOST = "127.0.0.1"
 READY_TIMEOUT = 60.0
 BODY_LIMIT = 64 * 1024  # CELERY_WEB_BODY_LIMIT of the test processes (so 413 needs no megabyte)
 SWEEP_INTERVAL = 5  # CELERY_WEB_SWEEP_INTERVAL (the repo default, pinned)
-ALLOWED_PY_TASKS = "py.mul,py.concat"
+# CELERY_WEB_ALLOWED_TASKS: the shipped config's Rust demo tasks and two Python tasks.
+ALLOWED_TASKS = "tasks.add,tasks.mul,tasks.xsum,tasks.fail,tasks.progress,py.mul,py.concat"
 FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 STATE_RANK = {"PENDING": 0, "STARTED": 1, "RETRY": 1, "SUCCESS": 3, "FAILURE": 3, "REVOKED": 3}  # else 2
 STATUS_KEYS = {
@@ -168,7 +169,7 @@ def accepted_task_id(reply: Reply) -> str:
 def _web_env(setup, database: str, port: int, server: str) -> dict[str, str]:
     env = setup.rust_env(
         CELERY_DATABASE_URL=database_url(database, server),
-        CELERY_WEB_ALLOWED_TASKS=ALLOWED_PY_TASKS,
+        CELERY_WEB_ALLOWED_TASKS=ALLOWED_TASKS,
         CELERY_WEB_BODY_LIMIT=str(BODY_LIMIT),
         CELERY_WEB_SWEEP_INTERVAL=str(SWEEP_INTERVAL),
     )

@@ -183,6 +183,9 @@ impl Client {
     /// Publishes `request` to `queue` (and tells Flower, when asked to); a failed publish drops
     /// the connection, so the next send connects afresh.
     async fn publish(&self, request: &TaskRequest, queue: &str) -> Result<()> {
+        if !self.may_publish_to(queue).await? {
+            return Err(Error::MissingQueue(queue.to_string()));
+        }
         let connection = self.connection().await?;
         if let Err(error) = connection.broker.publish(queue, &request.encode()).await {
             self.disconnect(&connection).await;
@@ -216,6 +219,20 @@ impl Client {
             self.disconnect(&connection).await;
         }
         depth
+    }
+
+    /// Whether a message may go to `queue`: always when `task_create_missing_queues` is on
+    /// (the publish creates it), else only to a queue the settings name or one that exists.
+    pub async fn may_publish_to(&self, queue: &str) -> Result<bool> {
+        if self.config.task_create_missing_queues || self.config.queues().contains(queue) {
+            return Ok(true);
+        }
+        let connection = self.connection().await?;
+        let exists = connection.broker.exists(queue).await;
+        if exists.is_err() {
+            self.disconnect(&connection).await;
+        }
+        exists
     }
 
     /// Whether the broker answers (connecting if need be).

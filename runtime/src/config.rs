@@ -224,6 +224,9 @@ pub struct CeleryConfig {
     /// Type of `task_default_queue` where we declare it (RabbitMQ). A queue that already
     /// exists is used as it was declared, whatever its type.
     pub task_default_queue_type: QueueType,
+    /// Publishers may create a queue that does not exist (Celery's default). Off, the client
+    /// and the web app publish only to the queues the settings name and those that exist.
+    pub task_create_missing_queues: bool,
     /// Type of every other queue we declare because it does not exist yet (RabbitMQ).
     pub task_create_missing_queue_type: QueueType,
     /// Type of the exchange of `task_default_queue`'s name where we declare it: `direct`,
@@ -285,7 +288,8 @@ pub struct CeleryConfig {
     /// Task that `POST /receive` runs for a payload that names no task (the payload is its
     /// one argument).
     pub web_default_task: String,
-    /// Task names `POST /receive` accepts besides the Rust registry's (e.g. Python tasks).
+    /// Task names `POST /receive` accepts besides `web_default_task`: an explicit list (a task
+    /// in a worker's registry is not open to the API unless listed).
     pub web_allowed_tasks: Vec<String>,
     /// Queues a `POST /receive` job may name; empty, any valid queue name.
     pub web_allowed_queues: Vec<String>,
@@ -298,6 +302,9 @@ pub struct CeleryConfig {
     pub web_jwt_secret: Option<String>,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
+    /// Failed publishes after which a job the broker keeps refusing (while it takes others)
+    /// ends FAILURE with a `PublishError`; the waits between them double from 1 s up to 60 s.
+    pub web_publish_max_attempts: u32,
     /// Periodic tasks `beat` sends, by entry name.
     pub beat_schedule: BTreeMap<String, BeatEntry>,
     /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
@@ -318,6 +325,7 @@ impl Default for CeleryConfig {
             redis_backend_use_ssl: None,
             task_default_queue: "celery".into(),
             task_default_queue_type: QueueType::Classic,
+            task_create_missing_queues: true,
             task_create_missing_queue_type: QueueType::Classic,
             task_default_exchange_type: "direct".into(),
             task_create_missing_queue_exchange_type: None,
@@ -350,6 +358,7 @@ impl Default for CeleryConfig {
             web_auth_token: None,
             web_jwt_secret: None,
             web_sweep_interval: 5,
+            web_publish_max_attempts: 10,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
         }
@@ -473,6 +482,11 @@ impl CeleryConfig {
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
                 "web_sweep_interval must be at least 1 second".into(),
+            ));
+        }
+        if !(1..=1000).contains(&self.web_publish_max_attempts) {
+            return Err(Error::Config(
+                "web_publish_max_attempts must be from 1 to 1000".into(),
             ));
         }
         for exchange_type in std::iter::once(&self.task_default_exchange_type)

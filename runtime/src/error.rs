@@ -66,6 +66,11 @@ pub enum Error {
     #[error("the broker connection was lost")]
     ConnectionLost,
 
+    /// A publish to a queue that does not exist, which `task_create_missing_queues = false`
+    /// forbids creating.
+    #[error("queue {0} does not exist and task_create_missing_queues is false")]
+    MissingQueue(String),
+
     /// No result backend is configured but an operation needs one.
     #[error("no result_backend is configured")]
     NoBackend,

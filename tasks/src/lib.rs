@@ -13,6 +13,21 @@ use runtime::registry::Registry;
 use serde_json::{Number, Value};
 use std::time::Duration;
 
+/// The longest the demo tasks `tasks.sleep`, `tasks.busy` and `tasks.progress` run: ten minutes.
+/// Their arguments come from whoever may send a task; a longer run is refused with a task error,
+/// so one message cannot hold a worker slot for days.
+pub const MAX_DEMO_SECONDS: f64 = 600.0;
+
+/// `seconds` as a wait of `task`, if it is within 0 to [`MAX_DEMO_SECONDS`].
+fn demo_wait(task: &str, seconds: f64) -> TaskResult<Duration> {
+    if !(0.0..=MAX_DEMO_SECONDS).contains(&seconds) {
+        return Err(TaskError::UnexpectedError(format!(
+            "{task} takes 0 to {MAX_DEMO_SECONDS} seconds, not {seconds}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 /// Every task this crate defines.
 pub fn registry() -> Registry {
     Registry::new()
@@ -59,12 +74,10 @@ pub fn echo(value: Value) -> TaskResult<Value> {
     Ok(value)
 }
 
-/// Waits `seconds` without holding a thread, then returns them.
+/// Waits `seconds` (at most [`MAX_DEMO_SECONDS`]) without holding a thread, then returns them.
 #[celery::task(name = "tasks.sleep")]
 pub async fn sleep(seconds: f64) -> TaskResult<f64> {
-    let wait = Duration::try_from_secs_f64(seconds)
-        .map_err(|_| TaskError::UnexpectedError(format!("invalid sleep duration: {seconds}")))?;
-    tokio::time::sleep(wait).await;
+    tokio::time::sleep(demo_wait("tasks.sleep", seconds)?).await;
     Ok(seconds)
 }
 
@@ -75,8 +88,11 @@ pub fn fail(message: String) -> TaskResult<()> {
 }
 
 /// Reports `PROGRESS {current, total}` after each of `total` steps of `step_ms`; returns `total`.
+/// The steps may take [`MAX_DEMO_SECONDS`] in all.
 #[celery::task(name = "tasks.progress")]
 pub async fn progress(total: u64, step_ms: u64) -> TaskResult<u64> {
+    let all_ms = total.saturating_mul(step_ms) as f64;
+    demo_wait("tasks.progress", all_ms / 1e3)?;
     for current in 1..=total {
         tokio::time::sleep(Duration::from_millis(step_ms)).await;
         runtime::progress::report(current, total)
@@ -104,11 +120,10 @@ pub fn flaky(task: &Self, failures: u32) -> TaskResult<u32> {
     Ok(retries)
 }
 
-/// Holds its thread for `seconds` (blocking code, run on the blocking pool), then returns them.
+/// Holds its thread for `seconds` (blocking code, run on the blocking pool; at most
+/// [`MAX_DEMO_SECONDS`]), then returns them.
 #[celery::task(name = "tasks.busy")]
 pub fn busy(seconds: f64) -> TaskResult<f64> {
-    let wait = Duration::try_from_secs_f64(seconds)
-        .map_err(|_| TaskError::UnexpectedError(format!("invalid duration: {seconds}")))?;
-    std::thread::sleep(wait);
+    std::thread::sleep(demo_wait("tasks.busy", seconds)?);
     Ok(seconds)
 }

@@ -574,3 +574,46 @@ async fn a_failover_list_without_a_result_backend_consumes_from_the_node_that_an
     broker.delete_queue(&queue).await.unwrap();
     broker.close().await.unwrap();
 }
+
+/// The demo tasks refuse to run longer than `MAX_DEMO_SECONDS`, with a task error that says so,
+/// rather than hold a slot for as long as a message asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_tasks_refuse_runs_over_their_bound() {
+    let worker = start(BROKERS[1], |_| {}).await;
+    for (task, args, message) in [
+        (
+            "tasks.sleep",
+            json!([1e9]),
+            "tasks.sleep takes 0 to 600 seconds, not 1000000000",
+        ),
+        (
+            "tasks.busy",
+            json!([601]),
+            "tasks.busy takes 0 to 600 seconds, not 601",
+        ),
+        (
+            "tasks.sleep",
+            json!([-1]),
+            "tasks.sleep takes 0 to 600 seconds, not -1",
+        ),
+        (
+            "tasks.progress",
+            json!([10_000, 100]),
+            "tasks.progress takes 0 to 600 seconds, not 1000",
+        ),
+    ] {
+        assert_eq!(
+            failure(worker.call(task, args, json!({})).await),
+            ("RuntimeError".into(), message.into()),
+            "{task}"
+        );
+    }
+    assert_eq!(
+        worker
+            .call("tasks.sleep", json!([0.01]), json!({}))
+            .await
+            .unwrap(),
+        json!(0.01)
+    );
+    worker.stop().await;
+}

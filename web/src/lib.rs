@@ -67,8 +67,9 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         }
         (None, _) => None,
     };
+    let max_attempts = config.web_publish_max_attempts;
     let client = Client::new(config).await?;
-    let journal = Arc::new(outbox::Journal::start(&pool));
+    let journal = Arc::new(outbox::Journal::start(&pool, max_attempts));
     let tracker_pool = pool.clone();
     let changes = tracking::Changes::default();
     let tracker_changes = changes.clone();

@@ -1,7 +1,9 @@
 //! The outbox: a job is durable once its row commits, and is published from its row. Jobs the
 //! broker did not take at once (it was down, or the web process died between commit and
 //! publish) are published by a loop in every web process, under a lease in the row so that
-//! replicas never publish the same job at the same time.
+//! replicas never publish the same job at the same time. A job whose publish fails waits out a
+//! backoff of its own, so a job the broker keeps refusing delays no other, and ends FAILURE after
+//! `web_publish_max_attempts` failures.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +31,14 @@ pub struct Journal {
     pub jobs: Batcher<NewJob>,
     /// Jobs whose message the broker confirmed.
     pub published: Batcher<Uuid>,
+    /// Failed publishes after which a job the broker refuses while it answers ends FAILURE.
+    pub max_attempts: u32,
 }
 
 impl Journal {
-    /// Starts the writers, on connections of `pool`.
-    pub fn start(pool: &Pool) -> Self {
+    /// Starts the writers, on connections of `pool`; a job ends FAILURE after `max_attempts`
+    /// failed publishes.
+    pub fn start(pool: &Pool, max_attempts: u32) -> Self {
         let (max, parallel) = GROUP_COMMIT;
         let rows_pool = pool.clone();
         let marks_pool = pool.clone();
@@ -46,6 +51,7 @@ impl Journal {
                 let pool = marks_pool.clone();
                 async move { Ok(store::mark_published(&mut *pool.get().await?, &ids).await?) }
             }),
+            max_attempts,
         }
     }
 }
@@ -72,7 +78,8 @@ async fn send(client: &Client, job: &NewJob, rest: &[NewJob]) -> runtime::Result
 /// Publishes `job` (and `rest`, the later steps of the chain it starts, if any), then records
 /// the outcome: published (queued for the journal, the later steps too since the message
 /// carries them; the answer tells when `job`'s mark is on record), or why not (in `job`'s row at
-/// once, which frees it for the outbox; then `None`). Errors only when the database fails; a
+/// once, which frees it for the outbox after its backoff, or ends it after too many attempts;
+/// then `None`). Errors only when the database fails; a
 /// broker failure is recorded, not raised.
 pub async fn publish(
     pool: &Pool,
@@ -89,9 +96,19 @@ pub async fn publish(
             Ok(Some(journal.published.queue(job.task_id).await?))
         }
         Err(error) => {
-            tracing::warn!(id = %job.task_id, %error, "job not published yet; the outbox will retry");
+            let reason = error.to_string();
             let mut connection = pool.get().await?;
-            store::mark_publish_failed(&mut connection, job.task_id, &error.to_string()).await?;
+            let attempts =
+                store::mark_publish_failed(&mut connection, job.task_id, &reason).await?;
+            // A broker that is down refuses every job: only one it refuses while it answers is
+            // given up on, so an outage, however long, loses nothing.
+            if attempts >= journal.max_attempts as i32 && client.check().await.is_ok() {
+                tracing::error!(id = %job.task_id, %error, attempts, "the broker keeps refusing the job; it failed");
+                let reason = format!("not published after {attempts} attempts: {reason}");
+                store::give_up_publishing(&mut connection, job.task_id, &reason).await?;
+            } else {
+                tracing::warn!(id = %job.task_id, %error, attempts, "job not published yet; the outbox will retry");
+            }
             Ok(None)
         }
     }

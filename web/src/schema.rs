@@ -30,5 +30,7 @@ diesel::table! {
         workflow_id -> Nullable<Uuid>,
         workflow_kind -> Nullable<Text>,
         workflow_position -> Nullable<Integer>,
+        publish_attempts -> Integer,
+        next_attempt_at -> Nullable<Timestamptz>,
     }
 }

@@ -210,8 +210,8 @@ pub async fn awaiting_publish(connection: &mut AsyncPgConnection) -> QueryResult
     Ok(counted.count)
 }
 
-/// Takes up to `limit` jobs not yet published and not leased to another publisher, oldest
-/// first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
+/// Takes up to `limit` jobs not yet published, not leased to another publisher and not backing
+/// off after a failed publish ([`mark_publish_failed`]), oldest first, leasing them to the caller (`SKIP LOCKED`: publishers never wait on each other).
 /// A job a worker has reported on (past PENDING) was published, whatever its row says (the
 /// database may have failed right after the broker took it): it is not sent again. A chain's
 /// later steps are never taken: the message of its first step carries them.
@@ -224,6 +224,7 @@ pub async fn claim_unpublished(
          WHERE task_id IN (SELECT task_id FROM tasks \
              WHERE {AWAITING_PUBLISH} \
                AND (publish_lease_until IS NULL OR publish_lease_until < now()) \
+               AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id, task_name, args, kwargs, queue, eta, expires, \
              workflow_id, workflow_kind, workflow_position",
@@ -255,22 +256,68 @@ pub async fn release(connection: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryR
         .map(drop)
 }
 
-/// Records why the job's message could not be published, and frees it for the outbox.
+/// Longest wait between two publishes of one job: the backoff doubles from 1 s up to this.
+pub const MAX_PUBLISH_BACKOFF_SECONDS: f64 = 60.0;
+
+/// Records why the job's message could not be published, counts the attempt and frees the job
+/// for the outbox once its backoff has passed (1 s after the first failure, doubling up to
+/// [`MAX_PUBLISH_BACKOFF_SECONDS`]): a job whose publish always fails delays only itself.
+/// Returns the failed attempts so far.
 pub async fn mark_publish_failed(
     connection: &mut AsyncPgConnection,
     id: Uuid,
     error: &str,
-) -> QueryResult<()> {
-    diesel::update(tasks::table.find(id))
-        .set((
-            tasks::publish_error.eq(error),
-            tasks::publish_lease_until.eq(None::<DateTime<Utc>>),
-            tasks::updated_at.eq(Utc::now()),
-        ))
-        .execute(connection)
-        .await
-        .map(drop)
+) -> QueryResult<i32> {
+    #[derive(QueryableByName)]
+    struct Attempts {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        publish_attempts: i32,
+    }
+    let counted: Option<Attempts> = diesel::sql_query(
+        "UPDATE tasks SET publish_error = $1, publish_lease_until = NULL, updated_at = now(), \
+             next_attempt_at = now() \
+                 + make_interval(secs => least(power(2, least(publish_attempts, 30)), $2)), \
+             publish_attempts = publish_attempts + 1 \
+         WHERE task_id = $3 RETURNING publish_attempts",
+    )
+    .bind::<diesel::sql_types::Text, _>(error)
+    .bind::<diesel::sql_types::Double, _>(MAX_PUBLISH_BACKOFF_SECONDS)
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .get_result(connection)
+    .await
+    .optional()?;
+    Ok(counted.map_or(0, |c| c.publish_attempts))
 }
+
+/// Ends a job the broker keeps refusing: FAILURE with a `PublishError` saying why, unless it
+/// was published or a worker reported on it meanwhile. The outbox never claims it again.
+pub async fn give_up_publishing(
+    connection: &mut AsyncPgConnection,
+    id: Uuid,
+    error: &str,
+) -> QueryResult<()> {
+    let now = Utc::now();
+    diesel::update(
+        tasks::table
+            .find(id)
+            .filter(tasks::published_at.is_null())
+            .filter(tasks::state_rank.eq(0)),
+    )
+    .set((
+        tasks::state.eq(state::FAILURE),
+        tasks::state_rank.eq(rank(state::FAILURE)),
+        tasks::error_type.eq(PUBLISH_ERROR),
+        tasks::error_message.eq(error),
+        tasks::finished_at.eq(now),
+        tasks::updated_at.eq(now),
+    ))
+    .execute(connection)
+    .await
+    .map(drop)
+}
+
+/// The exception type a job shows when its message is not published (yet, or for good).
+pub const PUBLISH_ERROR: &str = "PublishError";
 
 /// The job with task id `id`.
 pub async fn find(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Job>> {

@@ -61,6 +61,9 @@ impl Stack {
             database_url: format!("{POSTGRES}/{database}"),
             web_body_limit: 4096,
             web_sweep_interval: 1,
+            web_allowed_tasks: ["tasks.add", "tasks.mul", "tasks.fail", "tasks.progress"]
+                .map(String::from)
+                .into(),
             ..CeleryConfig::default()
         };
         customize(&mut config);
@@ -406,6 +409,143 @@ async fn a_job_the_broker_did_not_take_is_published_by_the_outbox() {
     stack.stop().await;
 }
 
+/// A job whose publish always fails (a queue RabbitMQ refuses, written straight into the table
+/// since `/receive` refuses such names) backs off by itself: a later job waiting for the outbox
+/// is published and runs, and the refused one ends FAILURE with a `PublishError` after
+/// `web_publish_max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_the_broker_always_refuses_delays_only_itself_then_fails() {
+    let stack = Stack::start_with(BROKERS[0], true, |c| c.web_publish_max_attempts = 4).await;
+    let job = |args: Value, queue: String| {
+        web::store::NewJob::single(
+            uuid::Uuid::new_v4(),
+            "tasks.add".into(),
+            args,
+            json!({}),
+            queue,
+        )
+    };
+    let refused = job(
+        json!([1, 1]),
+        format!("amq.refused-{}", uuid::Uuid::new_v4()),
+    );
+    let later = job(json!([20, 22]), stack.config.task_default_queue.clone());
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let mut connection = pool.get().await.unwrap();
+    // Two statements: the refused job is the older, so every round meets it first.
+    for row in [&refused, &later] {
+        web::store::insert(&mut connection, std::slice::from_ref(row))
+            .await
+            .unwrap();
+    }
+    web::store::release(&mut connection, &[refused.task_id, later.task_id])
+        .await
+        .unwrap();
+    drop(connection);
+    drop(pool);
+    let done = stack
+        .wait_for(&later.task_id.to_string(), "SUCCESS", state_is("SUCCESS"))
+        .await;
+    assert_eq!(done["result"], json!(42));
+    // Long before the refused job's last attempt (its backoffs add up to 7 s): it did not hold
+    // the later one back.
+    let (_, waiting) = stack.get(&format!("/status/{}", refused.task_id)).await;
+    assert_eq!(
+        (&waiting["state"], &waiting["error"]["type"]),
+        (&json!("PENDING"), &json!("PublishError")),
+        "{waiting}"
+    );
+    let failed = stack
+        .wait_for(&refused.task_id.to_string(), "FAILURE", state_is("FAILURE"))
+        .await;
+    assert_eq!(failed["error"]["type"], "PublishError", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("not published after 4 attempts: "),
+        "{failed}"
+    );
+    assert!(failed["finished_at"].is_string(), "{failed}");
+    stack.stop().await;
+}
+
+/// With `task_create_missing_queues` off, a job may name a queue the settings name or one that
+/// exists, and any other is 422; the client refuses to publish there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_create_missing_queues_only_existing_queues_take_jobs() {
+    for url in BROKERS {
+        let stack = Stack::start_with(url, true, |c| c.task_create_missing_queues = false).await;
+        let missing = format!("test-web-missing-{}", uuid::Uuid::new_v4().simple());
+        let (status, answer) = stack
+            .post(&json!({"task": "tasks.add", "args": [1, 2], "queue": missing}).to_string())
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity, "{url}: {answer}");
+        assert_eq!(
+            answer["error"],
+            format!(
+                "`queue`: queue {missing} does not exist and task_create_missing_queues is false"
+            )
+        );
+        let (status, answer) = stack
+            .post(
+                &json!({"group": [{"task": "tasks.add", "args": [1, 2], "queue": missing}]})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity, "{url}: {answer}");
+        let client = runtime::client::Client::connect(stack.config.clone())
+            .await
+            .unwrap();
+        let refused = client
+            .send_task(
+                "tasks.add",
+                vec![json!(1), json!(2)],
+                Default::default(),
+                runtime::client::SendOptions {
+                    queue: Some(missing.clone()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(runtime::Error::MissingQueue(_))),
+            "{url}: {:?}",
+            refused.err()
+        );
+        client.close().await.unwrap();
+        let broker = runtime::broker::connect(url).await.unwrap();
+        assert!(!broker.exists(&missing).await.unwrap(), "{url}: created");
+        // Once someone made it (a publisher allowed to), it takes jobs.
+        let creating = runtime::client::Client::connect(CeleryConfig {
+            task_create_missing_queues: true,
+            ..stack.config.clone()
+        })
+        .await
+        .unwrap();
+        let to_missing = runtime::client::SendOptions {
+            queue: Some(missing.clone()),
+            ..Default::default()
+        };
+        creating
+            .send_task("tasks.add", vec![], Default::default(), to_missing)
+            .await
+            .unwrap();
+        creating.close().await.unwrap();
+        assert!(broker.exists(&missing).await.unwrap(), "{url}");
+        stack
+            .submit(json!({"task": "tasks.add", "args": [1, 2], "queue": missing}))
+            .await;
+        broker.delete_queue(&missing).await.unwrap();
+        broker.close().await.unwrap();
+        // The default queue exists (the worker consumes it), and is named by the settings.
+        let id = stack
+            .submit(json!({"task": "tasks.add", "args": [2, 3], "queue": stack.config.task_default_queue}))
+            .await;
+        let done = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(done["result"], 5, "{url}");
+        stack.stop().await;
+    }
+}
+
 /// Step `position` of workflow `id`, a `kind`, calling `task` with `args`.
 fn step(
     kind: web::workflow::Kind,
@@ -679,15 +819,20 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
             "celery".into(),
         )
     };
-    let (seen, unseen) = (job(1), job(2));
-    for job in [&seen, &unseen] {
+    let (seen, unseen, failed) = (job(1), job(2), job(3));
+    for job in [&seen, &unseen, &failed] {
         store::insert(&mut connection, std::slice::from_ref(job))
             .await
             .unwrap();
-        store::mark_publish_failed(&mut connection, job.task_id, "database went away")
-            .await
-            .unwrap();
     }
+    store::release(&mut connection, &[seen.task_id, unseen.task_id])
+        .await
+        .unwrap();
+    // A failed publish frees the job only after its backoff: the next rounds pass it by.
+    let attempts = store::mark_publish_failed(&mut connection, failed.task_id, "refused")
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1);
     let started = ResultMeta::new(
         &seen.task_id.to_string(),
         "STARTED",
@@ -699,9 +844,21 @@ async fn the_outbox_claims_only_unseen_jobs_and_frees_what_it_did_not_send() {
         .unwrap();
     let ids = |jobs: Vec<store::NewJob>| jobs.iter().map(|j| j.task_id).collect::<Vec<_>>();
     let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
-    assert_eq!(ids(claimed), [unseen.task_id]);
+    assert_eq!(ids(claimed), [unseen.task_id], "not the one backing off");
     let claimed = store::claim_unpublished(&mut connection, 10).await.unwrap();
     assert!(claimed.is_empty(), "leased");
+    let row = store::find(&mut connection, failed.task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.publish_error.as_deref(), Some("refused"));
+    assert_eq!(
+        store::mark_publish_failed(&mut connection, failed.task_id, "refused")
+            .await
+            .unwrap(),
+        2,
+        "attempts are counted"
+    );
     store::release(&mut connection, &[unseen.task_id])
         .await
         .unwrap();

@@ -18,8 +18,8 @@ use web::error::Error;
 use web::routes::receive::{parse_submission, Accepts, JobRequest, Submission, MAX_DELAY_SECONDS};
 use web::workflow::Kind;
 
-/// Python task names accepted besides the Rust registry's; one is not ASCII.
-const EXTRA_TASKS: [&str; 2] = ["py.mul", "proj.tâches.ünïcode"];
+/// Task names accepted besides the default task; one is not ASCII.
+const EXTRA_TASKS: [&str; 3] = ["tasks.add", "py.mul", "proj.tâches.ünïcode"];
 /// Small, so that bodies over it are generated often.
 const BODY_LIMIT: u64 = 2048;
 

@@ -1,7 +1,7 @@
 //! RabbitMQ through lapin, with Celery's topology: durable queues, each bound to a direct exchange
 //! of its own name, tasks published to the default exchange with the queue as routing key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
+use super::remembered::Remembered;
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
 use crate::config::{redact_url, SslOptions};
 use crate::error::{Error, Result};
@@ -30,8 +31,9 @@ use crate::protocol::{DecodeError, Message, Properties};
 pub struct AmqpBroker {
     connection: Connection,
     publisher: Channel,
-    /// Queues declared or found on this connection, as the broker holds them.
-    declared: std::sync::Mutex<HashMap<String, Declaration>>,
+    /// Queues declared or found on this connection, as the broker holds them (the most
+    /// recently used ones: forgetting one costs a redeclare).
+    declared: std::sync::Mutex<Remembered<Declaration>>,
     /// How this connection declares what is missing.
     topology: Topology,
     /// Whether native delayed delivery's topology is in place, made once per connection.
@@ -70,7 +72,7 @@ impl AmqpBroker {
         Ok(Self {
             connection,
             publisher,
-            declared: std::sync::Mutex::new(HashMap::new()),
+            declared: std::sync::Mutex::default(),
             topology,
             delay_topology: tokio::sync::OnceCell::new(),
             delayed: std::sync::Mutex::new(HashSet::new()),

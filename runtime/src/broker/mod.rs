@@ -10,6 +10,7 @@ pub mod declaration;
 pub mod delayed;
 pub mod failover;
 pub mod redis;
+pub mod remembered;
 
 use std::sync::Arc;
 
@@ -253,6 +254,12 @@ pub trait Broker: Send + Sync {
 
     /// How full `queue` is; `None` when the broker has no such queue.
     async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>>;
+
+    /// Whether `queue` exists, so that publishing to it creates nothing
+    /// (`task_create_missing_queues = false`).
+    async fn exists(&self, queue: &str) -> Result<bool> {
+        Ok(self.depth(queue).await?.is_some())
+    }
 
     /// Removes `queue` with its messages and its binding (tests, and retiring a queue).
     async fn delete_queue(&self, queue: &str) -> Result<()>;

@@ -8,7 +8,6 @@
 //! connection of its own) until its queue's list holds a message, without removing it, then runs
 //! the script. See [`wait_for_work`].
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +19,7 @@ use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::remembered::Remembered;
 use super::{
     give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Settle, Subscription,
 };
@@ -110,7 +110,8 @@ fn now_seconds() -> f64 {
 pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
-    bound: Mutex<HashSet<String>>,
+    /// Queues whose binding this connection recorded (the most recently used ones).
+    bound: Mutex<Remembered<()>>,
     /// The binding records of this connection's private subscriptions, `(key, member)`, taken
     /// back at close as kombu does when it deletes an auto-delete queue: else every worker
     /// that ever ran stays listed under `_kombu.binding.celery.pidbox`.
@@ -167,7 +168,7 @@ impl RedisBroker {
         Ok(Self {
             client,
             connection,
-            bound: Mutex::new(HashSet::new()),
+            bound: Mutex::default(),
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
@@ -224,7 +225,7 @@ impl RedisBroker {
             .sadd(format!("_kombu.binding_permanent.{queue}"), &member)
             .query_async::<()>(&mut self.connection.clone())
             .await?;
-        self.bound.lock().await.insert(queue.to_string());
+        self.bound.lock().await.insert(queue.to_string(), ());
         Ok(())
     }
 }
@@ -488,6 +489,18 @@ impl Broker for RedisBroker {
             unacked: Some(unacked as u64),
             consumers: None,
         }))
+    }
+
+    /// Redis has no queues of its own: one exists once a consumer bound it (kombu's binding
+    /// record, as Celery's declare writes it) or while it holds messages.
+    async fn exists(&self, queue: &str) -> Result<bool> {
+        let mut query = redis::pipe();
+        query.exists(format!("_kombu.binding.{queue}"));
+        for &step in &PRIORITY_STEPS {
+            query.exists(list_for(queue, step));
+        }
+        let found: Vec<bool> = query.query_async(&mut self.connection.clone()).await?;
+        Ok(found.contains(&true))
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {

@@ -33,7 +33,7 @@ const GROUP_SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 
 /// What the deployment accepts: task names it may run, and the task for bare payloads.
 pub struct Accepts {
-    /// Allowed task names (the Rust registry plus `web_allowed_tasks`).
+    /// Task names a request may name: `web_default_task` and `web_allowed_tasks`.
     pub tasks: BTreeSet<String>,
     /// Task that takes a payload naming no task.
     pub default_task: String,
@@ -44,13 +44,13 @@ pub struct Accepts {
 }
 
 impl Accepts {
-    /// What `config` accepts: the Rust registry's tasks plus `web_allowed_tasks`.
+    /// What `config` accepts: `web_default_task` and the tasks `web_allowed_tasks` lists, an
+    /// explicit list, so that being in a worker's registry never opens a task to the API.
     pub fn new(config: &CeleryConfig) -> Self {
         Self {
-            tasks: tasks::registry()
-                .names()
-                .map(str::to_owned)
-                .chain(config.web_allowed_tasks.iter().cloned())
+            tasks: std::iter::once(&config.web_default_task)
+                .chain(&config.web_allowed_tasks)
+                .cloned()
                 .collect(),
             default_task: config.web_default_task.clone(),
             body_limit: config.web_body_limit,
@@ -264,7 +264,7 @@ fn field_schema(field: &str) -> Value {
         "task" => json!({
             "type": "string",
             "minLength": 1,
-            "description": "a task the deployment accepts (the Rust registry's or one of \
+            "description": "a task the deployment accepts (`web_default_task` or one of \
                 `web_allowed_tasks`); any other is 422",
             "example": "tasks.add",
         }),
@@ -562,8 +562,9 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
         (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`", body = ErrorBody),
         (status = 415, description = "the body is not JSON", body = ErrorBody),
-        (status = 422, description = "a task call or workflow with wrong fields, or a task not \
-            accepted", body = ErrorBody),
+        (status = 422, description = "a task call or workflow with wrong fields, a task not \
+            accepted, or a queue that does not exist while `task_create_missing_queues` is \
+            false", body = ErrorBody),
         (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
@@ -576,12 +577,39 @@ pub async fn receive(
     journal: &State<Arc<Journal>>,
     client: &State<Client>,
 ) -> Result<Accepted, Error> {
-    match submission? {
+    let submission = submission?;
+    check_queues(&submission, client).await?;
+    match submission {
         Submission::Job(job) => receive_job(job, pool, journal, client).await,
         Submission::Workflow { kind, steps } => {
             receive_workflow(kind, steps, pool, journal, client).await
         }
     }
+}
+
+/// 422 for a queue named in `submission` that must not be created: one that does not exist
+/// while `task_create_missing_queues` is off. When the broker cannot tell, the job is taken:
+/// its publish decides (the outbox ends it with the reason if the queue is missing).
+async fn check_queues(submission: &Submission, client: &Client) -> Result<(), Error> {
+    let named: BTreeSet<&str> = match submission {
+        Submission::Job(job) => job.queue.iter().map(String::as_str).collect(),
+        Submission::Workflow { steps, .. } => {
+            steps.iter().filter_map(|s| s.queue.as_deref()).collect()
+        }
+    };
+    for queue in named {
+        match client.may_publish_to(queue).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let missing = runtime::Error::MissingQueue(queue.to_string());
+                return Err(Error::Unprocessable(format!("`queue`: {missing}")));
+            }
+            Err(error) => {
+                tracing::warn!(%queue, %error, "cannot tell whether the queue exists; the job is taken")
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn receive_job(
@@ -680,6 +708,25 @@ mod tests {
             default_task: "tasks.echo".into(),
             body_limit: 1024,
             queues: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_default_task_and_web_allowed_tasks_may_run() {
+        let accepts = Accepts::new(&CeleryConfig {
+            web_default_task: "tasks.echo".into(),
+            web_allowed_tasks: vec!["tasks.add".into(), "py.mul".into()],
+            ..CeleryConfig::default()
+        });
+        let call = |task: &str| Submission::from_json(json!({"task": task}), &accepts);
+        for task in ["tasks.echo", "tasks.add", "py.mul"] {
+            assert!(call(task).is_ok(), "{task}");
+        }
+        // In the Rust registry, but not listed: not the API's to run.
+        for task in ["tasks.sleep", "tasks.busy", "tasks.progress"] {
+            let error = call(task).unwrap_err();
+            assert_eq!(error.status(), Status::UnprocessableEntity, "{task}");
+            assert_eq!(error.to_string(), format!("unknown task `{task}`"));
         }
     }
 

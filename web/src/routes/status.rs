@@ -27,7 +27,8 @@ pub struct Progress {
 }
 
 /// A job's error: the exception a worker reported, `TaskRevokedError`, or `PublishError` (the
-/// broker has not taken the job yet; the outbox keeps trying).
+/// broker has not taken the job yet and the outbox keeps trying while the state is PENDING; with
+/// FAILURE, it gave up after `web_publish_max_attempts`).
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct JobError {
     /// The exception's type name.
@@ -164,7 +165,7 @@ impl From<Job> for JobView {
                 message: message.unwrap_or_default(),
             }),
             (None, _, Some(reason)) => Some(JobError {
-                kind: "PublishError".into(),
+                kind: store::PUBLISH_ERROR.into(),
                 message: reason,
             }),
             _ => None,
