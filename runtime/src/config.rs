@@ -258,6 +258,10 @@ pub struct CeleryConfig {
     pub result_expires: u64,
     /// Also store name, args, kwargs, worker, retries and queue with each result.
     pub result_extended: bool,
+    /// Largest task result stored, in bytes of its JSON; a larger one is stored as FAILURE
+    /// (`ValueError`) instead, so one task cannot fill the backend and every chain step after
+    /// it. 0: no cap.
+    pub result_max_bytes: u64,
     /// Seconds after which a running task is stopped and fails with `TimeLimitExceeded`.
     pub task_time_limit: Option<f64>,
     /// Seconds after which a running task is told its soft limit passed.
@@ -287,6 +291,12 @@ pub struct CeleryConfig {
     pub web_allowed_queues: Vec<String>,
     /// Largest request body the web app reads, in bytes.
     pub web_body_limit: u64,
+    /// Bound on a workflow's steps × its body's bytes at `POST /receive`: each step may pass
+    /// the whole payload on, so this bounds what one request can store.
+    pub web_workflow_max_bytes: u64,
+    /// Bytes of results one `/status` or `/tasks` answer inlines; results past it are linked
+    /// to their job's own status instead.
+    pub web_answer_max_bytes: u64,
     /// Bearer token the web app's job routes require; unset, they are open.
     pub web_auth_token: Option<String>,
     /// Secret of the HS256-signed JWTs the web app's job routes accept as bearer tokens (with
@@ -329,6 +339,7 @@ impl Default for CeleryConfig {
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,
+            result_max_bytes: 1 << 20,
             task_time_limit: None,
             task_soft_time_limit: None,
             worker_send_task_events: false,
@@ -342,6 +353,8 @@ impl Default for CeleryConfig {
             web_allowed_tasks: Vec::new(),
             web_allowed_queues: Vec::new(),
             web_body_limit: 1 << 20,
+            web_workflow_max_bytes: 16 << 20,
+            web_answer_max_bytes: 1 << 20,
             web_auth_token: None,
             web_jwt_secret: None,
             web_sweep_interval: 5,

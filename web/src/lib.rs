@@ -40,6 +40,7 @@ use runtime::CeleryConfig;
 use crate::error::Error;
 use crate::management::ManagementApi;
 use crate::routes::receive::Accepts;
+use crate::routes::status::AnswerBudget;
 
 /// `rocket` with every route and the JSON error catcher: what the API document describes.
 pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {
@@ -54,6 +55,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let pool = db::pool(&config.database_url, 16)?;
     let backend = RedisBackend::of(&config).await?;
     let accepts = Accepts::new(&config);
+    let budget = AnswerBudget(config.web_answer_max_bytes);
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
     let auth = auth::Auth::new(
         config.web_auth_token.clone(),
@@ -78,6 +80,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(journal)
         .manage(client)
         .manage(accepts)
+        .manage(budget)
         .manage(auth)
         .manage(changes)
         .manage(management)

@@ -331,6 +331,56 @@ async fn listing_pages_newest_first_and_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_inline_results_within_web_answer_max_bytes_and_link_the_rest() {
+    let stack = Stack::start_with(BROKERS[1], true, |c| c.web_answer_max_bytes = 100).await;
+    // Three results of 42 bytes of JSON each.
+    let texts: Vec<String> = ["a", "b", "c"].iter().map(|c| c.repeat(40)).collect();
+    let calls: Vec<Value> = texts
+        .iter()
+        .map(|text| json!({"task": "tasks.echo", "args": [text]}))
+        .collect();
+    let (status, accepted) = stack.post(&json!({ "group": calls }).to_string()).await;
+    assert_eq!(status, Status::Accepted, "{accepted}");
+    let group = accepted["workflow_id"].as_str().unwrap().to_string();
+    let done = stack
+        .wait_for(&group, "the group", state_is("SUCCESS"))
+        .await;
+    // The group shows each result twice (its list and the step's own view): one fits.
+    let children = done["children"].as_array().unwrap();
+    assert_eq!(children[0]["result"], json!(texts[0]), "{done}");
+    for (child, text) in children.iter().zip(&texts).skip(1) {
+        let link = format!("/status/{}", child["task_id"].as_str().unwrap());
+        assert_eq!(
+            (&child["result"], &child["result_truncated"]),
+            (&Value::Null, &json!(link)),
+            "{done}"
+        );
+        let (_, own) = stack.get(&link).await;
+        assert_eq!(own["result"], json!(text), "{own}");
+        assert!(own["result_truncated"].is_null(), "{own}");
+    }
+    assert_eq!(
+        (&done["result"], &done["result_truncated"]),
+        (&Value::Null, &json!(true)),
+        "{done}"
+    );
+    // A page shows each once: two fit, the oldest is linked.
+    let (_, page) = stack.get("/tasks").await;
+    let truncated: Vec<&Value> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|job| job["result"].is_null())
+        .collect();
+    assert_eq!(truncated.len(), 1, "{page}");
+    assert!(truncated[0]["result_truncated"]
+        .as_str()
+        .is_some_and(|link| link.starts_with("/status/")));
+    assert!(page["tasks"][0].get("args").is_none(), "{page}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_catches_up_and_states_never_go_back() {
     use runtime::protocol::result::ResultMeta;
     let stack = Stack::start(BROKERS[1], false).await;

@@ -14,7 +14,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
-use crate::routes::status::{parse_id, view};
+use crate::routes::status::{parse_id, view, AnswerBudget};
 use crate::tracking::Changes;
 
 /// Longest time a stream goes without reading its row again.
@@ -45,12 +45,14 @@ pub async fn stream(
     id: &str,
     pool: &State<Pool>,
     changes: &State<Changes>,
+    budget: &State<AnswerBudget>,
     mut shutdown: Shutdown,
 ) -> Result<EventStream![], Error> {
     let id = parse_id(id)?;
+    let budget = *budget.inner();
     // Listening before the first read: a change between the two is not missed.
     let mut moves = changes.subscribe();
-    let first = view(pool, id).await?;
+    let first = view(pool, id, budget).await?;
     let pool = pool.inner().clone();
     Ok(EventStream! {
         let watched = first.task_ids();
@@ -72,7 +74,7 @@ pub async fn stream(
                 moves.try_recv(),
                 Err(TryRecvError::Closed | TryRecvError::Empty)
             ) {}
-            match view(&pool, id).await {
+            match view(&pool, id, budget).await {
                 Ok(now) if now != last => {
                     last = now;
                     yield Event::json(&last).event("status");
