@@ -302,6 +302,11 @@ pub struct CeleryConfig {
     /// Secret of the HS256-signed JWTs the web app's job routes accept as bearer tokens (with
     /// `exp` required), besides `web_auth_token`; unset, no JWT is accepted.
     pub web_jwt_secret: Option<String>,
+    /// Status streams (`/status/<id>/stream`) one web process keeps open at once; over it,
+    /// 503.
+    pub web_max_streams: usize,
+    /// Seconds a status stream lasts at most before it ends (the client reconnects).
+    pub web_stream_max_seconds: u64,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
     /// Periodic tasks `beat` sends, by entry name.
@@ -357,6 +362,8 @@ impl Default for CeleryConfig {
             web_answer_max_bytes: 1 << 20,
             web_auth_token: None,
             web_jwt_secret: None,
+            web_max_streams: 1000,
+            web_stream_max_seconds: 900,
             web_sweep_interval: 5,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
@@ -477,6 +484,11 @@ impl CeleryConfig {
         for (name, entry) in &self.beat_schedule {
             crate::beat::Schedule::of(entry)
                 .map_err(|reason| Error::Config(format!("beat_schedule {name}: {reason}")))?;
+        }
+        if self.web_stream_max_seconds == 0 {
+            return Err(Error::Config(
+                "web_stream_max_seconds must be at least 1 second".into(),
+            ));
         }
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(

@@ -31,11 +31,11 @@ struct Jwt {
 /// whose `nbf` is malformed, which `Validation` alone would skip; that `exp` is present is
 /// `Validation`'s check. Other claims are not read.
 #[derive(Deserialize)]
-#[allow(dead_code)]
 struct TimeClaims {
     #[serde(default)]
     exp: Option<u64>,
     #[serde(default)]
+    #[allow(dead_code)]
     nbf: Option<u64>,
 }
 
@@ -86,10 +86,11 @@ impl Auth {
         self.token.is_none() && self.jwt.is_none()
     }
 
-    /// Whether a request with this `Authorization` header value may pass.
-    pub fn check(&self, authorization: Option<&str>) -> Result<(), Refusal> {
+    /// Whether a request with this `Authorization` header value may pass, and until when
+    /// (see [`Authorized::expires_at`]).
+    pub fn check(&self, authorization: Option<&str>) -> Result<Option<u64>, Refusal> {
         if self.is_open() {
-            return Ok(());
+            return Ok(None);
         }
         let given = authorization
             .ok_or(Refusal::MissingHeader)?
@@ -97,7 +98,7 @@ impl Auth {
             .ok_or(Refusal::NotBearer)?;
         if let Some(token) = &self.token {
             if same(given.as_bytes(), token.as_bytes()) {
-                return Ok(());
+                return Ok(None);
             }
         }
         match &self.jwt {
@@ -108,9 +109,14 @@ impl Auth {
 }
 
 impl Jwt {
-    fn check(&self, token: &str) -> Result<(), Refusal> {
+    /// The moment `token` stops passing: its `exp` and the leeway.
+    fn check(&self, token: &str) -> Result<Option<u64>, Refusal> {
         jsonwebtoken::decode::<TimeClaims>(token, &self.key, &self.validation)
-            .map(|_| ())
+            .map(|data| {
+                data.claims
+                    .exp
+                    .map(|exp| exp.saturating_add(self.validation.leeway))
+            })
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => Refusal::Expired,
                 ErrorKind::ImmatureSignature => Refusal::NotYetValid,
@@ -128,7 +134,11 @@ impl Jwt {
 }
 
 /// A request that passed authentication.
-pub struct Authorized;
+pub struct Authorized {
+    /// When its credential stops passing, in seconds since the epoch: a JWT's `exp` and the
+    /// leeway; none for the shared token or an open API. A stream ends then.
+    pub expires_at: Option<u64>,
+}
 
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for Authorized {
@@ -136,10 +146,10 @@ impl<'r> FromRequest<'r> for Authorized {
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
         let Some(auth) = request.rocket().state::<Auth>() else {
-            return Outcome::Success(Authorized);
+            return Outcome::Success(Authorized { expires_at: None });
         };
         match auth.check(request.headers().get_one("Authorization")) {
-            Ok(()) => Outcome::Success(Authorized),
+            Ok(expires_at) => Outcome::Success(Authorized { expires_at }),
             Err(reason) => {
                 tracing::debug!(?reason, uri = %request.uri(), "request refused: 401");
                 Outcome::Error((Status::Unauthorized, ()))
@@ -194,7 +204,7 @@ mod tests {
     }
 
     fn check(auth: &Auth, token: &str) -> Result<(), Refusal> {
-        auth.check(Some(&bearer(token)))
+        auth.check(Some(&bearer(token))).map(drop)
     }
 
     #[test]
@@ -209,8 +219,8 @@ mod tests {
     fn nothing_configured_is_open() {
         let auth = Auth::new(None, None);
         assert!(auth.is_open());
-        assert_eq!(auth.check(None), Ok(()));
-        assert_eq!(auth.check(Some("Bearer anything")), Ok(()));
+        assert_eq!(auth.check(None), Ok(None));
+        assert_eq!(auth.check(Some("Bearer anything")), Ok(None));
     }
 
     #[test]
@@ -224,6 +234,17 @@ mod tests {
         // Clock skew within the leeway is tolerated, both ways.
         let skewed = hs256(json!({"exp": now() - 5, "nbf": now() + 5}));
         assert_eq!(check(&auth, &skewed), Ok(()));
+    }
+
+    #[test]
+    fn a_jwt_passes_until_its_exp_and_the_leeway_the_shared_token_for_ever() {
+        let exp = now() + 300;
+        let both = Auth::new(Some("s3cret-token".into()), Some(SECRET));
+        assert_eq!(
+            both.check(Some(&bearer(&hs256(json!({"exp": exp}))))),
+            Ok(Some(exp + JWT_LEEWAY_SECONDS))
+        );
+        assert_eq!(both.check(Some(&bearer("s3cret-token"))), Ok(None));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum Error {
     /// The broker could not be reached or did not answer.
     #[error("the broker is unavailable: {0}")]
     BrokerUnavailable(String),
+    /// Every status stream this process allows (`web_max_streams`) is open.
+    #[error("{0} status streams are open, the most web_max_streams allows; try again later")]
+    TooManyStreams(usize),
     /// The database could not be reached.
     #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
@@ -91,9 +94,10 @@ impl Error {
             Error::TooLarge(_) | Error::WorkflowTooLarge { .. } => Status::PayloadTooLarge,
             Error::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
             Error::NotFound(_) => Status::NotFound,
-            Error::Publish(_) | Error::BrokerUnavailable(_) | Error::DatabaseUnavailable(_) => {
-                Status::ServiceUnavailable
-            }
+            Error::Publish(_)
+            | Error::BrokerUnavailable(_)
+            | Error::DatabaseUnavailable(_)
+            | Error::TooManyStreams(_) => Status::ServiceUnavailable,
             Error::Database(_) | Error::Migration(_) | Error::Runtime(_) => {
                 Status::InternalServerError
             }

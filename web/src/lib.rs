@@ -41,6 +41,7 @@ use crate::error::Error;
 use crate::management::ManagementApi;
 use crate::routes::receive::Accepts;
 use crate::routes::status::AnswerBudget;
+use crate::routes::stream::Streams;
 
 /// `rocket` with every route and the JSON error catcher: what the API document describes.
 pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {
@@ -56,6 +57,10 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let backend = RedisBackend::of(&config).await?;
     let accepts = Accepts::new(&config);
     let budget = AnswerBudget(config.web_answer_max_bytes);
+    let streams = Streams::new(
+        config.web_max_streams,
+        Duration::from_secs(config.web_stream_max_seconds),
+    );
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
     let auth = auth::Auth::new(
         config.web_auth_token.clone(),
@@ -81,6 +86,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(client)
         .manage(accepts)
         .manage(budget)
+        .manage(streams)
         .manage(auth)
         .manage(changes)
         .manage(management)

@@ -1019,6 +1019,82 @@ async fn a_stream_ends_when_another_replica_recorded_the_final_state() {
     stack.stop().await;
 }
 
+/// Streams are bounded: `web_max_streams` open at once (503 past it, a slot freed when a
+/// stream ends), each ends after `web_stream_max_seconds` though its job is not final, and a
+/// stream opened with a JWT ends when the JWT does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_are_capped_in_number_lifetime_and_by_their_jwt() {
+    use jsonwebtoken::{encode, get_current_timestamp, EncodingKey, Header as JwtHeader};
+
+    const SECRET: &str = "web-test-jwt-secret-of-32-bytes!";
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.web_max_streams = 1;
+        c.web_stream_max_seconds = 2;
+        c.web_jwt_secret = Some(SECRET.into());
+    })
+    .await;
+    let token = |exp: u64| {
+        let claims = json!({ "exp": exp });
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let token = encode(&JwtHeader::default(), &claims, &key).unwrap();
+        Header::new("Authorization", format!("Bearer {token}"))
+    };
+    let lasting = token(get_current_timestamp() + 3600);
+    let submitted = stack
+        .client
+        .post("/receive")
+        .header(ContentType::JSON)
+        .header(lasting.clone())
+        .body(r#"{"task":"tasks.add","args":[1,2]}"#)
+        .dispatch()
+        .await;
+    let id = submitted.into_json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let open = |credential: Header<'static>| {
+        stack
+            .client
+            .get(format!("/status/{id}/stream"))
+            .header(credential)
+            .dispatch()
+    };
+    // No worker: the job stays PENDING, so only the bounds can end these streams.
+    let first = open(lasting.clone()).await;
+    assert_eq!(first.status(), Status::Ok);
+    let refused = open(lasting.clone()).await;
+    assert_eq!(refused.status(), Status::ServiceUnavailable);
+    let answer: Value = refused.into_json().await.unwrap();
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("web_max_streams"),
+        "{answer}"
+    );
+    let events = tokio::time::timeout(Duration::from_secs(10), first.into_string())
+        .await
+        .expect("the stream outlived web_stream_max_seconds")
+        .unwrap();
+    assert!(events.contains("PENDING"), "{events}");
+    // Its slot is free again. A JWT already past its exp, within the 30 s leeway, ends its
+    // stream a second after it opened: before web_stream_max_seconds.
+    let expiring = token(get_current_timestamp() - 29);
+    let opened = tokio::time::Instant::now();
+    let second = open(expiring).await;
+    assert_eq!(second.status(), Status::Ok);
+    tokio::time::timeout(Duration::from_secs(10), second.into_string())
+        .await
+        .expect("the stream outlived its JWT")
+        .unwrap();
+    assert!(
+        opened.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        opened.elapsed()
+    );
+    stack.stop().await;
+}
+
 /// Rows the backend never reports on do not hold the head of every sweep: a row behind a full
 /// batch of them is reached by the next sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
