@@ -8,6 +8,7 @@
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
+//! - [`probe`]: the checks `/health` and `/metrics` answer from, on connections of their own.
 //! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod management;
 pub mod metrics;
 pub mod outbox;
+pub mod probe;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -74,6 +76,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         }
         (None, _) => None,
     };
+    let probe = probe::Probe::start(&config).await;
     let client = Client::new(config).await?;
     let journal = Arc::new(outbox::Journal::start(&pool));
     let tracker_pool = pool.clone();
@@ -87,6 +90,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(accepts)
         .manage(budget)
         .manage(streams)
+        .manage(probe)
         .manage(auth)
         .manage(changes)
         .manage(management)

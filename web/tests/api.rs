@@ -562,6 +562,40 @@ async fn receive_accepts_jobs_while_the_broker_is_down() {
     stack.stop().await;
 }
 
+/// `/health` and `/metrics` answer from the probe's last check: the same snapshot however often
+/// they are called, naming the part that is down without the server's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_metrics_answer_from_the_last_check_without_raw_errors() {
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.broker_url = "redis://:hunter2-secret@127.0.0.1:1/0".into()
+    })
+    .await;
+    let mut checked = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let response = stack.client.get("/health").dispatch().await;
+        assert_eq!(response.status(), Status::ServiceUnavailable);
+        let text = response.into_string().await.unwrap();
+        for raw in ["127.0.0.1", "hunter2", "refused", "redis"] {
+            assert!(!text.to_lowercase().contains(raw), "{raw} in {text}");
+        }
+        let health: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&health["broker"], &health["database"]),
+            (
+                &json!({"ok": false, "error": "cannot_connect"}),
+                &json!({"ok": true})
+            ),
+            "{health}"
+        );
+        checked.insert(health["checked_at"].as_str().unwrap().to_string());
+        let (status, _) = stack.get("/metrics").await;
+        assert_eq!(status, Status::Ok);
+    }
+    // 20 calls in well under the 2 s between checks: one snapshot, or two across a tick.
+    assert!((1..=2).contains(&checked.len()), "{checked:?}");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_configured_token_guards_the_job_routes_but_not_health() {
     let stack = Stack::start_with(BROKERS[1], false, |c| {
