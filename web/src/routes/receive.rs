@@ -17,7 +17,7 @@ use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 use uuid::Uuid;
 
-use crate::auth::Authorized;
+use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::outbox::{self, Journal};
@@ -411,12 +411,17 @@ fn holds_nul(value: &Value) -> bool {
     }
 }
 
-/// JSON types, or none; curl's `-d` default (`x-www-form-urlencoded`) is read as JSON too, since
-/// a form body would not parse as JSON anyway and `curl -d '{...}'` is how people call this.
-fn is_json_like(content_type: Option<&ContentType>) -> bool {
+/// Whether a body of `content_type` is read. JSON types always. With a credential required,
+/// also none and curl's `-d` default (`x-www-form-urlencoded`), since `curl -d '{...}'` is how
+/// people call this. Without one (`open`), JSON types only: a browser sends a form, or a body
+/// of no type, to any site without asking it first (no CORS preflight), so a page elsewhere
+/// could otherwise enqueue jobs here with its visitors' browsers.
+fn is_json_like(content_type: Option<&ContentType>, open: bool) -> bool {
     match content_type {
+        Some(ct) if ct.is_json() || ct.sub().as_str().ends_with("+json") => true,
+        _ if open => false,
         None => true,
-        Some(ct) => ct.is_json() || ct.sub().as_str().ends_with("+json") || ct.is_form(),
+        Some(ct) => ct.is_form(),
     }
 }
 
@@ -441,7 +446,8 @@ async fn read(
     data: Data<'_>,
     accepts: &Accepts,
 ) -> Result<Submission, Error> {
-    if !is_json_like(request.content_type()) {
+    let open = request.rocket().state::<Auth>().is_none_or(Auth::is_open);
+    if !is_json_like(request.content_type(), open) {
         let given = request
             .content_type()
             .map(ToString::to_string)
@@ -567,8 +573,9 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
     tag = "jobs",
     request_body(
         content = Submission,
-        description = "`Content-Type` `application/json`, any `+json` type, none, or curl's form \
-            default (read as JSON too); at most `web_body_limit` bytes",
+        description = "`Content-Type` `application/json` or any `+json` type; when a bearer \
+            token is required, also none or curl's form default (read as JSON too); at most \
+            `web_body_limit` bytes",
     ),
     responses(
         (status = 202, description = "recorded (durable from now on) and published, or left to \
@@ -578,7 +585,8 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
         (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`, or a workflow's steps \
             × body bytes are over `web_workflow_max_bytes`", body = ErrorBody),
-        (status = 415, description = "the body is not JSON", body = ErrorBody),
+        (status = 415, description = "the body is not JSON, or, with no bearer token \
+            required, not typed as JSON", body = ErrorBody),
         (status = 422, description = "a task call or workflow with wrong fields, or a task not \
             accepted", body = ErrorBody),
         (status = 503, response = DatabaseUnavailable),
