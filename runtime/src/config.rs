@@ -302,6 +302,10 @@ pub struct CeleryConfig {
     /// Secret of the HS256-signed JWTs the web app's job routes accept as bearer tokens (with
     /// `exp` required), besides `web_auth_token`; unset, no JWT is accepted.
     pub web_jwt_secret: Option<String>,
+    /// The `iss` a JWT must carry; unset, any or none.
+    pub web_jwt_issuer: Option<String>,
+    /// The audience a JWT's `aud` must name; unset, a JWT with an `aud` is refused.
+    pub web_jwt_audience: Option<String>,
     /// Status streams (`/status/<id>/stream`) one web process keeps open at once; over it,
     /// 503.
     pub web_max_streams: usize,
@@ -362,6 +366,8 @@ impl Default for CeleryConfig {
             web_answer_max_bytes: 1 << 20,
             web_auth_token: None,
             web_jwt_secret: None,
+            web_jwt_issuer: None,
+            web_jwt_audience: None,
             web_max_streams: 1000,
             web_stream_max_seconds: 900,
             web_sweep_interval: 5,
@@ -509,8 +515,16 @@ impl CeleryConfig {
         }
         // An empty HMAC key would let anyone sign a JWT the web app accepts, and an empty token
         // would let `Authorization: Bearer ` in.
-        if self.web_jwt_secret.as_deref() == Some("") {
-            return Err(Error::Config("web_jwt_secret must not be empty".into()));
+        // HS256's key is as strong as the secret is long: a short one is guessed offline
+        // from any token seen.
+        if self
+            .web_jwt_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < MIN_JWT_SECRET_BYTES)
+        {
+            return Err(Error::Config(format!(
+                "web_jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes"
+            )));
         }
         if self.web_auth_token.as_deref() == Some("") {
             return Err(Error::Config("web_auth_token must not be empty".into()));
@@ -591,6 +605,9 @@ impl CeleryConfig {
         }
     }
 }
+
+/// The shortest `web_jwt_secret` taken: HS256's own key size (RFC 7518, 3.2).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// The exchange types RabbitMQ has built in.
 const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
@@ -762,9 +779,14 @@ mod tests {
         assert!(err.to_string().contains("web_jwt_secret"), "{err}");
         let err = CeleryConfig::from_sources("web_auth_token = \"\"", env(&[])).unwrap_err();
         assert!(err.to_string().contains("web_auth_token"), "{err}");
+        let short = "k".repeat(31);
+        let err =
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", &short)])).unwrap_err();
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+        let long = "k".repeat(32);
         let config =
-            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
-        assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", &long)])).unwrap();
+        assert_eq!(config.web_jwt_secret.as_deref(), Some(long.as_str()));
     }
 
     #[test]

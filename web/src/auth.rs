@@ -8,6 +8,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome, Request};
+use runtime::CeleryConfig;
 use serde::Deserialize;
 
 /// Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.
@@ -58,21 +59,40 @@ pub enum Refusal {
     WrongAlgorithm,
     /// A JWT without `exp`.
     MissingExpiry,
-    /// A claim the deployment does not accept (e.g. an `aud`: no audience is configured).
+    /// A claim the deployment does not accept, or one it requires missing (`iss`, `aud`).
     ClaimRejected,
     /// Neither the shared token nor a well-formed JWT.
     Malformed,
 }
 
 impl Auth {
-    /// Checks against the shared `token` and JWTs signed with `jwt_secret`; with neither, the
-    /// API is open. (The settings refuse an empty secret.)
-    pub fn new(token: Option<String>, jwt_secret: Option<&str>) -> Self {
+    /// Checks against the shared token (`web_auth_token`) and JWTs signed with
+    /// `web_jwt_secret`; with neither, the API is open. A JWT must also carry `web_jwt_issuer`
+    /// as its `iss` when that is set, and name `web_jwt_audience` in its `aud` when that is set;
+    /// without an audience set, a token with an `aud` is refused: it is meant for another
+    /// service. (The settings refuse a secret under 32 bytes.)
+    pub fn new(config: &CeleryConfig) -> Self {
+        let token = config.web_auth_token.clone();
+        let (jwt_secret, issuer, audience) = (
+            config.web_jwt_secret.as_deref(),
+            config.web_jwt_issuer.as_deref(),
+            config.web_jwt_audience.as_deref(),
+        );
         let jwt = jwt_secret.map(|secret| {
             let mut validation = Validation::new(Algorithm::HS256);
             validation.leeway = JWT_LEEWAY_SECONDS;
             validation.validate_exp = true;
             validation.validate_nbf = true;
+            let mut required = vec!["exp"];
+            if let Some(issuer) = issuer {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            if let Some(audience) = audience {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            validation.set_required_spec_claims(&required);
             Jwt {
                 key: DecodingKey::from_secret(secret.as_bytes()),
                 validation,
@@ -124,10 +144,11 @@ impl Jwt {
                 ErrorKind::InvalidAlgorithm
                 | ErrorKind::InvalidAlgorithmName
                 | ErrorKind::MissingAlgorithm => Refusal::WrongAlgorithm,
-                ErrorKind::MissingRequiredClaim(_) => Refusal::MissingExpiry,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => Refusal::MissingExpiry,
                 ErrorKind::InvalidAudience
                 | ErrorKind::InvalidIssuer
-                | ErrorKind::InvalidSubject => Refusal::ClaimRejected,
+                | ErrorKind::InvalidSubject
+                | ErrorKind::MissingRequiredClaim(_) => Refusal::ClaimRejected,
                 _ => Refusal::Malformed,
             })
     }
@@ -176,7 +197,15 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::{json, Value};
 
-    const SECRET: &str = "jwt-test-secret";
+    const SECRET: &str = "jwt-test-secret-of-at-least-32-b";
+
+    fn auth(token: Option<&str>, secret: Option<&str>) -> Auth {
+        Auth::new(&CeleryConfig {
+            web_auth_token: token.map(str::to_owned),
+            web_jwt_secret: secret.map(str::to_owned),
+            ..CeleryConfig::default()
+        })
+    }
 
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
@@ -196,7 +225,7 @@ mod tests {
     }
 
     fn jwt_only() -> Auth {
-        Auth::new(None, Some(SECRET))
+        auth(None, Some(SECRET))
     }
 
     fn bearer(token: &str) -> String {
@@ -217,7 +246,7 @@ mod tests {
 
     #[test]
     fn nothing_configured_is_open() {
-        let auth = Auth::new(None, None);
+        let auth = auth(None, None);
         assert!(auth.is_open());
         assert_eq!(auth.check(None), Ok(None));
         assert_eq!(auth.check(Some("Bearer anything")), Ok(None));
@@ -239,7 +268,7 @@ mod tests {
     #[test]
     fn a_jwt_passes_until_its_exp_and_the_leeway_the_shared_token_for_ever() {
         let exp = now() + 300;
-        let both = Auth::new(Some("s3cret-token".into()), Some(SECRET));
+        let both = auth(Some("s3cret-token"), Some(SECRET));
         assert_eq!(
             both.check(Some(&bearer(&hs256(json!({"exp": exp}))))),
             Ok(Some(exp + JWT_LEEWAY_SECONDS))
@@ -327,6 +356,48 @@ mod tests {
     }
 
     #[test]
+    fn with_an_issuer_and_an_audience_set_a_jwt_must_carry_both() {
+        let bound = Auth::new(&CeleryConfig {
+            web_jwt_secret: Some(SECRET.into()),
+            web_jwt_issuer: Some("https://id.example".into()),
+            web_jwt_audience: Some("rcelery".into()),
+            ..CeleryConfig::default()
+        });
+        let exp = now() + 300;
+        let iss = "https://id.example";
+        assert_eq!(
+            check(
+                &bound,
+                &hs256(json!({"exp": exp, "iss": iss, "aud": "rcelery"}))
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &bound,
+                &hs256(json!({"exp": exp, "iss": iss, "aud": ["x", "rcelery"]}))
+            ),
+            Ok(())
+        );
+        for claims in [
+            json!({"exp": exp, "aud": "rcelery"}),
+            json!({"exp": exp, "iss": iss}),
+            json!({"exp": exp, "iss": "https://other.example", "aud": "rcelery"}),
+            json!({"exp": exp, "iss": iss, "aud": "another-service"}),
+        ] {
+            assert_eq!(
+                check(&bound, &hs256(claims.clone())),
+                Err(Refusal::ClaimRejected),
+                "{claims}"
+            );
+        }
+        assert_eq!(
+            check(&bound, &hs256(json!({"iss": iss, "aud": "rcelery"}))),
+            Err(Refusal::MissingExpiry)
+        );
+    }
+
+    #[test]
     fn malformed_credentials_are_refused() {
         let auth = jwt_only();
         let valid = hs256(json!({"exp": now() + 300}));
@@ -353,12 +424,12 @@ mod tests {
 
     #[test]
     fn the_shared_token_and_jwts_are_both_taken_when_both_are_set() {
-        let both = Auth::new(Some("s3cret-token".into()), Some(SECRET));
+        let both = auth(Some("s3cret-token"), Some(SECRET));
         assert_eq!(check(&both, "s3cret-token"), Ok(()));
         assert_eq!(check(&both, &hs256(json!({"exp": now() + 300}))), Ok(()));
         assert!(check(&both, "s3cret-tokeN").is_err());
 
-        let token_only = Auth::new(Some("s3cret-token".into()), None);
+        let token_only = auth(Some("s3cret-token"), None);
         assert_eq!(check(&token_only, "s3cret-token"), Ok(()));
         assert_eq!(
             check(&token_only, &hs256(json!({"exp": now() + 300}))),

@@ -64,10 +64,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         Duration::from_secs(config.web_stream_max_seconds),
     );
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
-    let auth = auth::Auth::new(
-        config.web_auth_token.clone(),
-        config.web_jwt_secret.as_deref(),
-    );
+    let auth = auth::Auth::new(&config);
     let management = match (&config.broker_api, BrokerKind::of(&config.broker_url)?) {
         (Some(api), BrokerKind::Amqp) => Some(ManagementApi::new(api, &config.broker_url)?),
         (Some(_), BrokerKind::Redis) => {

@@ -675,7 +675,7 @@ async fn a_jwt_signed_with_the_configured_secret_opens_the_job_routes() {
         encode, get_current_timestamp, Algorithm, EncodingKey, Header as JwtHeader,
     };
 
-    const SECRET: &str = "web-test-jwt-secret";
+    const SECRET: &str = "web-test-jwt-secret-of-32-bytes!";
     let stack = Stack::start_with(BROKERS[1], false, |c| {
         c.web_jwt_secret = Some(SECRET.into())
     })
