@@ -655,19 +655,36 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// What [`redact_url`] shows for a URL it cannot read.
+pub const UNREADABLE_URL: &str = "<unparseable URL>";
+
 /// `scheme://user:secret@host` → `scheme://user:********@host`, each URL of a `;`-separated
-/// failover list alike; other URLs unchanged.
+/// failover list alike; URLs without a password unchanged. Fails closed: what does not parse
+/// as a URL is shown as [`UNREADABLE_URL`] (it may be a DSN with a password in another form),
+/// unless it is a failover list's bare `host[:port]`, which has no room for one.
 pub fn redact_url(url: &str) -> String {
     url.split(';')
         .map(|one| match url::Url::parse(one.trim()) {
             Ok(mut parsed) if parsed.password().is_some() => {
-                let _ = parsed.set_password(Some("********"));
+                if parsed.set_password(Some("********")).is_err() {
+                    return UNREADABLE_URL.to_string();
+                }
                 parsed.to_string()
             }
-            _ => one.to_string(),
+            Ok(_) => one.to_string(),
+            Err(_) if is_bare_host(one.trim()) => one.to_string(),
+            Err(_) => UNREADABLE_URL.to_string(),
         })
         .collect::<Vec<_>>()
         .join(";")
+}
+
+/// `host`, `host:port`, `[v6]:port`: nothing but a host's and a port's characters.
+fn is_bare_host(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
 }
 
 /// A URL, or Celery's list form of a failover list, read as the `;`-separated string.
@@ -868,6 +885,22 @@ mod tests {
         let both = "[beat_schedule.both]\ntask = \"t\"\nschedule = 1\ncrontab = \"* * * * *\"";
         let err = CeleryConfig::from_sources(both, env(&[])).unwrap_err();
         assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn what_redact_url_cannot_parse_is_never_shown_as_given() {
+        for dsn in [
+            "host=db user=app password=s3cret",
+            "postgres://app:s3cret@db:notaport/rcelery",
+            "amqp://app:s3cret@[::1/vhost",
+            "",
+        ] {
+            assert_eq!(redact_url(dsn), UNREADABLE_URL, "{dsn}");
+        }
+        assert_eq!(
+            redact_url("amqp://app:s3cret@a:5672//;b:5673;odd stuff s3cret"),
+            format!("amqp://app:********@a:5672//;b:5673;{UNREADABLE_URL}")
+        );
     }
 
     #[test]
