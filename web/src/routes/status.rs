@@ -122,8 +122,8 @@ pub struct WorkflowView {
 }
 
 impl WorkflowView {
-    /// The view of workflow `id` of `kind`, from its steps in order (at least one) and those
-    /// of their results that fit in `budget`.
+    /// The view of workflow `id` of `kind`, from its steps in order (at least one) and the
+    /// results the answer has room for, by task id.
     fn new(id: Uuid, kind: Kind, steps: Vec<Shown>, mut results: HashMap<Uuid, Value>) -> Self {
         let created_at = steps
             .iter()
@@ -229,9 +229,7 @@ impl JobView {
             workflow_id: job.workflow_id,
         }
     }
-}
 
-impl JobView {
     /// What a workflow's outcome reads of this step.
     fn step(&self) -> Step {
         Step {

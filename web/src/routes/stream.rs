@@ -36,9 +36,11 @@ pub struct Streams {
 }
 
 impl Streams {
+    /// At most `most` streams at once (within what a semaphore can count), each for
+    /// `lifetime`.
     pub fn new(most: usize, lifetime: Duration) -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(most)),
+            slots: Arc::new(Semaphore::new(most.min(Semaphore::MAX_PERMITS))),
             most,
             lifetime,
         }
