@@ -149,6 +149,18 @@ def test_fail_reraises_runtime_error(rust):
 
 
 @pytest.mark.timeout(60)
+def test_a_result_over_result_max_bytes_reraises_value_error(rust):
+    """The worker runs with the default result_max_bytes (1 MiB of JSON): an echo one byte over
+    it is stored as ValueError, which Python re-raises as its own."""
+    result = rust.app.send_task("tasks.echo", ("x" * ((1 << 20) - 1),))  # 2 quotes: 1 MiB + 1
+    with pytest.raises(ValueError) as excinfo:
+        result.get(timeout=GET_TIMEOUT)
+    assert type(excinfo.value) is ValueError, f"expected builtins.ValueError, got {type(excinfo.value)!r}"
+    assert "over result_max_bytes (1048576)" in str(excinfo.value)
+    assert result.state == "FAILURE"
+
+
+@pytest.mark.timeout(60)
 def test_unknown_task_is_not_registered(rust):
     name = f"tasks.does_not_exist_{uuid.uuid4().hex[:6]}"
     result = rust.app.send_task(name, (1, 2))

@@ -265,6 +265,10 @@ pub struct CeleryConfig {
     pub result_expires: u64,
     /// Also store name, args, kwargs, worker, retries and queue with each result.
     pub result_extended: bool,
+    /// Largest task result stored, in bytes of its JSON; a larger one is stored as FAILURE
+    /// (`ValueError`) instead, so one task cannot fill the backend and every chain step after
+    /// it. 0: no cap.
+    pub result_max_bytes: u64,
     /// Seconds after which a running task is stopped and fails with `TimeLimitExceeded`.
     pub task_time_limit: Option<f64>,
     /// Seconds after which a running task is told its soft limit passed.
@@ -295,11 +299,26 @@ pub struct CeleryConfig {
     pub web_allowed_queues: Vec<String>,
     /// Largest request body the web app reads, in bytes.
     pub web_body_limit: u64,
+    /// Bound on a workflow's steps × its body's bytes at `POST /receive`: each step may pass
+    /// the whole payload on, so this bounds what one request can store.
+    pub web_workflow_max_bytes: u64,
+    /// Bytes of results one `/status` or `/tasks` answer inlines; results past it are linked
+    /// to their job's own status instead.
+    pub web_answer_max_bytes: u64,
     /// Bearer token the web app's job routes require; unset, they are open.
     pub web_auth_token: Option<String>,
     /// Secret of the HS256-signed JWTs the web app's job routes accept as bearer tokens (with
     /// `exp` required), besides `web_auth_token`; unset, no JWT is accepted.
     pub web_jwt_secret: Option<String>,
+    /// The `iss` a JWT must carry; unset, any or none.
+    pub web_jwt_issuer: Option<String>,
+    /// The audience a JWT's `aud` must name; unset, a JWT with an `aud` is refused.
+    pub web_jwt_audience: Option<String>,
+    /// Status streams (`/status/<id>/stream`) one web process keeps open at once; over it,
+    /// 503.
+    pub web_max_streams: usize,
+    /// Seconds a status stream lasts at most before it ends (the client reconnects).
+    pub web_stream_max_seconds: u64,
     /// Seconds between the web app's reconciliations of unfinished jobs with the backend.
     pub web_sweep_interval: u64,
     /// Failed publishes after which a job the broker keeps refusing (while it takes others)
@@ -342,6 +361,7 @@ impl Default for CeleryConfig {
             worker_concurrency: 0,
             result_expires: 86_400,
             result_extended: false,
+            result_max_bytes: 1 << 20,
             task_time_limit: None,
             task_soft_time_limit: None,
             worker_send_task_events: false,
@@ -355,8 +375,14 @@ impl Default for CeleryConfig {
             web_allowed_tasks: Vec::new(),
             web_allowed_queues: Vec::new(),
             web_body_limit: 1 << 20,
+            web_workflow_max_bytes: 16 << 20,
+            web_answer_max_bytes: 1 << 20,
             web_auth_token: None,
             web_jwt_secret: None,
+            web_jwt_issuer: None,
+            web_jwt_audience: None,
+            web_max_streams: 1000,
+            web_stream_max_seconds: 900,
             web_sweep_interval: 5,
             web_publish_max_attempts: 10,
             beat_schedule: BTreeMap::new(),
@@ -479,6 +505,11 @@ impl CeleryConfig {
             crate::beat::Schedule::of(entry)
                 .map_err(|reason| Error::Config(format!("beat_schedule {name}: {reason}")))?;
         }
+        if self.web_stream_max_seconds == 0 {
+            return Err(Error::Config(
+                "web_stream_max_seconds must be at least 1 second".into(),
+            ));
+        }
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
                 "web_sweep_interval must be at least 1 second".into(),
@@ -503,8 +534,16 @@ impl CeleryConfig {
         }
         // An empty HMAC key would let anyone sign a JWT the web app accepts, and an empty token
         // would let `Authorization: Bearer ` in.
-        if self.web_jwt_secret.as_deref() == Some("") {
-            return Err(Error::Config("web_jwt_secret must not be empty".into()));
+        // HS256's key is as strong as the secret is long: a short one is guessed offline
+        // from any token seen.
+        if self
+            .web_jwt_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < MIN_JWT_SECRET_BYTES)
+        {
+            return Err(Error::Config(format!(
+                "web_jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes"
+            )));
         }
         if self.web_auth_token.as_deref() == Some("") {
             return Err(Error::Config("web_auth_token must not be empty".into()));
@@ -586,6 +625,9 @@ impl CeleryConfig {
     }
 }
 
+/// The shortest `web_jwt_secret` taken: HS256's own key size (RFC 7518, 3.2).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
 /// The exchange types RabbitMQ has built in.
 const EXCHANGE_TYPES: [&str; 4] = ["direct", "topic", "fanout", "headers"];
 
@@ -632,19 +674,36 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// What [`redact_url`] shows for a URL it cannot read.
+pub const UNREADABLE_URL: &str = "<unparseable URL>";
+
 /// `scheme://user:secret@host` → `scheme://user:********@host`, each URL of a `;`-separated
-/// failover list alike; other URLs unchanged.
+/// failover list alike; URLs without a password unchanged. Fails closed: what does not parse
+/// as a URL is shown as [`UNREADABLE_URL`] (it may be a DSN with a password in another form),
+/// unless it is a failover list's bare `host[:port]`, which has no room for one.
 pub fn redact_url(url: &str) -> String {
     url.split(';')
         .map(|one| match url::Url::parse(one.trim()) {
             Ok(mut parsed) if parsed.password().is_some() => {
-                let _ = parsed.set_password(Some("********"));
+                if parsed.set_password(Some("********")).is_err() {
+                    return UNREADABLE_URL.to_string();
+                }
                 parsed.to_string()
             }
-            _ => one.to_string(),
+            Ok(_) => one.to_string(),
+            Err(_) if is_bare_host(one.trim()) => one.to_string(),
+            Err(_) => UNREADABLE_URL.to_string(),
         })
         .collect::<Vec<_>>()
         .join(";")
+}
+
+/// `host`, `host:port`, `[v6]:port`: nothing but a host's and a port's characters.
+fn is_bare_host(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
 }
 
 /// A URL, or Celery's list form of a failover list, read as the `;`-separated string.
@@ -756,9 +815,14 @@ mod tests {
         assert!(err.to_string().contains("web_jwt_secret"), "{err}");
         let err = CeleryConfig::from_sources("web_auth_token = \"\"", env(&[])).unwrap_err();
         assert!(err.to_string().contains("web_auth_token"), "{err}");
+        let short = "k".repeat(31);
+        let err =
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", &short)])).unwrap_err();
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+        let long = "k".repeat(32);
         let config =
-            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", "k3y")])).unwrap();
-        assert_eq!(config.web_jwt_secret.as_deref(), Some("k3y"));
+            CeleryConfig::from_sources("", env(&[("CELERY_WEB_JWT_SECRET", &long)])).unwrap();
+        assert_eq!(config.web_jwt_secret.as_deref(), Some(long.as_str()));
     }
 
     #[test]
@@ -840,6 +904,22 @@ mod tests {
         let both = "[beat_schedule.both]\ntask = \"t\"\nschedule = 1\ncrontab = \"* * * * *\"";
         let err = CeleryConfig::from_sources(both, env(&[])).unwrap_err();
         assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn what_redact_url_cannot_parse_is_never_shown_as_given() {
+        for dsn in [
+            "host=db user=app password=s3cret",
+            "postgres://app:s3cret@db:notaport/rcelery",
+            "amqp://app:s3cret@[::1/vhost",
+            "",
+        ] {
+            assert_eq!(redact_url(dsn), UNREADABLE_URL, "{dsn}");
+        }
+        assert_eq!(
+            redact_url("amqp://app:s3cret@a:5672//;b:5673;odd stuff s3cret"),
+            format!("amqp://app:********@a:5672//;b:5673;{UNREADABLE_URL}")
+        );
     }
 
     #[test]

@@ -158,14 +158,12 @@ pub(crate) fn redis_client(
     )?)
 }
 
-/// The certificates of `ca_certs` alone when it is given (as py-amqp trusts them: a private
-/// broker's CA, not every public one), else the system's roots.
+/// The system's roots, plus the certificates of `ca_certs` when it is given: the same trust as
+/// the Redis side's (and redis-py's), so one `ca_certs` means one thing on both brokers.
 fn roots(ca_certs: Option<&Path>) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
-    if ca_certs.is_none() {
-        // Unparsable system certificates are skipped, as every TLS client does.
-        let _ = store.add_parsable_certificates(native_roots());
-    }
+    // Unparsable system certificates are skipped, as every TLS client does.
+    let _ = store.add_parsable_certificates(native_roots());
     if let Some(path) = ca_certs {
         let pem = read(path, "ca_certs")?;
         for cert in ca_certificates(path, &pem)? {
@@ -352,6 +350,21 @@ mod tests {
             err.to_string().contains("holds no PEM certificate"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ca_certs_adds_a_ca_to_the_system_roots_on_amqp_as_on_redis() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let path = std::env::temp_dir().join(format!("rcelery-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, ca.pem()).unwrap();
+        let system = roots(None).unwrap();
+        let with_ca = roots(Some(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!system.is_empty(), "this machine has system roots");
+        assert_eq!(with_ca.len(), system.len() + 1);
     }
 
     #[test]

@@ -209,6 +209,30 @@ async fn runs_every_task_and_reports_failures_on_both_brokers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_result_max_bytes_is_stored_as_a_failure() {
+    let worker = start(BROKERS[1], |c| c.result_max_bytes = 100).await;
+    let small = "x".repeat(98); // 100 bytes of JSON with its quotes
+    assert_eq!(
+        worker
+            .call("tasks.echo", json!([small.clone()]), json!({}))
+            .await
+            .unwrap(),
+        json!(small)
+    );
+    let (exc_type, message) = failure(
+        worker
+            .call("tasks.echo", json!(["x".repeat(99)]), json!({}))
+            .await,
+    );
+    assert_eq!(exc_type, "ValueError");
+    assert!(
+        message.contains("result of 101 bytes is over result_max_bytes (100)"),
+        "{message}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignore_result_stores_nothing_and_acks_late_still_runs() {
     for url in BROKERS {
         let worker = start(url, |c| c.task_acks_late = true).await;

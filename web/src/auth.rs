@@ -8,6 +8,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome, Request};
+use runtime::CeleryConfig;
 use serde::Deserialize;
 
 /// Seconds of clock skew allowed when checking a JWT's `exp` and `nbf`.
@@ -31,11 +32,11 @@ struct Jwt {
 /// whose `nbf` is malformed, which `Validation` alone would skip; that `exp` is present is
 /// `Validation`'s check. Other claims are not read.
 #[derive(Deserialize)]
-#[allow(dead_code)]
 struct TimeClaims {
     #[serde(default)]
     exp: Option<u64>,
     #[serde(default)]
+    #[allow(dead_code)]
     nbf: Option<u64>,
 }
 
@@ -58,21 +59,40 @@ pub enum Refusal {
     WrongAlgorithm,
     /// A JWT without `exp`.
     MissingExpiry,
-    /// A claim the deployment does not accept (e.g. an `aud`: no audience is configured).
+    /// A claim the deployment does not accept, or one it requires missing (`iss`, `aud`).
     ClaimRejected,
     /// Neither the shared token nor a well-formed JWT.
     Malformed,
 }
 
 impl Auth {
-    /// Checks against the shared `token` and JWTs signed with `jwt_secret`; with neither, the
-    /// API is open. (The settings refuse an empty secret.)
-    pub fn new(token: Option<String>, jwt_secret: Option<&str>) -> Self {
+    /// Checks against the shared token (`web_auth_token`) and JWTs signed with
+    /// `web_jwt_secret`; with neither, the API is open. A JWT must also carry `web_jwt_issuer`
+    /// as its `iss` when that is set, and name `web_jwt_audience` in its `aud` when that is set;
+    /// without an audience set, a token with an `aud` is refused: it is meant for another
+    /// service. (The settings refuse a secret under 32 bytes.)
+    pub fn new(config: &CeleryConfig) -> Self {
+        let token = config.web_auth_token.clone();
+        let (jwt_secret, issuer, audience) = (
+            config.web_jwt_secret.as_deref(),
+            config.web_jwt_issuer.as_deref(),
+            config.web_jwt_audience.as_deref(),
+        );
         let jwt = jwt_secret.map(|secret| {
             let mut validation = Validation::new(Algorithm::HS256);
             validation.leeway = JWT_LEEWAY_SECONDS;
             validation.validate_exp = true;
             validation.validate_nbf = true;
+            let mut required = vec!["exp"];
+            if let Some(issuer) = issuer {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            if let Some(audience) = audience {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            validation.set_required_spec_claims(&required);
             Jwt {
                 key: DecodingKey::from_secret(secret.as_bytes()),
                 validation,
@@ -86,10 +106,11 @@ impl Auth {
         self.token.is_none() && self.jwt.is_none()
     }
 
-    /// Whether a request with this `Authorization` header value may pass.
-    pub fn check(&self, authorization: Option<&str>) -> Result<(), Refusal> {
+    /// Whether a request with this `Authorization` header value may pass, and until when
+    /// (see [`Authorized::expires_at`]).
+    pub fn check(&self, authorization: Option<&str>) -> Result<Option<u64>, Refusal> {
         if self.is_open() {
-            return Ok(());
+            return Ok(None);
         }
         let given = authorization
             .ok_or(Refusal::MissingHeader)?
@@ -97,7 +118,7 @@ impl Auth {
             .ok_or(Refusal::NotBearer)?;
         if let Some(token) = &self.token {
             if same(given.as_bytes(), token.as_bytes()) {
-                return Ok(());
+                return Ok(None);
             }
         }
         match &self.jwt {
@@ -108,9 +129,14 @@ impl Auth {
 }
 
 impl Jwt {
-    fn check(&self, token: &str) -> Result<(), Refusal> {
+    /// The moment `token` stops passing: its `exp` and the leeway.
+    fn check(&self, token: &str) -> Result<Option<u64>, Refusal> {
         jsonwebtoken::decode::<TimeClaims>(token, &self.key, &self.validation)
-            .map(|_| ())
+            .map(|data| {
+                data.claims
+                    .exp
+                    .map(|exp| exp.saturating_add(self.validation.leeway))
+            })
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => Refusal::Expired,
                 ErrorKind::ImmatureSignature => Refusal::NotYetValid,
@@ -118,17 +144,22 @@ impl Jwt {
                 ErrorKind::InvalidAlgorithm
                 | ErrorKind::InvalidAlgorithmName
                 | ErrorKind::MissingAlgorithm => Refusal::WrongAlgorithm,
-                ErrorKind::MissingRequiredClaim(_) => Refusal::MissingExpiry,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => Refusal::MissingExpiry,
                 ErrorKind::InvalidAudience
                 | ErrorKind::InvalidIssuer
-                | ErrorKind::InvalidSubject => Refusal::ClaimRejected,
+                | ErrorKind::InvalidSubject
+                | ErrorKind::MissingRequiredClaim(_) => Refusal::ClaimRejected,
                 _ => Refusal::Malformed,
             })
     }
 }
 
 /// A request that passed authentication.
-pub struct Authorized;
+pub struct Authorized {
+    /// When its credential stops passing, in seconds since the epoch: a JWT's `exp` and the
+    /// leeway; none for the shared token or an open API. A stream ends then.
+    pub expires_at: Option<u64>,
+}
 
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for Authorized {
@@ -136,10 +167,10 @@ impl<'r> FromRequest<'r> for Authorized {
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
         let Some(auth) = request.rocket().state::<Auth>() else {
-            return Outcome::Success(Authorized);
+            return Outcome::Success(Authorized { expires_at: None });
         };
         match auth.check(request.headers().get_one("Authorization")) {
-            Ok(()) => Outcome::Success(Authorized),
+            Ok(expires_at) => Outcome::Success(Authorized { expires_at }),
             Err(reason) => {
                 tracing::debug!(?reason, uri = %request.uri(), "request refused: 401");
                 Outcome::Error((Status::Unauthorized, ()))
@@ -166,7 +197,15 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::{json, Value};
 
-    const SECRET: &str = "jwt-test-secret";
+    const SECRET: &str = "jwt-test-secret-of-at-least-32-b";
+
+    fn auth(token: Option<&str>, secret: Option<&str>) -> Auth {
+        Auth::new(&CeleryConfig {
+            web_auth_token: token.map(str::to_owned),
+            web_jwt_secret: secret.map(str::to_owned),
+            ..CeleryConfig::default()
+        })
+    }
 
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
@@ -186,7 +225,7 @@ mod tests {
     }
 
     fn jwt_only() -> Auth {
-        Auth::new(None, Some(SECRET))
+        auth(None, Some(SECRET))
     }
 
     fn bearer(token: &str) -> String {
@@ -194,7 +233,7 @@ mod tests {
     }
 
     fn check(auth: &Auth, token: &str) -> Result<(), Refusal> {
-        auth.check(Some(&bearer(token)))
+        auth.check(Some(&bearer(token))).map(drop)
     }
 
     #[test]
@@ -207,10 +246,10 @@ mod tests {
 
     #[test]
     fn nothing_configured_is_open() {
-        let auth = Auth::new(None, None);
+        let auth = auth(None, None);
         assert!(auth.is_open());
-        assert_eq!(auth.check(None), Ok(()));
-        assert_eq!(auth.check(Some("Bearer anything")), Ok(()));
+        assert_eq!(auth.check(None), Ok(None));
+        assert_eq!(auth.check(Some("Bearer anything")), Ok(None));
     }
 
     #[test]
@@ -224,6 +263,17 @@ mod tests {
         // Clock skew within the leeway is tolerated, both ways.
         let skewed = hs256(json!({"exp": now() - 5, "nbf": now() + 5}));
         assert_eq!(check(&auth, &skewed), Ok(()));
+    }
+
+    #[test]
+    fn a_jwt_passes_until_its_exp_and_the_leeway_the_shared_token_for_ever() {
+        let exp = now() + 300;
+        let both = auth(Some("s3cret-token"), Some(SECRET));
+        assert_eq!(
+            both.check(Some(&bearer(&hs256(json!({"exp": exp}))))),
+            Ok(Some(exp + JWT_LEEWAY_SECONDS))
+        );
+        assert_eq!(both.check(Some(&bearer("s3cret-token"))), Ok(None));
     }
 
     #[test]
@@ -306,6 +356,48 @@ mod tests {
     }
 
     #[test]
+    fn with_an_issuer_and_an_audience_set_a_jwt_must_carry_both() {
+        let bound = Auth::new(&CeleryConfig {
+            web_jwt_secret: Some(SECRET.into()),
+            web_jwt_issuer: Some("https://id.example".into()),
+            web_jwt_audience: Some("rcelery".into()),
+            ..CeleryConfig::default()
+        });
+        let exp = now() + 300;
+        let iss = "https://id.example";
+        assert_eq!(
+            check(
+                &bound,
+                &hs256(json!({"exp": exp, "iss": iss, "aud": "rcelery"}))
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &bound,
+                &hs256(json!({"exp": exp, "iss": iss, "aud": ["x", "rcelery"]}))
+            ),
+            Ok(())
+        );
+        for claims in [
+            json!({"exp": exp, "aud": "rcelery"}),
+            json!({"exp": exp, "iss": iss}),
+            json!({"exp": exp, "iss": "https://other.example", "aud": "rcelery"}),
+            json!({"exp": exp, "iss": iss, "aud": "another-service"}),
+        ] {
+            assert_eq!(
+                check(&bound, &hs256(claims.clone())),
+                Err(Refusal::ClaimRejected),
+                "{claims}"
+            );
+        }
+        assert_eq!(
+            check(&bound, &hs256(json!({"iss": iss, "aud": "rcelery"}))),
+            Err(Refusal::MissingExpiry)
+        );
+    }
+
+    #[test]
     fn malformed_credentials_are_refused() {
         let auth = jwt_only();
         let valid = hs256(json!({"exp": now() + 300}));
@@ -332,12 +424,12 @@ mod tests {
 
     #[test]
     fn the_shared_token_and_jwts_are_both_taken_when_both_are_set() {
-        let both = Auth::new(Some("s3cret-token".into()), Some(SECRET));
+        let both = auth(Some("s3cret-token"), Some(SECRET));
         assert_eq!(check(&both, "s3cret-token"), Ok(()));
         assert_eq!(check(&both, &hs256(json!({"exp": now() + 300}))), Ok(()));
         assert!(check(&both, "s3cret-tokeN").is_err());
 
-        let token_only = Auth::new(Some("s3cret-token".into()), None);
+        let token_only = auth(Some("s3cret-token"), None);
         assert_eq!(check(&token_only, "s3cret-token"), Ok(()));
         assert_eq!(
             check(&token_only, &hs256(json!({"exp": now() + 300}))),

@@ -20,6 +20,14 @@ pub enum Error {
     /// The body is over the configured limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(u64),
+    /// A workflow whose steps, each passing its payload on, could store more than
+    /// `web_workflow_max_bytes`.
+    #[error("a workflow of {steps} steps of a {bytes}-byte body is over web_workflow_max_bytes ({max}): fewer steps or a smaller body")]
+    WorkflowTooLarge {
+        steps: usize,
+        bytes: usize,
+        max: u64,
+    },
     /// The body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -32,6 +40,9 @@ pub enum Error {
     /// The broker could not be reached or did not answer.
     #[error("the broker is unavailable: {0}")]
     BrokerUnavailable(String),
+    /// Every status stream this process allows (`web_max_streams`) is open.
+    #[error("{0} status streams are open, the most web_max_streams allows; try again later")]
+    TooManyStreams(usize),
     /// The database could not be reached.
     #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
@@ -80,12 +91,13 @@ impl Error {
         match self {
             Error::BadRequest(_) => Status::BadRequest,
             Error::Unprocessable(_) => Status::UnprocessableEntity,
-            Error::TooLarge(_) => Status::PayloadTooLarge,
+            Error::TooLarge(_) | Error::WorkflowTooLarge { .. } => Status::PayloadTooLarge,
             Error::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
             Error::NotFound(_) => Status::NotFound,
-            Error::Publish(_) | Error::BrokerUnavailable(_) | Error::DatabaseUnavailable(_) => {
-                Status::ServiceUnavailable
-            }
+            Error::Publish(_)
+            | Error::BrokerUnavailable(_)
+            | Error::DatabaseUnavailable(_)
+            | Error::TooManyStreams(_) => Status::ServiceUnavailable,
             Error::Database(_) | Error::Migration(_) | Error::Runtime(_) => {
                 Status::InternalServerError
             }

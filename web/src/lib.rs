@@ -8,6 +8,7 @@
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
+//! - [`probe`]: the checks `/health` and `/metrics` answer from, on connections of their own.
 //! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod management;
 pub mod metrics;
 pub mod outbox;
+pub mod probe;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -40,6 +42,8 @@ use runtime::CeleryConfig;
 use crate::error::Error;
 use crate::management::ManagementApi;
 use crate::routes::receive::Accepts;
+use crate::routes::status::AnswerBudget;
+use crate::routes::stream::Streams;
 
 /// `rocket` with every route and the JSON error catcher: what the API document describes.
 pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {
@@ -54,11 +58,13 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let pool = db::pool(&config.database_url, 16)?;
     let backend = RedisBackend::of(&config).await?;
     let accepts = Accepts::new(&config);
-    let sweep_interval = Duration::from_secs(config.web_sweep_interval);
-    let auth = auth::Auth::new(
-        config.web_auth_token.clone(),
-        config.web_jwt_secret.as_deref(),
+    let budget = AnswerBudget(config.web_answer_max_bytes);
+    let streams = Streams::new(
+        config.web_max_streams,
+        Duration::from_secs(config.web_stream_max_seconds),
     );
+    let sweep_interval = Duration::from_secs(config.web_sweep_interval);
+    let auth = auth::Auth::new(&config);
     let management = match (&config.broker_api, BrokerKind::of(&config.broker_url)?) {
         (Some(api), BrokerKind::Amqp) => Some(ManagementApi::new(api, &config.broker_url)?),
         (Some(_), BrokerKind::Redis) => {
@@ -68,6 +74,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         (None, _) => None,
     };
     let max_attempts = config.web_publish_max_attempts;
+    let probe = probe::Probe::start(&config).await;
     let client = Client::new(config).await?;
     let journal = Arc::new(outbox::Journal::start(&pool, max_attempts));
     let tracker_pool = pool.clone();
@@ -79,6 +86,9 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(journal)
         .manage(client)
         .manage(accepts)
+        .manage(budget)
+        .manage(streams)
+        .manage(probe)
         .manage(auth)
         .manage(changes)
         .manage(management)

@@ -43,6 +43,48 @@ pub struct Job {
     pub workflow_position: Option<i32>,
 }
 
+/// The longest error message a view shows, in characters: an exception's message is the
+/// task's to choose, and one view may show a thousand of them.
+pub const SHOWN_ERROR_CHARS: i32 = 4096;
+
+/// What a job's view shows of its row, and no more: not its arguments, meta or traceback, an
+/// error message cut at [`SHOWN_ERROR_CHARS`], and the size of its result in place of the
+/// result, which [`results`] reads for the rows an answer has room for.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
+pub struct Shown {
+    pub task_id: Uuid,
+    pub task_name: String,
+    pub state: String,
+    pub progress_current: Option<i64>,
+    pub progress_total: Option<i64>,
+    /// Bytes of the result's JSON text; none without a result.
+    #[diesel(
+        select_expression = diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Integer>>("octet_length(tasks.result::text)"),
+        select_expression_type = diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Integer>>
+    )]
+    pub result_bytes: Option<i32>,
+    pub error_type: Option<String>,
+    #[diesel(
+        select_expression = left(tasks::error_message, SHOWN_ERROR_CHARS),
+        select_expression_type = left<tasks::error_message, i32>
+    )]
+    pub error_message: Option<String>,
+    pub publish_error: Option<String>,
+    pub worker: Option<String>,
+    pub retries: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub workflow_id: Option<Uuid>,
+    pub workflow_kind: Option<String>,
+}
+
+diesel::define_sql_function! {
+    /// PostgreSQL's `left(text, n)`: the first `n` characters.
+    fn left(text: diesel::sql_types::Nullable<diesel::sql_types::Text>, n: diesel::sql_types::Integer) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
+}
+
 /// A job as `POST /receive` records it, and as the outbox publishes it.
 #[derive(Debug, Clone, PartialEq, Insertable, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = tasks, check_for_backend(diesel::pg::Pg))]
@@ -329,6 +371,31 @@ pub async fn find(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<O
         .optional()
 }
 
+/// What the view of job `id` shows.
+pub async fn shown(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Shown>> {
+    tasks::table
+        .find(id)
+        .select(Shown::as_select())
+        .first(connection)
+        .await
+        .optional()
+}
+
+/// The results of the jobs `ids`, by task id (none for a job without one).
+pub async fn results(
+    connection: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> QueryResult<Vec<(Uuid, Option<Value>)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    tasks::table
+        .filter(tasks::task_id.eq_any(ids))
+        .select((tasks::task_id, tasks::result))
+        .load(connection)
+        .await
+}
+
 /// Jobs recorded and jobs finished in the last `seconds`, by queue: `(queue, recorded,
 /// finished)`. Only jobs recorded within the last hour are read (the creation index bounds the
 /// scan), so a job that took longer than that is not counted when it finishes.
@@ -375,12 +442,13 @@ pub async fn steps_after(
         .await
 }
 
-/// The steps of workflow `id`, in order; none when there is no such workflow.
-pub async fn workflow(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Vec<Job>> {
+/// What the views of workflow `id`'s steps show, in order; none when there is no such
+/// workflow.
+pub async fn workflow(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Vec<Shown>> {
     tasks::table
         .filter(tasks::workflow_id.eq(id))
         .order(tasks::workflow_position)
-        .select(Job::as_select())
+        .select(Shown::as_select())
         .load(connection)
         .await
 }
@@ -401,9 +469,13 @@ pub struct Listing {
     pub limit: i64,
 }
 
-/// Jobs newest first, from the cursor on (keyset pagination: stable under inserts).
-pub async fn list(connection: &mut AsyncPgConnection, listing: &Listing) -> QueryResult<Vec<Job>> {
-    let mut query = tasks::table.select(Job::as_select()).into_boxed();
+/// What the views of jobs show, newest first, from the cursor on (keyset pagination: stable
+/// under inserts).
+pub async fn list(
+    connection: &mut AsyncPgConnection,
+    listing: &Listing,
+) -> QueryResult<Vec<Shown>> {
+    let mut query = tasks::table.select(Shown::as_select()).into_boxed();
     if let Some(state_name) = &listing.state {
         query = query.filter(tasks::state.eq(state_name.clone()));
     }

@@ -12,7 +12,7 @@ use runtime::canvas::{self, Signature};
 use runtime::protocol::result::state;
 use serde_json::Value;
 
-use crate::store::{Job, NewJob};
+use crate::store::NewJob;
 
 /// Steps one workflow may have at most: each is a row written and a message sent at once.
 pub const MAX_STEPS: usize = 1000;
@@ -83,11 +83,29 @@ pub struct Outcome {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// What a workflow's outcome reads of one of its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub state: String,
+    /// Its result, as far as the reader holds it.
+    pub result: Option<Value>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The steps whose results make a succeeded workflow's result: a chain's last, every member
+/// of a group.
+pub fn result_steps(kind: Kind, steps: usize) -> std::ops::Range<usize> {
+    match kind {
+        Kind::Chain => steps.saturating_sub(1)..steps,
+        Kind::Group => 0..steps,
+    }
+}
+
 /// The outcome of a workflow of `kind` whose steps, in order, are `steps`. A chain ends at its
 /// first step that fails (the steps after it never run); a group ends when all its members
 /// have, and fails if any failed.
-pub fn outcome(kind: Kind, steps: &[Job]) -> Outcome {
-    let is_final = |job: &&Job| state::is_ready(&job.state);
+pub fn outcome(kind: Kind, steps: &[Step]) -> Outcome {
+    let is_final = |job: &&Step| state::is_ready(&job.state);
     let done = steps.iter().filter(is_final).count();
     let failed = steps
         .iter()
@@ -108,17 +126,14 @@ pub fn outcome(kind: Kind, steps: &[Job]) -> Outcome {
         (true, Some(index)) => (steps[index].state.clone(), None),
         (true, None) => (
             state::SUCCESS.to_string(),
-            Some(match kind {
-                Kind::Chain => steps
-                    .last()
-                    .and_then(|job| job.result.clone())
-                    .unwrap_or(Value::Null),
-                Kind::Group => Value::Array(
-                    steps
-                        .iter()
-                        .map(|job| job.result.clone().unwrap_or(Value::Null))
-                        .collect(),
-                ),
+            Some({
+                let mut results = steps[result_steps(kind, steps.len())]
+                    .iter()
+                    .map(|job| job.result.clone().unwrap_or(Value::Null));
+                match kind {
+                    Kind::Chain => results.next().unwrap_or(Value::Null),
+                    Kind::Group => Value::Array(results.collect()),
+                }
             }),
         ),
     };
@@ -154,37 +169,11 @@ mod tests {
         }
     }
 
-    fn row(state_name: &str, result: Option<Value>, finished_second: Option<i64>) -> Job {
-        let at = |second| DateTime::from_timestamp(second, 0).unwrap();
-        Job {
-            task_id: Uuid::new_v4(),
-            task_name: "tasks.add".into(),
-            args: json!([]),
-            kwargs: json!({}),
-            queue: "q".into(),
+    fn row(state_name: &str, result: Option<Value>, finished_second: Option<i64>) -> Step {
+        Step {
             state: state_name.into(),
-            state_rank: crate::store::rank(state_name),
-            progress_current: None,
-            progress_total: None,
-            meta: None,
             result,
-            error_type: None,
-            error_message: None,
-            traceback: None,
-            worker: None,
-            retries: 0,
-            published_at: None,
-            publish_error: None,
-            created_at: at(0),
-            started_at: None,
-            finished_at: finished_second.map(at),
-            updated_at: at(0),
-            eta: None,
-            expires: None,
-            publish_lease_until: None,
-            workflow_id: None,
-            workflow_kind: None,
-            workflow_position: None,
+            finished_at: finished_second.map(|second| DateTime::from_timestamp(second, 0).unwrap()),
         }
     }
 

@@ -168,14 +168,11 @@ async fn jobs_run_to_success_with_progress_and_errors_on_both_brokers() {
         let response = stack
             .client
             .post("/receive")
+            .header(ContentType::JSON)
             .body(r#"{"task":"tasks.add","args":[2,3]}"#)
             .dispatch()
             .await;
-        assert_eq!(
-            response.status(),
-            Status::Accepted,
-            "curl's default content type is accepted"
-        );
+        assert_eq!(response.status(), Status::Accepted);
         let location = response.headers().get_one("Location").unwrap().to_string();
         let body: Value = response.into_json().await.unwrap();
         let id = body["task_id"].as_str().unwrap().to_string();
@@ -255,15 +252,24 @@ async fn bad_input_gets_a_clear_json_error_with_its_status() {
     }
     let big = format!("[\"{}\"]", "x".repeat(5000));
     assert_eq!(stack.post(&big).await.0, Status::PayloadTooLarge);
-    for content_type in [ContentType::XML, ContentType::Plain] {
-        let response = stack
-            .client
-            .post("/receive")
-            .header(content_type)
-            .body("{}")
-            .dispatch()
-            .await;
-        assert_eq!(response.status(), Status::UnsupportedMediaType);
+    // No credential is required here, so neither what a browser posts cross-site without
+    // asking (a form, a body of no type) is read.
+    for content_type in [
+        Some(ContentType::XML),
+        Some(ContentType::Plain),
+        Some(ContentType::Form),
+        None,
+    ] {
+        let mut request = stack.client.post("/receive").body("{}");
+        if let Some(content_type) = content_type.clone() {
+            request = request.header(content_type);
+        }
+        let response = request.dispatch().await;
+        assert_eq!(
+            response.status(),
+            Status::UnsupportedMediaType,
+            "{content_type:?}"
+        );
     }
 
     let (status, answer) = stack.get("/status/not-a-uuid").await;
@@ -330,6 +336,56 @@ async fn listing_pages_newest_first_and_filters() {
     assert_eq!(only["tasks"][0]["task_id"], json!(ids[0]));
     let (status, health) = stack.get("/health").await;
     assert_eq!((status, &health["status"]), (Status::Ok, &json!("ok")));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_inline_results_within_web_answer_max_bytes_and_link_the_rest() {
+    let stack = Stack::start_with(BROKERS[1], true, |c| c.web_answer_max_bytes = 100).await;
+    // Three results of 42 bytes of JSON each.
+    let texts: Vec<String> = ["a", "b", "c"].iter().map(|c| c.repeat(40)).collect();
+    let calls: Vec<Value> = texts
+        .iter()
+        .map(|text| json!({"task": "tasks.echo", "args": [text]}))
+        .collect();
+    let (status, accepted) = stack.post(&json!({ "group": calls }).to_string()).await;
+    assert_eq!(status, Status::Accepted, "{accepted}");
+    let group = accepted["workflow_id"].as_str().unwrap().to_string();
+    let done = stack
+        .wait_for(&group, "the group", state_is("SUCCESS"))
+        .await;
+    // The group shows each result twice (its list and the step's own view): one fits.
+    let children = done["children"].as_array().unwrap();
+    assert_eq!(children[0]["result"], json!(texts[0]), "{done}");
+    for (child, text) in children.iter().zip(&texts).skip(1) {
+        let link = format!("/status/{}", child["task_id"].as_str().unwrap());
+        assert_eq!(
+            (&child["result"], &child["result_truncated"]),
+            (&Value::Null, &json!(link)),
+            "{done}"
+        );
+        let (_, own) = stack.get(&link).await;
+        assert_eq!(own["result"], json!(text), "{own}");
+        assert!(own["result_truncated"].is_null(), "{own}");
+    }
+    assert_eq!(
+        (&done["result"], &done["result_truncated"]),
+        (&Value::Null, &json!(true)),
+        "{done}"
+    );
+    // A page shows each once: two fit, the oldest is linked.
+    let (_, page) = stack.get("/tasks").await;
+    let truncated: Vec<&Value> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|job| job["result"].is_null())
+        .collect();
+    assert_eq!(truncated.len(), 1, "{page}");
+    assert!(truncated[0]["result_truncated"]
+        .as_str()
+        .is_some_and(|link| link.starts_with("/status/")));
+    assert!(page["tasks"][0].get("args").is_none(), "{page}");
     stack.stop().await;
 }
 
@@ -652,6 +708,40 @@ async fn receive_accepts_jobs_while_the_broker_is_down() {
     stack.stop().await;
 }
 
+/// `/health` and `/metrics` answer from the probe's last check: the same snapshot however often
+/// they are called, naming the part that is down without the server's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_metrics_answer_from_the_last_check_without_raw_errors() {
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.broker_url = "redis://:hunter2-secret@127.0.0.1:1/0".into()
+    })
+    .await;
+    let mut checked = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let response = stack.client.get("/health").dispatch().await;
+        assert_eq!(response.status(), Status::ServiceUnavailable);
+        let text = response.into_string().await.unwrap();
+        for raw in ["127.0.0.1", "hunter2", "refused", "redis"] {
+            assert!(!text.to_lowercase().contains(raw), "{raw} in {text}");
+        }
+        let health: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&health["broker"], &health["database"]),
+            (
+                &json!({"ok": false, "error": "cannot_connect"}),
+                &json!({"ok": true})
+            ),
+            "{health}"
+        );
+        checked.insert(health["checked_at"].as_str().unwrap().to_string());
+        let (status, _) = stack.get("/metrics").await;
+        assert_eq!(status, Status::Ok);
+    }
+    // 20 calls in well under the 2 s between checks: one snapshot, or two across a tick.
+    assert!((1..=2).contains(&checked.len()), "{checked:?}");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_configured_token_guards_the_job_routes_but_not_health() {
     let stack = Stack::start_with(BROKERS[1], false, |c| {
@@ -700,7 +790,17 @@ async fn a_configured_token_guards_the_job_routes_but_not_health() {
         async move { request.dispatch().await.status() }
     };
     assert_eq!(status(None).await, Status::Unauthorized);
-    assert_eq!(status(Some(bearer)).await, Status::Ok);
+    assert_eq!(status(Some(bearer.clone())).await, Status::Ok);
+    // With a credential required, curl's `-d` default type is read as JSON.
+    let form = client
+        .post("/receive")
+        .header(ContentType::Form)
+        .header(bearer)
+        .body(body)
+        .dispatch()
+        .await
+        .status();
+    assert_eq!(form, Status::Accepted);
     assert_eq!(
         client.get("/tasks").dispatch().await.status(),
         Status::Unauthorized
@@ -715,7 +815,7 @@ async fn a_jwt_signed_with_the_configured_secret_opens_the_job_routes() {
         encode, get_current_timestamp, Algorithm, EncodingKey, Header as JwtHeader,
     };
 
-    const SECRET: &str = "web-test-jwt-secret";
+    const SECRET: &str = "web-test-jwt-secret-of-32-bytes!";
     let stack = Stack::start_with(BROKERS[1], false, |c| {
         c.web_jwt_secret = Some(SECRET.into())
     })
@@ -1123,6 +1223,82 @@ async fn a_stream_ends_when_another_replica_recorded_the_final_state() {
     );
     drop(connection);
     drop(pool);
+    stack.stop().await;
+}
+
+/// Streams are bounded: `web_max_streams` open at once (503 past it, a slot freed when a
+/// stream ends), each ends after `web_stream_max_seconds` though its job is not final, and a
+/// stream opened with a JWT ends when the JWT does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_are_capped_in_number_lifetime_and_by_their_jwt() {
+    use jsonwebtoken::{encode, get_current_timestamp, EncodingKey, Header as JwtHeader};
+
+    const SECRET: &str = "web-test-jwt-secret-of-32-bytes!";
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.web_max_streams = 1;
+        c.web_stream_max_seconds = 2;
+        c.web_jwt_secret = Some(SECRET.into());
+    })
+    .await;
+    let token = |exp: u64| {
+        let claims = json!({ "exp": exp });
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let token = encode(&JwtHeader::default(), &claims, &key).unwrap();
+        Header::new("Authorization", format!("Bearer {token}"))
+    };
+    let lasting = token(get_current_timestamp() + 3600);
+    let submitted = stack
+        .client
+        .post("/receive")
+        .header(ContentType::JSON)
+        .header(lasting.clone())
+        .body(r#"{"task":"tasks.add","args":[1,2]}"#)
+        .dispatch()
+        .await;
+    let id = submitted.into_json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let open = |credential: Header<'static>| {
+        stack
+            .client
+            .get(format!("/status/{id}/stream"))
+            .header(credential)
+            .dispatch()
+    };
+    // No worker: the job stays PENDING, so only the bounds can end these streams.
+    let first = open(lasting.clone()).await;
+    assert_eq!(first.status(), Status::Ok);
+    let refused = open(lasting.clone()).await;
+    assert_eq!(refused.status(), Status::ServiceUnavailable);
+    let answer: Value = refused.into_json().await.unwrap();
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("web_max_streams"),
+        "{answer}"
+    );
+    let events = tokio::time::timeout(Duration::from_secs(10), first.into_string())
+        .await
+        .expect("the stream outlived web_stream_max_seconds")
+        .unwrap();
+    assert!(events.contains("PENDING"), "{events}");
+    // Its slot is free again. A JWT already past its exp, within the 30 s leeway, ends its
+    // stream a second after it opened: before web_stream_max_seconds.
+    let expiring = token(get_current_timestamp() - 29);
+    let opened = tokio::time::Instant::now();
+    let second = open(expiring).await;
+    assert_eq!(second.status(), Status::Ok);
+    tokio::time::timeout(Duration::from_secs(10), second.into_string())
+        .await
+        .expect("the stream outlived its JWT")
+        .unwrap();
+    assert!(
+        opened.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        opened.elapsed()
+    );
     stack.stop().await;
 }
 

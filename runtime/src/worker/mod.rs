@@ -691,6 +691,11 @@ impl Worker {
     /// children is known to have sent them. Then counts the task in its chord, if any. `false`
     /// when any of the three failed (all are tried).
     async fn succeed(&self, request: &TaskRequest, queue: &str, value: Value) -> bool {
+        // Checked before the canvas: a result too large to store is not passed on either.
+        if let Some(exc) = oversized(&value, self.config.result_max_bytes) {
+            error!(task = %request.task, id = %request.id, "task result over result_max_bytes; stored as FAILURE");
+            return Box::pin(self.fail(request, queue, exc)).await;
+        }
         let sent = match canvas::after_success(request, &value) {
             Ok(sent) => sent,
             Err(error) => {
@@ -1097,6 +1102,32 @@ fn fields(value: Value) -> Map<String, Value> {
         Value::Object(map) => map,
         _ => Map::new(),
     }
+}
+
+/// The error a result of more than `max` bytes of JSON is stored as (none when `max` is 0, no
+/// cap). Counted as it is written, without making the text.
+fn oversized(value: &Value, max: u64) -> Option<ExceptionInfo> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).ok()?;
+    (max > 0 && count.0 > max).then(|| {
+        ExceptionInfo::builtin(
+            "ValueError",
+            format!(
+                "result of {} bytes is over result_max_bytes ({max}); not stored",
+                count.0
+            ),
+        )
+    })
 }
 
 /// The traceback text stored with an exception state.

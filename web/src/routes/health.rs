@@ -1,23 +1,14 @@
-//! `GET /health`: whether the broker and the database answer (503 when either does not).
+//! `GET /health`: whether the broker and the database answered the last check (503 when either
+//! did not), from the [`Probe`]'s snapshot: no connection is taken to answer.
 
-use diesel_async::RunQueryDsl;
+use chrono::{DateTime, Utc};
 use rocket::http::Status;
 use rocket::serde::json::Json;
 use rocket::State;
-use runtime::client::Client;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::db::Pool;
-
-async fn database(pool: &Pool) -> Result<(), String> {
-    let mut connection = pool.get().await.map_err(|e| e.to_string())?;
-    diesel::sql_query("SELECT 1")
-        .execute(&mut connection)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
+use crate::probe::{Down, Probe};
 
 /// Whether the app can serve.
 #[derive(Debug, Serialize, ToSchema)]
@@ -29,17 +20,17 @@ pub enum HealthStatus {
     Unavailable,
 }
 
-/// Whether one dependency answers.
+/// Whether one dependency answered.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Check {
     pub ok: bool,
-    /// Why not, when not.
+    /// Why not, when not: a kind of failure, never the server's words (the log has those).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<Down>,
 }
 
-impl From<Result<(), String>> for Check {
-    fn from(result: Result<(), String>) -> Self {
+impl From<Result<(), Down>> for Check {
+    fn from(result: Result<(), Down>) -> Self {
         Self {
             ok: result.is_ok(),
             error: result.err(),
@@ -53,30 +44,33 @@ pub struct Health {
     pub status: HealthStatus,
     pub broker: Check,
     pub database: Check,
+    /// When both were checked (every 2 s).
+    pub checked_at: DateTime<Utc>,
 }
 
-/// `{"status": "ok"|"unavailable", "broker": {...}, "database": {...}}`.
+/// `{"status": "ok"|"unavailable", "broker": {...}, "database": {...}, "checked_at"}`.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "operations",
     responses(
-        (status = 200, description = "the broker and the database answer", body = Health),
-        (status = 503, description = "the broker or the database does not", body = Health),
+        (status = 200, description = "the broker and the database answered the last check", body = Health),
+        (status = 503, description = "the broker or the database did not", body = Health),
     ),
 )]
 #[rocket::get("/health")]
-pub async fn health(pool: &State<Pool>, client: &State<Client>) -> (Status, Json<Health>) {
-    let (broker, database) = tokio::join!(client.check(), database(pool));
-    let healthy = broker.is_ok() && database.is_ok();
+pub fn health(probe: &State<Probe>) -> (Status, Json<Health>) {
+    let snapshot = probe.snapshot();
+    let healthy = snapshot.broker.is_ok() && snapshot.database.is_ok();
     let body = Health {
         status: if healthy {
             HealthStatus::Ok
         } else {
             HealthStatus::Unavailable
         },
-        broker: broker.map_err(|e| e.to_string()).into(),
-        database: database.into(),
+        broker: snapshot.broker.into(),
+        database: snapshot.database.into(),
+        checked_at: snapshot.checked_at,
     };
     (
         if healthy {

@@ -6,17 +6,16 @@ use std::sync::Arc;
 use rocket::http::ContentType;
 use rocket::State;
 
-use crate::db::Pool;
 use crate::metrics::WebMetrics;
-use crate::store;
+use crate::probe::Probe;
 
 /// Prometheus' text format, as the worker's listener also names it.
 fn text_format() -> ContentType {
     ContentType::parse_flexible(runtime::metrics::CONTENT_TYPE).expect("a valid media type")
 }
 
-/// Every metric; the outbox backlog is counted now (a database that does not answer leaves the
-/// last count, and the scrape still succeeds).
+/// Every metric; the outbox backlog as the probe last counted it (every 2 s; a database that
+/// does not answer leaves the last count, and the scrape still succeeds).
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -25,13 +24,6 @@ fn text_format() -> ContentType {
         content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)),
 )]
 #[rocket::get("/metrics")]
-pub async fn metrics(
-    metrics: &State<Arc<WebMetrics>>,
-    pool: &State<Pool>,
-) -> (ContentType, String) {
-    let backlog = match pool.get().await {
-        Ok(mut connection) => store::awaiting_publish(&mut connection).await.ok(),
-        Err(_) => None,
-    };
-    (text_format(), metrics.render(backlog))
+pub fn metrics(metrics: &State<Arc<WebMetrics>>, probe: &State<Probe>) -> (ContentType, String) {
+    (text_format(), metrics.render(probe.snapshot().backlog))
 }

@@ -17,7 +17,7 @@ use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 use uuid::Uuid;
 
-use crate::auth::Authorized;
+use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::outbox::{self, Journal};
@@ -41,6 +41,8 @@ pub struct Accepts {
     pub body_limit: u64,
     /// Queues a job may name (`web_allowed_queues`); empty, any valid queue name.
     pub queues: BTreeSet<String>,
+    /// Bound on a workflow's steps × body bytes (`web_workflow_max_bytes`).
+    pub workflow_max_bytes: u64,
 }
 
 impl Accepts {
@@ -55,6 +57,7 @@ impl Accepts {
             default_task: config.web_default_task.clone(),
             body_limit: config.web_body_limit,
             queues: config.web_allowed_queues.iter().cloned().collect(),
+            workflow_max_bytes: config.web_workflow_max_bytes,
         }
     }
 }
@@ -408,12 +411,17 @@ fn holds_nul(value: &Value) -> bool {
     }
 }
 
-/// JSON types, or none; curl's `-d` default (`x-www-form-urlencoded`) is read as JSON too, since
-/// a form body would not parse as JSON anyway and `curl -d '{...}'` is how people call this.
-fn is_json_like(content_type: Option<&ContentType>) -> bool {
+/// Whether a body of `content_type` is read. JSON types always. With a credential required,
+/// also none and curl's `-d` default (`x-www-form-urlencoded`), since `curl -d '{...}'` is how
+/// people call this. Without one (`open`), JSON types only: a browser sends a form, or a body
+/// of no type, to any site without asking it first (no CORS preflight), so a page elsewhere
+/// could otherwise enqueue jobs here with its visitors' browsers.
+fn is_json_like(content_type: Option<&ContentType>, open: bool) -> bool {
     match content_type {
+        Some(ct) if ct.is_json() || ct.sub().as_str().ends_with("+json") => true,
+        _ if open => false,
         None => true,
-        Some(ct) => ct.is_json() || ct.sub().as_str().ends_with("+json") || ct.is_form(),
+        Some(ct) => ct.is_form(),
     }
 }
 
@@ -438,7 +446,8 @@ async fn read(
     data: Data<'_>,
     accepts: &Accepts,
 ) -> Result<Submission, Error> {
-    if !is_json_like(request.content_type()) {
+    let open = request.rocket().state::<Auth>().is_none_or(Auth::is_open);
+    if !is_json_like(request.content_type(), open) {
         let given = request
             .content_type()
             .map(ToString::to_string)
@@ -459,11 +468,24 @@ async fn read(
 }
 
 /// A `POST /receive` body read into a submission: 400 malformed JSON, 422 wrong fields or a
-/// task not accepted. Pure (no I/O): what the route does once the body is read within the limit.
+/// task not accepted, 413 a workflow whose steps × body bytes are over `web_workflow_max_bytes`
+/// (a chain passes each result on, so a body can be stored once per step). Pure (no I/O): what
+/// the route does once the body is read within the limit.
 pub fn parse_submission(body: &[u8], accepts: &Accepts) -> Result<Submission, Error> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("malformed JSON: {e}")))?;
-    Submission::from_json(value, accepts)
+    let submission = Submission::from_json(value, accepts)?;
+    if let Submission::Workflow { steps, .. } = &submission {
+        let stored = (steps.len() as u64).saturating_mul(body.len() as u64);
+        if stored > accepts.workflow_max_bytes {
+            return Err(Error::WorkflowTooLarge {
+                steps: steps.len(),
+                bytes: body.len(),
+                max: accepts.workflow_max_bytes,
+            });
+        }
+    }
+    Ok(submission)
 }
 
 /// A job accepted: its task id and where to poll it.
@@ -504,7 +526,7 @@ pub struct Accepted {
 }
 
 /// Where the job or workflow `id` is polled.
-fn status_url(id: Uuid) -> String {
+pub(crate) fn status_url(id: Uuid) -> String {
     format!("/status/{id}")
 }
 
@@ -551,8 +573,9 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
     tag = "jobs",
     request_body(
         content = Submission,
-        description = "`Content-Type` `application/json`, any `+json` type, none, or curl's form \
-            default (read as JSON too); at most `web_body_limit` bytes",
+        description = "`Content-Type` `application/json` or any `+json` type; when a bearer \
+            token is required, also none or curl's form default (read as JSON too); at most \
+            `web_body_limit` bytes",
     ),
     responses(
         (status = 202, description = "recorded (durable from now on) and published, or left to \
@@ -560,8 +583,10 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
             headers(("Location" = String, description = "the `status_url`"))),
         (status = 400, description = "malformed JSON", body = ErrorBody),
         (status = 401, response = Unauthorized),
-        (status = 413, description = "the body is over `web_body_limit`", body = ErrorBody),
-        (status = 415, description = "the body is not JSON", body = ErrorBody),
+        (status = 413, description = "the body is over `web_body_limit`, or a workflow's steps \
+            × body bytes are over `web_workflow_max_bytes`", body = ErrorBody),
+        (status = 415, description = "the body is not JSON, or, with no bearer token \
+            required, not typed as JSON", body = ErrorBody),
         (status = 422, description = "a task call or workflow with wrong fields, a task not \
             accepted, or a queue that does not exist while `task_create_missing_queues` is \
             false", body = ErrorBody),
@@ -708,6 +733,7 @@ mod tests {
             default_task: "tasks.echo".into(),
             body_limit: 1024,
             queues: BTreeSet::new(),
+            workflow_max_bytes: 4096,
         }
     }
 
@@ -728,6 +754,30 @@ mod tests {
             assert_eq!(error.status(), Status::UnprocessableEntity, "{task}");
             assert_eq!(error.to_string(), format!("unknown task `{task}`"));
         }
+    }
+
+    #[test]
+    fn a_workflow_is_bounded_by_its_steps_times_its_body() {
+        let chain = |steps: usize, pad: usize| {
+            let step = json!({"task": "tasks.add", "args": ["x".repeat(pad)]});
+            serde_json::to_vec(&json!({ "chain": vec![step; steps] })).unwrap()
+        };
+        // 2 steps of a body under 2,048 bytes pass; 4 steps of the same body do not.
+        let body = chain(2, 900);
+        assert!(body.len() <= 2048, "{}", body.len());
+        assert!(parse_submission(&body, &accepts()).is_ok());
+        let body = chain(4, 900);
+        let error = parse_submission(&body, &accepts()).unwrap_err();
+        assert_eq!(error.status(), Status::PayloadTooLarge);
+        assert!(
+            error
+                .to_string()
+                .contains("over web_workflow_max_bytes (4096)"),
+            "{error}"
+        );
+        // A lone job is bounded by web_body_limit alone.
+        let job = serde_json::to_vec(&json!({"task": "tasks.add", "args": ["x".repeat(900)]}));
+        assert!(parse_submission(&job.unwrap(), &accepts()).is_ok());
     }
 
     #[test]

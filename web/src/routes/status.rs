@@ -1,7 +1,14 @@
 //! `GET /status/<uuid>`: a job's state, progress, result or error, times and worker; or, for a
 //! workflow's id, what the workflow amounts to and each of its steps.
+//!
+//! A view reads only the columns it shows. Results are read last, and only as many as fit in
+//! [`AnswerBudget`]: a workflow's (or a `/tasks` page's) other results are linked to their
+//! job's own status instead, so no answer grows with the size of what its jobs returned.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use diesel_async::AsyncPgConnection;
 use rocket::serde::json::Json;
 use rocket::State;
 use runtime::protocol::result::state;
@@ -13,8 +20,14 @@ use uuid::Uuid;
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
-use crate::store::{self, Job};
-use crate::workflow::{self, Kind};
+use crate::routes::receive::status_url;
+use crate::store::{self, Shown};
+use crate::workflow::{self, Kind, Step};
+
+/// Bytes of results one answer of a workflow's steps or of `/tasks` inlines
+/// (`web_answer_max_bytes`); a job's own status always carries its result.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerBudget(pub u64);
 
 /// Progress of a running job (what its last custom state reported), or of a workflow (steps
 /// ended of all).
@@ -53,9 +66,18 @@ pub struct JobView {
     /// While a custom state reports `current` and `total`.
     #[schema(required = true)]
     pub progress: Option<Progress>,
-    /// The task's return value, once SUCCESS.
+    /// The task's return value, once SUCCESS; null in a longer answer that had no room for
+    /// it (see `result_truncated`).
     #[schema(required = true)]
     pub result: Option<Value>,
+    /// When this answer left the result out for its size (`web_answer_max_bytes`): the job's
+    /// `status_url`, whose answer carries it.
+    #[schema(
+        required = true,
+        example = "/status/f4d39611-b181-4004-85fd-6208e91cb392"
+    )]
+    pub result_truncated: Option<String>,
+    /// The exception's message is cut at 4,096 characters.
     #[schema(required = true)]
     pub error: Option<JobError>,
     /// The worker's hostname, once one reported.
@@ -83,9 +105,13 @@ pub struct WorkflowView {
     #[schema(example = "SUCCESS")]
     pub state: String,
     pub progress: Progress,
-    /// A chain's last result, a group's list of results.
+    /// A chain's last result, a group's list of results; null when a step's result is left
+    /// out for its size (see `result_truncated`).
     #[schema(required = true)]
     pub result: Option<Value>,
+    /// True when `result` is left out because a step's result is (`result_truncated` of
+    /// the children): read it from that step's status.
+    pub result_truncated: bool,
     /// The failed step's error; while nothing has run, why a message is not published yet.
     #[schema(required = true)]
     pub error: Option<JobError>,
@@ -97,15 +123,29 @@ pub struct WorkflowView {
 }
 
 impl WorkflowView {
-    /// The view of workflow `id` of `kind`, from its steps in order (at least one).
-    fn new(id: Uuid, kind: Kind, steps: Vec<Job>) -> Self {
-        let outcome = workflow::outcome(kind, &steps);
+    /// The view of workflow `id` of `kind`, from its steps in order (at least one) and the
+    /// results the answer has room for, by task id.
+    fn new(id: Uuid, kind: Kind, steps: Vec<Shown>, mut results: HashMap<Uuid, Value>) -> Self {
         let created_at = steps
             .iter()
             .map(|job| job.created_at)
             .min()
             .unwrap_or_default();
-        let children: Vec<JobView> = steps.into_iter().map(JobView::from).collect();
+        let children: Vec<JobView> = steps
+            .into_iter()
+            .map(|row| {
+                let result = results.remove(&row.task_id);
+                JobView::new(row, result)
+            })
+            .collect();
+        let outcome = workflow::outcome(
+            kind,
+            &children.iter().map(JobView::step).collect::<Vec<_>>(),
+        );
+        let result_truncated = outcome.result.is_some()
+            && children[workflow::result_steps(kind, children.len())]
+                .iter()
+                .any(|child| child.result_truncated.is_some());
         // The failed step's error; else, while nothing has run, why the first message is not
         // published yet.
         let error = match outcome.failed_step {
@@ -120,7 +160,8 @@ impl WorkflowView {
             workflow: kind,
             state: outcome.state,
             progress: Progress::new(outcome.done as i64, children.len() as i64),
-            result: outcome.result,
+            result: outcome.result.filter(|_| !result_truncated),
+            result_truncated,
             error,
             created_at,
             finished_at: outcome.finished_at,
@@ -153,8 +194,10 @@ impl Progress {
     }
 }
 
-impl From<Job> for JobView {
-    fn from(job: Job) -> Self {
+impl JobView {
+    /// The view of `job` with its `result` when the answer holds it: a result the row has
+    /// and the answer does not is linked.
+    pub fn new(job: Shown, result: Option<Value>) -> Self {
         let progress = match (job.progress_current, job.progress_total) {
             (Some(current), Some(total)) => Some(Progress::new(current, total)),
             _ => None,
@@ -175,7 +218,9 @@ impl From<Job> for JobView {
             task: job.task_name,
             state: job.state,
             progress,
-            result: job.result,
+            result_truncated: (job.result_bytes.is_some() && result.is_none())
+                .then(|| status_url(job.task_id)),
+            result,
             error,
             worker: job.worker,
             retries: job.retries,
@@ -183,6 +228,15 @@ impl From<Job> for JobView {
             started_at: job.started_at,
             finished_at: job.finished_at,
             workflow_id: job.workflow_id,
+        }
+    }
+
+    /// What a workflow's outcome reads of this step.
+    fn step(&self) -> Step {
+        Step {
+            state: self.state.clone(),
+            result: self.result.clone(),
+            finished_at: self.finished_at,
         }
     }
 }
@@ -215,11 +269,53 @@ pub fn parse_id(id: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(id).map_err(|_| Error::BadRequest(format!("{id:?} is not a task id (UUID)")))
 }
 
+/// The rows of `rows` whose results fit in `budget` bytes, in order, each result counted
+/// `weight(index)` times (as often as the answer shows it); a result too large for what is
+/// left is skipped and a later, smaller one may still fit.
+pub fn within_budget(rows: &[Shown], budget: u64, weight: impl Fn(usize) -> u64) -> Vec<Uuid> {
+    let mut left = budget;
+    rows.iter()
+        .enumerate()
+        .filter_map(|(index, row)| {
+            let bytes = u64::try_from(row.result_bytes?).unwrap_or(0);
+            let cost = bytes.saturating_mul(weight(index));
+            (cost <= left).then(|| {
+                left -= cost;
+                row.task_id
+            })
+        })
+        .collect()
+}
+
+/// The results of `rows` that fit in `budget` (see [`within_budget`]), by task id.
+pub async fn results_within(
+    connection: &mut AsyncPgConnection,
+    rows: &[Shown],
+    budget: u64,
+    weight: impl Fn(usize) -> u64,
+) -> Result<HashMap<Uuid, Value>, Error> {
+    let ids = within_budget(rows, budget, weight);
+    Ok(store::results(connection, &ids)
+        .await?
+        .into_iter()
+        .filter_map(|(id, result)| Some((id, result?)))
+        .collect())
+}
+
 /// The view of the job with task id `id`, or of the workflow with that id; 404 when neither.
-pub async fn view(pool: &Pool, id: Uuid) -> Result<StatusView, Error> {
+/// A job's own view carries its result whatever its size (longer answers link to it); a
+/// workflow's carries what fits in `budget`.
+pub async fn view(pool: &Pool, id: Uuid, budget: AnswerBudget) -> Result<StatusView, Error> {
     let mut connection = pool.get().await?;
-    if let Some(job) = store::find(&mut connection, id).await? {
-        return Ok(StatusView::Job(job.into()));
+    if let Some(job) = store::shown(&mut connection, id).await? {
+        let result = match job.result_bytes {
+            Some(_) => store::results(&mut connection, &[id]).await?.pop(),
+            None => None,
+        };
+        return Ok(StatusView::Job(JobView::new(
+            job,
+            result.and_then(|(_, result)| result),
+        )));
     }
     let steps = store::workflow(&mut connection, id).await?;
     let kind = steps
@@ -227,7 +323,21 @@ pub async fn view(pool: &Pool, id: Uuid) -> Result<StatusView, Error> {
         .and_then(|step| step.workflow_kind.as_deref())
         .and_then(Kind::from_name)
         .ok_or_else(|| Error::NotFound(id.to_string()))?;
-    Ok(StatusView::Workflow(WorkflowView::new(id, kind, steps)))
+    // A succeeded workflow shows the results that make its own twice: in its `result` and in
+    // their step's view.
+    let succeeded = steps.iter().all(|step| step.state == state::SUCCESS);
+    let doubled = workflow::result_steps(kind, steps.len());
+    let weight = |index| {
+        if succeeded && doubled.contains(&index) {
+            2
+        } else {
+            1
+        }
+    };
+    let results = results_within(&mut connection, &steps, budget.0, weight).await?;
+    Ok(StatusView::Workflow(WorkflowView::new(
+        id, kind, steps, results,
+    )))
 }
 
 /// The job with this task id, or the workflow with this id.
@@ -250,6 +360,7 @@ pub async fn status(
     _auth: Authorized,
     id: &str,
     pool: &State<Pool>,
+    budget: &State<AnswerBudget>,
 ) -> Result<Json<StatusView>, Error> {
-    Ok(Json(view(pool, parse_id(id)?).await?))
+    Ok(Json(view(pool, parse_id(id)?, *budget.inner()).await?))
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::status::JobView;
+use super::status::{results_within, AnswerBudget, JobView};
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
@@ -81,6 +81,7 @@ pub async fn list(
     limit: Option<&str>,
     cursor: Option<&str>,
     pool: &State<Pool>,
+    budget: &State<AnswerBudget>,
 ) -> Result<Json<TaskPage>, Error> {
     let limit = match limit {
         None => DEFAULT_LIMIT,
@@ -116,8 +117,15 @@ pub async fn list(
             })
         })
     });
+    let mut results = results_within(&mut connection, &jobs, budget.0, |_| 1).await?;
     Ok(Json(TaskPage {
-        tasks: jobs.into_iter().map(JobView::from).collect(),
+        tasks: jobs
+            .into_iter()
+            .map(|job| {
+                let result = results.remove(&job.task_id);
+                JobView::new(job, result)
+            })
+            .collect(),
         next_cursor: next.flatten(),
     }))
 }
