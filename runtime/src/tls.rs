@@ -10,7 +10,6 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -129,15 +128,11 @@ pub(crate) fn redis_client(
             *insecure = true;
         }
     }
-    // Given a root file, redis trusts only it: hand it the system's roots and the CA file
-    // together, so that adding a CA keeps the public roots as the AMQP side does.
+    // Given a root file, redis trusts it alone, as the AMQP side ([`roots`]) does.
     let root_cert = match &options.ca_certs {
         Some(path) => {
-            let mut pem = read(path, "ca_certs")?;
+            let pem = read(path, "ca_certs")?;
             ca_certificates(path, &pem)?;
-            for cert in native_roots() {
-                pem.extend(pem_of(&cert).into_bytes());
-            }
             Some(pem)
         }
         None => None,
@@ -158,12 +153,16 @@ pub(crate) fn redis_client(
     )?)
 }
 
-/// The system's roots, plus the certificates of `ca_certs` when it is given: the same trust as
-/// the Redis side's (and redis-py's), so one `ca_certs` means one thing on both brokers.
+/// The certificates of `ca_certs` alone when it is given (a private broker's CA: a certificate
+/// any public CA signed is not the broker's, as py-amqp trusts it), else the system's roots.
+/// The Redis side is given the same file alone ([`redis_client`]), so one `ca_certs` means one
+/// thing on both brokers.
 fn roots(ca_certs: Option<&Path>) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
-    // Unparsable system certificates are skipped, as every TLS client does.
-    let _ = store.add_parsable_certificates(native_roots());
+    if ca_certs.is_none() {
+        // Unparsable system certificates are skipped, as every TLS client does.
+        let _ = store.add_parsable_certificates(native_roots());
+    }
     if let Some(path) = ca_certs {
         let pem = read(path, "ca_certs")?;
         for cert in ca_certificates(path, &pem)? {
@@ -222,20 +221,6 @@ fn identity(
 fn read(path: &Path, setting: &str) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| Error::Tls(format!("cannot read {setting} {}: {e}", path.display())))
-}
-
-/// `cert` as a PEM block.
-fn pem_of(cert: &CertificateDer<'_>) -> String {
-    let body = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|line| std::str::from_utf8(line).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 /// `CERT_NONE`: any certificate is accepted, though the handshake's signatures are still
@@ -353,28 +338,19 @@ mod tests {
     }
 
     #[test]
-    fn ca_certs_adds_a_ca_to_the_system_roots_on_amqp_as_on_redis() {
+    fn a_given_ca_certs_is_trusted_alone() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = params.self_signed(&key).unwrap();
         let path = std::env::temp_dir().join(format!("rcelery-ca-{}.pem", std::process::id()));
         std::fs::write(&path, ca.pem()).unwrap();
-        let system = roots(None).unwrap();
-        let with_ca = roots(Some(&path)).unwrap();
+        let with_ca = roots(Some(&path));
         std::fs::remove_file(&path).unwrap();
-        assert!(!system.is_empty(), "this machine has system roots");
-        assert_eq!(with_ca.len(), system.len() + 1);
-    }
-
-    #[test]
-    fn pem_blocks_round_trip() {
-        let der = CertificateDer::from((0..=255u8).cycle().take(1000).collect::<Vec<_>>());
-        let pem = pem_of(&der);
-        assert!(pem.lines().all(|line| line.len() <= 64));
-        let back: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_bytes()))
-            .collect::<std::result::Result<_, _>>()
-            .unwrap();
-        assert_eq!(back, [der]);
+        assert_eq!(
+            with_ca.unwrap().len(),
+            1,
+            "the CA file's one certificate, no system root"
+        );
     }
 }
