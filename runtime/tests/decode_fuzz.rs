@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use runtime::protocol::envelope;
+use runtime::protocol::message::TASK_HEADERS;
 use runtime::protocol::{Message, Properties, TaskRequest};
 use serde_json::{json, Map, Value};
 
@@ -27,21 +28,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 /// Headers close to Celery's, with any values, so decoding gets past the first checks.
 fn headers() -> impl Strategy<Value = Map<String, Value>> {
-    let names = prop::sample::select(vec![
-        "task",
-        "id",
-        "eta",
-        "expires",
-        "retries",
-        "timelimit",
-        "group",
-        "group_index",
-        "root_id",
-        "parent_id",
-        "ignore_result",
-        "origin",
-        "compression",
-    ]);
+    let names = prop::sample::select(TASK_HEADERS);
     prop::collection::btree_map(names, json_value(), 0..8)
         .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }

@@ -10,6 +10,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use runtime::broker::{self, Exchange, Subscription};
 use runtime::client::Client;
+use runtime::protocol::message::TASK_HEADERS;
 use runtime::protocol::{Message, Properties, TaskRequest};
 use runtime::worker::Worker;
 use runtime::CeleryConfig;
@@ -74,22 +75,14 @@ fn task_name() -> impl Strategy<Value = Value> {
 /// A Celery task message with some of its headers replaced by anything, its body by anything
 /// or by a mutation of a valid one, and any content type.
 fn message() -> impl Strategy<Value = Message> {
-    let names = prop::sample::select(vec![
-        "id",
-        "eta",
-        "expires",
-        "retries",
-        "timelimit",
-        "group",
-        "group_index",
-        "root_id",
-        "parent_id",
-        "ignore_result",
-        "compression",
-        "stamps",
-        "chord",
-        "callbacks",
-    ]);
+    // The headers the decoder reads, and those of canvas and stamping it carries on.
+    let names = prop::sample::select(
+        TASK_HEADERS
+            .iter()
+            .chain(&["stamps", "chord", "callbacks"])
+            .copied()
+            .collect::<Vec<_>>(),
+    );
     let bodies = prop_oneof![
         json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
         (json_value(), json_value(), json_value())

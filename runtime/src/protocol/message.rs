@@ -131,8 +131,9 @@ pub struct TaskRequest {
     pub extra_headers: Map<String, Value>,
 }
 
-/// Headers this module reads or writes itself; the rest are carried as `extra_headers`.
-const TASK_HEADERS: &[&str] = &[
+/// Headers this module reads or writes itself; the rest are carried as `extra_headers` (the
+/// fuzzers pick from these, so that what they send gets past the first checks).
+pub const TASK_HEADERS: &[&str] = &[
     "compression",
     "lang",
     "task",
