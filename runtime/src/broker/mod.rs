@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod declaration;
 pub mod delayed;
 pub mod failover;
+pub mod fields;
 pub mod redis;
 pub mod remembered;
 
