@@ -64,7 +64,9 @@ CONCURRENCY = 8
 KILL_EVERY = 3.0  # seconds between SIGKILLs
 CUT_EVERY = 7.0  # seconds between connection cuts
 PUBLISH_SECONDS = max(15.0, CHAOS_TASKS / 400)  # the publisher's pace, so chaos meets a live stream
-POSTGRES_OUTAGE = 2.0  # seconds the web app's PostgreSQL stays down
+# Seconds the web app's PostgreSQL stays down: long enough for /health, which answers from a
+# check made every 2 s (web/src/probe.rs), to have seen it.
+POSTGRES_OUTAGE = 4.0
 VISIBILITY_TIMEOUT = 10  # Redis: a killed worker's unacked messages come back after this
 BROKER_DB, RESULTS_DB = 14, 13  # Redis databases of this test alone
 FINISH_TIMEOUT = 120.0 + CHAOS_TASKS / 50  # for every task to end once publishing is over
@@ -181,14 +183,19 @@ class WebBurst:
                  describe="a third of the web jobs to be accepted")
         self.outage = Disruption(time.time(), 0.0, "postgres")
         self.postgres.stop("fast")
+        ends = time.monotonic() + POSTGRES_OUTAGE
         try:
-            time.sleep(POSTGRES_OUTAGE / 2)
-            conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            self.health_in_outage = (response.status, json.loads(response.read()))
-            conn.close()
-            time.sleep(POSTGRES_OUTAGE / 2)
+            # /health tells the outage once the probe's next check has met it.
+            while True:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+                conn.request("GET", "/health")
+                response = conn.getresponse()
+                self.health_in_outage = (response.status, json.loads(response.read()))
+                conn.close()
+                if response.status == 503 or time.monotonic() > ends - 0.5:
+                    break
+                time.sleep(0.1)
+            time.sleep(max(0.0, ends - time.monotonic()))
         finally:
             self.postgres.start()
             self.outage.until = time.time()
