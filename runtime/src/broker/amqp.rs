@@ -39,8 +39,6 @@ pub struct AmqpBroker {
     topology: Topology,
     /// Whether native delayed delivery's topology is in place, made once per connection.
     delay_topology: tokio::sync::OnceCell<bool>,
-    /// Queues whose ETA messages wait in the delay queues: they are bound to the end of them.
-    delayed: std::sync::Mutex<HashSet<String>>,
     declared_exchanges: Mutex<HashSet<&'static str>>,
 }
 
@@ -76,7 +74,6 @@ impl AmqpBroker {
             declared: std::sync::Mutex::default(),
             topology,
             delay_topology: tokio::sync::OnceCell::new(),
-            delayed: std::sync::Mutex::new(HashSet::new()),
             declared_exchanges: Mutex::new(HashSet::new()),
         })
     }
@@ -167,10 +164,6 @@ impl AmqpBroker {
         }
         let _ = channel.close(200, "bound").await;
         tracing::debug!(%queue, exchange_type = %declaration.exchange_type, "ETA messages wait in the delay queues");
-        self.delayed
-            .lock()
-            .expect("delayed lock")
-            .insert(queue.to_string());
         Ok(())
     }
 
@@ -196,14 +189,18 @@ impl AmqpBroker {
         exists
     }
 
-    /// Where `message` for `queue` is published: through the delay queues when its ETA is at
-    /// least a second away and the queue waits there, else straight to the queue.
-    fn route(&self, queue: &str, message: &Message) -> (&'static str, String) {
-        let delayed = self
-            .delayed
-            .lock()
-            .expect("delayed lock")
-            .contains(queue)
+    /// Where `message` for `queue`, declared as `declaration`, is published: through the delay
+    /// queues when its ETA is at least a second away and the queue waits there (it was bound to
+    /// them when it was ensured, once the delay topology was in place), else straight to it.
+    fn route(
+        &self,
+        queue: &str,
+        declaration: &Declaration,
+        message: &Message,
+    ) -> (&'static str, String) {
+        let waits_there =
+            self.topology.delays_natively(declaration) && self.delay_topology.get() == Some(&true);
+        let delayed = waits_there
             .then(|| message.eta())
             .flatten()
             .and_then(|eta| {
@@ -356,8 +353,8 @@ impl AmqpBroker {
 #[async_trait]
 impl Broker for AmqpBroker {
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
-        self.ensure_queue(queue).await?;
-        let (exchange, routing_key) = self.route(queue, message);
+        let declaration = self.ensure_queue(queue).await?;
+        let (exchange, routing_key) = self.route(queue, &declaration, message);
         let confirm = self
             .publisher
             .basic_publish(
