@@ -109,6 +109,13 @@ async fn placeholder_redis() -> Result<String> {
         .cloned()
 }
 
+/// One queue's consumer: a task passing what the broker delivers on to the worker.
+struct Consumer {
+    /// Stops it; it gives back what it fetched and did not pass on, then ends.
+    stop: CancellationToken,
+    forwarding: tokio::task::JoinHandle<()>,
+}
+
 /// One worker node.
 pub struct Worker {
     app: Arc<Celery>,
@@ -125,7 +132,7 @@ pub struct Worker {
     metrics: Arc<WorkerMetrics>,
     /// One consumer per queue, each feeding `deliveries`; `add_consumer`/`cancel_consumer`
     /// change the set while the worker runs.
-    consumers: Mutex<BTreeMap<String, CancellationToken>>,
+    consumers: Mutex<BTreeMap<String, Consumer>>,
     deliveries: mpsc::Sender<Delivery>,
     received: Mutex<Option<mpsc::Receiver<Delivery>>>,
     /// Cancelled when a consumer's broker connection is lost.
@@ -270,12 +277,20 @@ impl Worker {
             .consume(&[queue.to_string()], self.prefetch())
             .await?;
         let cancel = CancellationToken::new();
-        consumers.insert(queue.to_string(), cancel.clone());
+        let stop = cancel.clone();
         let worker = self.clone();
-        tokio::spawn(async move {
+        let forwarding = tokio::spawn(async move {
             loop {
                 let delivery = tokio::select! {
-                    () = cancel.cancelled() => break,
+                    () = cancel.cancelled() => {
+                        // Fetched ahead but not passed on: dropped here, a Redis message would
+                        // wait out its visibility timeout in `unacked` before anyone could run it.
+                        incoming.close();
+                        while let Some(unwanted) = incoming.recv().await {
+                            broker::give_back(unwanted).await;
+                        }
+                        break;
+                    }
                     delivery = incoming.recv() => delivery,
                 };
                 let Some(delivery) = delivery else {
@@ -289,14 +304,15 @@ impl Worker {
                 }
             }
         });
+        consumers.insert(queue.to_string(), Consumer { stop, forwarding });
         Ok(true)
     }
 
     /// Stops consuming `queue`; `false` if it was not consumed.
     async fn cancel_consumer(&self, queue: &str) -> bool {
         match self.consumers.lock().await.remove(queue) {
-            Some(cancel) => {
-                cancel.cancel();
+            Some(consumer) => {
+                consumer.stop.cancel();
                 true
             }
             None => false,
@@ -382,11 +398,19 @@ impl Worker {
                 }
             }
         };
-        for (_, cancel) in std::mem::take(&mut *worker.consumers.lock().await) {
-            cancel.cancel();
+        let consumers = std::mem::take(&mut *worker.consumers.lock().await);
+        for consumer in consumers.values() {
+            consumer.stop.cancel();
         }
-        // What was fetched but not yet handled goes back to the broker.
+        // What was fetched but not yet handled goes back to the broker: closing `deliveries`
+        // first lets a consumer blocked on a full channel give its message back, and waiting
+        // for every consumer means none is still holding one when the process exits.
         deliveries.close();
+        for (queue, consumer) in consumers {
+            if let Err(error) = consumer.forwarding.await {
+                error!(%queue, %error, "consumer failed while stopping");
+            }
+        }
         while let Some(unwanted) = deliveries.recv().await {
             broker::give_back(unwanted).await;
         }
