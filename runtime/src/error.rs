@@ -54,6 +54,10 @@ pub enum Error {
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// A local resource (a listening socket, the async runtime's threads) is not to be had.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+
     /// The broker did not confirm a publish.
     #[error("broker did not confirm the publish of task {0}")]
     NotConfirmed(String),

@@ -1,0 +1,18 @@
+//! The tasks of Celery's own integration suite (`t/integration/tasks.py` in the `celery` sdist),
+//! in Rust, under the names the suite calls them by, so the suite runs against our worker
+//! (`make celery-suite`). What a task does follows the Python original; a task the suite needs
+//! that Rust cannot express is left out, with the reason, in `not_run.toml`.
+//!
+//! These are the suite's tasks, not the product's: the product's own tasks live in `tasks/`.
+
+// The crate's macro implements `Task` inside a const block, which this lint flags.
+#![allow(non_local_definitions)]
+
+mod arithmetic;
+
+use runtime::registry::Registry;
+
+/// Every ported task.
+pub fn registry() -> Registry {
+    arithmetic::register(Registry::new())
+}
