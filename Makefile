@@ -4,7 +4,7 @@ export PYTHON
 
 BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: services cluster cluster-stop venv build release run migrate test fuzz chaos bench bench-quick profile fmt lint clean
+.PHONY: services cluster cluster-stop venv build release run migrate test celery-suite fuzz chaos bench bench-quick profile fmt lint clean
 
 services:
 	bash scripts/services.sh
@@ -18,7 +18,7 @@ cluster-stop:
 	bash scripts/cluster.sh stop
 
 venv:
-	bash scripts/venv.sh
+	bash scripts/venv.sh conformance/requirements.txt
 
 build:
 	$(CARGO) build --workspace --bins
@@ -38,6 +38,17 @@ test: services venv
 	$(CARGO) test --workspace
 	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
+	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/python conformance/suite/run.py --broker redis \
+		--file test_inspect.py --file test_tasks.py
+
+# Celery's own integration suite (t/integration of the celery sdist the venv pins) against our
+# worker, on both brokers, with no Python worker: prints pytest's summary per broker and writes
+# every test's outcome to conformance/RESULTS.md. make test runs test_inspect and test_tasks
+# of it on Redis.
+celery-suite: services venv
+	$(CARGO) build -p conformance
+	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/python conformance/suite/run.py \
+		--results conformance/RESULTS.md
 
 # Property-based fuzzing of the wire decoders, the dispatcher (random and mutated task messages
 # through a real worker on both brokers, which must still answer ping and run a task) and the
