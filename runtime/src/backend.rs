@@ -78,7 +78,15 @@ impl RedisBackend {
             return Ok(None);
         };
         let ssl = config.redis_backend_use_ssl.as_ref();
-        match config.backend_sentinel()? {
+        let options = &config.result_backend_transport_options;
+        let sentinel = crate::sentinel::of(
+            url,
+            "result_backend",
+            options.master_name.as_deref(),
+            options.sentinel_kwargs.as_ref(),
+            ssl,
+        )?;
+        match sentinel {
             Some(sentinel) => {
                 let client = sentinel.master().await?;
                 Ok(Some(
@@ -95,7 +103,7 @@ impl RedisBackend {
         let client = crate::tls::redis_open(url, ssl)?;
         // The connection manager retries a failed first connect for minutes; a refused TLS
         // handshake will not heal, so it is tried once first and reported at once.
-        if crate::tls::is_tls_url(url) {
+        if crate::urls::is_tls_url(url) {
             if let Err(error) = client.get_multiplexed_async_connection().await {
                 if crate::tls::lasting(&error) {
                     return Err(error.into());

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::schedule::BeatEntry;
+use crate::urls::{
+    failover_urls, is_sentinel_url, is_tls_url, redact_url, BrokerKind, SentinelList,
+};
 
 /// Where a task goes when the sender names no queue: `"queue"` or `{ queue = "..." }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -163,33 +167,6 @@ impl SslOptions {
 pub struct TaskAnnotation {
     /// `"10/s"`, `"100/m"`, `"1000/h"`: task starts allowed per unit of time on one worker.
     pub rate_limit: Option<String>,
-}
-
-/// One periodic task of `beat_schedule`: what to send and when (every `schedule` seconds, or
-/// at the times a `crontab` expression names, in UTC).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BeatEntry {
-    /// Task name.
-    pub task: String,
-    /// Seconds between runs.
-    #[serde(default)]
-    pub schedule: Option<f64>,
-    /// `minute hour day-of-month month day-of-week`, as Celery's `crontab()` takes them.
-    #[serde(default)]
-    pub crontab: Option<String>,
-    /// Positional arguments.
-    #[serde(default)]
-    pub args: Vec<serde_json::Value>,
-    /// Keyword arguments.
-    #[serde(default)]
-    pub kwargs: serde_json::Map<String, serde_json::Value>,
-    /// Queue to send to (default: the task's route).
-    #[serde(default)]
-    pub queue: Option<String>,
-    /// Seconds after which a sent run is discarded if not started.
-    #[serde(default)]
-    pub expires: Option<f64>,
 }
 
 /// Every setting the worker, the client and the web app read.
@@ -431,10 +408,10 @@ impl CeleryConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let brokers = crate::broker::failover::urls(&self.broker_url);
+        let brokers = failover_urls(&self.broker_url);
         let mut kinds = brokers
             .iter()
-            .map(|url| crate::broker::BrokerKind::of(url))
+            .map(|url| BrokerKind::of(url))
             .collect::<Result<Vec<_>>>()?;
         kinds.dedup();
         match kinds.len() {
@@ -447,11 +424,14 @@ impl CeleryConfig {
                 )))
             }
         }
-        self.broker_sentinel()?;
+        if is_sentinel_url(&self.broker_url) {
+            let master_name = self.broker_transport_options.master_name.as_deref();
+            SentinelList::parse(&self.broker_url, "broker_url", master_name)?;
+        }
         if let Some(url) = &self.result_backend {
             if !(url.starts_with("redis://")
                 || url.starts_with("rediss://")
-                || crate::sentinel::is_sentinel_url(url))
+                || is_sentinel_url(url))
             {
                 return Err(Error::Config(format!(
                     "result_backend {} is not supported: use redis://",
@@ -459,7 +439,14 @@ impl CeleryConfig {
                 )));
             }
         }
-        self.backend_sentinel()?;
+        if let Some(url) = self
+            .result_backend
+            .as_deref()
+            .filter(|url| is_sentinel_url(url))
+        {
+            let master_name = self.result_backend_transport_options.master_name.as_deref();
+            SentinelList::parse(url, "result_backend", master_name)?;
+        }
         // Celery would turn TLS on for a plain URL here; we ask for the URL to say so, so that
         // reading `broker_url` alone tells whether the traffic is encrypted. A Sentinel list has
         // no TLS form of its own: there, as in kombu, the setting alone asks for TLS.
@@ -467,7 +454,7 @@ impl CeleryConfig {
             ssl.validate("broker_use_ssl")?;
             if !brokers
                 .iter()
-                .all(|url| crate::tls::is_tls_url(url) || crate::sentinel::is_sentinel_url(url))
+                .all(|url| is_tls_url(url) || is_sentinel_url(url))
             {
                 return Err(Error::Config(format!(
                     "broker_use_ssl is set but broker_url {} is not amqps://, rediss:// or sentinel://",
@@ -477,9 +464,11 @@ impl CeleryConfig {
         }
         if let Some(ssl) = &self.redis_backend_use_ssl {
             ssl.validate("redis_backend_use_ssl")?;
-            if !self.result_backend.as_deref().is_some_and(|url| {
-                crate::tls::is_tls_url(url) || crate::sentinel::is_sentinel_url(url)
-            }) {
+            if !self
+                .result_backend
+                .as_deref()
+                .is_some_and(|url| is_tls_url(url) || is_sentinel_url(url))
+            {
                 return Err(Error::Config(
                     "redis_backend_use_ssl is set but result_backend is not rediss:// or sentinel://"
                         .into(),
@@ -502,7 +491,7 @@ impl CeleryConfig {
             }
         }
         for (name, entry) in &self.beat_schedule {
-            crate::beat::Schedule::of(entry)
+            crate::schedule::Schedule::of(entry)
                 .map_err(|reason| Error::Config(format!("beat_schedule {name}: {reason}")))?;
         }
         if self.web_stream_max_seconds == 0 {
@@ -549,33 +538,6 @@ impl CeleryConfig {
             return Err(Error::Config("web_auth_token must not be empty".into()));
         }
         Ok(())
-    }
-
-    /// The sentinels of a `sentinel://` `broker_url`, else `None`.
-    pub fn broker_sentinel(&self) -> Result<Option<crate::sentinel::Sentinel>> {
-        let options = &self.broker_transport_options;
-        crate::sentinel::of(
-            &self.broker_url,
-            "broker_url",
-            options.master_name.as_deref(),
-            options.sentinel_kwargs.as_ref(),
-            self.broker_use_ssl.as_ref(),
-        )
-    }
-
-    /// The sentinels of a `sentinel://` `result_backend`, else `None`.
-    pub fn backend_sentinel(&self) -> Result<Option<crate::sentinel::Sentinel>> {
-        let Some(url) = &self.result_backend else {
-            return Ok(None);
-        };
-        let options = &self.result_backend_transport_options;
-        crate::sentinel::of(
-            url,
-            "result_backend",
-            options.master_name.as_deref(),
-            options.sentinel_kwargs.as_ref(),
-            self.redis_backend_use_ssl.as_ref(),
-        )
     }
 
     /// Concurrency with 0 resolved to the number of CPUs.
@@ -672,38 +634,6 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
                 .any(|i| glob_match(rest, &tail[i..]))
         }
     }
-}
-
-/// What [`redact_url`] shows for a URL it cannot read.
-pub const UNREADABLE_URL: &str = "<unparseable URL>";
-
-/// `scheme://user:secret@host` → `scheme://user:********@host`, each URL of a `;`-separated
-/// failover list alike; URLs without a password unchanged. Fails closed: what does not parse
-/// as a URL is shown as [`UNREADABLE_URL`] (it may be a DSN with a password in another form),
-/// unless it is a failover list's bare `host[:port]`, which has no room for one.
-pub fn redact_url(url: &str) -> String {
-    url.split(';')
-        .map(|one| match url::Url::parse(one.trim()) {
-            Ok(mut parsed) if parsed.password().is_some() => {
-                if parsed.set_password(Some("********")).is_err() {
-                    return UNREADABLE_URL.to_string();
-                }
-                parsed.to_string()
-            }
-            Ok(_) => one.to_string(),
-            Err(_) if is_bare_host(one.trim()) => one.to_string(),
-            Err(_) => UNREADABLE_URL.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
-
-/// `host`, `host:port`, `[v6]:port`: nothing but a host's and a port's characters.
-fn is_bare_host(text: &str) -> bool {
-    !text.is_empty()
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
 }
 
 /// A URL, or Celery's list form of a failover list, read as the `;`-separated string.
@@ -907,22 +837,6 @@ mod tests {
     }
 
     #[test]
-    fn what_redact_url_cannot_parse_is_never_shown_as_given() {
-        for dsn in [
-            "host=db user=app password=s3cret",
-            "postgres://app:s3cret@db:notaport/rcelery",
-            "amqp://app:s3cret@[::1/vhost",
-            "",
-        ] {
-            assert_eq!(redact_url(dsn), UNREADABLE_URL, "{dsn}");
-        }
-        assert_eq!(
-            redact_url("amqp://app:s3cret@a:5672//;b:5673;odd stuff s3cret"),
-            format!("amqp://app:********@a:5672//;b:5673;{UNREADABLE_URL}")
-        );
-    }
-
-    #[test]
     fn passwords_are_masked() {
         assert_eq!(
             redact_url("amqp://guest:s3cret@127.0.0.1:5672//"),
@@ -1032,14 +946,24 @@ mod tests {
             )]),
         )
         .unwrap();
-        let broker = config.broker_sentinel().unwrap().unwrap();
-        assert_eq!((broker.master_name.as_str(), broker.db()), ("mymaster", 2));
-        let backend = config.backend_sentinel().unwrap().unwrap();
+        let broker = SentinelList::parse(
+            &config.broker_url,
+            "broker_url",
+            config.broker_transport_options.master_name.as_deref(),
+        )
+        .unwrap();
+        assert_eq!((broker.master_name.as_str(), broker.db), ("mymaster", 2));
+        let backend = SentinelList::parse(
+            config.result_backend.as_deref().unwrap(),
+            "result_backend",
+            config
+                .result_backend_transport_options
+                .master_name
+                .as_deref(),
+        )
+        .unwrap();
         assert_eq!(backend.master_name, "other");
-        assert_eq!(
-            crate::broker::BrokerKind::of(url).unwrap(),
-            crate::broker::BrokerKind::Redis
-        );
+        assert_eq!(BrokerKind::of(url).unwrap(), BrokerKind::Redis);
         let shown = format!("{:?}", config.redacted());
         assert!(
             !shown.contains("pw@") && !shown.contains("guard"),

@@ -20,7 +20,9 @@
 //! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
 //! - [`tls`]: certificates for `amqps://` and `rediss://` (Celery's `*_use_ssl` settings).
+//! - [`urls`]: broker and backend URLs read as text (transport, TLS, failover list, redacted).
 //! - [`sentinel`]: `sentinel://` lists: finding the Redis master and following it over failovers.
+//! - [`schedule`]: a `beat_schedule` entry and when it runs, without I/O.
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
 pub mod backend;
@@ -40,10 +42,12 @@ pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
+pub mod schedule;
 pub mod sentinel;
 pub mod signals;
 pub mod state;
 pub mod tls;
+pub mod urls;
 pub mod worker;
 
 pub use config::CeleryConfig;

@@ -28,22 +28,16 @@ use redis::{
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{redact_url, SentinelKwargs, SslOptions};
+use crate::config::{SentinelKwargs, SslOptions};
 use crate::error::{Error, Result};
+use crate::urls::{is_sentinel_url, SentinelList};
 
-/// Sentinels' port when a URL names none, as kombu's sentinel transport has it.
-const DEFAULT_PORT: u16 = 26379;
 /// How long one sentinel, or the master it names, may take to connect and answer: a dead
 /// sentinel must not hold up asking the next one.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between two looks at the sentinels when they cannot be heard or name a master that
 /// is not one yet.
 const RECHECK: Duration = Duration::from_millis(500);
-
-/// Whether `url` is a list of sentinels.
-pub fn is_sentinel_url(url: &str) -> bool {
-    url.starts_with("sentinel://")
-}
 
 /// Where a master is found: the sentinels, its name, and how to log in to it.
 #[derive(Clone)]
@@ -69,54 +63,17 @@ impl Sentinel {
         kwargs: Option<&SentinelKwargs>,
         ssl: Option<&SslOptions>,
     ) -> Result<Self> {
-        let invalid = |why: String| Error::Config(format!("{setting} {}: {why}", redact_url(url)));
-        let master_name = master_name.filter(|name| !name.is_empty()).ok_or_else(|| {
-            Error::Config(format!(
-                "{setting} is a sentinel:// URL but its transport options have no master_name \
-                 (the name the sentinels know the Redis master by)"
-            ))
-        })?;
-        let mut sentinels = Vec::new();
-        let mut node = redis::RedisConnectionInfo::default();
-        for (index, chunk) in url.split(';').map(str::trim).enumerate() {
-            let parsed = url::Url::parse(chunk).map_err(|e| invalid(format!("{chunk:?}: {e}")))?;
-            if parsed.scheme() != "sentinel" {
-                return Err(invalid(format!(
-                    "every URL of the list must be sentinel://, not {}://",
-                    parsed.scheme()
-                )));
-            }
-            if parsed.query().is_some() {
-                return Err(invalid(
-                    "sentinel URLs take no query parameters; TLS to the master is set by \
-                     broker_use_ssl / redis_backend_use_ssl"
-                        .into(),
-                ));
-            }
-            let host = match parsed.host() {
-                Some(url::Host::Domain(name)) if !name.is_empty() => name.to_string(),
-                Some(url::Host::Ipv4(address)) => address.to_string(),
-                Some(url::Host::Ipv6(address)) => address.to_string(),
-                _ => return Err(invalid(format!("{chunk:?} names no host"))),
-            };
-            sentinels.push((host, parsed.port().unwrap_or(DEFAULT_PORT)));
-            // As kombu and Celery: the master's database and credentials are the first URL's.
-            if index == 0 {
-                node.db = match parsed.path().trim_matches('/') {
-                    "" => 0,
-                    db => db
-                        .parse()
-                        .map_err(|_| invalid(format!("database {db:?} is not a number")))?,
-                };
-                node.username = Some(decoded(parsed.username())).filter(|u| !u.is_empty());
-                node.password = parsed.password().map(decoded);
-            }
-        }
+        let list = SentinelList::parse(url, setting, master_name)?;
         let kwargs = kwargs.cloned().unwrap_or_default();
         Ok(Self {
-            sentinels,
-            master_name: master_name.to_string(),
-            node,
+            sentinels: list.sentinels,
+            master_name: list.master_name,
+            node: redis::RedisConnectionInfo {
+                db: list.db,
+                username: list.username,
+                password: list.password,
+                ..Default::default()
+            },
             auth: redis::RedisConnectionInfo {
                 username: kwargs.username,
                 password: kwargs.password,
@@ -302,12 +259,6 @@ impl std::fmt::Debug for Sentinel {
 }
 
 /// A percent-encoded URL part as text.
-fn decoded(part: &str) -> String {
-    percent_encoding::percent_decode_str(part)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 /// A connection to `client` that gives up after [`ASK_TIMEOUT`].
 async fn quick_connection(client: &redis::Client) -> RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
@@ -572,6 +523,7 @@ impl ConnectionLike for Following {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::urls::DEFAULT_SENTINEL_PORT;
 
     fn parse(url: &str, master: Option<&str>) -> Result<Sentinel> {
         Sentinel::parse(url, "broker_url", master, None, None)
@@ -588,7 +540,7 @@ mod tests {
             sentinel.sentinels,
             [
                 ("10.0.0.1".to_string(), 26380),
-                ("10.0.0.2".to_string(), DEFAULT_PORT),
+                ("10.0.0.2".to_string(), DEFAULT_SENTINEL_PORT),
                 ("::1".to_string(), 26381),
             ]
         );

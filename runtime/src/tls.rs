@@ -15,8 +15,9 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::{redact_url, SslOptions};
+use crate::config::SslOptions;
 use crate::error::{Error, Result};
+use crate::urls::{is_tls_url, redact_url};
 
 /// The URL query parameters of Celery's `rediss://` URLs, each one key of `SslOptions`.
 const QUERY_KEYS: [&str; 4] = [
@@ -25,11 +26,6 @@ const QUERY_KEYS: [&str; 4] = [
     "ssl_certfile",
     "ssl_keyfile",
 ];
-
-/// Whether `url` asks for TLS (`amqps://`, `rediss://`).
-pub fn is_tls_url(url: &str) -> bool {
-    url.starts_with("amqps://") || url.starts_with("rediss://")
-}
 
 /// `url` without its `ssl_*` parameters, and the TLS settings: `settings` overridden by those
 /// parameters. A URL without any is returned as it is.

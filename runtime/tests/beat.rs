@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{redis_url, unique_queue};
 use runtime::beat::Beat;
-use runtime::config::BeatEntry;
+use runtime::schedule::BeatEntry;
 use runtime::CeleryConfig;
 use serde_json::json;
 

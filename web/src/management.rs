@@ -75,7 +75,7 @@ impl ManagementApi {
         let _ = base.set_username("");
         let _ = base.set_password(None);
         // Every node of a failover list serves the same virtual host: the first URL names it.
-        let first = runtime::broker::failover::urls(broker_url)
+        let first = runtime::urls::failover_urls(broker_url)
             .into_iter()
             .next()
             .unwrap_or_default();

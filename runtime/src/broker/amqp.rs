@@ -24,9 +24,10 @@ use super::delayed::{self, Declare};
 use super::fields::{json_to_amqp, short, table_to_json, MAX_HEADER_DEPTH};
 use super::remembered::Remembered;
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
-use crate::config::{redact_url, SslOptions};
+use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message, Properties};
+use crate::urls::{is_tls_url, redact_url};
 
 /// A connection to RabbitMQ with one confirming channel for publishing.
 pub struct AmqpBroker {
@@ -50,7 +51,7 @@ impl AmqpBroker {
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let connection = if crate::tls::is_tls_url(url) {
+        let connection = if is_tls_url(url) {
             // lapin's own TLS set-up can add a CA but not turn verification off, so the
             // TLS stream is made here from our rustls configuration.
             let (url, options) = crate::tls::split_url(url, ssl)?;

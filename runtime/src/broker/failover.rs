@@ -13,50 +13,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, OnceLock};
 
 use crate::config::FailoverStrategy;
-
-/// The URLs of `list`, each whole (hosts completed from the first URL); empty entries are
-/// skipped. A Sentinel list is one URL: its sentinels are tried by the Redis transport, which
-/// asks them for the one master.
-pub fn urls(list: &str) -> Vec<String> {
-    if crate::sentinel::is_sentinel_url(list) {
-        return vec![list.trim().to_string()];
-    }
-    let mut entries = list.split(';').map(str::trim).filter(|e| !e.is_empty());
-    let Some(first) = entries.next() else {
-        return Vec::new();
-    };
-    let mut urls = vec![first.to_string()];
-    urls.extend(entries.map(|entry| {
-        if entry.contains("://") {
-            entry.to_string()
-        } else {
-            with_host(first, entry)
-        }
-    }));
-    urls
-}
-
-/// `template` with its host (and port, when `host` has one) replaced by `host`. Left as the
-/// bare entry when `template` cannot take it, so that the connect names what is wrong.
-fn with_host(template: &str, host: &str) -> String {
-    let (name, port) = match host.rsplit_once(':') {
-        Some((name, port)) => match port.parse::<u16>() {
-            Ok(port) => (name, Some(port)),
-            Err(_) => (host, None),
-        },
-        None => (host, None),
-    };
-    let Ok(mut url) = url::Url::parse(template) else {
-        return host.to_string();
-    };
-    if url.set_host(Some(name)).is_err() {
-        return host.to_string();
-    }
-    if port.is_some() && url.set_port(port).is_err() {
-        return host.to_string();
-    }
-    url.to_string()
-}
+use crate::urls::failover_urls;
 
 /// Indexes of `len` URLs in the order one connect tries them, round-robin from `start`.
 fn order(len: usize, strategy: FailoverStrategy, start: usize) -> Vec<usize> {
@@ -81,7 +38,7 @@ fn positions() -> &'static Mutex<HashMap<String, usize>> {
 
 /// The URLs of `list` in the order this connect tries them.
 pub(crate) fn attempts(list: &str, strategy: FailoverStrategy) -> Vec<(usize, String)> {
-    let urls = urls(list);
+    let urls = failover_urls(list);
     let start = positions()
         .lock()
         .expect("failover positions")
@@ -96,7 +53,7 @@ pub(crate) fn attempts(list: &str, strategy: FailoverStrategy) -> Vec<(usize, St
 
 /// Records that URL `index` of `list` took the connection: the next connect starts after it.
 pub(crate) fn connected(list: &str, index: usize) {
-    let len = urls(list).len().max(1);
+    let len = failover_urls(list).len().max(1);
     positions()
         .lock()
         .expect("failover positions")
@@ -106,30 +63,6 @@ pub(crate) fn connected(list: &str, index: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_list_splits_at_semicolons_and_bare_hosts_take_the_first_urls_rest() {
-        assert_eq!(
-            urls("amqp://guest:pw@127.0.0.1:5701//; amqp://u:p@h2:5702/v;;h3:5703;h4"),
-            [
-                "amqp://guest:pw@127.0.0.1:5701//",
-                "amqp://u:p@h2:5702/v",
-                "amqp://guest:pw@h3:5703//",
-                "amqp://guest:pw@h4:5701//",
-            ]
-        );
-        assert_eq!(
-            urls("redis://127.0.0.1:6379/0"),
-            ["redis://127.0.0.1:6379/0"]
-        );
-        assert!(urls(" ; ").is_empty());
-    }
-
-    #[test]
-    fn a_sentinel_list_is_one_url_whose_sentinels_find_one_master() {
-        let list = "sentinel://:pw@127.0.0.1:26379/2;sentinel://127.0.0.1:26380/2";
-        assert_eq!(urls(list), [list]);
-    }
 
     #[test]
     fn round_robin_goes_on_after_the_url_that_connected() {

@@ -18,9 +18,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::config::{redact_url, CeleryConfig, FailoverStrategy, SslOptions, TransportOptions};
+use crate::config::{CeleryConfig, FailoverStrategy, SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
+use crate::urls::redact_url;
+pub use crate::urls::BrokerKind;
 use declaration::Topology;
 
 /// Longest queue name, exchange name or routing key AMQP can carry (a short string).
@@ -54,27 +56,6 @@ pub fn queue_name_problem(name: &str) -> Option<String> {
         return Some(format!("{name} is a key of kombu's own on Redis"));
     }
     None
-}
-
-/// Which transport a URL selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerKind {
-    /// `amqp://`, `amqps://`, `pyamqp://`.
-    Amqp,
-    /// `redis://`, `rediss://`, `sentinel://` (a list of Redis sentinels).
-    Redis,
-}
-
-impl BrokerKind {
-    /// The transport for `url`, or an error naming the (redacted) URL.
-    pub fn of(url: &str) -> Result<Self> {
-        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
-        match scheme {
-            "amqp" | "amqps" | "pyamqp" => Ok(Self::Amqp),
-            "redis" | "rediss" | "sentinel" => Ok(Self::Redis),
-            _ => Err(Error::UnsupportedUrl(crate::config::redact_url(url))),
-        }
-    }
 }
 
 /// A message taken from a queue and not yet settled.

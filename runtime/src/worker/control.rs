@@ -11,12 +11,13 @@ use tracing::{info, warn};
 
 use super::Worker;
 use crate::broker::declaration::Declaration;
-use crate::broker::{BrokerKind, Exchange};
+use crate::broker::Exchange;
 use crate::config::{glob_match, CeleryConfig, QueueType};
 use crate::events::timestamp;
 use crate::protocol::message::JSON;
 use crate::protocol::{Message, Properties};
 use crate::state::Phase;
+use crate::urls::{failover_urls, redact_url, BrokerKind};
 
 /// Where a caller wants its answer.
 #[derive(Debug, Deserialize)]
@@ -264,7 +265,7 @@ impl Worker {
             std::env::consts::OS,
             std::env::consts::ARCH,
             broker_info(&self.config)["transport"].as_str().unwrap_or(""),
-            self.config.result_backend.as_deref().map(crate::config::redact_url).unwrap_or_default(),
+            self.config.result_backend.as_deref().map(redact_url).unwrap_or_default(),
         )
     }
 }
@@ -311,14 +312,11 @@ fn queue_info(queue: &str, declared: Option<Declaration>) -> Value {
 /// The broker connection as `stats` shows it: never the password. A failover list is shown
 /// as kombu shows it, by its first URL with the whole list as `alternates` (masked here).
 fn broker_info(config: &CeleryConfig) -> Value {
-    let urls = crate::broker::failover::urls(&config.broker_url);
+    let urls = failover_urls(&config.broker_url);
     let broker_url = urls.first().map_or("", String::as_str);
     let alternates: Vec<String> = match urls.len() {
         1 => Vec::new(),
-        _ => urls
-            .iter()
-            .map(|url| crate::config::redact_url(url))
-            .collect(),
+        _ => urls.iter().map(|url| redact_url(url)).collect(),
     };
     let parsed = url::Url::parse(broker_url).ok();
     let transport = match BrokerKind::of(broker_url) {

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
-use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
+use crate::broker::{self, Broker, Delivery, Exchange, Settle, Subscription};
 use crate::canvas::{self, Next};
 use crate::chord;
 use crate::config::CeleryConfig;
@@ -38,6 +38,7 @@ use crate::protocol::TaskRequest;
 use crate::rate::TokenBucket;
 use crate::registry::{Outcome, Registry};
 use crate::state::WorkerState;
+use crate::urls::{is_sentinel_url, is_tls_url, redact_url, BrokerKind};
 
 /// Expands Celery's node-name placeholders: `%h` host name, `%n` its first label, `%d` the rest.
 pub fn expand_hostname(template: &str) -> String {
@@ -59,11 +60,7 @@ pub async fn app_handle(config: &CeleryConfig) -> Result<Arc<Celery>> {
     let plain: Vec<&String> = [Some(&config.broker_url), config.result_backend.as_ref()]
         .into_iter()
         .flatten()
-        .filter(|url| {
-            !crate::tls::is_tls_url(url)
-                && !url.contains(';')
-                && !crate::sentinel::is_sentinel_url(url)
-        })
+        .filter(|url| !is_tls_url(url) && !url.contains(';') && !is_sentinel_url(url))
         .collect();
     let url = match plain
         .iter()
@@ -375,7 +372,7 @@ impl Worker {
         let heartbeat = tokio::spawn(worker.clone().beat());
         info!(
             hostname = %worker.hostname,
-            broker = %crate::config::redact_url(&worker.config.broker_url),
+            broker = %redact_url(&worker.config.broker_url),
             queues = ?worker.initial_queues,
             concurrency = worker.config.concurrency(),
             task_events = worker.events.task_events(),
