@@ -9,6 +9,7 @@
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
 //! - [`probe`]: the checks `/health` and `/metrics` answer from, on connections of their own.
+//! - [`submission`]: a `POST /receive` body read and checked, and its schema, without I/O.
 //! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
@@ -26,6 +27,7 @@ pub mod probe;
 pub mod routes;
 pub mod schema;
 pub mod store;
+pub mod submission;
 pub mod tracking;
 pub mod workflow;
 
@@ -41,9 +43,9 @@ use runtime::CeleryConfig;
 
 use crate::error::Error;
 use crate::management::ManagementApi;
-use crate::routes::receive::Accepts;
 use crate::routes::status::AnswerBudget;
 use crate::routes::stream::Streams;
+use crate::submission::Accepts;
 
 /// `rocket` with every route and the JSON error catcher: what the API document describes.
 pub fn mount(rocket: Rocket<Build>) -> Rocket<Build> {

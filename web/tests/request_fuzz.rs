@@ -15,7 +15,7 @@ use rocket::serde::json::Json;
 use runtime::CeleryConfig;
 use serde_json::{json, Map, Value};
 use web::error::Error;
-use web::routes::receive::{parse_submission, Accepts, JobRequest, Submission, MAX_DELAY_SECONDS};
+use web::submission::{parse_submission, Accepts, JobRequest, Submission, MAX_DELAY_SECONDS};
 use web::workflow::Kind;
 
 /// Task names accepted besides the default task; one is not ASCII.

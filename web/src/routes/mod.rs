@@ -10,17 +10,30 @@ pub mod status;
 pub mod stream;
 pub mod tasks;
 
-/// Every route of the API.
-pub fn all() -> Vec<rocket::Route> {
-    rocket::routes![
-        receive::receive,
-        status::status,
-        stream::stream,
-        tasks::list,
-        queues::queues,
-        health::health,
-        metrics::metrics,
-        openapi::openapi_json,
-        docs::docs
-    ]
+/// Lists the routes once, for both Rocket and the API document, so that a route cannot be
+/// mounted and left out of the document, or documented and not mounted.
+macro_rules! every_route {
+    ($($module:ident :: $handler:ident),+ $(,)?) => {
+        /// Every route of the API.
+        pub fn all() -> Vec<rocket::Route> {
+            rocket::routes![$($module::$handler),+]
+        }
+
+        /// The document's paths: every route's `#[utoipa::path]`.
+        #[derive(utoipa::OpenApi)]
+        #[openapi(paths($($module::$handler),+))]
+        pub struct Paths;
+    };
 }
+
+every_route!(
+    receive::receive,
+    status::status,
+    stream::stream,
+    tasks::list,
+    queues::queues,
+    health::health,
+    metrics::metrics,
+    openapi::openapi_json,
+    docs::docs,
+);

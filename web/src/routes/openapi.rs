@@ -8,27 +8,16 @@ use rocket::http::ContentType;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{docs, health, metrics, queues, receive, status, stream, tasks};
 use crate::error::{DatabaseUnavailable, Unauthorized};
 
-/// The document: every route, and the schemas they use.
+/// The document but for its paths ([`super::Paths`], from the one list of routes): what it is,
+/// its shared responses, security scheme and tags.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "rcelery web",
         description = "Jobs in over HTTP, out to Celery workers (ours or Python's), tracked in \
             PostgreSQL. Errors are JSON `{\"error\": \"...\"}`."
-    ),
-    paths(
-        receive::receive,
-        status::status,
-        stream::stream,
-        tasks::list,
-        queues::queues,
-        health::health,
-        metrics::metrics,
-        openapi_json,
-        docs::docs,
     ),
     components(responses(Unauthorized, DatabaseUnavailable)),
     modifiers(&BearerAuth),
@@ -61,13 +50,15 @@ impl Modify for BearerAuth {
 }
 
 /// The document as served, made once: utoipa's, with the `POST /receive` body's schemas, which
-/// are JSON Schema written by hand (see [`receive::body_schemas`]).
+/// are JSON Schema written by hand (see [`crate::submission::body_schemas`]).
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
-    let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the document is JSON");
+    let mut document = ApiDoc::openapi();
+    document.merge(super::Paths::openapi());
+    let mut document = serde_json::to_value(document).expect("the document is JSON");
     let schemas = document["components"]["schemas"]
         .as_object_mut()
         .expect("the document has schemas");
-    schemas.extend(receive::body_schemas());
+    schemas.extend(crate::submission::body_schemas());
     document.to_string()
 });
 
@@ -165,7 +156,7 @@ mod tests {
     #[test]
     fn the_receive_body_schemas_are_served_whole() {
         let schemas = &document()["components"]["schemas"];
-        for (name, schema) in receive::body_schemas() {
+        for (name, schema) in crate::submission::body_schemas() {
             assert_eq!(schemas[&name], schema, "{name}");
         }
         let body = &document()["paths"]["/receive"]["post"]["requestBody"]["content"]
