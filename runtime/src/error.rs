@@ -97,5 +97,12 @@ pub enum Error {
     },
 }
 
+/// A text AMQP cannot carry is a name the broker cannot take.
+impl From<crate::protocol::amqp::TooLong> for Error {
+    fn from(too_long: crate::protocol::amqp::TooLong) -> Self {
+        Self::InvalidName(too_long.to_string())
+    }
+}
+
 /// Shorthand used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

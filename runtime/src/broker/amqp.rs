@@ -15,18 +15,17 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::{HandshakeResult, RustlsConnector, TcpStream};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use serde_json::{Map, Value};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, Mutex};
 
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
-use super::fields::{json_to_amqp, short, table_to_json, MAX_HEADER_DEPTH};
 use super::remembered::Remembered;
 use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
-use crate::protocol::{DecodeError, Message, Properties};
+use crate::protocol::amqp::{message_of, properties_of, short};
+use crate::protocol::Message;
 use crate::urls::{is_tls_url, redact_url};
 
 /// A connection to RabbitMQ with one confirming channel for publishing.
@@ -751,63 +750,4 @@ impl Window {
         tokio::spawn(forward(consumer, queue.to_string(), self.clone(), sender));
         Ok(tag)
     }
-}
-
-fn properties_of(message: &Message) -> Result<BasicProperties> {
-    let headers = match json_to_amqp(&Value::Object(message.headers.clone()))? {
-        AMQPValue::FieldTable(table) => table,
-        _ => FieldTable::default(),
-    };
-    let p = &message.properties;
-    let mut properties = BasicProperties::default()
-        .with_content_type(short(&message.content_type, "a content type")?)
-        .with_content_encoding(short(&message.content_encoding, "a content encoding")?)
-        .with_headers(headers)
-        .with_delivery_mode(p.delivery_mode)
-        .with_priority(p.priority);
-    if let Some(id) = &p.correlation_id {
-        properties = properties.with_correlation_id(short(id, "a correlation id")?);
-    }
-    if let Some(reply_to) = &p.reply_to {
-        properties = properties.with_reply_to(short(reply_to, "a reply-to")?);
-    }
-    Ok(properties)
-}
-
-/// The message a delivery carries, or why not: headers nested deeper than
-/// [`MAX_HEADER_DEPTH`] are refused, naming the task id and name when the top level has them.
-fn message_of(
-    properties: &BasicProperties,
-    body: Vec<u8>,
-) -> std::result::Result<Message, DecodeError> {
-    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
-    let headers = match properties.headers() {
-        None => Map::new(),
-        Some(table) => table_to_json(table).ok_or_else(|| {
-            let top = |name: &str| match table.inner().get(name) {
-                Some(AMQPValue::LongString(s)) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
-                _ => None,
-            };
-            DecodeError {
-                task_id: top("id"),
-                task: top("task"),
-                reason: format!("headers nested deeper than {MAX_HEADER_DEPTH} levels"),
-            }
-        })?,
-    };
-    Ok(Message {
-        content_type: text(properties.content_type()).unwrap_or_default(),
-        content_encoding: text(properties.content_encoding()).unwrap_or_default(),
-        headers,
-        properties: Properties {
-            correlation_id: text(properties.correlation_id()),
-            reply_to: text(properties.reply_to()),
-            delivery_mode: properties.delivery_mode().unwrap_or(2),
-            priority: properties.priority().unwrap_or(0),
-        },
-        body,
-    })
 }

@@ -123,7 +123,8 @@ impl Declaration {
     /// The arguments as JSON, as `inspect active_queues` reports `queue_arguments` (`None`
     /// when there are none, as Celery shows a queue declared without).
     pub fn arguments_json(&self) -> Option<Map<String, Value>> {
-        super::fields::table_to_json(&self.arguments).filter(|arguments| !arguments.is_empty())
+        crate::protocol::amqp::table_to_json(&self.arguments)
+            .filter(|arguments| !arguments.is_empty())
     }
 
     /// Takes over what a refusal says the existing queue or exchange holds. `false` when the

@@ -9,7 +9,6 @@ pub mod amqp;
 pub mod declaration;
 pub mod delayed;
 pub mod failover;
-pub mod fields;
 pub mod redis;
 pub mod remembered;
 
@@ -26,7 +25,7 @@ pub use crate::urls::BrokerKind;
 use declaration::Topology;
 
 /// Longest queue name, exchange name or routing key AMQP can carry (a short string).
-pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_NAME_BYTES: usize = crate::protocol::amqp::SHORT_STRING_MAX;
 
 /// What a queue name may hold besides ASCII letters and digits (last, `-` may close a regular
 /// expression's character class as it is).

@@ -2,10 +2,12 @@
 //!
 //! - [`message`]: the transport-neutral message and the task request it carries (protocol v2,
 //!   and v1 on receipt).
+//! - [`amqp`]: the message as AMQP basic properties and header field tables.
 //! - [`envelope`]: kombu's JSON envelope, the form a message takes inside a Redis list.
 //! - [`result`]: the result meta stored in the backend, states, and encoded exceptions.
 //! - [`repr`]: Python `repr()` of JSON values, for `argsrepr`/`kwargsrepr`.
 
+pub mod amqp;
 pub mod envelope;
 pub mod message;
 pub mod repr;
