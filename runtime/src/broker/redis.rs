@@ -26,15 +26,9 @@ use super::{
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
+use crate::protocol::kombu_redis as layout;
 use crate::protocol::Message;
 
-/// kombu's separator inside key names.
-const SEP: &str = "\x06\x16";
-/// kombu's priority steps; a message goes to the list of the largest step not above its priority.
-const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
-const UNACKED: &str = "unacked";
-const UNACKED_INDEX: &str = "unacked_index";
-const UNACKED_MUTEX: &str = "unacked_mutex";
 /// How long our hold of `unacked_mutex` lasts if we die holding it. kombu takes 300 s; a restore
 /// pass takes milliseconds, and a worker killed during one would otherwise stop every restore
 /// of its database for five minutes. (A pass outliving this may run beside another: both could
@@ -76,29 +70,6 @@ return taken
 
 /// Messages one fetch takes at most: one round trip fills up to this many free prefetch slots.
 const TAKE_AT_ONCE: usize = 64;
-
-/// The list holding messages of `priority` for `queue`.
-fn list_for(queue: &str, priority: u8) -> String {
-    let step = PRIORITY_STEPS
-        .iter()
-        .rev()
-        .find(|&&s| s <= priority)
-        .copied()
-        .unwrap_or(0);
-    if step == 0 {
-        queue.to_string()
-    } else {
-        format!("{queue}{SEP}{step}")
-    }
-}
-
-/// The order kombu's BRPOP takes lists in: every queue's top-priority list first.
-fn fetch_order(queues: &[String]) -> Vec<String> {
-    PRIORITY_STEPS
-        .iter()
-        .flat_map(|&step| queues.iter().map(move |q| list_for(q, step)))
-        .collect()
-}
 
 fn now_seconds() -> f64 {
     SystemTime::now()
@@ -219,10 +190,10 @@ impl RedisBroker {
         if self.bound.lock().await.contains(queue) {
             return Ok(());
         }
-        let member = format!("{queue}{SEP}{SEP}{queue}");
+        let member = layout::binding_member(queue, queue);
         redis::pipe()
-            .sadd(format!("_kombu.binding.{queue}"), &member)
-            .sadd(format!("_kombu.binding_permanent.{queue}"), &member)
+            .sadd(layout::binding_key(queue), &member)
+            .sadd(layout::permanent_binding_key(queue), &member)
             .query_async::<()>(&mut self.connection.clone())
             .await?;
         self.bound.lock().await.insert(queue.to_string(), ());
@@ -239,14 +210,10 @@ impl RedisBroker {
         }
     }
 
-    /// The PUB/SUB channel kombu uses for a fanout exchange: prefixed with the database number,
-    /// because channels are not scoped by database.
+    /// The PUB/SUB channel of `exchange` and `routing_key` in this connection's database.
     fn fanout_channel(&self, exchange: &str, routing_key: &str) -> String {
         let db = self.client.get_connection_info().redis.db;
-        match routing_key {
-            "" => format!("/{db}.{exchange}"),
-            key => format!("/{db}.{exchange}/{key}"),
-        }
+        layout::fanout_channel(db, exchange, routing_key)
     }
 
     /// The lists bound to direct `exchange` with `routing_key`, from kombu's binding table.
@@ -254,16 +221,12 @@ impl RedisBroker {
         let members: Vec<String> = self
             .connection
             .clone()
-            .smembers(format!("_kombu.binding.{exchange}"))
+            .smembers(layout::binding_key(exchange))
             .await?;
         Ok(members
             .iter()
-            .filter_map(|member| {
-                let mut fields = member.split(SEP);
-                let key = fields.next()?;
-                let queue = fields.nth(1)?;
-                (key == routing_key).then(|| queue.to_string())
-            })
+            .filter_map(|member| layout::bound_queue(member, routing_key))
+            .map(str::to_string)
             .collect())
     }
 }
@@ -278,7 +241,7 @@ impl Broker for RedisBroker {
             routing_key: queue.to_string(),
         };
         let (_, text) = envelope::encode(message, info);
-        let list = list_for(queue, message.properties.priority);
+        let list = layout::list_for(queue, message.properties.priority);
         self.connection
             .clone()
             .lpush::<_, _, ()>(list, text)
@@ -328,9 +291,9 @@ impl Broker for RedisBroker {
                 if sender.is_closed() || closing.is_cancelled() || moved.is_cancelled() {
                     break;
                 }
-                let mut call = pop.key(UNACKED);
-                call.key(UNACKED_INDEX)
-                    .key(fetch_order(&queues))
+                let mut call = pop.key(layout::UNACKED);
+                call.key(layout::UNACKED_INDEX)
+                    .key(layout::fetch_order(&queues))
                     .arg(now_seconds())
                     .arg(free.len());
                 let popped: Vec<(String, Vec<u8>)> =
@@ -425,8 +388,8 @@ impl Broker for RedisBroker {
             ));
         }
         // Not needed for delivery, but kombu records it and tools read it.
-        let member = format!("{binding_key}{SEP}{SEP}{}", subscription.queue);
-        let key = format!("_kombu.binding.{}", exchange.name);
+        let member = layout::binding_member(binding_key, &subscription.queue);
+        let key = layout::binding_key(exchange.name);
         self.connection
             .clone()
             .sadd::<_, _, ()>(&key, &member)
@@ -472,11 +435,11 @@ impl Broker for RedisBroker {
     async fn depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
         let mut connection = self.connection.clone();
         let mut lengths = redis::pipe();
-        for &step in &PRIORITY_STEPS {
-            lengths.llen(list_for(queue, step));
+        for &step in &layout::PRIORITY_STEPS {
+            lengths.llen(layout::list_for(queue, step));
         }
         let lengths: Vec<u64> = lengths.query_async(&mut connection).await?;
-        let entries: Vec<String> = connection.hvals(UNACKED).await?;
+        let entries: Vec<String> = connection.hvals(layout::UNACKED).await?;
         let unacked = entries
             .iter()
             .filter(|entry| {
@@ -496,17 +459,17 @@ impl Broker for RedisBroker {
     async fn exists(&self, queue: &str) -> Result<bool> {
         let mut query = redis::pipe();
         query.exists(format!("_kombu.binding.{queue}"));
-        for &step in &PRIORITY_STEPS {
-            query.exists(list_for(queue, step));
+        for &step in &layout::PRIORITY_STEPS {
+            query.exists(layout::list_for(queue, step));
         }
         let found: Vec<bool> = query.query_async(&mut self.connection.clone()).await?;
         Ok(found.contains(&true))
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
-        let mut keys: Vec<String> = PRIORITY_STEPS
+        let mut keys: Vec<String> = layout::PRIORITY_STEPS
             .iter()
-            .map(|&step| list_for(queue, step))
+            .map(|&step| layout::list_for(queue, step))
             .collect();
         keys.push(format!("_kombu.binding.{queue}"));
         keys.push(format!("_kombu.binding_permanent.{queue}"));
@@ -537,11 +500,11 @@ fn delivery(
     raw: Vec<u8>,
     slot: OwnedSemaphorePermit,
 ) -> Delivery {
-    let queue = list.split(SEP).next().unwrap_or(&list).to_string();
+    let queue = layout::queue_of(&list).to_string();
     let (message, tag) = match envelope::decode(&raw) {
         Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
         // The script recorded it if its envelope had a tag: settling drops the record.
-        Err(error) => (Err(error), recorded_tag(&raw)),
+        Err(error) => (Err(error), layout::recorded_tag(&raw)),
     };
     match tag {
         Some(tag) => Delivery {
@@ -616,7 +579,7 @@ async fn restore_visible(
     let mut connection = connection.clone();
     let token = uuid::Uuid::new_v4().to_string();
     let locked: Option<String> = redis::cmd("SET")
-        .arg(UNACKED_MUTEX)
+        .arg(layout::UNACKED_MUTEX)
         .arg(&token)
         .arg("NX")
         .arg("PX")
@@ -628,70 +591,31 @@ async fn restore_visible(
     }
     let cutoff = now_seconds() - visibility_timeout as f64;
     let tags: Vec<String> = connection
-        .zrangebyscore(UNACKED_INDEX, "-inf", cutoff)
+        .zrangebyscore(layout::UNACKED_INDEX, "-inf", cutoff)
         .await?;
     let mut restored = 0;
     for tag in tags {
-        let entry: Option<String> = connection.hget(UNACKED, &tag).await?;
+        let entry: Option<String> = connection.hget(layout::UNACKED, &tag).await?;
         let mut pipe = redis::pipe();
-        pipe.atomic().zrem(UNACKED_INDEX, &tag).hdel(UNACKED, &tag);
-        if let Some((list, envelope)) = entry.as_deref().and_then(redelivered) {
-            pipe.rpush(list, envelope);
-            restored += 1;
+        pipe.atomic()
+            .zrem(layout::UNACKED_INDEX, &tag)
+            .hdel(layout::UNACKED, &tag);
+        match entry.as_deref().map(layout::redelivered) {
+            Some(Ok((list, envelope))) => {
+                pipe.rpush(list, envelope);
+                restored += 1;
+            }
+            Some(Err(why)) => tracing::warn!(%tag, %why, "an unacked message cannot be restored"),
+            None => {}
         }
         pipe.query_async::<()>(&mut connection).await?;
     }
     redis::Script::new(RELEASE_MUTEX)
-        .key(UNACKED_MUTEX)
+        .key(layout::UNACKED_MUTEX)
         .arg(&token)
         .invoke_async::<i64>(&mut connection)
         .await?;
     Ok(restored)
-}
-
-/// From an `unacked` entry `[envelope, exchange, routing_key]`: the list to put it back on and
-/// the envelope marked redelivered. Only direct-to-queue entries (exchange `""`, as Celery
-/// publishes tasks) are restorable without the publisher's exchange table.
-fn redelivered(entry: &str) -> Option<(String, String)> {
-    let serde_json::Value::Array(mut parts) = serde_json::from_str(entry).ok()? else {
-        return None;
-    };
-    let routing_key = parts.get(2)?.as_str()?.to_string();
-    let exchange = parts.get(1)?.as_str()?.to_string();
-    if !exchange.is_empty() {
-        tracing::warn!(%exchange, "cannot restore a message published through a named exchange");
-        return None;
-    }
-    let envelope = parts.get_mut(0)?.as_object_mut()?;
-    let priority = envelope["properties"]["priority"]
-        .as_u64()
-        .unwrap_or(0)
-        .min(255) as u8;
-    if let Some(headers) = envelope
-        .get_mut("headers")
-        .and_then(serde_json::Value::as_object_mut)
-    {
-        headers.insert("redelivered".into(), true.into());
-    }
-    if let Some(info) = envelope
-        .get_mut("properties")
-        .and_then(|p| p.get_mut("delivery_info"))
-        .and_then(serde_json::Value::as_object_mut)
-    {
-        info.insert("redelivered".into(), true.into());
-    }
-    Some((
-        list_for(&routing_key, priority),
-        serde_json::Value::Object(envelope.clone()).to_string(),
-    ))
-}
-
-/// The delivery tag under which [`POP_AND_RECORD`] recorded an envelope Rust cannot decode.
-fn recorded_tag(raw: &[u8]) -> Option<String> {
-    let envelope: serde_json::Value = serde_json::from_slice(raw).ok()?;
-    let properties = envelope.get("properties")?;
-    properties.get("delivery_info")?.as_object()?;
-    Some(properties.get("delivery_tag")?.as_str()?.to_string())
 }
 
 struct RedisAcker {
@@ -749,7 +673,7 @@ impl Acker for RedisAcker {
                     _ = ticks.tick() => {}
                 }
                 let fresh = redis::cmd("ZADD")
-                    .arg(UNACKED_INDEX)
+                    .arg(layout::UNACKED_INDEX)
                     .arg("XX")
                     .arg(now_seconds())
                     .arg(&tag)
@@ -795,7 +719,9 @@ async fn forget(
     back: Option<(&str, &[u8])>,
 ) -> Result<()> {
     let mut pipe = redis::pipe();
-    pipe.atomic().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag);
+    pipe.atomic()
+        .zrem(layout::UNACKED_INDEX, tag)
+        .hdel(layout::UNACKED, tag);
     if let Some((list, raw)) = back {
         pipe.lpush(list, raw);
     }
@@ -816,25 +742,5 @@ impl Acker for Dropped {
 
     async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn priorities_map_to_kombus_lists() {
-        assert_eq!(list_for("celery", 0), "celery");
-        assert_eq!(list_for("celery", 2), "celery");
-        assert_eq!(list_for("celery", 5), "celery\x06\x163");
-        assert_eq!(list_for("celery", 9), "celery\x06\x169");
-        assert_eq!(list_for("celery", 255), "celery\x06\x169");
-        let keys = fetch_order(&["a".into(), "b".into()]);
-        assert_eq!(
-            keys[..3],
-            ["a".to_string(), "b".into(), "a\x06\x163".into()]
-        );
-        assert_eq!(keys.len(), 8);
     }
 }

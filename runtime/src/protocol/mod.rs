@@ -4,11 +4,13 @@
 //!   and v1 on receipt).
 //! - [`amqp`]: the message as AMQP basic properties and header field tables.
 //! - [`envelope`]: kombu's JSON envelope, the form a message takes inside a Redis list.
+//! - [`kombu_redis`]: kombu's key layout of a Redis broker (lists, bindings, channels, unacked).
 //! - [`result`]: the result meta stored in the backend, states, and encoded exceptions.
 //! - [`repr`]: Python `repr()` of JSON values, for `argsrepr`/`kwargsrepr`.
 
 pub mod amqp;
 pub mod envelope;
+pub mod kombu_redis;
 pub mod message;
 pub mod repr;
 pub mod result;
