@@ -12,7 +12,7 @@
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
 //! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
 //! - [`metrics`]: a worker's Prometheus metrics and the listener that serves them.
-//! - [`node`]: the `worker` command, one worker node process over a crate's registry.
+//! - [`command`]: the `worker`, `beat` and `call` commands, each behind one function.
 //! - [`worker`]: the dispatcher that takes messages from the broker and runs tasks, and
 //!   answers Celery's remote control.
 //! - [`logging`]: the tracing set-up every binary shares.
@@ -32,12 +32,12 @@ pub mod canvas;
 pub mod chord;
 pub mod cli;
 pub mod client;
+pub mod command;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod logging;
 pub mod metrics;
-pub mod node;
 pub mod progress;
 pub mod protocol;
 pub mod rate;

@@ -2,5 +2,5 @@
 //! with the product worker's options.
 
 fn main() -> anyhow::Result<()> {
-    Ok(runtime::node::main(conformance::registry)?)
+    Ok(runtime::command::worker::main(conformance::registry)?)
 }

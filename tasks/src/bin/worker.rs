@@ -1,5 +1,6 @@
-//! `worker`: runs the Rust tasks as a Celery worker node (`celery worker` options).
+//! `worker`: runs the Rust tasks as a Celery worker node, with `celery worker`'s options
+//! ([`runtime::command::worker`]).
 
 fn main() -> anyhow::Result<()> {
-    Ok(runtime::node::main(tasks::registry)?)
+    Ok(runtime::command::worker::main(tasks::registry)?)
 }

@@ -1,6 +1,6 @@
-//! The `worker` command: one worker node process over a crate's task registry, with
-//! `celery worker`'s options, reconnecting after a lost broker and stopping warm then cold on
-//! signals. Each task crate's `worker` binary is this, given its own registry.
+//! `worker`: one worker node process over a crate's task registry, with `celery worker`'s
+//! options, reconnecting after a lost broker and stopping warm then cold on signals. Each task
+//! crate's `worker` binary is [`main`], given its own registry.
 
 use std::sync::Arc;
 use std::time::Duration;
