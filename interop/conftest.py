@@ -293,13 +293,15 @@ def start_rust_worker(
     concurrency: int = RUST_CONCURRENCY,
     task_events: bool = False,
     extra_env: dict[str, str] | None = None,
+    binary: str = "worker",
 ) -> WorkerHandle:
     """Start a Rust worker on ``queues`` and wait (bounded) for its ``<hostname> ready.`` line.
 
     ``task_events`` passes ``-E`` (task events from the start); ``extra_env`` adds ``CELERY_*``
-    overrides (e.g. ``CELERY_WORKER_HEARTBEAT_INTERVAL``).
+    overrides (e.g. ``CELERY_WORKER_HEARTBEAT_INTERVAL``); ``binary`` is the worker binary, ours
+    or another crate's built on the runtime.
     """
-    worker_bin = rust_binary("worker")
+    worker_bin = rust_binary(binary)
     config = rust_config()
     node = f"rust-{setup.session_id}-{tag}"
     argv = [
@@ -441,17 +443,18 @@ def spawn_py_worker(broker: BrokerSetup):
 @pytest.fixture
 def spawn_rust_worker(broker: BrokerSetup):
     """Start extra Rust workers for one test:
-    ``spawn_rust_worker([queues], tag=..., concurrency=..., task_events=..., extra_env=..., setup=...)``
-    (``setup`` defaults to ``broker``, e.g. ``isolated_broker``).
+    ``spawn_rust_worker([queues], tag=..., concurrency=..., task_events=..., extra_env=..., setup=...,
+    binary=...)`` (``setup`` defaults to ``broker``, e.g. ``isolated_broker``; ``binary`` to ours).
 
     Each is stopped (SIGTERM, then kill) when the test ends, unless the test stopped it itself.
     """
     started: list[WorkerHandle] = []
 
     def spawn(queues: list[str], tag: str, concurrency: int = 2, task_events: bool = False,
-              extra_env: dict[str, str] | None = None, setup: BrokerSetup | None = None) -> WorkerHandle:
+              extra_env: dict[str, str] | None = None, setup: BrokerSetup | None = None,
+              binary: str = "worker") -> WorkerHandle:
         handle = start_rust_worker(setup or broker, queues, tag=f"{tag}-{uuid.uuid4().hex[:4]}", concurrency=concurrency,
-                                   task_events=task_events, extra_env=extra_env)
+                                   task_events=task_events, extra_env=extra_env, binary=binary)
         started.append(handle)
         return handle
 
