@@ -1,4 +1,5 @@
-//! How a running task reports custom states such as `PROGRESS {current, total}`.
+//! How a running task talks to the dispatcher: the custom states it reports (such as
+//! `PROGRESS {current, total}`), its soft time limit, and the Python exception it raises.
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -6,14 +7,14 @@
 //! can write, never an old one after a newer one.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::protocol::result::state;
+use crate::protocol::result::{state, ExceptionInfo};
 
 tokio::task_local! {
     static CURRENT: TaskContext;
@@ -34,6 +35,7 @@ pub struct TaskContext {
     task_id: Arc<str>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
+    raised: Arc<Mutex<Option<ExceptionInfo>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -48,6 +50,7 @@ impl TaskContext {
                 task_id: task_id.into(),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
+                raised: Arc::default(),
             },
             receiver,
         )
@@ -56,6 +59,15 @@ impl TaskContext {
     /// Tells the task its soft time limit has passed.
     pub fn exceed_soft_limit(&self) {
         self.soft_limit.cancel();
+    }
+
+    /// The exception the task last raised with [`crate::raise`], taken once.
+    pub fn take_raised(&self) -> Option<ExceptionInfo> {
+        self.raised
+            .lock()
+            .map(|mut raised| raised.take())
+            .ok()
+            .flatten()
     }
 
     /// Runs `future` with this context as the current task's.
@@ -73,6 +85,17 @@ pub fn update_state(state: &str, meta: Value) -> Result<()> {
                 state: state.to_string(),
                 meta,
             }));
+        })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// Records `exc` as the exception the calling task ends with. Fails only outside a task.
+pub(crate) fn record_raised(exc: ExceptionInfo) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            if let Ok(mut raised) = context.raised.lock() {
+                *raised = Some(exc);
+            }
         })
         .map_err(|_| Error::NotInTask)
 }

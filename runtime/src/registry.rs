@@ -159,6 +159,7 @@ where
         let mut crate_request = Request::<T>::new(app, crate_message(request), params.clone());
         crate_request.hostname = Some(hostname.to_string());
         let task = T::from_request(crate_request, T::DEFAULTS);
+        let raised = context.clone();
         let run = context.scope(async move {
             let result = task.run(params).await;
             match &result {
@@ -181,7 +182,11 @@ where
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            Ok(Err(error)) => outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true)),
+            Ok(Err(error)) => outcome_of(
+                error,
+                raised.take_raised(),
+                T::DEFAULTS.retry_for_unexpected == Some(true),
+            ),
             Err(join) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
@@ -293,9 +298,15 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
     }
 }
 
-/// A task's error as Celery would end it, with the Python exception Celery users expect.
-fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
-    let runtime_error = |message: String| ExceptionInfo::builtin("RuntimeError", message);
+/// A task's error as Celery would end it, with the Python exception Celery users expect: the
+/// one the task named with [`crate::raise::raise`], else a `RuntimeError` with its message.
+fn outcome_of(
+    error: TaskError,
+    raised: Option<ExceptionInfo>,
+    retry_for_unexpected: bool,
+) -> Outcome {
+    let exception =
+        |message: String| raised.unwrap_or_else(|| ExceptionInfo::builtin("RuntimeError", message));
     match error {
         TaskError::Retry(eta) => Outcome::Retry {
             eta,
@@ -303,13 +314,13 @@ fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
         },
         TaskError::ExpectedError(message) => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: exception(message),
         },
         TaskError::UnexpectedError(message) if retry_for_unexpected => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: exception(message),
         },
-        TaskError::UnexpectedError(message) => Outcome::Failure(runtime_error(message)),
+        TaskError::UnexpectedError(message) => Outcome::Failure(exception(message)),
         TaskError::TimeoutError => {
             Outcome::Failure(ExceptionInfo::celery("TimeLimitExceeded", "task timed out"))
         }
@@ -461,6 +472,27 @@ mod tests {
         assert_eq!(
             call_variadic(&[VAR_ARGS], json!([]), json!({"z": 1})).unwrap_err(),
             "t.v() got an unexpected keyword argument 'z'"
+        );
+    }
+
+    #[test]
+    fn a_raised_exception_replaces_the_runtime_error() {
+        let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let error = || TaskError::UnexpectedError("boom".into());
+        assert_eq!(
+            outcome_of(error(), Some(named.clone()), false),
+            Outcome::Failure(named.clone())
+        );
+        assert_eq!(
+            outcome_of(error(), None, false),
+            Outcome::Failure(ExceptionInfo::builtin("RuntimeError", "boom"))
+        );
+        assert_eq!(
+            outcome_of(error(), Some(named.clone()), true),
+            Outcome::Retry {
+                eta: None,
+                exc: named
+            }
         );
     }
 }
