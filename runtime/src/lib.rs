@@ -9,6 +9,7 @@
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
+//! - [`raise`]: a task ending with a Python exception of a named class.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
 //! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
 //! - [`metrics`]: a worker's Prometheus metrics and the listener that serves them.
@@ -40,6 +41,7 @@ pub mod logging;
 pub mod metrics;
 pub mod progress;
 pub mod protocol;
+pub mod raise;
 pub mod rate;
 pub mod registry;
 pub mod schedule;

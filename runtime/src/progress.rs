@@ -1,4 +1,5 @@
-//! How a running task reports custom states such as `PROGRESS {current, total}`.
+//! How a running task reports custom states such as `PROGRESS {current, total}`, and reads
+//! the request it runs for (Celery's `self.request`).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::protocol::result::state;
+use crate::protocol::TaskRequest;
 
 tokio::task_local! {
     static CURRENT: TaskContext;
@@ -31,7 +33,7 @@ pub struct StateUpdate {
 /// The running task's identity and its channel to the dispatcher.
 #[derive(Clone)]
 pub struct TaskContext {
-    task_id: Arc<str>,
+    request: Arc<TaskRequest>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
 }
@@ -40,12 +42,12 @@ pub struct TaskContext {
 pub type Updates = watch::Receiver<Option<StateUpdate>>;
 
 impl TaskContext {
-    /// A context for task `task_id` and the receiver of its reports.
-    pub fn new(task_id: &str) -> (Self, Updates) {
+    /// A context for running `request` and the receiver of its reports.
+    pub fn new(request: &TaskRequest) -> (Self, Updates) {
         let (sender, receiver) = watch::channel(None);
         (
             Self {
-                task_id: task_id.into(),
+                request: Arc::new(request.clone()),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
             },
@@ -101,19 +103,28 @@ pub async fn soft_time_limit() {
 
 /// The id of the task running on this task-local scope, if any.
 pub fn task_id() -> Option<String> {
-    CURRENT.try_with(|context| context.task_id.to_string()).ok()
+    CURRENT.try_with(|context| context.request.id.clone()).ok()
+}
+
+/// The request the running task was sent with (its headers, properties, retries, time limits),
+/// as Celery's `self.request`; `None` outside a task.
+pub fn request() -> Option<Arc<TaskRequest>> {
+    CURRENT.try_with(|context| context.request.clone()).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     #[tokio::test]
     async fn reports_reach_the_receiver_newest_last() {
-        let (context, mut updates) = TaskContext::new("t1");
+        let sent = TaskRequest::new("tasks.add", vec![json!(1)], Map::new());
+        let (context, mut updates) = TaskContext::new(&sent);
         context
             .scope(async {
-                assert_eq!(task_id().as_deref(), Some("t1"));
+                assert_eq!(task_id(), Some(sent.id.clone()));
+                assert_eq!(request().map(|r| r.args.clone()), Some(vec![json!(1)]));
                 for i in 1..=1000 {
                     report(i, 1000).unwrap();
                 }
@@ -132,7 +143,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_soft_limit_is_seen_inside_the_task() {
-        let (context, _updates) = TaskContext::new("t2");
+        let (context, _updates) =
+            TaskContext::new(&TaskRequest::new("tasks.add", vec![], Map::new()));
         let limit = context.clone();
         context
             .scope(async move {
@@ -149,5 +161,6 @@ mod tests {
     fn reporting_outside_a_task_is_an_error() {
         assert!(matches!(report(1, 2), Err(Error::NotInTask)));
         assert_eq!(task_id(), None);
+        assert!(request().is_none());
     }
 }

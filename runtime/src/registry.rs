@@ -4,6 +4,12 @@
 //! own worker lacks: Celery's argument binding (positional and keyword, with Python's
 //! `TypeError`s for too many, duplicate, unknown or missing arguments), running blocking task
 //! code off the async threads, and turning every outcome into what the backend stores.
+//!
+//! A task takes Python's `*args` and `**kwargs` through two reserved parameter names:
+//! `var_args: Vec<Value>` gets the positional arguments past the named ones (and makes the
+//! parameters after it keyword-only), `var_kwargs: Map<String, Value>` the keyword arguments no
+//! parameter is named for. `def sleeping(i, **_)` is
+//! `fn sleeping(i: f64, var_kwargs: Map<String, Value>)`.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -21,6 +27,7 @@ use serde_json::{Map, Value};
 use crate::progress::TaskContext;
 use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
+use crate::raise::{self, Raised};
 
 /// How a task run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,10 +44,25 @@ pub enum Outcome {
         eta: Option<DateTime<Utc>>,
         /// What to store as the RETRY state (and as FAILURE once retries run out).
         exc: ExceptionInfo,
+        /// What the next run changes, as the task asked with [`crate::raise::retry`].
+        next: NextRun,
     },
     /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
     /// The panic message says where.
     Panicked(String),
+}
+
+/// What a retried task's next run changes (all `None`: nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NextRun {
+    /// The most retries, instead of the task's.
+    pub max_retries: Option<u32>,
+    /// New positional arguments.
+    pub args: Option<Vec<Value>>,
+    /// New keyword arguments.
+    pub kwargs: Option<Map<String, Value>>,
+    /// Expires this many seconds after the retry.
+    pub expires: Option<f64>,
 }
 
 /// One registered task, its type erased.
@@ -153,14 +175,14 @@ where
         let mut crate_request = Request::<T>::new(app, crate_message(request), params.clone());
         crate_request.hostname = Some(hostname.to_string());
         let task = T::from_request(crate_request, T::DEFAULTS);
-        let run = context.scope(async move {
+        let run = raise::catching(context.scope(async move {
             let result = task.run(params).await;
             match &result {
                 Ok(value) => task.on_success(value).await,
                 Err(error) => task.on_failure(error).await,
             }
             result.map(|value| serde_json::to_value(&value))
-        });
+        }));
         let joined = match self.execution {
             // Aborted if this future is dropped (a revoke with terminate), not left running.
             Execution::Async => tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run)).await,
@@ -170,12 +192,22 @@ where
             }
         };
         match joined {
-            Ok(Ok(Ok(value))) => Outcome::Success(value),
-            Ok(Ok(Err(error))) => Outcome::Failure(ExceptionInfo::builtin(
+            Ok((Ok(Ok(value)), _)) => Outcome::Success(value),
+            Ok((Ok(Err(error)), _)) => Outcome::Failure(ExceptionInfo::builtin(
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            Ok(Err(error)) => outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true)),
+            Ok((Err(error), raised)) => {
+                let mut outcome = outcome_of(
+                    error,
+                    raised,
+                    T::DEFAULTS.retry_for_unexpected == Some(true),
+                );
+                if let Outcome::Retry { next, .. } = &mut outcome {
+                    carry_arguments(T::ARGS, request, next);
+                }
+                outcome
+            }
             Err(join) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
@@ -183,8 +215,19 @@ where
     }
 }
 
+/// The parameter name that collects the positional arguments past the named ones, as Python's
+/// `*args` does: declare it `var_args: Vec<serde_json::Value>`. Parameters after it are
+/// keyword-only, as in Python (`fn retry_once(var_args: Vec<Value>, expires: Option<f64>)` is
+/// `def retry_once(*args, expires=None)`).
+pub const VAR_ARGS: &str = "var_args";
+
+/// The parameter name that collects the keyword arguments no named parameter takes, as Python's
+/// `**kwargs` does: declare it `var_kwargs: serde_json::Map<String, serde_json::Value>`.
+pub const VAR_KWARGS: &str = "var_kwargs";
+
 /// Binds Celery's positional and keyword arguments to the task's parameters, the way Python
-/// binds a call, then lets serde check the types.
+/// binds a call (with [`VAR_ARGS`] and [`VAR_KWARGS`] as `*args` and `**kwargs`), then lets
+/// serde check the types.
 fn bind<P: serde::de::DeserializeOwned>(
     name: &str,
     arg_names: &[&str],
@@ -193,28 +236,49 @@ fn bind<P: serde::de::DeserializeOwned>(
 ) -> Result<P, ExceptionInfo> {
     let type_error =
         |message: String| ExceptionInfo::builtin("TypeError", format!("{name}() {message}"));
-    if args.len() > arg_names.len() {
+    let named = |arg: &str| arg != VAR_ARGS && arg != VAR_KWARGS;
+    let var_args = arg_names.contains(&VAR_ARGS);
+    let var_kwargs = arg_names.contains(&VAR_KWARGS);
+    let positional: Vec<&str> = arg_names
+        .iter()
+        .copied()
+        .take_while(|arg| *arg != VAR_ARGS)
+        .filter(|arg| named(arg))
+        .collect();
+    if args.len() > positional.len() && !var_args {
         return Err(type_error(format!(
             "takes {} positional arguments but {} were given",
-            arg_names.len(),
+            positional.len(),
             args.len()
         )));
     }
     let mut params = Map::new();
-    for (arg_name, value) in arg_names.iter().zip(args) {
+    for (arg_name, value) in positional.iter().zip(args) {
         params.insert((*arg_name).to_string(), value.clone());
     }
+    let mut rest = Map::new();
     for (key, value) in kwargs {
-        if !arg_names.contains(&key.as_str()) {
+        let slot = if named(key) && arg_names.contains(&key.as_str()) {
+            &mut params
+        } else if var_kwargs {
+            &mut rest
+        } else {
             return Err(type_error(format!(
                 "got an unexpected keyword argument '{key}'"
             )));
-        }
-        if params.insert(key.clone(), value.clone()).is_some() {
+        };
+        if slot.insert(key.clone(), value.clone()).is_some() {
             return Err(type_error(format!(
                 "got multiple values for argument '{key}'"
             )));
         }
+    }
+    if var_args {
+        let extra = args.iter().skip(positional.len()).cloned().collect();
+        params.insert(VAR_ARGS.into(), Value::Array(extra));
+    }
+    if var_kwargs {
+        params.insert(VAR_KWARGS.into(), Value::Object(rest));
     }
     serde_json::from_value(Value::Object(params)).map_err(|error| {
         let text = error.to_string();
@@ -226,6 +290,37 @@ fn bind<P: serde::de::DeserializeOwned>(
             None => type_error(format!("got an argument of the wrong type: {text}")),
         }
     })
+}
+
+/// Completes a retry that gave only new positional or only new keyword arguments, as Celery
+/// does: the other kind is kept where it does not clash with the new calling convention (new
+/// positionals drop the keywords naming the same parameters; new keywords for parameters passed
+/// positionally take their places).
+fn carry_arguments(arg_names: &[&str], request: &TaskRequest, next: &mut NextRun) {
+    let positional: Vec<&str> = arg_names
+        .iter()
+        .copied()
+        .take_while(|arg| *arg != VAR_ARGS && *arg != VAR_KWARGS)
+        .collect();
+    match (&next.args, &mut next.kwargs) {
+        (Some(args), None) => {
+            let mut kwargs = request.kwargs.clone();
+            for name in positional.iter().take(args.len()) {
+                kwargs.remove(*name);
+            }
+            next.kwargs = Some(kwargs);
+        }
+        (None, Some(kwargs)) => {
+            let mut args = request.args.clone();
+            for (name, slot) in positional.iter().zip(args.iter_mut()) {
+                if let Some(value) = kwargs.remove(*name) {
+                    *slot = value;
+                }
+            }
+            next.args = Some(args);
+        }
+        _ => {}
+    }
 }
 
 /// The crate's message for `Request::new`: only the fields its `Request` reads.
@@ -255,23 +350,43 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
     }
 }
 
-/// A task's error as Celery would end it, with the Python exception Celery users expect.
-fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
+/// A task's error as Celery would end it, with the Python exception Celery users expect: the
+/// one the task named with [`raise::raise`] or [`raise::retry`], else a `RuntimeError` with its
+/// message (or Celery's `Retry` for a bare retry).
+fn outcome_of(error: TaskError, raised: Option<Raised>, retry_for_unexpected: bool) -> Outcome {
+    let (named, next) = match raised {
+        Some(Raised::Exception(exc)) => (Some(exc), NextRun::default()),
+        Some(Raised::Retry(asked)) => (
+            asked.exc,
+            NextRun {
+                max_retries: asked.max_retries,
+                args: asked.args,
+                kwargs: asked.kwargs,
+                expires: asked.expires,
+            },
+        ),
+        None => (None, NextRun::default()),
+    };
     let runtime_error = |message: String| ExceptionInfo::builtin("RuntimeError", message);
     match error {
         TaskError::Retry(eta) => Outcome::Retry {
             eta,
-            exc: ExceptionInfo::celery("Retry", "Retry requested"),
+            exc: named.unwrap_or_else(|| ExceptionInfo::celery("Retry", "Retry requested")),
+            next,
         },
         TaskError::ExpectedError(message) => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: named.unwrap_or_else(|| runtime_error(message)),
+            next,
         },
         TaskError::UnexpectedError(message) if retry_for_unexpected => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: named.unwrap_or_else(|| runtime_error(message)),
+            next,
         },
-        TaskError::UnexpectedError(message) => Outcome::Failure(runtime_error(message)),
+        TaskError::UnexpectedError(message) => {
+            Outcome::Failure(named.unwrap_or_else(|| runtime_error(message)))
+        }
         TaskError::TimeoutError => {
             Outcome::Failure(ExceptionInfo::celery("TimeLimitExceeded", "task timed out"))
         }
@@ -346,5 +461,160 @@ mod tests {
             ),
             "{wrong}"
         );
+    }
+
+    /// `def retry_once(x, *args, expires=None, **kwargs)`.
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct VariadicParams {
+        x: i64,
+        var_args: Vec<Value>,
+        expires: Option<f64>,
+        var_kwargs: Map<String, Value>,
+    }
+
+    const VARIADIC: &[&str] = &["x", VAR_ARGS, "expires", VAR_KWARGS];
+
+    fn call_variadic(names: &[&str], args: Value, kwargs: Value) -> Result<Value, String> {
+        let args = args.as_array().unwrap().clone();
+        let kwargs = kwargs.as_object().unwrap().clone();
+        bind::<Value>("t.v", names, &args, &kwargs).map_err(|e| e.message())
+    }
+
+    #[test]
+    fn variadic_parameters_collect_the_rest_as_pythons_star_args_and_kwargs() {
+        let args = json!([1, 2, "three"]);
+        let kwargs = json!({"expires": 60.0, "other": true});
+        let bound = bind::<VariadicParams>(
+            "t.v",
+            VARIADIC,
+            args.as_array().unwrap(),
+            kwargs.as_object().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            bound,
+            VariadicParams {
+                x: 1,
+                var_args: vec![json!(2), json!("three")],
+                expires: Some(60.0),
+                var_kwargs: json!({"other": true}).as_object().unwrap().clone(),
+            }
+        );
+        // Nothing extra: both are empty, never missing.
+        assert_eq!(
+            call_variadic(VARIADIC, json!([1]), json!({})),
+            Ok(json!({"x": 1, "var_args": [], "var_kwargs": {}}))
+        );
+    }
+
+    #[test]
+    fn parameters_after_var_args_are_keyword_only() {
+        assert_eq!(
+            call_variadic(&[VAR_ARGS, "expires"], json!([5, 6]), json!({})),
+            Ok(json!({"var_args": [5, 6]}))
+        );
+        assert_eq!(
+            call_variadic(&[VAR_ARGS, "expires"], json!([]), json!({"expires": 1})),
+            Ok(json!({"var_args": [], "expires": 1}))
+        );
+    }
+
+    #[test]
+    fn var_kwargs_alone_still_refuses_extra_positionals_and_duplicates() {
+        let sleeping = &["i", VAR_KWARGS];
+        assert_eq!(
+            call_variadic(sleeping, json!([1]), json!({"queue": "q"})),
+            Ok(json!({"i": 1, "var_kwargs": {"queue": "q"}}))
+        );
+        assert_eq!(
+            call_variadic(sleeping, json!([1, 2]), json!({})).unwrap_err(),
+            "t.v() takes 1 positional arguments but 2 were given"
+        );
+        assert_eq!(
+            call_variadic(sleeping, json!([1]), json!({"i": 2})).unwrap_err(),
+            "t.v() got multiple values for argument 'i'"
+        );
+        // Without `var_kwargs`, an unknown keyword is still refused.
+        assert_eq!(
+            call_variadic(&[VAR_ARGS], json!([]), json!({"z": 1})).unwrap_err(),
+            "t.v() got an unexpected keyword argument 'z'"
+        );
+    }
+
+    #[test]
+    fn a_raised_exception_replaces_the_runtime_error() {
+        let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let raised = || Some(Raised::Exception(named.clone()));
+        let error = || TaskError::UnexpectedError("boom".into());
+        assert_eq!(
+            outcome_of(error(), raised(), false),
+            Outcome::Failure(named.clone())
+        );
+        assert_eq!(
+            outcome_of(error(), None, false),
+            Outcome::Failure(ExceptionInfo::builtin("RuntimeError", "boom"))
+        );
+        assert_eq!(
+            outcome_of(error(), raised(), true),
+            Outcome::Retry {
+                eta: None,
+                exc: named.clone(),
+                next: NextRun::default(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_retry_carries_its_exception_and_what_the_next_run_changes() {
+        let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let asked = raise::Retry {
+            exc: Some(named.clone()),
+            max_retries: Some(1),
+            kwargs: Some(Map::new()),
+            ..raise::Retry::default()
+        };
+        assert_eq!(
+            outcome_of(TaskError::Retry(None), Some(Raised::Retry(asked)), false),
+            Outcome::Retry {
+                eta: None,
+                exc: named,
+                next: NextRun {
+                    max_retries: Some(1),
+                    kwargs: Some(Map::new()),
+                    ..NextRun::default()
+                },
+            }
+        );
+        let bare = outcome_of(TaskError::Retry(None), None, false);
+        assert!(
+            matches!(&bare, Outcome::Retry { exc, next, .. } if exc.exc_type == "Retry" && *next == NextRun::default()),
+            "{bare:?}"
+        );
+    }
+
+    #[test]
+    fn a_retry_with_one_kind_of_arguments_keeps_the_other_where_it_does_not_clash() {
+        let names = &["foo", "bar", "label"];
+        let mut request = TaskRequest::new("t", vec![], Map::new());
+        request.kwargs = json!({"foo": 1, "bar": 2, "label": "kept"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mut next = NextRun {
+            args: Some(vec![json!(2), json!(3)]),
+            ..NextRun::default()
+        };
+        carry_arguments(names, &request, &mut next);
+        assert_eq!(next.kwargs, json!({"label": "kept"}).as_object().cloned());
+
+        let mut request = TaskRequest::new("t", vec![json!(1), json!(2)], Map::new());
+        request.kwargs = Map::new();
+        let mut next = NextRun {
+            kwargs: json!({"foo": 2}).as_object().cloned(),
+            ..NextRun::default()
+        };
+        carry_arguments(names, &request, &mut next);
+        assert_eq!(next.args, Some(vec![json!(2), json!(2)]));
+        assert_eq!(next.kwargs, Some(Map::new()));
     }
 }

@@ -36,7 +36,7 @@ use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::rate::TokenBucket;
-use crate::registry::{Outcome, Registry};
+use crate::registry::{NextRun, Outcome, Registry};
 use crate::state::WorkerState;
 use crate::urls::{is_sentinel_url, is_tls_url, redact_url, BrokerKind};
 
@@ -591,7 +591,7 @@ impl Worker {
             self.store(self.meta(&request, &queue, state::STARTED, started))
                 .await;
         }
-        let (context, updates) = TaskContext::new(&request.id);
+        let (context, updates) = TaskContext::new(&request);
         let reporter = tokio::spawn(self.clone().report_states(
             request.clone(),
             queue.clone(),
@@ -665,14 +665,17 @@ impl Worker {
                 let exc = ExceptionInfo::new("billiard.exceptions", "WorkerLostError", message);
                 self.fail(&request, &queue, exc).await
             }
-            Ending::Ran(Outcome::Retry { eta, exc }) => {
-                let max_retries = options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+            Ending::Ran(Outcome::Retry { eta, exc, next }) => {
+                let max_retries = next
+                    .max_retries
+                    .or(options.max_retries)
+                    .unwrap_or(DEFAULT_MAX_RETRIES);
                 if request.retries >= max_retries {
                     error!(task = %request.task, id = %request.id, retries = request.retries, exception = %exc.repr(), "task failed after its last retry");
                     self.fail(&request, &queue, exc).await
                 } else {
                     let eta = eta.unwrap_or_else(|| backoff(request.retries, &options));
-                    self.retry(&request, &queue, eta, exc).await
+                    self.retry(&request, &queue, eta, exc, next).await
                 }
             }
             Ending::TimedOut(limit) => {
@@ -901,6 +904,7 @@ impl Worker {
         queue: &str,
         eta: chrono::DateTime<Utc>,
         exc: ExceptionInfo,
+        next: NextRun,
     ) -> bool {
         let tb = traceback(&exc);
         info!(task = %request.task, id = %request.id, retries = request.retries + 1, %eta, exception = %exc.repr(), "task will retry");
@@ -918,6 +922,15 @@ impl Worker {
         again.retries += 1;
         again.eta = Some(eta);
         again.parent_id = Some(request.id.clone());
+        if let Some(args) = next.args {
+            again.args = args;
+        }
+        if let Some(kwargs) = next.kwargs {
+            again.kwargs = kwargs;
+        }
+        if let Some(expires) = next.expires {
+            again.expires = Some(Utc::now() + crate::raise::seconds_from_now(expires));
+        }
         match self.broker.publish(queue, &again.encode()).await {
             Ok(()) => {
                 self.metrics.ended(&request.task, Ended::Retried);
