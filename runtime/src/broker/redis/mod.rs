@@ -6,9 +6,8 @@
 //! (a consumer killed in between loses the message), we take and record it in one server-side
 //! script. A script cannot block, so an idle consumer waits apart from taking: it blocks (on a
 //! connection of its own) until its queue's list holds a message, without removing it, then runs
-//! the script. See [`wait_for_work`].
+//! the script. See [`wait_for_work`]. What is taken is settled as [`settling`] says.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,16 +15,18 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::remembered::Remembered;
-use super::{
-    give_back, Acker, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Settle, Subscription,
-};
+use super::{give_back, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Subscription};
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
+mod settling;
+
+use settling::{delivery, Holding};
+
 use crate::protocol::kombu_redis as layout;
 use crate::protocol::Message;
 
@@ -71,6 +72,7 @@ return taken
 /// Messages one fetch takes at most: one round trip fills up to this many free prefetch slots.
 const TAKE_AT_ONCE: usize = 64;
 
+/// Seconds since the epoch, as kombu scores `unacked_index`.
 fn now_seconds() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -492,44 +494,6 @@ impl Broker for RedisBroker {
     }
 }
 
-/// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`.
-fn delivery(
-    connection: &MultiplexedConnection,
-    holding: &Arc<Holding>,
-    list: String,
-    raw: Vec<u8>,
-    slot: OwnedSemaphorePermit,
-) -> Delivery {
-    let queue = layout::queue_of(&list).to_string();
-    let (message, tag) = match envelope::decode(&raw) {
-        Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
-        // The script recorded it if its envelope had a tag: settling drops the record.
-        Err(error) => (Err(error), layout::recorded_tag(&raw)),
-    };
-    match tag {
-        Some(tag) => Delivery {
-            message,
-            queue,
-            tag: tag.clone(),
-            settle: Settle::new(RedisAcker {
-                connection: connection.clone(),
-                tag,
-                list,
-                raw,
-                slot: std::sync::Mutex::new(Some(slot)),
-                holding: holding.clone(),
-                keeping: std::sync::Mutex::new(None),
-            }),
-        },
-        None => Delivery {
-            message,
-            queue,
-            tag: "(no delivery tag)".into(),
-            settle: Settle::new(Dropped { _slot: slot }),
-        },
-    }
-}
-
 /// Waits, at most [`IDLE_WAIT`], until `list` holds a message, leaving it there for the taking
 /// script: `BLMOVE list list RIGHT RIGHT` moves a list's last element onto its own tail, which
 /// changes nothing, and blocks while the list is empty. Before Redis 6.2 there is no BLMOVE:
@@ -616,131 +580,4 @@ async fn restore_visible(
         .invoke_async::<i64>(&mut connection)
         .await?;
     Ok(restored)
-}
-
-struct RedisAcker {
-    connection: MultiplexedConnection,
-    tag: String,
-    list: String,
-    raw: Vec<u8>,
-    /// Held until settled (or until held for an ETA outside the window): the consumer fetches
-    /// no more than its prefetch.
-    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
-    holding: Arc<Holding>,
-    /// While held for an ETA: stops keeping its unacked record fresh when dropped.
-    keeping: std::sync::Mutex<Option<tokio_util::sync::DropGuard>>,
-}
-
-/// What one consumer holds outside its prefetch window.
-struct Holding {
-    prefetch: u16,
-    /// Messages held for their ETA whose slot was given back.
-    outside: std::sync::atomic::AtomicU16,
-    visibility_timeout: u64,
-}
-
-#[async_trait]
-impl Acker for RedisAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        forget(&self.connection, &self.tag, None).await
-    }
-
-    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        let back = requeue.then_some((self.list.as_str(), self.raw.as_slice()));
-        forget(&self.connection, &self.tag, back).await
-    }
-
-    /// Gives the prefetch slot back (our accounting is the window), and keeps the unacked
-    /// record's time fresh: kombu lets a message held past `visibility_timeout` be restored to
-    /// another worker, which then holds (and later runs) it too.
-    async fn hold(&self, max: u16) -> bool {
-        let keep = CancellationToken::new();
-        *self.keeping.lock().expect("keeping lock") = Some(keep.clone().drop_guard());
-        let mut connection = self.connection.clone();
-        let tag = self.tag.clone();
-        // Well within the timeout, so no restorer finds the record old between two refreshes.
-        let every = Duration::from_millis(
-            self.holding
-                .visibility_timeout
-                .saturating_mul(250)
-                .clamp(100, 60_000),
-        );
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    () = keep.cancelled() => break,
-                    _ = ticks.tick() => {}
-                }
-                let fresh = redis::cmd("ZADD")
-                    .arg(layout::UNACKED_INDEX)
-                    .arg("XX")
-                    .arg(now_seconds())
-                    .arg(&tag)
-                    .query_async::<()>(&mut connection)
-                    .await;
-                if let Err(error) = fresh {
-                    tracing::warn!(%tag, %error, "cannot keep a held message's unacked record fresh");
-                }
-            }
-        });
-        let outside = &self.holding.outside;
-        let widened = outside
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (u32::from(self.holding.prefetch) + u32::from(n) < u32::from(max)).then(|| n + 1)
-            })
-            .is_ok();
-        if widened {
-            drop(self.slot.lock().expect("slot lock").take());
-        }
-        widened
-    }
-
-    /// Stops the refresh only: a message once outside the window stays outside (counted in
-    /// `outside`) until settled, so messages due together cannot pull in more behind them.
-    async fn unhold(&self, _widened: bool) {
-        drop(self.keeping.lock().expect("keeping lock").take());
-    }
-}
-
-impl Drop for RedisAcker {
-    fn drop(&mut self) {
-        let slot = self.slot.get_mut().map(|slot| slot.is_none());
-        if slot.unwrap_or(false) {
-            self.holding.outside.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Drops the unacked record of `tag`, pushing the message back to the tail of `list` if asked.
-async fn forget(
-    connection: &MultiplexedConnection,
-    tag: &str,
-    back: Option<(&str, &[u8])>,
-) -> Result<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .zrem(layout::UNACKED_INDEX, tag)
-        .hdel(layout::UNACKED, tag);
-    if let Some((list, raw)) = back {
-        pipe.lpush(list, raw);
-    }
-    pipe.query_async::<()>(&mut connection.clone()).await?;
-    Ok(())
-}
-
-/// The settlement of a message that was never recorded: only its prefetch slot is given back.
-struct Dropped {
-    _slot: OwnedSemaphorePermit,
-}
-
-#[async_trait]
-impl Acker for Dropped {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
-        Ok(())
-    }
 }

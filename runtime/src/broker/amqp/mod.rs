@@ -1,27 +1,32 @@
 //! RabbitMQ through lapin, with Celery's topology: durable queues, each bound to a direct exchange
 //! of its own name, tasks published to the default exchange with the queue as routing key.
+//!
+//! [`consuming`] hands deliveries on and settles them, and keeps each channel's prefetch window.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::{HandshakeResult, RustlsConnector, TcpStream};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, Mutex};
 
+mod consuming;
+
+use consuming::{forward, Window};
+
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
 use super::remembered::Remembered;
-use super::{Acker, Broker, Delivery, Exchange, QueueDepth, Settle, Subscription};
+use super::{Broker, Delivery, Exchange, QueueDepth, Subscription};
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::amqp::{message_of, properties_of, short};
@@ -394,15 +399,12 @@ impl Broker for AmqpBroker {
             .basic_qos(prefetch, BasicQosOptions { global })
             .await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
-        let window = Arc::new(Window {
-            channel: channel.clone(),
-            queue: (!global).then(|| queues.first().cloned()).flatten(),
-            sender: sender.downgrade(),
-            held: Mutex::new(Held {
-                prefetch,
-                extras: Vec::new(),
-            }),
-        });
+        let window = Window::new(
+            channel.clone(),
+            (!global).then(|| queues.first().cloned()).flatten(),
+            &sender,
+            prefetch,
+        );
         let mut tags = Vec::new();
         let mut forwarders = tokio::task::JoinSet::new();
         for queue in queues {
@@ -428,7 +430,7 @@ impl Broker for AmqpBroker {
         tokio::spawn(async move {
             tokio::select! {
                 () = sender.closed() => {
-                    tags.append(&mut window.held.lock().await.extras);
+                    tags.append(&mut window.take_extras().await);
                     for tag in tags {
                         let _ = channel.basic_cancel(tag.as_str(), BasicCancelOptions::default()).await;
                     }
@@ -584,170 +586,5 @@ impl Broker for AmqpBroker {
 
     async fn close(&self) -> Result<()> {
         Ok(self.connection.close(200, "bye").await?)
-    }
-}
-
-/// Hands each delivery of `consumer` to `sender` until the consumer ends (cancelled, or its
-/// connection lost).
-async fn forward(
-    mut consumer: lapin::Consumer,
-    queue: String,
-    window: Arc<Window>,
-    sender: mpsc::Sender<Delivery>,
-) {
-    while let Some(next) = consumer.next().await {
-        let delivery = match next {
-            Ok(delivery) => delivery,
-            Err(error) => {
-                tracing::error!(%queue, %error, "AMQP consumer failed");
-                break;
-            }
-        };
-        let delivery = Delivery {
-            message: message_of(&delivery.properties, delivery.data),
-            queue: queue.clone(),
-            tag: delivery.delivery_tag.to_string(),
-            settle: Settle::new(AmqpAcker {
-                acker: delivery.acker,
-                window: window.clone(),
-            }),
-        };
-        // After a cancel the stream ends once what was prefetched is given back.
-        if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
-            super::give_back(unwanted).await;
-        }
-    }
-}
-
-struct AmqpAcker {
-    acker: lapin::acker::Acker,
-    /// Also keeps the channel open while the delivery is unsettled: a closed channel requeues
-    /// all it held, so a task that finishes after its consumer was cancelled (a warm shutdown
-    /// with `task_acks_late`) could not be acked and would run again.
-    window: Arc<Window>,
-}
-
-#[async_trait]
-impl Acker for AmqpAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(self.acker.ack(BasicAckOptions::default()).await?)
-    }
-
-    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        Ok(self.acker.reject(BasicRejectOptions { requeue }).await?)
-    }
-
-    async fn hold(&self, max: u16) -> bool {
-        self.window.widen(max).await
-    }
-
-    async fn unhold(&self, widened: bool) {
-        if widened {
-            self.window.narrow().await;
-        }
-    }
-}
-
-/// The prefetch window of one consuming channel, widened by one for each message held for its
-/// ETA, as Celery raises its QoS. RabbitMQ applies a new global prefetch count at once, but a
-/// new per-consumer one only to consumers made after it: so with per-consumer QoS (one queue,
-/// the worker's way, and any quorum queue) each widening is one more consumer of the queue
-/// with a prefetch of one, cancelled when the held message is due.
-struct Window {
-    channel: Channel,
-    /// The queue extra consumers take from (the first, when a quorum queue is one of several);
-    /// `None` with global QoS.
-    queue: Option<String>,
-    /// Weak, so that a lost connection still ends the receiver while messages are held.
-    sender: mpsc::WeakSender<Delivery>,
-    held: Mutex<Held>,
-}
-
-struct Held {
-    /// The prefetch count asked for; 0 is RabbitMQ's "no limit", which never widens.
-    prefetch: u16,
-    /// With global QoS, one empty tag per widening; else the tags of the extra consumers.
-    extras: Vec<ShortString>,
-}
-
-impl Window {
-    /// Lets one more message in while the window stays at most `max`; `true` when it did.
-    async fn widen(self: &Arc<Self>, max: u16) -> bool {
-        let mut held = self.held.lock().await;
-        let size = usize::from(held.prefetch) + held.extras.len();
-        if held.prefetch == 0 || size >= usize::from(max) {
-            return false;
-        }
-        let widened = match &self.queue {
-            None => self
-                .set_global(size + 1)
-                .await
-                .map(|()| ShortString::from("")),
-            Some(queue) => self.add_consumer(queue).await,
-        };
-        match widened {
-            Ok(tag) => {
-                held.extras.push(tag);
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot widen the prefetch window for a held message");
-                false
-            }
-        }
-    }
-
-    /// Undoes one [`Window::widen`].
-    async fn narrow(&self) {
-        let mut held = self.held.lock().await;
-        let Some(tag) = held.extras.pop() else {
-            return;
-        };
-        let narrowed = match self.queue {
-            None => {
-                self.set_global(usize::from(held.prefetch) + held.extras.len())
-                    .await
-            }
-            // Its message, if it took one, stays unacked on the channel and can be settled.
-            Some(_) => {
-                self.channel
-                    .basic_cancel(tag.as_str(), BasicCancelOptions::default())
-                    .await
-            }
-        };
-        if let Err(error) = narrowed {
-            tracing::warn!(%error, "cannot narrow the prefetch window");
-        }
-    }
-
-    async fn set_global(&self, size: usize) -> lapin::Result<()> {
-        let size = u16::try_from(size).unwrap_or(u16::MAX);
-        self.channel
-            .basic_qos(size, BasicQosOptions { global: true })
-            .await
-    }
-
-    /// One more consumer of `queue` with a prefetch of one, forwarding as the first does.
-    async fn add_consumer(self: &Arc<Self>, queue: &str) -> lapin::Result<ShortString> {
-        let Some(sender) = self.sender.upgrade() else {
-            return Err(lapin::Error::InvalidChannelState(
-                lapin::ChannelState::Closing,
-            ));
-        };
-        self.channel
-            .basic_qos(1, BasicQosOptions { global: false })
-            .await?;
-        let consumer = self
-            .channel
-            .basic_consume(
-                queue,
-                "",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let tag = consumer.tag();
-        tokio::spawn(forward(consumer, queue.to_string(), self.clone(), sender));
-        Ok(tag)
     }
 }
