@@ -1,6 +1,9 @@
 //! Tasks that fail on purpose, with the exception classes of the suite's `tasks.py`, so Python's
 //! `get()` re-raises the class the suite names.
 
+// The suite passes these parameters by their Python names, `foo` and `bar`.
+#![allow(clippy::disallowed_names)]
+
 use celery::task::TaskResult;
 use runtime::protocol::result::ExceptionInfo;
 use runtime::raise::raise;

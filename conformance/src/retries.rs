@@ -1,6 +1,9 @@
 //! The retry family: tasks that ask to run again through `runtime::raise::retry`, as the suite's
 //! tasks call Celery's `self.retry(...)`, and report what the retried run saw.
 
+// The suite passes these parameters by their Python names, `foo` and `bar`.
+#![allow(clippy::disallowed_names)]
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use celery::task::TaskResult;
