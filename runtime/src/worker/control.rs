@@ -171,6 +171,7 @@ impl Worker {
                 let ids = strings(arguments.get("task_id"));
                 let terminated = self.state.revoke(&ids, method == "terminate" || flag("terminate"));
                 info!(?ids, ?terminated, "revoked");
+                self.store_revoked(&ids).await;
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
             }
             "enable_events" => match self.events.set_task_events(true) {
