@@ -140,7 +140,14 @@ impl Worker {
         Some(match method {
             "ping" => json!({"ok": "pong"}),
             "stats" => self.stats(),
-            "registered" | "dump_tasks" => json!(self.registry.names().collect::<Vec<_>>()),
+            "registered" | "dump_tasks" => {
+                let items = strings(arguments.get("taskinfoitems"));
+                json!(self
+                    .registry
+                    .names()
+                    .map(|name| registered_entry(name, &items))
+                    .collect::<Vec<_>>())
+            }
             "active" | "dump_active" => list(|p| matches!(p, Phase::Active(_)), flag("safe")),
             "reserved" | "dump_reserved" => list(|p| *p == Phase::Reserved, false),
             "scheduled" | "dump_schedule" => self
@@ -270,6 +277,20 @@ impl Worker {
     }
 }
 
+/// One line of `inspect registered`: the task's name, then the asked `items` it has, as Celery
+/// writes them (`NAME [name=NAME]`). Of Celery's task attributes a Rust task has only its name.
+fn registered_entry(name: &str, items: &[String]) -> String {
+    let known: Vec<String> = items
+        .iter()
+        .filter(|item| *item == "name")
+        .map(|item| format!("{item}={name}"))
+        .collect();
+    match known.is_empty() {
+        true => name.to_string(),
+        false => format!("{name} [{}]", known.join(" ")),
+    }
+}
+
 /// A string or a list of strings.
 fn strings(value: Option<&Value>) -> Vec<String> {
     match value {
@@ -371,6 +392,19 @@ mod tests {
 
     fn request(body: Value) -> Request {
         serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn registered_names_the_asked_items_it_knows() {
+        assert_eq!(registered_entry("t.add", &[]), "t.add");
+        assert_eq!(
+            registered_entry("t.add", &["name".into()]),
+            "t.add [name=t.add]"
+        );
+        assert_eq!(
+            registered_entry("t.add", &["rate_limit".into(), "name".into()]),
+            "t.add [name=t.add]"
+        );
     }
 
     #[test]
