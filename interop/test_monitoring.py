@@ -415,6 +415,22 @@ def test_revoke_before_the_task_runs(broker, spawn_rust_worker):
 
 
 @pytest.mark.timeout(60)
+def test_revoke_stores_revoked_unless_a_worker_began_the_task(broker, rust):
+    """As Celery's worker does, a revoke stores REVOKED at once for a task no worker has begun,
+    and leaves a task another worker started (STARTED, PROGRESS) to that worker."""
+    backend = broker.app.backend
+    not_sent, started, progressing = (str(uuid.uuid4()) for _ in range(3))
+    backend.store_result(started, {"hostname": "other@host"}, "STARTED")
+    backend.store_result(progressing, {"current": 1, "total": 2}, "PROGRESS")
+
+    reply = control_node(broker.app, rust.hostname, "revoke", task_id=[not_sent, started, progressing])
+    assert not_sent in reply.get("ok", ""), reply
+    assert backend.get_state(not_sent) == "REVOKED"
+    assert backend.get_state(started) == "STARTED"
+    assert backend.get_state(progressing) == "PROGRESS"
+
+
+@pytest.mark.timeout(60)
 def test_expired_task_is_revoked(broker, rust):
     result = broker.app.send_task("tasks.add", (1, 2), queue=rust.queue, countdown=2, expires=1)
     expect_revoked(result, "expired", within=10)

@@ -9,10 +9,16 @@
 #![allow(non_local_definitions)]
 
 mod arithmetic;
+mod failures;
+mod request;
+mod retries;
 
 use runtime::registry::Registry;
 
 /// Every ported task.
 pub fn registry() -> Registry {
-    arithmetic::register(Registry::new())
+    let registry = arithmetic::register(Registry::new());
+    let registry = failures::register(registry);
+    let registry = retries::register(registry);
+    request::register(registry)
 }

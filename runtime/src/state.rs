@@ -206,6 +206,13 @@ impl WorkerState {
         })
     }
 
+    /// Whether task `id` is running on this node.
+    pub fn is_active(&self, id: &str) -> bool {
+        let held = self.held.lock().expect("state lock");
+        held.get(id)
+            .is_some_and(|h| matches!(h.phase, Phase::Active(_)))
+    }
+
     /// Records `ids` as revoked; those held and not running yet are let go, those running are
     /// terminated when `terminate`.
     /// Returns the ids that were running and got the signal.

@@ -141,7 +141,14 @@ impl Worker {
         Some(match method {
             "ping" => json!({"ok": "pong"}),
             "stats" => self.stats(),
-            "registered" | "dump_tasks" => json!(self.registry.names().collect::<Vec<_>>()),
+            "registered" | "dump_tasks" => {
+                let items = strings(arguments.get("taskinfoitems"));
+                json!(self
+                    .registry
+                    .names()
+                    .map(|name| registered_entry(name, &items))
+                    .collect::<Vec<_>>())
+            }
             "active" | "dump_active" => list(|p| matches!(p, Phase::Active(_)), flag("safe")),
             "reserved" | "dump_reserved" => list(|p| *p == Phase::Reserved, false),
             "scheduled" | "dump_schedule" => self
@@ -172,6 +179,7 @@ impl Worker {
                 let ids = strings(arguments.get("task_id"));
                 let terminated = self.state.revoke(&ids, method == "terminate" || flag("terminate"));
                 info!(?ids, ?terminated, "revoked");
+                self.store_revoked(&ids).await;
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
             }
             "enable_events" => match self.events.set_task_events(true) {
@@ -267,6 +275,20 @@ impl Worker {
             broker_info(&self.config)["transport"].as_str().unwrap_or(""),
             self.config.result_backend.as_deref().map(redact_url).unwrap_or_default(),
         )
+    }
+}
+
+/// One line of `inspect registered`: the task's name, then the asked `items` it has, as Celery
+/// writes them (`NAME [name=NAME]`). Of Celery's task attributes a Rust task has only its name.
+fn registered_entry(name: &str, items: &[String]) -> String {
+    let known: Vec<String> = items
+        .iter()
+        .filter(|item| *item == "name")
+        .map(|item| format!("{item}={name}"))
+        .collect();
+    match known.is_empty() {
+        true => name.to_string(),
+        false => format!("{name} [{}]", known.join(" ")),
     }
 }
 
@@ -368,6 +390,19 @@ mod tests {
 
     fn request(body: Value) -> Request {
         serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn registered_names_the_asked_items_it_knows() {
+        assert_eq!(registered_entry("t.add", &[]), "t.add");
+        assert_eq!(
+            registered_entry("t.add", &["name".into()]),
+            "t.add [name=t.add]"
+        );
+        assert_eq!(
+            registered_entry("t.add", &["rate_limit".into(), "name".into()]),
+            "t.add [name=t.add]"
+        );
     }
 
     #[test]

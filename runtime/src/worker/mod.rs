@@ -1010,6 +1010,35 @@ impl Worker {
         stored && joined
     }
 
+    /// Stores REVOKED for revoked `ids` that no worker has begun, as Celery's worker does on a
+    /// revoke, so a caller waiting on a task revoked before any worker took it learns at once.
+    /// A task running here, started elsewhere (STARTED or a custom state) or ended is left to
+    /// whoever runs or ran it.
+    pub(super) async fn store_revoked(&self, ids: &[String]) {
+        let Some(backend) = &self.backend else {
+            return;
+        };
+        for id in ids.iter().filter(|id| !self.state.is_active(id)) {
+            let current = match backend.get(id).await {
+                Ok(meta) => meta.map(|meta| meta.status),
+                Err(error) => {
+                    warn!(%id, %error, "cannot read the state of a revoked task; not storing REVOKED");
+                    continue;
+                }
+            };
+            if not_begun(current.as_deref()) {
+                let exc = ExceptionInfo::celery("TaskRevokedError", "revoked");
+                self.store(ResultMeta::new(
+                    id,
+                    state::REVOKED,
+                    exc.to_value(),
+                    Utc::now(),
+                ))
+                .await;
+            }
+        }
+    }
+
     /// Writes each state the task reports, the newest one each time, until the task ends.
     async fn report_states(
         self: Arc<Self>,
@@ -1180,5 +1209,35 @@ fn failure_meta(id: &str, exc: &ExceptionInfo) -> ResultMeta {
 async fn settle_with(settlement: impl std::future::Future<Output = Result<()>>, tag: &str) {
     if let Err(error) = settlement.await {
         error!(delivery_tag = %tag, %error, "cannot settle message with the broker");
+    }
+}
+
+/// Whether a task in `status` (`None`: nothing stored) has not been begun by any worker: no
+/// state yet, or only received, retrying or rejected.
+fn not_begun(status: Option<&str>) -> bool {
+    matches!(
+        status,
+        None | Some(state::PENDING | state::RETRY | "RECEIVED" | "REJECTED")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoke_stores_revoked_only_for_tasks_no_worker_has_begun() {
+        for status in [
+            None,
+            Some("PENDING"),
+            Some("RETRY"),
+            Some("RECEIVED"),
+            Some("REJECTED"),
+        ] {
+            assert!(not_begun(status), "{status:?}");
+        }
+        for status in ["STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED"] {
+            assert!(!not_begun(Some(status)), "{status}");
+        }
     }
 }

@@ -1,0 +1,45 @@
+//! Tasks that report what they were sent with (Celery's `self.request`), and `print_unicode`.
+
+use celery::task::TaskResult;
+use runtime::progress;
+use runtime::registry::Registry;
+use serde_json::{json, Value};
+
+pub(crate) fn register(registry: Registry) -> Registry {
+    registry
+        .task::<return_request_time_limits>()
+        .task::<task_with_declared_time_limits>()
+        .task::<print_unicode>()
+}
+
+/// `{time_limit, soft_time_limit}` of the request, each `None` when the message set none, else
+/// `declared` (the task's own `(hard, soft)`).
+fn time_limits(declared: (Option<f64>, Option<f64>)) -> Value {
+    let (hard, soft) = progress::request().map_or((None, None), |request| request.timelimit);
+    json!({"time_limit": hard.or(declared.0), "soft_time_limit": soft.or(declared.1)})
+}
+
+/// The request's time limits.
+#[celery::task(name = "t.integration.tasks.return_request_time_limits")]
+pub fn return_request_time_limits() -> TaskResult<Value> {
+    Ok(time_limits((None, None)))
+}
+
+/// The request's time limits, the task declaring 60 s hard and 45 s soft.
+#[celery::task(
+    name = "t.integration.tasks.task_with_declared_time_limits",
+    hard_time_limit = 60,
+    time_limit = 45
+)]
+pub fn task_with_declared_time_limits() -> TaskResult<Value> {
+    Ok(time_limits((Some(60.0), Some(45.0))))
+}
+
+/// Logs `log_message` as a warning and prints `print_message`, both with non-ASCII text.
+#[celery::task(name = "t.integration.tasks.print_unicode")]
+pub fn print_unicode(log_message: Option<String>, print_message: Option<String>) -> TaskResult<()> {
+    let log_message = log_message.unwrap_or_else(|| "håå®ƒ valmuefrø".into());
+    tracing::warn!("{log_message}");
+    println!("{}", print_message.as_deref().unwrap_or("hiöäüß"));
+    Ok(())
+}
