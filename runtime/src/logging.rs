@@ -2,6 +2,7 @@
 //! lines as text or as JSON (`--log-format`).
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +15,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object a line: timestamp, level, message, the event's fields, target, spans.
     Json,
+}
+
+/// Whether the installed subscriber writes colour codes.
+static IN_COLOR: OnceLock<bool> = OnceLock::new();
+
+/// Whether log lines are written in colour (`false` before [`init`]), as `inspect conf` reports
+/// Celery's `worker_log_color`.
+pub fn in_color() -> bool {
+    IN_COLOR.get().copied().unwrap_or(false)
 }
 
 /// Installs the global subscriber. `level` is Celery's `--loglevel` (debug, info, warning, error,
@@ -34,8 +44,10 @@ pub fn init(level: &str, format: LogFormat) {
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let color = format == LogFormat::Text && std::io::stderr().is_terminal();
+    let _ = IN_COLOR.set(color);
     match format {
-        LogFormat::Text => subscriber.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => subscriber.with_ansi(color).init(),
         // The event's fields sit beside `message` at the top level, so a collector indexes
         // them as they are; no colour codes even on a terminal, so every line stays JSON.
         LogFormat::Json => subscriber

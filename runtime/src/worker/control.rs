@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use chrono::SecondsFormat;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -155,13 +156,7 @@ impl Worker {
                 .state
                 .infos(|p| matches!(p, Phase::Scheduled(_)), false)
                 .into_iter()
-                .map(|(phase, info)| {
-                    let eta = match phase {
-                        Phase::Scheduled(eta) => Some(eta.to_rfc3339()),
-                        _ => None,
-                    };
-                    json!({"eta": eta, "priority": info["delivery_info"]["priority"], "request": info})
-                })
+                .map(|(phase, info)| scheduled_entry(&phase, info))
                 .collect(),
             "revoked" | "dump_revoked" => json!(self.state.revoked()),
             "active_queues" => self
@@ -170,14 +165,16 @@ impl Worker {
                 .iter()
                 .map(|queue| queue_info(queue, self.broker.declaration(queue)))
                 .collect(),
-            "conf" => serde_json::to_value(self.config.redacted()).unwrap_or_default(),
+            "conf" => conf(&self.config),
             "query_task" => self.state.query(&strings(arguments.get("ids"))),
             "report" => json!({"ok": self.report()}),
             "clock" => json!({"clock": self.clock.value()}),
             "hello" => json!({"revoked": self.state.revoked(), "clock": self.clock.value()}),
             "revoke" | "terminate" => {
                 let ids = strings(arguments.get("task_id"));
-                let terminated = self.state.revoke(&ids, method == "terminate" || flag("terminate"));
+                let terminated = self
+                    .state
+                    .revoke(&ids, method == "terminate" || flag("terminate"));
                 info!(?ids, ?terminated, "revoked");
                 self.store_revoked(&ids).await;
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
@@ -191,7 +188,8 @@ impl Worker {
                 false => json!({"ok": "task events already disabled"}),
             },
             "heartbeat" => {
-                self.events.send("worker-heartbeat", self.heartbeat_fields());
+                self.events
+                    .send("worker-heartbeat", self.heartbeat_fields());
                 return None;
             }
             "shutdown" => {
@@ -220,7 +218,10 @@ impl Worker {
                 json!({"ok": if method == "pool_grow" { "pool will grow" } else { "pool will shrink" }})
             }
             "rate_limit" => {
-                let task = arguments.get("task_name").and_then(Value::as_str).unwrap_or_default();
+                let task = arguments
+                    .get("task_name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 let rate = match arguments.get("rate_limit") {
                     Some(Value::String(rate)) => rate.clone(),
                     Some(Value::Number(n)) => n.to_string(),
@@ -276,6 +277,59 @@ impl Worker {
             self.config.result_backend.as_deref().map(redact_url).unwrap_or_default(),
         )
     }
+}
+
+/// `inspect conf`: our settings, secrets masked, with the settings every Celery worker reports
+/// that ours does not read but has fixed, at what ours does.
+fn conf(config: &CeleryConfig) -> Value {
+    let mut table = match serde_json::to_value(config.redacted()) {
+        Ok(Value::Object(table)) => table,
+        _ => Map::new(),
+    };
+    // lapin asks for the URL's `heartbeat` when it names one, else takes the broker's.
+    let heartbeat = failover_urls(&config.broker_url)
+        .first()
+        .and_then(|url| url::Url::parse(url).ok())
+        .and_then(|url| {
+            url.query_pairs()
+                .find(|(key, _)| key == "heartbeat")
+                .and_then(|(_, value)| value.parse::<f64>().ok())
+        });
+    let fixed = [
+        // Only JSON messages are decoded.
+        ("accept_content", json!([JSON_CONTENT_NAME])),
+        // Every time is read, kept and written in UTC.
+        ("enable_utc", json!(true)),
+        ("timezone", json!("UTC")),
+        // The worker installs the process's one log subscriber, as Celery takes the root logger.
+        ("worker_hijack_root_logger", json!(true)),
+        ("worker_log_color", json!(crate::logging::in_color())),
+        ("broker_heartbeat", json!(heartbeat)),
+        // No setting is read under an old name, and tasks are compiled in: no modules to import.
+        ("deprecated_settings", json!([])),
+        ("include", json!([])),
+    ];
+    for (key, value) in fixed {
+        table.entry(key).or_insert(value);
+    }
+    Value::Object(table)
+}
+
+/// The serializer name Celery's `accept_content` gives JSON.
+const JSON_CONTENT_NAME: &str = "json";
+
+/// The priority Celery's worker gives every ETA entry on its timer (its `scheduled` answer shows
+/// the timer entry's priority, not the message's).
+const ETA_TIMER_PRIORITY: u8 = 6;
+
+/// One entry of `inspect scheduled`: the ETA as Python's `datetime.isoformat()` writes an aware
+/// UTC time with microseconds, the timer priority and the request's info.
+fn scheduled_entry(phase: &Phase, request: Value) -> Value {
+    let eta = match phase {
+        Phase::Scheduled(eta) => Some(eta.to_rfc3339_opts(SecondsFormat::Micros, false)),
+        _ => None,
+    };
+    json!({"eta": eta, "priority": ETA_TIMER_PRIORITY, "request": request})
 }
 
 /// One line of `inspect registered`: the task's name, then the asked `items` it has, as Celery
@@ -390,6 +444,44 @@ mod tests {
 
     fn request(body: Value) -> Request {
         serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn scheduled_writes_the_eta_as_python_with_the_timer_priority() {
+        let eta = chrono::DateTime::parse_from_rfc3339("2030-01-02T03:04:05Z")
+            .unwrap()
+            .to_utc();
+        let entry = scheduled_entry(&Phase::Scheduled(eta), json!({"id": "t"}));
+        assert_eq!(
+            entry,
+            json!({"eta": "2030-01-02T03:04:05.000000+00:00", "priority": 6, "request": {"id": "t"}})
+        );
+    }
+
+    #[test]
+    fn conf_has_celerys_settings_and_no_secrets() {
+        let table = conf(&CeleryConfig {
+            broker_url: "amqp://guest:s3cret@127.0.0.1:5672//?heartbeat=30".into(),
+            result_backend: Some("redis://:s3cret@127.0.0.1:6379/1".into()),
+            ..CeleryConfig::default()
+        });
+        for key in [
+            "worker_hijack_root_logger",
+            "worker_log_color",
+            "accept_content",
+            "enable_utc",
+            "timezone",
+            "broker_url",
+            "result_backend",
+            "broker_heartbeat",
+            "deprecated_settings",
+            "include",
+        ] {
+            assert!(table.get(key).is_some(), "{key} missing");
+        }
+        assert_eq!(table["accept_content"], json!(["json"]));
+        assert_eq!(table["broker_heartbeat"], json!(30.0));
+        assert!(!table.to_string().contains("s3cret"));
     }
 
     #[test]
