@@ -164,6 +164,29 @@ def test_a_named_exception_class_reraises_as_that_class(rust):
 
 
 @pytest.mark.timeout(60)
+def test_a_task_rejecting_for_good_stores_celerys_reject(rust):
+    """``Reject(reason, requeue=False)`` from a Rust task: FAILURE with Celery's ``Reject``,
+    which Python re-raises, and the message is gone from the queue."""
+    from celery.exceptions import Reject
+
+    result = rust.app.send_task("tasks.reject", ("no account",))
+    with pytest.raises(Reject) as excinfo:
+        result.get(timeout=GET_TIMEOUT)
+    assert excinfo.value.args == ("no account", False)
+    assert result.state == "FAILURE"
+    assert_worker_answers(rust)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_rejecting_with_requeue_runs_again_seeing_redelivered(rust):
+    """An acks-late task rejects its message back to the queue; the broker gives it again, the
+    task's request reads ``delivery_info.redelivered`` and it succeeds, stored once."""
+    result = rust.app.send_task("tasks.requeue_once")
+    assert result.get(timeout=GET_TIMEOUT) == "redelivered"
+    assert result.state == "SUCCESS"
+
+
+@pytest.mark.timeout(60)
 def test_a_result_over_result_max_bytes_reraises_value_error(rust):
     """The worker runs with the default result_max_bytes (1 MiB of JSON): an echo one byte over
     it is stored as ValueError, which Python re-raises as its own."""

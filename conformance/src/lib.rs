@@ -10,6 +10,7 @@
 
 mod arithmetic;
 mod failures;
+mod rejects;
 mod request;
 mod retries;
 
@@ -20,5 +21,6 @@ pub fn registry() -> Registry {
     let registry = arithmetic::register(Registry::new());
     let registry = failures::register(registry);
     let registry = retries::register(registry);
+    let registry = rejects::register(registry);
     request::register(registry)
 }

@@ -10,6 +10,7 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<return_request_time_limits>()
         .task::<task_with_declared_time_limits>()
         .task::<print_unicode>()
+        .task::<return_properties>()
 }
 
 /// `{time_limit, soft_time_limit}` of the request, each `None` when the message set none, else
@@ -33,6 +34,13 @@ pub fn return_request_time_limits() -> TaskResult<Value> {
 )]
 pub fn task_with_declared_time_limits() -> TaskResult<Value> {
     Ok(time_limits((Some(60.0), Some(45.0))))
+}
+
+/// The message properties the task was sent with (`self.request.properties`).
+#[celery::task(name = "t.integration.tasks.return_properties")]
+pub fn return_properties() -> TaskResult<Value> {
+    let properties = progress::request().map(|request| request.properties.clone());
+    Ok(serde_json::to_value(properties).unwrap_or_default())
 }
 
 /// Logs `log_message` as a warning and prints `print_message`, both with non-ASCII text.

@@ -1,10 +1,12 @@
 //! How a Rust task ends other than by returning, as Celery's Python tasks do: raising a Python
-//! exception of a class it names, so Python's `get()` re-raises that class, or retrying with
-//! Celery's `Task.retry` options (the exception, when, how often, new arguments).
+//! exception of a class it names, so Python's `get()` re-raises that class, retrying with
+//! Celery's `Task.retry` options (the exception, when, how often, new arguments), or rejecting
+//! its message as Celery's `Reject` does.
 //!
 //! ```ignore
 //! return Err(raise(ExceptionInfo::with_args("myapp.errors", "QuotaExceeded", vec![json!(3)])));
 //! return Err(retry(Retry { countdown: Some(5.0), ..Retry::default() }));
+//! return Err(reject("no such account", false));
 //! ```
 //!
 //! The crate's `TaskError` holds only a message, so what the task asked travels beside it: these
@@ -51,6 +53,13 @@ pub enum Raised {
     Exception(ExceptionInfo),
     /// By running again, so.
     Retry(Retry),
+    /// By rejecting its message, giving it back to its queue when `requeue`.
+    Reject {
+        /// Celery's `Reject` exception, as stored when the message is not requeued.
+        exc: ExceptionInfo,
+        /// Whether the message goes back to its queue.
+        requeue: bool,
+    },
 }
 
 /// Records `exc` as the calling task's exception and returns the error that ends the task with
@@ -70,6 +79,22 @@ pub fn retry(retry: Retry) -> TaskError {
     };
     record(Raised::Retry(retry));
     TaskError::Retry(eta)
+}
+
+/// Records that the calling task rejects its message, as raising Celery's
+/// `Reject(reason, requeue)`, and returns the error that ends it. With `requeue` the message
+/// goes back to its queue and runs again (only a task that acks late still holds it; an early
+/// ack leaves nothing to give back); without, the broker drops it (dead-letters it where its
+/// queue says so) and FAILURE is stored with the `Reject` exception.
+pub fn reject(reason: impl Into<String>, requeue: bool) -> TaskError {
+    let reason = reason.into();
+    let exc = ExceptionInfo::with_args(
+        "celery.exceptions",
+        "Reject",
+        vec![Value::String(reason.clone()), Value::Bool(requeue)],
+    );
+    record(Raised::Reject { exc, requeue });
+    TaskError::UnexpectedError(reason)
 }
 
 /// `seconds` as a duration, clamped to what a date can add (a hostile countdown cannot panic).
@@ -134,6 +159,21 @@ mod tests {
         };
         assert!(eta >= before + Duration::seconds(5) && eta <= Utc::now() + Duration::seconds(5));
         assert_eq!(raised, Some(Raised::Retry(asked)));
+    }
+
+    #[tokio::test]
+    async fn a_reject_keeps_celerys_exception_and_whether_to_requeue() {
+        let (error, raised) = catching(async { reject("rejected", false) }).await;
+        assert!(matches!(&error, TaskError::UnexpectedError(m) if m == "rejected"));
+        let Some(Raised::Reject { exc, requeue }) = raised else {
+            panic!("{raised:?}")
+        };
+        assert!(!requeue);
+        assert_eq!(
+            exc.to_value(),
+            json!({"exc_type": "Reject", "exc_module": "celery.exceptions",
+                   "exc_message": ["rejected", false]})
+        );
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub enum Outcome {
         /// What the next run changes, as the task asked with [`crate::raise::retry`].
         next: NextRun,
     },
+    /// The task rejected its message (Celery's `Reject`): back to its queue when `requeue`,
+    /// else dropped with FAILURE `exc` stored.
+    Rejected {
+        /// Celery's `Reject` exception.
+        exc: ExceptionInfo,
+        /// Whether the message goes back to its queue.
+        requeue: bool,
+    },
     /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
     /// The panic message says where.
     Panicked(String),
@@ -355,6 +363,7 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
 /// message (or Celery's `Retry` for a bare retry).
 fn outcome_of(error: TaskError, raised: Option<Raised>, retry_for_unexpected: bool) -> Outcome {
     let (named, next) = match raised {
+        Some(Raised::Reject { exc, requeue }) => return Outcome::Rejected { exc, requeue },
         Some(Raised::Exception(exc)) => (Some(exc), NextRun::default()),
         Some(Raised::Retry(asked)) => (
             asked.exc,
@@ -561,6 +570,19 @@ mod tests {
                 exc: named.clone(),
                 next: NextRun::default(),
             }
+        );
+    }
+
+    #[test]
+    fn a_reject_ends_the_run_whatever_the_task_retries_for() {
+        let exc = ExceptionInfo::with_args("celery.exceptions", "Reject", vec![]);
+        let raised = Some(Raised::Reject {
+            exc: exc.clone(),
+            requeue: true,
+        });
+        assert_eq!(
+            outcome_of(TaskError::UnexpectedError("r".into()), raised, true),
+            Outcome::Rejected { exc, requeue: true }
         );
     }
 

@@ -200,7 +200,7 @@ impl WorkerState {
                 "exchange": "",
                 "routing_key": held.queue,
                 "priority": request.properties.priority,
-                "redelivered": false,
+                "redelivered": request.redelivered,
             },
             "worker_pid": worker_pid,
         })

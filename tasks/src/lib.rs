@@ -39,6 +39,8 @@ pub fn registry() -> Registry {
         .task::<sleep>()
         .task::<fail>()
         .task::<raise_exception>()
+        .task::<reject>()
+        .task::<requeue_once>()
         .task::<progress>()
         .task::<flaky>()
         .blocking_task::<busy>()
@@ -96,6 +98,23 @@ pub fn raise_exception(module: String, class: String, args: Vec<Value>) -> TaskR
     Err(runtime::raise::raise(ExceptionInfo::with_args(
         &module, &class, args,
     )))
+}
+
+/// Rejects its message for good (Celery's `Reject(reason, requeue=False)`): FAILURE is stored
+/// with `celery.exceptions.Reject`, which Python's `get()` raises.
+#[celery::task(name = "tasks.reject")]
+pub fn reject(reason: String) -> TaskResult<()> {
+    Err(runtime::raise::reject(reason, false))
+}
+
+/// Acks late and rejects its message back to the queue on its first delivery; the broker's
+/// redelivery returns `"redelivered"`.
+#[celery::task(name = "tasks.requeue_once", acks_late = true)]
+pub fn requeue_once() -> TaskResult<String> {
+    match runtime::progress::request().is_some_and(|request| request.redelivered) {
+        true => Ok("redelivered".into()),
+        false => Err(runtime::raise::reject("first delivery", true)),
+    }
 }
 
 /// Reports `PROGRESS {current, total}` after each of `total` steps of `step_ms`; returns `total`.

@@ -63,6 +63,8 @@ pub struct Delivery {
     pub message: std::result::Result<Message, DecodeError>,
     /// The queue it came from.
     pub queue: String,
+    /// Whether the broker delivered it before (it was given back unsettled or requeued).
+    pub redelivered: bool,
     /// The broker's handle for it, for logs.
     pub tag: String,
     /// Settles it with the broker.

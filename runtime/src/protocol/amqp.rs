@@ -138,6 +138,9 @@ pub fn properties_of(message: &Message) -> Result<BasicProperties, TooLong> {
     if let Some(reply_to) = &p.reply_to {
         properties = properties.with_reply_to(short(reply_to, "a reply-to")?);
     }
+    if let Some(app_id) = &p.app_id {
+        properties = properties.with_app_id(short(app_id, "an app id")?);
+    }
     Ok(properties)
 }
 
@@ -171,6 +174,7 @@ pub fn message_of(properties: &BasicProperties, body: Vec<u8>) -> Result<Message
             reply_to: text(properties.reply_to()),
             delivery_mode: properties.delivery_mode().unwrap_or(2),
             priority: properties.priority().unwrap_or(0),
+            app_id: text(properties.app_id()),
         },
         body,
     })
@@ -218,6 +222,7 @@ mod tests {
                 reply_to: Some("r-1".into()),
                 delivery_mode: 2,
                 priority: 7,
+                app_id: Some("1234".into()),
             },
             body: br#"[[2, 3], {}, {}]"#.to_vec(),
         };

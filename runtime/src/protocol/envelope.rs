@@ -17,6 +17,9 @@ pub struct DeliveryInfo {
     pub exchange: String,
     /// The routing key (the queue name for direct publishing).
     pub routing_key: String,
+    /// Given back after an earlier delivery (kombu marks what it restores or requeues).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redelivered: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -131,6 +134,7 @@ mod tests {
         let info = DeliveryInfo {
             exchange: String::new(),
             routing_key: "q1".into(),
+            redelivered: false,
         };
         let (tag, text) = encode(&message, info.clone());
         let raw: Value = serde_json::from_str(&text).unwrap();
@@ -142,6 +146,23 @@ mod tests {
             (back.message, back.delivery_tag, back.delivery_info),
             (message, tag, info)
         );
+    }
+
+    #[test]
+    fn kombus_app_id_and_redelivered_are_read() {
+        let text = CAPTURED.replace(
+            r#""delivery_info": {"exchange": "", "routing_key": "celery"}"#,
+            r#""app_id": "1234", "delivery_info": {"exchange": "", "routing_key": "celery", "redelivered": true}"#,
+        );
+        let received = decode(text.as_bytes()).unwrap();
+        assert_eq!(received.message.properties.app_id.as_deref(), Some("1234"));
+        assert!(received.delivery_info.redelivered);
+        let (_, again) = encode(&received.message, DeliveryInfo::default());
+        let raw: Value = serde_json::from_str(&again).unwrap();
+        assert_eq!(raw["properties"]["app_id"], "1234");
+        assert!(raw["properties"]["delivery_info"]
+            .get("redelivered")
+            .is_none());
     }
 
     #[test]

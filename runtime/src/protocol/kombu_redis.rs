@@ -3,7 +3,7 @@
 //! and the `unacked` records a visibility timeout restores from. Python's kombu and our worker
 //! share one database, so every name here is kombu's, byte for byte.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// kombu's separator inside key names and binding members.
 pub const SEP: &str = "\x06\x16";
@@ -104,6 +104,25 @@ pub fn redelivered(entry: &str) -> Result<(String, String), String> {
         .as_u64()
         .unwrap_or(0)
         .min(255) as u8;
+    mark_redelivered(envelope);
+    Ok((
+        list_for(&routing_key, priority),
+        Value::Object(envelope.clone()).to_string(),
+    ))
+}
+
+/// An envelope given back to its queue (a reject with requeue), marked redelivered as kombu
+/// marks what it puts back; `None` when `raw` is no envelope.
+pub fn requeued(raw: &[u8]) -> Option<String> {
+    let Ok(Value::Object(mut envelope)) = serde_json::from_slice(raw) else {
+        return None;
+    };
+    mark_redelivered(&mut envelope);
+    Some(Value::Object(envelope).to_string())
+}
+
+/// Sets `redelivered` where kombu reads it: the headers and the delivery info.
+fn mark_redelivered(envelope: &mut Map<String, Value>) {
     if let Some(headers) = envelope.get_mut("headers").and_then(Value::as_object_mut) {
         headers.insert("redelivered".into(), true.into());
     }
@@ -114,10 +133,6 @@ pub fn redelivered(entry: &str) -> Result<(String, String), String> {
     {
         info.insert("redelivered".into(), true.into());
     }
-    Ok((
-        list_for(&routing_key, priority),
-        Value::Object(envelope.clone()).to_string(),
-    ))
 }
 
 /// The delivery tag under which [`POP_AND_RECORD`] recorded an envelope Rust cannot decode.
@@ -176,5 +191,15 @@ mod tests {
         let named = format!(r#"[{envelope}, "direct-x", "q"]"#);
         assert!(redelivered(&named).unwrap_err().contains("direct-x"));
         assert!(redelivered("[1]").is_err());
+    }
+
+    #[test]
+    fn a_requeued_envelope_is_marked_redelivered() {
+        let envelope = br#"{"body": "e30=", "headers": {"id": "t1"}, "properties": {
+            "delivery_tag": "tag-1", "delivery_info": {"exchange": "", "routing_key": "q"}}}"#;
+        let back: Value = serde_json::from_str(&requeued(envelope).unwrap()).unwrap();
+        assert_eq!(back["headers"]["redelivered"], true);
+        assert_eq!(back["properties"]["delivery_info"]["redelivered"], true);
+        assert_eq!(requeued(b"[1]"), None);
     }
 }

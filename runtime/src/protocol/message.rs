@@ -28,6 +28,9 @@ pub struct Properties {
     /// 0-255; Celery uses 0-9.
     #[serde(default)]
     pub priority: u8,
+    /// The sending application, as its client names it (`apply_async(app_id=...)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
 }
 
 fn persistent() -> u8 {
@@ -41,6 +44,7 @@ impl Default for Properties {
             reply_to: None,
             delivery_mode: persistent(),
             priority: 0,
+            app_id: None,
         }
     }
 }
@@ -129,6 +133,9 @@ pub struct TaskRequest {
     pub properties: Properties,
     /// Headers not interpreted here (user headers, stamps...), carried through on resend.
     pub extra_headers: Map<String, Value>,
+    /// Whether the broker delivered this message before (Celery's
+    /// `delivery_info['redelivered']`): the worker sets it from the delivery; never sent.
+    pub redelivered: bool,
 }
 
 /// Headers this module reads or writes itself; the rest are carried as `extra_headers` (the
@@ -175,6 +182,7 @@ impl TaskRequest {
             origin: None,
             properties: Properties::default(),
             extra_headers: Map::new(),
+            redelivered: false,
         }
     }
 
@@ -262,6 +270,7 @@ impl TaskRequest {
                 .filter(|(k, _)| !TASK_HEADERS.contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            redelivered: false,
             id,
             task,
             args,

@@ -495,10 +495,11 @@ impl Worker {
         let Delivery {
             message,
             queue,
+            redelivered,
             tag,
             settle,
         } = delivery;
-        let request = match message.and_then(|message| TaskRequest::decode(&message)) {
+        let mut request = match message.and_then(|message| TaskRequest::decode(&message)) {
             Ok(request) => request,
             Err(error) => {
                 error!(delivery_tag = %tag, %queue, task_id = ?error.task_id, reason = %error.reason, "rejecting undecodable message");
@@ -526,6 +527,7 @@ impl Worker {
             settle_with(settle.ack(), &tag).await;
             return;
         };
+        request.redelivered = redelivered;
         self.metrics.received(&request.task);
         if self.discard_if_dead(&request, &queue).await {
             settle_with(settle.ack(), &tag).await;
@@ -582,7 +584,8 @@ impl Worker {
             settle_with(settle.ack(), &tag).await;
             return;
         }
-        let settle = self.ack_early(settle, &tag).await;
+        let options = handler.options();
+        let settle = self.ack_early(settle, &tag, &options).await;
         self.state.activate(&request.id, settle.is_none());
         self.events.task("task-started", &request.id, Map::new());
         let stores = self.stores(&request);
@@ -598,7 +601,6 @@ impl Worker {
             updates,
             stores,
         ));
-        let options = handler.options();
         let (hard, soft) = self.time_limits(&request, &options);
         let soft_timer = soft.map(|soft| {
             let context = context.clone();
@@ -637,6 +639,8 @@ impl Worker {
             Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
         }
         self.state.release(&request.id);
+        // Set when the task rejected its message: settled so instead of acked.
+        let mut rejected = None;
         // Whether the final state is on record (or none is wanted).
         let ended = match ending {
             Ending::Ran(Outcome::Success(value)) => {
@@ -651,6 +655,19 @@ impl Worker {
             Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
                 self.fail(&request, &queue, exc).await
+            }
+            Ending::Ran(Outcome::Rejected { exc, requeue }) => {
+                warn!(task = %request.task, id = %request.id, requeue, exception = %exc.repr(), "task rejected its message");
+                rejected = Some(requeue);
+                // A requeued message runs again and stores its state then; one dropped never
+                // runs again, so its end is stored now, as Celery's worker does.
+                let stored = requeue || self.fail(&request, &queue, exc).await;
+                self.events.task(
+                    "task-rejected",
+                    &request.id,
+                    fields(json!({"requeue": requeue})),
+                );
+                stored
             }
             Ending::Ran(Outcome::Panicked(message))
                 if settle.is_some() && self.config.task_reject_on_worker_lost =>
@@ -698,15 +715,16 @@ impl Worker {
                 self.revoke(&request, &queue, exc).await
             }
         };
-        match settle {
-            Some(settle) if ended => settle_with(settle.ack(), &tag).await,
+        match (settle, rejected) {
+            (Some(settle), Some(requeue)) => settle_with(settle.reject(requeue), &tag).await,
+            (Some(settle), None) if ended => settle_with(settle.ack(), &tag).await,
             // With acks_late, a run whose end is not on record goes back to the broker and runs
             // again: a duplicate run is better than a caller waiting for ever.
-            Some(settle) => {
+            (Some(settle), None) => {
                 warn!(task = %request.task, id = %request.id, "giving the message back: its run did not end on record");
                 settle_with(settle.reject(true), &tag).await;
             }
-            None => {}
+            (None, _) => {}
         }
     }
 
@@ -970,9 +988,15 @@ impl Worker {
         (time_limit(hard), time_limit(soft))
     }
 
-    /// Acks now unless `task_acks_late`; returns the settlement still owed.
-    async fn ack_early(&self, settle: Settle, tag: &str) -> Option<Settle> {
-        if self.config.task_acks_late {
+    /// Acks now unless the task acks late (its own `acks_late`, else `task_acks_late`); returns
+    /// the settlement still owed.
+    async fn ack_early(
+        &self,
+        settle: Settle,
+        tag: &str,
+        options: &celery::task::TaskOptions,
+    ) -> Option<Settle> {
+        if options.acks_late.unwrap_or(self.config.task_acks_late) {
             return Some(settle);
         }
         settle_with(settle.ack(), tag).await;

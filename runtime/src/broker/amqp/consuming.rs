@@ -35,6 +35,7 @@ pub(super) async fn forward(
         let delivery = Delivery {
             message: message_of(&delivery.properties, delivery.data),
             queue: queue.clone(),
+            redelivered: delivery.redelivered,
             tag: delivery.delivery_tag.to_string(),
             settle: Settle::new(AmqpAcker {
                 acker: delivery.acker,

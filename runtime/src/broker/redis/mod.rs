@@ -241,6 +241,7 @@ impl Broker for RedisBroker {
         let info = DeliveryInfo {
             exchange: String::new(),
             routing_key: queue.to_string(),
+            redelivered: false,
         };
         let (_, text) = envelope::encode(message, info);
         let list = layout::list_for(queue, message.properties.priority);
@@ -359,6 +360,7 @@ impl Broker for RedisBroker {
         let info = DeliveryInfo {
             exchange: exchange.name.to_string(),
             routing_key: routing_key.to_string(),
+            redelivered: false,
         };
         let (_, text) = envelope::encode(message, info);
         self.still_master()?;

@@ -25,15 +25,20 @@ pub(super) fn delivery(
     slot: OwnedSemaphorePermit,
 ) -> Delivery {
     let queue = layout::queue_of(&list).to_string();
-    let (message, tag) = match envelope::decode(&raw) {
-        Ok(received) => (Ok(received.message), Some(received.delivery_tag)),
+    let (message, tag, redelivered) = match envelope::decode(&raw) {
+        Ok(received) => (
+            Ok(received.message),
+            Some(received.delivery_tag),
+            received.delivery_info.redelivered,
+        ),
         // The script recorded it if its envelope had a tag: settling drops the record.
-        Err(error) => (Err(error), layout::recorded_tag(&raw)),
+        Err(error) => (Err(error), layout::recorded_tag(&raw), false),
     };
     match tag {
         Some(tag) => Delivery {
             message,
             queue,
+            redelivered,
             tag: tag.clone(),
             settle: Settle::new(RedisAcker {
                 connection: connection.clone(),
@@ -48,6 +53,7 @@ pub(super) fn delivery(
         None => Delivery {
             message,
             queue,
+            redelivered,
             tag: "(no delivery tag)".into(),
             settle: Settle::new(Dropped { _slot: slot }),
         },
@@ -82,7 +88,10 @@ impl Acker for RedisAcker {
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        let back = requeue.then_some((self.list.as_str(), self.raw.as_slice()));
+        // Marked as kombu marks what it requeues, so the next run sees `redelivered`.
+        let again = requeue.then(|| layout::requeued(&self.raw).map(String::into_bytes));
+        let raw = again.flatten().unwrap_or_else(|| self.raw.clone());
+        let back = requeue.then_some((self.list.as_str(), raw.as_slice()));
         forget(&self.connection, &self.tag, back).await
     }
 
