@@ -187,6 +187,26 @@ def test_a_task_rejecting_with_requeue_runs_again_seeing_redelivered(rust):
 
 
 @pytest.mark.timeout(60)
+def test_revoke_by_stamped_headers_revokes_tasks_so_stamped(rust):
+    """Celery's ``revoke_by_stamped_headers``: a task whose stamp takes a revoked value is
+    stored REVOKED instead of run; one stamped otherwise, or not at all, runs."""
+    from celery.exceptions import TaskRevokedError
+
+    mark = uuid.uuid4().hex
+    replies = rust.app.control.revoke_by_stamped_headers(
+        {"mark": [mark]}, destination=[rust.hostname], reply=True, timeout=10)
+    assert [list(r.values())[0]["ok"] for r in replies] == [
+        f"headers {{'mark': ['{mark}']}} flagged as revoked, but not terminated"]
+    revoked = rust.app.send_task("tasks.add", (1, 2), stamped_headers=["mark"], mark=mark)
+    other = rust.app.send_task("tasks.add", (2, 2), stamped_headers=["mark"], mark="other")
+    plain = rust.app.send_task("tasks.add", (3, 2))
+    with pytest.raises(TaskRevokedError):
+        revoked.get(timeout=GET_TIMEOUT)
+    assert revoked.state == "REVOKED"
+    assert (other.get(timeout=GET_TIMEOUT), plain.get(timeout=GET_TIMEOUT)) == (4, 5)
+
+
+@pytest.mark.timeout(60)
 def test_a_result_over_result_max_bytes_reraises_value_error(rust):
     """The worker runs with the default result_max_bytes (1 MiB of JSON): an echo one byte over
     it is stored as ValueError, which Python re-raises as its own."""

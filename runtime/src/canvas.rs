@@ -707,6 +707,12 @@ fn request_for(
         options.get("time_limit").and_then(Value::as_f64),
         options.get("soft_time_limit").and_then(Value::as_f64),
     );
+    if let Some((names, stamps)) = crate::stamps::stamp_headers(options) {
+        request
+            .extra_headers
+            .insert("stamped_headers".into(), names);
+        request.extra_headers.insert("stamps".into(), stamps);
+    }
     Next {
         request,
         queue: signature.option_str("queue"),
@@ -765,6 +771,21 @@ mod tests {
             .next
             .is_empty());
         assert_eq!(sent.children, vec![json!([["c2", null], null])]);
+    }
+
+    #[test]
+    fn a_stamped_step_is_sent_with_its_stamps() {
+        // chain(add.s(1, 1), sleeping.si(4) stamped monitoring_id=m1) as the embed carries it.
+        let first = parent(
+            json!({"callbacks": null, "errbacks": null, "chord": null, "chain": [
+                sig("sleeping", json!([4]), json!({"task_id": "c2", "monitoring_id": "m1",
+                                                   "stamped_headers": ["monitoring_id"]})),
+            ]}),
+        );
+        let sent = after_success(&first, &json!(2)).unwrap().next;
+        let headers = &sent[0].request.extra_headers;
+        assert_eq!(headers["stamped_headers"], json!(["monitoring_id"]));
+        assert_eq!(headers["stamps"], json!({"monitoring_id": "m1"}));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub mod registry;
 pub mod schedule;
 pub mod sentinel;
 pub mod signals;
+pub mod stamps;
 pub mod state;
 pub mod tls;
 pub mod urls;

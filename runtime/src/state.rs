@@ -15,6 +15,7 @@ use crate::events::timestamp;
 use crate::metrics::WorkerMetrics;
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::TaskRequest;
+use crate::stamps::RevokedStamps;
 
 /// Revoked ids kept at most, as Celery's `CELERY_WORKER_REVOKES_MAX`.
 const REVOKES_MAX: usize = 50_000;
@@ -47,6 +48,7 @@ pub struct WorkerState {
     totals: Mutex<BTreeMap<String, u64>>,
     processed: AtomicU64,
     revoked: Mutex<(VecDeque<String>, HashSet<String>)>,
+    revoked_stamps: Mutex<RevokedStamps>,
 }
 
 impl WorkerState {
@@ -60,6 +62,7 @@ impl WorkerState {
             totals: Mutex::new(BTreeMap::new()),
             processed: AtomicU64::new(0),
             revoked: Mutex::new((VecDeque::new(), HashSet::new())),
+            revoked_stamps: Mutex::new(RevokedStamps::default()),
         }
     }
 
@@ -243,6 +246,42 @@ impl WorkerState {
                 running.then(|| id.clone())
             })
             .collect()
+    }
+
+    /// Revokes the stamp values `headers` names (`revoke_by_stamped_headers`); with `terminate`
+    /// also stops the running tasks stamped with one of them. Returns the stamps of the tasks
+    /// it stopped.
+    pub fn revoke_stamps(
+        &self,
+        headers: &serde_json::Map<String, Value>,
+        terminate: bool,
+    ) -> Vec<(String, Value)> {
+        self.revoked_stamps
+            .lock()
+            .expect("state lock")
+            .revoke(headers);
+        if !terminate {
+            return Vec::new();
+        }
+        let mut named = RevokedStamps::default();
+        named.revoke(headers);
+        let held = self.held.lock().expect("state lock");
+        held.values()
+            .filter(|h| matches!(h.phase, Phase::Active(_)))
+            .flat_map(|h| {
+                let found = named.matches(&h.request);
+                if !found.is_empty() {
+                    h.terminate.cancel();
+                }
+                found
+            })
+            .collect()
+    }
+
+    /// The first of the request's stamps that is revoked, as `(header, value)`.
+    pub fn revoked_stamp(&self, request: &TaskRequest) -> Option<(String, Value)> {
+        let revoked = self.revoked_stamps.lock().expect("state lock");
+        revoked.matches(request).into_iter().next()
     }
 
     /// Whether `id` was revoked.

@@ -16,6 +16,7 @@ use crate::broker::Exchange;
 use crate::config::{glob_match, CeleryConfig, QueueType};
 use crate::events::timestamp;
 use crate::protocol::message::JSON;
+use crate::protocol::repr::repr;
 use crate::protocol::{Message, Properties};
 use crate::state::Phase;
 use crate::urls::{failover_urls, redact_url, BrokerKind};
@@ -178,6 +179,18 @@ impl Worker {
                 info!(?ids, ?terminated, "revoked");
                 self.store_revoked(&ids).await;
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+            }
+            "revoke_by_stamped_headers" => {
+                let headers = stamped_headers(arguments.get("headers"));
+                let terminate = flag("terminate");
+                let terminated = self.state.revoke_stamps(&headers, terminate);
+                info!(?headers, ?terminated, "revoked by stamped headers");
+                let headers = repr(&Value::Object(headers));
+                json!({"ok": match (terminate, terminated.is_empty()) {
+                    (false, _) => format!("headers {headers} flagged as revoked, but not terminated"),
+                    (true, true) => format!("headers {headers} were not terminated"),
+                    (true, false) => format!("headers {} revoked", repr(&json!(terminated))),
+                }})
             }
             "enable_events" => match self.events.set_task_events(true) {
                 true => json!({"ok": "task events already enabled"}),
@@ -346,6 +359,21 @@ fn registered_entry(name: &str, items: &[String]) -> String {
     }
 }
 
+/// `revoke_by_stamped_headers`'s headers: a mapping of header to value(s), or (since Celery 3.1)
+/// a list of `header=value` strings.
+fn stamped_headers(value: Option<&Value>) -> Map<String, Value> {
+    match value {
+        Some(Value::Object(headers)) => headers.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .filter_map(|item| item.split_once('='))
+            .map(|(header, value)| (header.to_string(), json!(value)))
+            .collect(),
+        _ => Map::new(),
+    }
+}
+
 /// A string or a list of strings.
 fn strings(value: Option<&Value>) -> Vec<String> {
     match value {
@@ -482,6 +510,25 @@ mod tests {
         assert_eq!(table["accept_content"], json!(["json"]));
         assert_eq!(table["broker_heartbeat"], json!(30.0));
         assert!(!table.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn stamped_headers_come_as_a_mapping_or_as_header_equals_value() {
+        assert_eq!(
+            stamped_headers(Some(&json!({"myheader": ["myvalue"]}))),
+            json!({"myheader": ["myvalue"]})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
+        assert_eq!(
+            stamped_headers(Some(&json!(["a=1", "junk"]))),
+            json!({"a": "1"}).as_object().unwrap().clone()
+        );
+        assert_eq!(
+            repr(&json!({"myheader": ["myvalue"]})),
+            "{'myheader': ['myvalue']}"
+        );
     }
 
     #[test]

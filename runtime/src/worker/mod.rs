@@ -1003,14 +1003,20 @@ impl Worker {
         None
     }
 
-    /// Stores REVOKED (and tells Flower) for a request revoked or expired before it ran.
+    /// Stores REVOKED (and tells Flower) for a request revoked (by id or by one of its stamps) or
+    /// expired before it ran.
     async fn discard_if_dead(&self, request: &TaskRequest, queue: &str) -> bool {
         let expired = request.expires.is_some_and(|expires| expires <= Utc::now());
-        if !expired && !self.state.is_revoked(&request.id) {
+        let by_id = self.state.is_revoked(&request.id);
+        let by_stamp = match expired || by_id {
+            true => None,
+            false => self.state.revoked_stamp(request),
+        };
+        if !expired && !by_id && by_stamp.is_none() {
             return false;
         }
         let reason = if expired { "expired" } else { "revoked" };
-        warn!(task = %request.task, id = %request.id, reason, "discarding task");
+        warn!(task = %request.task, id = %request.id, reason, ?by_stamp, "discarding task");
         self.events.task(
             "task-revoked",
             &request.id,
