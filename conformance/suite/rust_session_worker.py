@@ -7,7 +7,9 @@ suite's broker and backend (``TEST_BROKER``, ``TEST_BACKEND``), and stops it at 
 
 It also reads the not-run list (``CONFORMANCE_NOT_RUN``, a TOML file of test id -> reason, in
 ``[all]`` and per-broker tables) and marks each listed test strictly expected to fail: it still
-runs, and a listed test that passes fails the run, so the list can only shrink.
+runs, and a listed test that passes fails the run, so the list can only shrink. Its ``[skip]``
+table holds the few tests whose outcome does not depend on the worker at all (they fail with
+Celery's own worker too): those are skipped, with the reason.
 
 Environment, set by ``conformance/suite/run.py``: ``CONFORMANCE_WORKER`` (the binary),
 ``CONFORMANCE_CONFIG`` (its settings file), ``CONFORMANCE_BROKER`` (``rabbitmq`` or ``redis``),
@@ -27,25 +29,26 @@ from celery.utils.nodenames import anon_nodename
 START_WITHIN = 30.0  # seconds for the worker to answer a ping
 
 
-def not_run(path: str, broker: str) -> dict[str, str]:
-    """Test id -> why it is not expected to pass, for ``broker``."""
+def not_run(path: str, broker: str) -> tuple[dict[str, str], dict[str, str]]:
+    """For ``broker``: test id -> why it is expected to fail, and test id -> why it is skipped."""
     with open(path, "rb") as file:
         listed = tomllib.load(file)
-    unknown = set(listed) - {"all", "rabbitmq", "redis"}
+    unknown = set(listed) - {"all", "rabbitmq", "redis", "skip"}
     if unknown:
         raise pytest.UsageError(f"{path}: unknown tables {sorted(unknown)}")
-    return {**listed.get("all", {}), **listed.get(broker, {})}
+    return {**listed.get("all", {}), **listed.get(broker, {})}, listed.get("skip", {})
 
 
 def pytest_collection_modifyitems(config, items):
     path = os.environ.get("CONFORMANCE_NOT_RUN")
     if not path:
         return
-    reasons = not_run(path, os.environ["CONFORMANCE_BROKER"])
+    failing, skipped = not_run(path, os.environ["CONFORMANCE_BROKER"])
     for item in items:
-        reason = reasons.get(item.nodeid)
-        if reason is not None:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, run=True))
+        if item.nodeid in skipped:
+            item.add_marker(pytest.mark.skip(reason=f"not run: {skipped[item.nodeid]}"))
+        elif item.nodeid in failing:
+            item.add_marker(pytest.mark.xfail(reason=failing[item.nodeid], strict=True, run=True))
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +103,8 @@ def pytest_runtest_logreport(report):
         outcome = ("not run", report.wasxfail)
     elif str(report.longrepr).startswith("[XPASS(strict)]"):
         outcome = ("failed", "listed as not run in not_run.toml, but passed: take it off the list")
+    elif report.skipped and skip_reason(report).startswith("not run: "):
+        outcome = ("not run", skip_reason(report).removeprefix("not run: "))
     elif report.skipped:
         outcome = ("skipped", skip_reason(report))
     elif report.failed:
