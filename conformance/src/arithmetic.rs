@@ -77,7 +77,8 @@ fn sum(nums: &[i64]) -> TaskResult<i64> {
 #[celery::task(name = "t.integration.tasks.sleeping")]
 pub async fn sleeping(i: Number) -> TaskResult<()> {
     let seconds = i.as_f64().filter(|s| s.is_finite() && *s >= 0.0);
-    let seconds = seconds.ok_or_else(|| TaskError::UnexpectedError(format!("cannot sleep {i} s")))?;
+    let seconds =
+        seconds.ok_or_else(|| TaskError::UnexpectedError(format!("cannot sleep {i} s")))?;
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     Ok(())
 }

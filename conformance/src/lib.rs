@@ -9,10 +9,11 @@
 #![allow(non_local_definitions)]
 
 mod arithmetic;
+mod replace;
 
 use runtime::registry::Registry;
 
 /// Every ported task.
 pub fn registry() -> Registry {
-    arithmetic::register(Registry::new())
+    replace::register(arithmetic::register(Registry::new()))
 }

@@ -9,6 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
+use crate::protocol::message::REPLACED_TASK_NESTING;
 use crate::protocol::TaskRequest;
 
 /// A task call to make later.
@@ -85,7 +86,7 @@ impl Signature {
 
     /// A chord's header members and body (`kwargs.header`, a group or a list, and
     /// `kwargs.body`).
-    fn chord_parts(&self) -> Result<(Vec<Signature>, Signature), CanvasError> {
+    pub(crate) fn chord_parts(&self) -> Result<(Vec<Signature>, Signature), CanvasError> {
         let header = match self.kwargs.get("header") {
             Some(Value::Array(members)) => members
                 .iter()
@@ -103,7 +104,7 @@ impl Signature {
     }
 
     /// The signatures of a `chain` or `group` (its `kwargs.tasks`).
-    fn members(&self) -> Result<Vec<Signature>, CanvasError> {
+    pub(crate) fn members(&self) -> Result<Vec<Signature>, CanvasError> {
         match self.kwargs.get("tasks") {
             Some(Value::Array(tasks)) => tasks.iter().map(Signature::from_value).collect(),
             _ => Err(CanvasError(format!(
@@ -456,6 +457,12 @@ pub fn start(signature: &Signature) -> Result<Vec<Next>, CanvasError> {
     apply(signature, None, None, None)
 }
 
+/// The requests that start `signature` when the running task `parent` sends it (Celery's
+/// `sig.delay()` inside a task): `parent` is their parent, and its root theirs.
+pub fn sent_by(signature: &Signature, parent: &TaskRequest) -> Result<Vec<Next>, CanvasError> {
+    apply(signature, Some(parent), None, None)
+}
+
 /// A `link` option as the embed carries it: always a list (Python workers iterate it), or null.
 fn as_list(value: Option<&Value>) -> Value {
     match value {
@@ -466,7 +473,7 @@ fn as_list(value: Option<&Value>) -> Value {
 }
 
 /// `link` / `callbacks` values: one signature, a list of them, or none.
-fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
+pub(crate) fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items.iter().map(Signature::from_value).collect(),
@@ -707,6 +714,11 @@ fn request_for(
         options.get("time_limit").and_then(Value::as_f64),
         options.get("soft_time_limit").and_then(Value::as_f64),
     );
+    if let Some(nesting) = options.get("replaced_task_nesting").filter(|n| n.is_u64()) {
+        request
+            .extra_headers
+            .insert(REPLACED_TASK_NESTING.into(), nesting.clone());
+    }
     Next {
         request,
         queue: signature.option_str("queue"),

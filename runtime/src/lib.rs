@@ -7,6 +7,7 @@
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
+//! - [`replace`]: `Task.replace`: a running task replacing itself with a canvas.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
@@ -40,6 +41,7 @@ pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
+pub mod replace;
 pub mod sentinel;
 pub mod signals;
 pub mod state;

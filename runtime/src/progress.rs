@@ -1,4 +1,6 @@
-//! How a running task reports custom states such as `PROGRESS {current, total}`.
+//! How a running task reports custom states such as `PROGRESS {current, total}`, and what it
+//! asks the worker to do when it ends instead of storing its result (a replacement, see
+//! [`crate::replace`]).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -12,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::canvas::Signature;
 use crate::error::{Error, Result};
 use crate::protocol::result::state;
 
@@ -34,6 +37,10 @@ pub struct TaskContext {
     task_id: Arc<str>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
+    /// How many replacements led to this task (Celery's `replaced_task_nesting` header).
+    replaced_task_nesting: u64,
+    /// The signature the task asked to be replaced with, the last one asked for.
+    replacement: Arc<std::sync::Mutex<Option<Signature>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -48,9 +55,22 @@ impl TaskContext {
                 task_id: task_id.into(),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
+                replaced_task_nesting: 0,
+                replacement: Arc::default(),
             },
             receiver,
         )
+    }
+
+    /// For a task that `nesting` replacements led to.
+    pub fn with_replaced_task_nesting(mut self, nesting: u64) -> Self {
+        self.replaced_task_nesting = nesting;
+        self
+    }
+
+    /// The signature the task asked to be replaced with, if it did (taken: asked once).
+    pub fn take_replacement(&self) -> Option<Signature> {
+        self.replacement.lock().expect("replacement lock").take()
     }
 
     /// Tells the task its soft time limit has passed.
@@ -97,6 +117,24 @@ pub async fn soft_time_limit() {
         Ok(limit) => limit.cancelled_owned().await,
         Err(_) => std::future::pending().await,
     }
+}
+
+/// Records that the running task is to be replaced by `signature` when it ends. Fails only
+/// outside a task the dispatcher runs.
+pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            *context.replacement.lock().expect("replacement lock") = Some(signature);
+        })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// How many replacements led to the running task: 0 for a task sent as such, 1 for the
+/// replacement of one, and so on (Celery's `request.replaced_task_nesting`). 0 outside a task.
+pub fn replaced_task_nesting() -> u64 {
+    CURRENT
+        .try_with(|context| context.replaced_task_nesting)
+        .unwrap_or(0)
 }
 
 /// The id of the task running on this task-local scope, if any.

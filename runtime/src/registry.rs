@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::canvas::Signature;
 use crate::progress::TaskContext;
 use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
@@ -41,6 +42,9 @@ pub enum Outcome {
     /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
     /// The panic message says where.
     Panicked(String),
+    /// Asked to be replaced by this signature ([`crate::replace::replace`]), whatever it
+    /// returned after asking.
+    Replaced(Signature),
 }
 
 /// One registered task, its type erased.
@@ -74,15 +78,25 @@ struct TaskHandler<T> {
 }
 
 /// Task name to handler.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Registry {
     tasks: BTreeMap<&'static str, Arc<dyn Handler>>,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Registry {
-    /// An empty registry.
+    /// A registry of Celery's built-in tasks that the runtime's own features send
+    /// (`celery.accumulate`, which gathers the results of a group a task is replaced with).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            tasks: BTreeMap::new(),
+        }
+        .task::<crate::replace::accumulate>()
     }
 
     /// Registers an async task under its `name`; it runs on the async threads.
@@ -153,6 +167,7 @@ where
         let mut crate_request = Request::<T>::new(app, crate_message(request), params.clone());
         crate_request.hostname = Some(hostname.to_string());
         let task = T::from_request(crate_request, T::DEFAULTS);
+        let asked = context.clone();
         let run = context.scope(async move {
             let result = task.run(params).await;
             match &result {
@@ -169,14 +184,18 @@ where
                 tokio::task::spawn_blocking(move || runtime.block_on(run)).await
             }
         };
-        match joined {
-            Ok(Ok(Ok(value))) => Outcome::Success(value),
-            Ok(Ok(Err(error))) => Outcome::Failure(ExceptionInfo::builtin(
+        // A task that asked to be replaced is, whatever it returned after asking.
+        match (joined, asked.take_replacement()) {
+            (Ok(_), Some(replacement)) => Outcome::Replaced(replacement),
+            (Ok(Ok(Ok(value))), None) => Outcome::Success(value),
+            (Ok(Ok(Err(error))), None) => Outcome::Failure(ExceptionInfo::builtin(
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            Ok(Err(error)) => outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true)),
-            Err(join) => {
+            (Ok(Err(error)), None) => {
+                outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true))
+            }
+            (Err(join), _) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
         }

@@ -131,6 +131,9 @@ pub struct TaskRequest {
     pub extra_headers: Map<String, Value>,
 }
 
+/// The header counting the replacements that led to a task (`Task.replace`).
+pub const REPLACED_TASK_NESTING: &str = "replaced_task_nesting";
+
 /// Headers this module reads or writes itself; the rest are carried as `extra_headers` (the
 /// fuzzers pick from these, so that what they send gets past the first checks).
 pub const TASK_HEADERS: &[&str] = &[
@@ -176,6 +179,14 @@ impl TaskRequest {
             properties: Properties::default(),
             extra_headers: Map::new(),
         }
+    }
+
+    /// How many replacements led to this task: its `replaced_task_nesting` header, else 0.
+    pub fn replaced_task_nesting(&self) -> u64 {
+        self.extra_headers
+            .get(REPLACED_TASK_NESTING)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
     }
 
     /// Decodes a task message the way a Celery worker tells the protocols apart: a `task`
@@ -335,7 +346,7 @@ impl TaskRequest {
         ] {
             headers.insert(key.into(), value);
         }
-        headers.entry("replaced_task_nesting").or_insert(json!(0));
+        headers.entry(REPLACED_TASK_NESTING).or_insert(json!(0));
         headers.entry("stamped_headers").or_insert(Value::Null);
         headers.entry("stamps").or_insert(json!({}));
         let body = json!([self.args, self.kwargs, self.embed]);

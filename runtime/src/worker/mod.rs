@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
-use crate::canvas::{self, Next};
+use crate::canvas::{self, Next, Signature};
 use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
@@ -37,6 +37,7 @@ use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::rate::TokenBucket;
 use crate::registry::{Outcome, Registry};
+use crate::replace;
 use crate::state::WorkerState;
 
 /// Expands Celery's node-name placeholders: `%h` host name, `%n` its first label, `%d` the rest.
@@ -595,6 +596,7 @@ impl Worker {
                 .await;
         }
         let (context, updates) = TaskContext::new(&request.id);
+        let context = context.with_replaced_task_nesting(request.replaced_task_nesting());
         let reporter = tokio::spawn(self.clone().report_states(
             request.clone(),
             queue.clone(),
@@ -667,6 +669,9 @@ impl Worker {
                 error!(task = %request.task, id = %request.id, %message, "task run lost");
                 let exc = ExceptionInfo::new("billiard.exceptions", "WorkerLostError", message);
                 self.fail(&request, &queue, exc).await
+            }
+            Ending::Ran(Outcome::Replaced(replacement)) => {
+                self.replace(&request, &queue, replacement).await
             }
             Ending::Ran(Outcome::Retry { eta, exc }) => {
                 let max_retries = options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
@@ -893,6 +898,33 @@ impl Worker {
             }
         }
         all_sent
+    }
+
+    /// Sends `replacement` in place of the task (see [`crate::replace`]), storing nothing for
+    /// the task itself: its id's result is the replacement's. A replacement Celery refuses
+    /// fails the task with `ImproperlyConfigured`, as the task would have raised it; one that
+    /// cannot be followed fails it as any canvas does. `false` when the replacement (or the
+    /// failure) is not on its way.
+    async fn replace(&self, request: &TaskRequest, queue: &str, replacement: Signature) -> bool {
+        if let Some(reason) = replace::refusal(&replacement) {
+            error!(task = %request.task, id = %request.id, reason, "task cannot be replaced");
+            let exc = ExceptionInfo::celery("ImproperlyConfigured", reason);
+            return self.fail(request, queue, exc).await;
+        }
+        match replace::plan(request, replacement) {
+            Ok(next) => {
+                info!(task = %request.task, id = %request.id, by = %next.first().map_or("", |n| n.request.task.as_str()), "task replaced");
+                self.send_next(next).await
+            }
+            Err(error) => {
+                error!(task = %request.task, id = %request.id, %error, "cannot follow the task's replacement");
+                let exc = ExceptionInfo::builtin(
+                    "ValueError",
+                    format!("cannot follow the canvas: {error}"),
+                );
+                self.fail(request, queue, exc).await
+            }
+        }
     }
 
     /// Stores RETRY, then sends the task again as Celery does: same id, one more retry, due at
