@@ -91,6 +91,10 @@ def fail(message):
     raise RuntimeError(message)
 
 
+class QuotaExceeded(Exception):
+    """An application's own exception class, which ``tasks.raise_exception`` raises by name."""
+
+
 def xsum(numbers):
     """``py.xsum`` (and ``tasks.xsum``'s twin): a chord body that sums the header's results."""
     return sum(numbers)

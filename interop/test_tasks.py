@@ -149,6 +149,21 @@ def test_fail_reraises_runtime_error(rust):
 
 
 @pytest.mark.timeout(60)
+def test_a_named_exception_class_reraises_as_that_class(rust):
+    """A Rust task raising ``interop_app.QuotaExceeded("over", 3)`` by name: Python's ``get()``
+    re-raises the application's own class, with the task's arguments."""
+    import interop_app
+
+    result = rust.app.send_task("tasks.raise_exception", ("interop_app", "QuotaExceeded", ["over", 3]))
+    with pytest.raises(interop_app.QuotaExceeded) as excinfo:
+        result.get(timeout=GET_TIMEOUT)
+    assert type(excinfo.value) is interop_app.QuotaExceeded
+    assert excinfo.value.args == ("over", 3)
+    meta = rust.app.backend.get_task_meta(result.id)
+    assert meta["status"] == "FAILURE"
+
+
+@pytest.mark.timeout(60)
 def test_a_result_over_result_max_bytes_reraises_value_error(rust):
     """The worker runs with the default result_max_bytes (1 MiB of JSON): an echo one byte over
     it is stored as ValueError, which Python re-raises as its own."""

@@ -10,6 +10,7 @@
 //! - [`replace`]: `Task.replace`: a running task replacing itself with a canvas.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
+//! - [`raise`]: a task ending with a Python exception of a named class.
 //! - [`events`]: Celery events (worker heartbeats, task states) for Flower.
 //! - [`state`]: what a worker node holds and has done, for remote control and heartbeats.
 //! - [`metrics`]: a worker's Prometheus metrics and the listener that serves them.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod node;
 pub mod progress;
 pub mod protocol;
+pub mod raise;
 pub mod rate;
 pub mod registry;
 pub mod replace;

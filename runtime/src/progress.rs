@@ -1,6 +1,6 @@
-//! How a running task reports custom states such as `PROGRESS {current, total}`, and what it
-//! asks the worker to do when it ends instead of storing its result (a replacement, see
-//! [`crate::replace`]).
+//! How a running task talks to the dispatcher: the custom states it reports (such as
+//! `PROGRESS {current, total}`), its soft time limit, the Python exception it raises, and the
+//! signature it asks to be replaced with (see [`crate::replace`]).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -8,7 +8,7 @@
 //! can write, never an old one after a newer one.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::canvas::Signature;
 use crate::error::{Error, Result};
-use crate::protocol::result::state;
+use crate::protocol::result::{state, ExceptionInfo};
 
 tokio::task_local! {
     static CURRENT: TaskContext;
@@ -37,10 +37,11 @@ pub struct TaskContext {
     task_id: Arc<str>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
+    raised: Arc<Mutex<Option<ExceptionInfo>>>,
     /// How many replacements led to this task (Celery's `replaced_task_nesting` header).
     replaced_task_nesting: u64,
     /// The signature the task asked to be replaced with, the last one asked for.
-    replacement: Arc<std::sync::Mutex<Option<Signature>>>,
+    replacement: Arc<Mutex<Option<Signature>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -55,6 +56,7 @@ impl TaskContext {
                 task_id: task_id.into(),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
+                raised: Arc::default(),
                 replaced_task_nesting: 0,
                 replacement: Arc::default(),
             },
@@ -70,7 +72,7 @@ impl TaskContext {
 
     /// The signature the task asked to be replaced with, if it did (taken: asked once).
     pub fn take_replacement(&self) -> Option<Signature> {
-        self.replacement.lock().expect("replacement lock").take()
+        take(&self.replacement)
     }
 
     /// Tells the task its soft time limit has passed.
@@ -78,9 +80,26 @@ impl TaskContext {
         self.soft_limit.cancel();
     }
 
+    /// The exception the task last raised with [`crate::raise`], taken once.
+    pub fn take_raised(&self) -> Option<ExceptionInfo> {
+        take(&self.raised)
+    }
+
     /// Runs `future` with this context as the current task's.
     pub async fn scope<F: Future>(self, future: F) -> F::Output {
         CURRENT.scope(self, future).await
+    }
+}
+
+/// What a task left in `slot` for the dispatcher, taken once.
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().ok().and_then(|mut value| value.take())
+}
+
+/// Leaves `value` in `slot` for the dispatcher, in place of what was there.
+fn put<T>(slot: &Mutex<Option<T>>, value: T) {
+    if let Ok(mut held) = slot.lock() {
+        *held = Some(value);
     }
 }
 
@@ -94,6 +113,13 @@ pub fn update_state(state: &str, meta: Value) -> Result<()> {
                 meta,
             }));
         })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// Records `exc` as the exception the calling task ends with. Fails only outside a task.
+pub(crate) fn record_raised(exc: ExceptionInfo) -> Result<()> {
+    CURRENT
+        .try_with(|context| put(&context.raised, exc))
         .map_err(|_| Error::NotInTask)
 }
 
@@ -123,9 +149,7 @@ pub async fn soft_time_limit() {
 /// outside a task the dispatcher runs.
 pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
     CURRENT
-        .try_with(|context| {
-            *context.replacement.lock().expect("replacement lock") = Some(signature);
-        })
+        .try_with(|context| put(&context.replacement, signature))
         .map_err(|_| Error::NotInTask)
 }
 

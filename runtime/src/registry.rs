@@ -4,6 +4,12 @@
 //! own worker lacks: Celery's argument binding (positional and keyword, with Python's
 //! `TypeError`s for too many, duplicate, unknown or missing arguments), running blocking task
 //! code off the async threads, and turning every outcome into what the backend stores.
+//!
+//! A task takes Python's `*args` and `**kwargs` through two reserved parameter names:
+//! `var_args: Vec<Value>` gets the positional arguments past the named ones (and makes the
+//! parameters after it keyword-only), `var_kwargs: Map<String, Value>` the keyword arguments no
+//! parameter is named for. `def sleeping(i, **_)` is
+//! `fn sleeping(i: f64, var_kwargs: Map<String, Value>)`.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -192,9 +198,11 @@ where
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            (Ok(Err(error)), None) => {
-                outcome_of(error, T::DEFAULTS.retry_for_unexpected == Some(true))
-            }
+            (Ok(Err(error)), None) => outcome_of(
+                error,
+                asked.take_raised(),
+                T::DEFAULTS.retry_for_unexpected == Some(true),
+            ),
             (Err(join), _) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
@@ -202,8 +210,19 @@ where
     }
 }
 
+/// The parameter name that collects the positional arguments past the named ones, as Python's
+/// `*args` does: declare it `var_args: Vec<serde_json::Value>`. Parameters after it are
+/// keyword-only, as in Python (`fn retry_once(var_args: Vec<Value>, expires: Option<f64>)` is
+/// `def retry_once(*args, expires=None)`).
+pub const VAR_ARGS: &str = "var_args";
+
+/// The parameter name that collects the keyword arguments no named parameter takes, as Python's
+/// `**kwargs` does: declare it `var_kwargs: serde_json::Map<String, serde_json::Value>`.
+pub const VAR_KWARGS: &str = "var_kwargs";
+
 /// Binds Celery's positional and keyword arguments to the task's parameters, the way Python
-/// binds a call, then lets serde check the types.
+/// binds a call (with [`VAR_ARGS`] and [`VAR_KWARGS`] as `*args` and `**kwargs`), then lets
+/// serde check the types.
 fn bind<P: serde::de::DeserializeOwned>(
     name: &str,
     arg_names: &[&str],
@@ -212,28 +231,49 @@ fn bind<P: serde::de::DeserializeOwned>(
 ) -> Result<P, ExceptionInfo> {
     let type_error =
         |message: String| ExceptionInfo::builtin("TypeError", format!("{name}() {message}"));
-    if args.len() > arg_names.len() {
+    let named = |arg: &str| arg != VAR_ARGS && arg != VAR_KWARGS;
+    let var_args = arg_names.contains(&VAR_ARGS);
+    let var_kwargs = arg_names.contains(&VAR_KWARGS);
+    let positional: Vec<&str> = arg_names
+        .iter()
+        .copied()
+        .take_while(|arg| *arg != VAR_ARGS)
+        .filter(|arg| named(arg))
+        .collect();
+    if args.len() > positional.len() && !var_args {
         return Err(type_error(format!(
             "takes {} positional arguments but {} were given",
-            arg_names.len(),
+            positional.len(),
             args.len()
         )));
     }
     let mut params = Map::new();
-    for (arg_name, value) in arg_names.iter().zip(args) {
+    for (arg_name, value) in positional.iter().zip(args) {
         params.insert((*arg_name).to_string(), value.clone());
     }
+    let mut rest = Map::new();
     for (key, value) in kwargs {
-        if !arg_names.contains(&key.as_str()) {
+        let slot = if named(key) && arg_names.contains(&key.as_str()) {
+            &mut params
+        } else if var_kwargs {
+            &mut rest
+        } else {
             return Err(type_error(format!(
                 "got an unexpected keyword argument '{key}'"
             )));
-        }
-        if params.insert(key.clone(), value.clone()).is_some() {
+        };
+        if slot.insert(key.clone(), value.clone()).is_some() {
             return Err(type_error(format!(
                 "got multiple values for argument '{key}'"
             )));
         }
+    }
+    if var_args {
+        let extra = args.iter().skip(positional.len()).cloned().collect();
+        params.insert(VAR_ARGS.into(), Value::Array(extra));
+    }
+    if var_kwargs {
+        params.insert(VAR_KWARGS.into(), Value::Object(rest));
     }
     serde_json::from_value(Value::Object(params)).map_err(|error| {
         let text = error.to_string();
@@ -274,9 +314,15 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
     }
 }
 
-/// A task's error as Celery would end it, with the Python exception Celery users expect.
-fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
-    let runtime_error = |message: String| ExceptionInfo::builtin("RuntimeError", message);
+/// A task's error as Celery would end it, with the Python exception Celery users expect: the
+/// one the task named with [`crate::raise::raise`], else a `RuntimeError` with its message.
+fn outcome_of(
+    error: TaskError,
+    raised: Option<ExceptionInfo>,
+    retry_for_unexpected: bool,
+) -> Outcome {
+    let exception =
+        |message: String| raised.unwrap_or_else(|| ExceptionInfo::builtin("RuntimeError", message));
     match error {
         TaskError::Retry(eta) => Outcome::Retry {
             eta,
@@ -284,13 +330,13 @@ fn outcome_of(error: TaskError, retry_for_unexpected: bool) -> Outcome {
         },
         TaskError::ExpectedError(message) => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: exception(message),
         },
         TaskError::UnexpectedError(message) if retry_for_unexpected => Outcome::Retry {
             eta: None,
-            exc: runtime_error(message),
+            exc: exception(message),
         },
-        TaskError::UnexpectedError(message) => Outcome::Failure(runtime_error(message)),
+        TaskError::UnexpectedError(message) => Outcome::Failure(exception(message)),
         TaskError::TimeoutError => {
             Outcome::Failure(ExceptionInfo::celery("TimeLimitExceeded", "task timed out"))
         }
@@ -364,6 +410,105 @@ mod tests {
                 "tasks.add() got an argument of the wrong type: invalid type: string \"a\""
             ),
             "{wrong}"
+        );
+    }
+
+    /// `def retry_once(x, *args, expires=None, **kwargs)`.
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct VariadicParams {
+        x: i64,
+        var_args: Vec<Value>,
+        expires: Option<f64>,
+        var_kwargs: Map<String, Value>,
+    }
+
+    const VARIADIC: &[&str] = &["x", VAR_ARGS, "expires", VAR_KWARGS];
+
+    fn call_variadic(names: &[&str], args: Value, kwargs: Value) -> Result<Value, String> {
+        let args = args.as_array().unwrap().clone();
+        let kwargs = kwargs.as_object().unwrap().clone();
+        bind::<Value>("t.v", names, &args, &kwargs).map_err(|e| e.message())
+    }
+
+    #[test]
+    fn variadic_parameters_collect_the_rest_as_pythons_star_args_and_kwargs() {
+        let args = json!([1, 2, "three"]);
+        let kwargs = json!({"expires": 60.0, "other": true});
+        let bound = bind::<VariadicParams>(
+            "t.v",
+            VARIADIC,
+            args.as_array().unwrap(),
+            kwargs.as_object().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            bound,
+            VariadicParams {
+                x: 1,
+                var_args: vec![json!(2), json!("three")],
+                expires: Some(60.0),
+                var_kwargs: json!({"other": true}).as_object().unwrap().clone(),
+            }
+        );
+        // Nothing extra: both are empty, never missing.
+        assert_eq!(
+            call_variadic(VARIADIC, json!([1]), json!({})),
+            Ok(json!({"x": 1, "var_args": [], "var_kwargs": {}}))
+        );
+    }
+
+    #[test]
+    fn parameters_after_var_args_are_keyword_only() {
+        assert_eq!(
+            call_variadic(&[VAR_ARGS, "expires"], json!([5, 6]), json!({})),
+            Ok(json!({"var_args": [5, 6]}))
+        );
+        assert_eq!(
+            call_variadic(&[VAR_ARGS, "expires"], json!([]), json!({"expires": 1})),
+            Ok(json!({"var_args": [], "expires": 1}))
+        );
+    }
+
+    #[test]
+    fn var_kwargs_alone_still_refuses_extra_positionals_and_duplicates() {
+        let sleeping = &["i", VAR_KWARGS];
+        assert_eq!(
+            call_variadic(sleeping, json!([1]), json!({"queue": "q"})),
+            Ok(json!({"i": 1, "var_kwargs": {"queue": "q"}}))
+        );
+        assert_eq!(
+            call_variadic(sleeping, json!([1, 2]), json!({})).unwrap_err(),
+            "t.v() takes 1 positional arguments but 2 were given"
+        );
+        assert_eq!(
+            call_variadic(sleeping, json!([1]), json!({"i": 2})).unwrap_err(),
+            "t.v() got multiple values for argument 'i'"
+        );
+        // Without `var_kwargs`, an unknown keyword is still refused.
+        assert_eq!(
+            call_variadic(&[VAR_ARGS], json!([]), json!({"z": 1})).unwrap_err(),
+            "t.v() got an unexpected keyword argument 'z'"
+        );
+    }
+
+    #[test]
+    fn a_raised_exception_replaces_the_runtime_error() {
+        let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let error = || TaskError::UnexpectedError("boom".into());
+        assert_eq!(
+            outcome_of(error(), Some(named.clone()), false),
+            Outcome::Failure(named.clone())
+        );
+        assert_eq!(
+            outcome_of(error(), None, false),
+            Outcome::Failure(ExceptionInfo::builtin("RuntimeError", "boom"))
+        );
+        assert_eq!(
+            outcome_of(error(), Some(named.clone()), true),
+            Outcome::Retry {
+                eta: None,
+                exc: named
+            }
         );
     }
 }

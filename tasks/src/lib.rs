@@ -9,6 +9,7 @@
 
 use celery::error::TaskError;
 use celery::task::{Task, TaskResult};
+use runtime::protocol::result::ExceptionInfo;
 use runtime::registry::Registry;
 use serde_json::{Number, Value};
 use std::time::Duration;
@@ -37,6 +38,7 @@ pub fn registry() -> Registry {
         .task::<echo>()
         .task::<sleep>()
         .task::<fail>()
+        .task::<raise_exception>()
         .task::<progress>()
         .task::<flaky>()
         .blocking_task::<busy>()
@@ -85,6 +87,15 @@ pub async fn sleep(seconds: f64) -> TaskResult<f64> {
 #[celery::task(name = "tasks.fail")]
 pub fn fail(message: String) -> TaskResult<()> {
     Err(TaskError::UnexpectedError(message))
+}
+
+/// Always fails with the Python exception `module.class(*args)`; Python's `get()` raises that
+/// class when it can import it.
+#[celery::task(name = "tasks.raise_exception")]
+pub fn raise_exception(module: String, class: String, args: Vec<Value>) -> TaskResult<()> {
+    Err(runtime::raise::raise(ExceptionInfo::with_args(
+        &module, &class, args,
+    )))
 }
 
 /// Reports `PROGRESS {current, total}` after each of `total` steps of `step_ms`; returns `total`.

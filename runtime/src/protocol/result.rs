@@ -53,6 +53,15 @@ impl ExceptionInfo {
         }
     }
 
+    /// An exception of a class from `module` raised with these `args`, as `Class(*args)`.
+    pub fn with_args(module: &str, class: &str, args: Vec<Value>) -> Self {
+        Self {
+            exc_type: class.into(),
+            exc_message: Value::Array(args),
+            exc_module: module.into(),
+        }
+    }
+
     /// A builtin Python exception (`TypeError`, `RuntimeError`, ...).
     pub fn builtin(class: &str, message: impl Into<String>) -> Self {
         Self::new("builtins", class, message)
