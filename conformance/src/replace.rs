@@ -7,6 +7,8 @@ use celery::task::{Task, TaskResult};
 use redis::AsyncCommands;
 use runtime::canvas::{self, Signature};
 use runtime::progress;
+use runtime::protocol::result::ExceptionInfo;
+use runtime::raise::raise;
 use runtime::registry::Registry;
 use runtime::replace::replace;
 use serde_json::{json, Map, Value};
@@ -27,6 +29,9 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<fail_replaced>()
         .task::<replaced_with_me>()
         .task::<redis_echo>()
+        .task::<redis_count>()
+        .task::<fail>()
+        .task::<raise_error>()
 }
 
 /// A call of the suite's task `name` (`t.integration.tasks.<name>`), Celery's `name.s(*args)`.
@@ -195,13 +200,52 @@ pub async fn redis_echo(message: Value, redis_key: Option<String>) -> TaskResult
     push(redis_key.as_deref().unwrap_or("redis-echo"), &text).await
 }
 
+/// Increments `redis_key` (default `redis-count`).
+#[celery::task(name = "t.integration.tasks.redis_count")]
+pub async fn redis_count(redis_key: Option<String>) -> TaskResult<()> {
+    let mut connection = connection().await?;
+    connection
+        .incr::<_, _, ()>(redis_key.as_deref().unwrap_or("redis-count"), 1)
+        .await
+        .map_err(redis_error)
+}
+
+/// Raises `ExpectedException("Task expected to fail", *args)`.
+#[celery::task(name = "t.integration.tasks.fail")]
+pub fn fail(var_args: Vec<Value>) -> TaskResult<()> {
+    let mut args = vec![json!("Task expected to fail")];
+    args.extend(var_args);
+    Err(raise(ExceptionInfo::with_args(
+        "t.integration.tasks",
+        "ExpectedException",
+        args,
+    )))
+}
+
+/// Raises `ValueError("deliberate error")`.
+#[celery::task(name = "t.integration.tasks.raise_error")]
+pub fn raise_error(var_args: Vec<Value>) -> TaskResult<()> {
+    let _ = var_args;
+    Err(raise(ExceptionInfo::builtin(
+        "ValueError",
+        "deliberate error",
+    )))
+}
+
 /// Appends `text` to the Redis list `key`, at `REDIS_HOST`/`REDIS_PORT` database 0 as the
 /// suite's `get_redis_connection`.
 async fn push(key: &str, text: &str) -> TaskResult<()> {
+    let mut connection = connection().await?;
+    connection
+        .rpush::<_, _, ()>(key, text)
+        .await
+        .map_err(redis_error)
+}
+
+/// One connection for all tasks of this worker, made on first use.
+async fn connection() -> TaskResult<redis::aio::ConnectionManager> {
     static CONNECTION: OnceCell<redis::aio::ConnectionManager> = OnceCell::const_new();
-    let redis_error =
-        |error: redis::RedisError| TaskError::UnexpectedError(format!("redis: {error}"));
-    let mut connection = CONNECTION
+    CONNECTION
         .get_or_try_init(|| async {
             let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost".into());
             let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".into());
@@ -209,10 +253,10 @@ async fn push(key: &str, text: &str) -> TaskResult<()> {
             redis::aio::ConnectionManager::new(client).await
         })
         .await
-        .map_err(redis_error)?
-        .clone();
-    connection
-        .rpush::<_, _, ()>(key, text)
-        .await
+        .cloned()
         .map_err(redis_error)
+}
+
+fn redis_error(error: redis::RedisError) -> TaskError {
+    TaskError::UnexpectedError(format!("redis: {error}"))
 }

@@ -25,7 +25,9 @@ use serde_json::{json, Map, Value};
 use crate::canvas::{self, CanvasError, Next, Signature};
 use crate::progress;
 use crate::protocol::message::REPLACED_TASK_NESTING;
+use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
+use crate::raise::raise;
 
 /// What [`replace`] returns inside a task; the worker never stores it.
 const REPLACED: &str = "Replaced by new task";
@@ -237,20 +239,21 @@ fn with_members(mut signature: Signature, key: &str, members: &[Signature]) -> S
     signature
 }
 
-/// `celery.accumulate`, the body Celery gathers a replacing group's results with: called with
-/// the results as its one positional argument and `index=0`, it returns them.
+/// `celery.accumulate`, the body Celery gathers a replacing group's results with: Python's
+/// `args[index]`, or `args` itself without an index. Sent with the results as its one
+/// positional argument and `index=0`, it returns them.
 #[celery::task(name = "celery.accumulate")]
-pub fn accumulate(values: Value, index: Option<usize>) -> TaskResult<Value> {
-    accumulate_values(values, index)
+pub fn accumulate(var_args: Vec<Value>, index: Option<usize>) -> TaskResult<Value> {
+    accumulated(var_args, index)
 }
 
-/// Python's `args[index]` over the one-element `args`, or `args` itself without an index.
-fn accumulate_values(values: Value, index: Option<usize>) -> TaskResult<Value> {
+fn accumulated(mut args: Vec<Value>, index: Option<usize>) -> TaskResult<Value> {
     match index {
-        None => Ok(Value::Array(vec![values])),
-        Some(0) => Ok(values),
-        Some(index) => Err(TaskError::UnexpectedError(format!(
-            "tuple index {index} out of range"
+        None => Ok(Value::Array(args)),
+        Some(index) if index < args.len() => Ok(args.swap_remove(index)),
+        Some(_) => Err(raise(ExceptionInfo::builtin(
+            "IndexError",
+            "tuple index out of range",
         ))),
     }
 }
@@ -403,12 +406,10 @@ mod tests {
 
     #[test]
     fn accumulate_returns_the_gathered_results() {
-        assert_eq!(
-            accumulate_values(json!([1, 2]), Some(0)).unwrap(),
-            json!([1, 2])
-        );
-        assert_eq!(accumulate_values(json!(3), None).unwrap(), json!([3]));
-        assert!(accumulate_values(json!(3), Some(1)).is_err());
+        let results = || vec![json!([1, 2])];
+        assert_eq!(accumulated(results(), Some(0)).unwrap(), json!([1, 2]));
+        assert_eq!(accumulated(results(), None).unwrap(), json!([[1, 2]]));
+        assert!(accumulated(results(), Some(1)).is_err());
     }
 
     #[tokio::test]
