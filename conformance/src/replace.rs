@@ -1,10 +1,12 @@
 //! Tasks that replace themselves (`self.replace(sig)` in the suite), through the runtime's
 //! [`runtime::replace::replace`]: with a task, a chain, a group, a chain holding a group, an
-//! empty chain (refused), and replacements of replacements.
+//! empty chain (refused), and replacements of replacements; and the chord members that add to
+//! their own chord (`self.add_to_chord(sig)`, [`runtime::add_to_chord::add_to_chord`]).
 
 use celery::error::TaskError;
 use celery::task::{Task, TaskResult};
 use redis::AsyncCommands;
+use runtime::add_to_chord::add_to_chord;
 use runtime::canvas::{self, Signature};
 use runtime::progress;
 use runtime::protocol::result::ExceptionInfo;
@@ -24,6 +26,8 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<replace_with_empty_chain>()
         .task::<replace_with_chain_which_contains_a_group>()
         .task::<add_to_all>()
+        .task::<add_to_all_to_chord>()
+        .task::<add_chord_to_chord>()
         .task::<second_order_replace1>()
         .task::<second_order_replace2>()
         .task::<fail_replaced>()
@@ -138,6 +142,30 @@ pub fn add_to_all(nums: Vec<Value>, val: Value) -> TaskResult<Value> {
         .map(|num| suite_task("add", vec![num, val.clone()]))
         .collect();
     replace(canvas::group(members))
+}
+
+/// Adds `add(num, val)` for each of `nums` to its chord; returns 0.
+#[celery::task(name = "t.integration.tasks.add_to_all_to_chord")]
+pub fn add_to_all_to_chord(nums: Vec<Value>, val: Value) -> TaskResult<i64> {
+    for num in nums {
+        added(suite_task("add", vec![num, val.clone()]))?;
+    }
+    Ok(0)
+}
+
+/// Adds the chord `group(add(num, val) for num in nums) | tsum()` to its chord; returns 0.
+#[celery::task(name = "t.integration.tasks.add_chord_to_chord")]
+pub fn add_chord_to_chord(nums: Vec<Value>, val: Value) -> TaskResult<i64> {
+    let header = nums
+        .into_iter()
+        .map(|num| suite_task("add", vec![num, val.clone()]))
+        .collect();
+    added(canvas::chord(header, suite_task("tsum", Vec::new())))?;
+    Ok(0)
+}
+
+fn added(signature: Signature) -> TaskResult<()> {
+    add_to_chord(signature).map_err(|error| TaskError::UnexpectedError(error.to_string()))
 }
 
 /// Echoes `In A` and is replaced by `second_order_replace2() | second_order_replace1(True)`,

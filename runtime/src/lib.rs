@@ -7,6 +7,7 @@
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
+//! - [`add_to_chord`]: a chord header member adding work to its own chord.
 //! - [`replace`]: `Task.replace`: a running task replacing itself with a canvas.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
@@ -25,6 +26,7 @@
 //! - [`sentinel`]: `sentinel://` lists: finding the Redis master and following it over failovers.
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
+pub mod add_to_chord;
 pub mod backend;
 pub mod beat;
 pub mod broker;

@@ -42,6 +42,8 @@ pub struct TaskContext {
     replaced_task_nesting: u64,
     /// The signature the task asked to be replaced with, the last one asked for.
     replacement: Arc<Mutex<Option<Signature>>>,
+    /// The signatures the task added to its chord, in the order added.
+    added_to_chord: Arc<Mutex<Vec<Signature>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -59,6 +61,7 @@ impl TaskContext {
                 raised: Arc::default(),
                 replaced_task_nesting: 0,
                 replacement: Arc::default(),
+                added_to_chord: Arc::default(),
             },
             receiver,
         )
@@ -73,6 +76,14 @@ impl TaskContext {
     /// The signature the task asked to be replaced with, if it did (taken: asked once).
     pub fn take_replacement(&self) -> Option<Signature> {
         take(&self.replacement)
+    }
+
+    /// The signatures the task added to its chord, in the order added (taken once).
+    pub fn take_added_to_chord(&self) -> Vec<Signature> {
+        self.added_to_chord
+            .lock()
+            .map(|mut added| std::mem::take(&mut *added))
+            .unwrap_or_default()
     }
 
     /// Tells the task its soft time limit has passed.
@@ -150,6 +161,18 @@ pub async fn soft_time_limit() {
 pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
     CURRENT
         .try_with(|context| put(&context.replacement, signature))
+        .map_err(|_| Error::NotInTask)
+}
+
+/// Records that the running task adds `signature` to its chord. Fails only outside a task the
+/// dispatcher runs.
+pub(crate) fn record_added_to_chord(signature: Signature) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            if let Ok(mut added) = context.added_to_chord.lock() {
+                added.push(signature);
+            }
+        })
         .map_err(|_| Error::NotInTask)
 }
 

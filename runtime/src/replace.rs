@@ -130,9 +130,17 @@ fn with_links(
 }
 
 /// `last`, the replacement's last step, taking `task`'s id and its place in a group or chord.
-fn in_place_of(mut last: Signature, task: &TaskRequest) -> Result<Signature, CanvasError> {
+fn in_place_of(last: Signature, task: &TaskRequest) -> Result<Signature, CanvasError> {
+    let mut last = beside(last, task);
+    last.options
+        .insert("task_id".into(), task.id.clone().into());
+    Ok(last)
+}
+
+/// `last` taking `task`'s place in a group or chord (its group id, index and chord body), or
+/// none when the task has none.
+pub(crate) fn beside(mut last: Signature, task: &TaskRequest) -> Signature {
     let options = &mut last.options;
-    options.insert("task_id".into(), task.id.clone().into());
     let chord = task.embed.get("chord").filter(|c| !c.is_null());
     for (key, value) in [
         ("group_id", task.group.clone().map(Value::from)),
@@ -144,14 +152,14 @@ fn in_place_of(mut last: Signature, task: &TaskRequest) -> Result<Signature, Can
             None => options.remove(key),
         };
     }
-    Ok(last)
+    last
 }
 
-type Edit<'a> = dyn FnMut(Signature) -> Result<Signature, CanvasError> + 'a;
+pub(crate) type Edit<'a> = dyn FnMut(Signature) -> Result<Signature, CanvasError> + 'a;
 
 /// `signature` with `edit` applied to the task whose result is its own: a chain's last step's,
 /// a chord's body's, a task itself.
-fn map_final(signature: Signature, edit: &mut Edit) -> Result<Signature, CanvasError> {
+pub(crate) fn map_final(signature: Signature, edit: &mut Edit) -> Result<Signature, CanvasError> {
     match signature.subtask_type.as_deref() {
         Some("chain") => {
             let mut steps = signature.members()?;

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::add_to_chord;
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, BrokerKind, Delivery, Exchange, Settle, Subscription};
 use crate::canvas::{self, Next, Signature};
@@ -597,6 +598,7 @@ impl Worker {
         }
         let (context, updates) = TaskContext::new(&request.id);
         let context = context.with_replaced_task_nesting(request.replaced_task_nesting());
+        let asked = context.clone();
         let reporter = tokio::spawn(self.clone().report_states(
             request.clone(),
             queue.clone(),
@@ -629,6 +631,9 @@ impl Worker {
         if let Some(timer) = soft_timer {
             timer.abort();
         }
+        // Taken now and the context let go: it holds the sender the reporter waits on.
+        let added = asked.take_added_to_chord();
+        drop(asked);
         let runtime = began.elapsed().as_secs_f64();
         self.metrics.ran(&request.task, runtime);
         // A finished task's reporter ends once its last write is sent, so the final state is
@@ -642,6 +647,10 @@ impl Worker {
             Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
         }
         self.state.release(&request.id);
+        let ending = match ending {
+            Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(&request, added, outcome).await),
+            stopped => stopped,
+        };
         // Whether the final state is on record (or none is wanted).
         let ended = match ending {
             Ending::Ran(Outcome::Success(value)) => {
@@ -898,6 +907,45 @@ impl Worker {
             }
         }
         all_sent
+    }
+
+    /// Counts in the task's chord what the task added to it, and sends it, before the task
+    /// itself counts (see [`crate::add_to_chord`]); then the task ends with `outcome`. A task
+    /// in no chord, or whose additions cannot be followed or counted, fails instead.
+    async fn add_to_chord(
+        &self,
+        request: &TaskRequest,
+        added: Vec<Signature>,
+        outcome: Outcome,
+    ) -> Outcome {
+        if added.is_empty() {
+            return outcome;
+        }
+        if let Some(reason) = add_to_chord::refusal(request) {
+            return Outcome::Failure(ExceptionInfo::builtin("ValueError", reason));
+        }
+        let (Some(backend), Some(chord_id)) = (&self.backend, &request.group) else {
+            let reason = "adding to a chord needs a result backend";
+            return Outcome::Failure(ExceptionInfo::builtin("ValueError", reason));
+        };
+        let count = added.len();
+        let next = match add_to_chord::plan(request, added) {
+            Ok(next) => next,
+            Err(error) => {
+                let message = format!("cannot follow the canvas: {error}");
+                return Outcome::Failure(ExceptionInfo::builtin("ValueError", message));
+            }
+        };
+        if let Err(error) = chord::extend(backend, chord_id, count).await {
+            error!(chord = %chord_id, id = %request.id, %error, "cannot add to the chord");
+            let message = format!("cannot add to the chord: {error}");
+            return Outcome::Failure(ExceptionInfo::builtin("RuntimeError", message));
+        }
+        if !self.send_next(next).await {
+            // Counted but not all sent: the chord waits for what is missing until it expires.
+            error!(chord = %chord_id, id = %request.id, "cannot send all that was added to the chord");
+        }
+        outcome
     }
 
     /// Sends `replacement` in place of the task (see [`crate::replace`]), storing nothing for
