@@ -416,21 +416,44 @@ pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<TaskRequest
         let id = Value::String(parent.id.clone());
         errbacks.extend(apply(&errback, Some(parent), Some(&id), None)?);
     }
+    let never = match parent.embed.get("chain") {
+        Some(Value::Array(steps)) => never_run(steps, parent)?,
+        _ => Vec::new(),
+    };
+    Ok((errbacks, never))
+}
+
+/// The chain `steps` that will never run after `parent` failed, each to be stored failed.
+fn never_run(steps: &[Value], parent: &TaskRequest) -> Result<Vec<TaskRequest>, CanvasError> {
     let mut never = Vec::new();
-    if let Some(Value::Array(steps)) = parent.embed.get("chain") {
-        for step in steps {
-            let step = Signature::from_value(step)?;
-            // A chord step's caller waits on its body.
-            let step = match step.subtask_type.as_deref() {
-                Some("chord") => step.chord_parts()?.1,
-                _ => step,
-            };
-            if step.subtask_type.is_none() && step.option_str("task_id").is_some() {
-                never.push(request_for(&step, Some(parent), None, None).request);
-            }
+    for step in steps {
+        let step = Signature::from_value(step)?;
+        // A chord step's caller waits on its body.
+        let step = match step.subtask_type.as_deref() {
+            Some("chord") => step.chord_parts()?.1,
+            _ => step,
+        };
+        if step.subtask_type.is_none() && step.option_str("task_id").is_some() {
+            never.push(request_for(&step, Some(parent), None, None).request);
         }
     }
-    Ok((errbacks, never))
+    Ok(never)
+}
+
+/// What the failure of the chord whose `body` the member `parent` completed fails: the requests
+/// the body would have started, each to fail as if it had run (so that their own errbacks run),
+/// and the steps of the chain after the chord that will now never run, as for a failed task.
+pub fn failed_chord_body(
+    body: &Signature,
+    parent: &TaskRequest,
+) -> Result<(Vec<Next>, Vec<TaskRequest>), CanvasError> {
+    let mut body = body.clone();
+    let never = match body.options.remove("chain") {
+        Some(Value::Array(steps)) => never_run(&steps, parent)?,
+        _ => Vec::new(),
+    };
+    let started = apply(&body, Some(parent), Some(&Value::Array(Vec::new())), None)?;
+    Ok((started, never))
 }
 
 /// The body of the chord `parent` is a header member of, if any.
@@ -483,6 +506,15 @@ fn apply(
     result: Option<&Value>,
     rest: Option<Vec<Value>>,
 ) -> Result<Vec<Next>, CanvasError> {
+    // A chain or chord handed the rest of a chain as its `chain` option (a chord's body that is
+    // itself a chord, as Celery's `chord.run` hands it on) runs that rest after itself.
+    let rest = rest.or_else(|| match signature.subtask_type.as_deref() {
+        Some("chain") | Some("chord") => match signature.options.get("chain") {
+            Some(Value::Array(rest)) => Some(rest.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
     let chained_after = rest.as_ref().is_some_and(|r| !r.is_empty());
     match signature.subtask_type.as_deref() {
         None => Ok(vec![request_for(signature, parent, result, rest)]),
@@ -499,6 +531,20 @@ fn apply(
         Some("group") if !chained_after => {
             let members = laid_out(&signature.members()?, Splice::Applied)?;
             members_of(&members, &group_id(signature), None, parent, result)
+        }
+        // A group with steps after it, as a chain not yet sent carries it (a chord's body):
+        // Celery upgrades it to a chord whose body is the next step, and the rest follows.
+        Some("group") => {
+            let mut rest = rest.unwrap_or_default();
+            let next = rest
+                .pop()
+                .ok_or_else(|| CanvasError("a group step without its next step".into()))?;
+            let upgraded = Signature::canvas(
+                "chord",
+                json!({"header": signature.to_value(), "body": next, "kwargs": {}}),
+                signature.options.clone(),
+            );
+            apply(&upgraded, parent, result, Some(rest))
         }
         Some("chord") => {
             let (header, body) = signature.chord_parts()?;
@@ -890,15 +936,6 @@ mod tests {
         );
         let error = after_success(&first, &json!(1)).unwrap_err();
         assert!(error.0.contains("a chord without its header"), "{error}");
-        let group_then_more = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
-            "chain": [sig("after", json!([]), json!({})), group(vec![Signature::new("a", vec![])]).to_value()]}));
-        let error = after_success(&group_then_more, &json!(1)).unwrap_err();
-        assert!(
-            error
-                .0
-                .contains("cannot start a group as a chain step with steps after it"),
-            "{error}"
-        );
         let bad = parent(
             json!({"callbacks": [{"args": []}], "errbacks": null, "chord": null, "chain": null}),
         );
@@ -1078,6 +1115,93 @@ mod tests {
             ["y", "body"],
             "a failure before the chord fails its body too"
         );
+    }
+
+    #[test]
+    fn steps_after_a_chord_whose_body_is_a_chord_run_after_the_inner_body() {
+        // chain(x, group(h1) | group(h2) | inner_body, y): a chord whose body is a chord.
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h1", vec![])],
+                chord(
+                    vec![Signature::new("h2", vec![])],
+                    Signature::new("inner_body", vec![])
+                )
+            ),
+            Signature::new("y", vec![])
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let h1 = after_success(&x, &json!(1)).unwrap().next.remove(0).request;
+        let outer_body = chord_of(&h1).unwrap().unwrap();
+        let h2 = chord_body(&outer_body, &h1, vec![json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(h2.task, "h2");
+        let inner_body = chord_of(&h2).unwrap().unwrap();
+        let inner = chord_body(&inner_body, &h2, vec![json!(3)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(inner.task, "inner_body");
+        assert_eq!(inner.embed["chain"][0]["task"], "y");
+    }
+
+    #[test]
+    fn a_group_with_steps_after_it_becomes_a_chord_whose_body_is_the_next_step() {
+        // A chord body as Celery sends it: chain(x, group(a, b), y, z), never prepared.
+        let members = group(vec![
+            Signature::new("a", vec![]),
+            Signature::new("b", vec![]),
+        ])
+        .with_id("g");
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            members,
+            Signature::new("y", vec![]).with_id("y"),
+            Signature::new("z", vec![])
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let sent = after_success(&x, &json!(1)).unwrap().next;
+        let tasks: Vec<_> = sent.iter().map(|n| n.request.task.as_str()).collect();
+        assert_eq!(tasks, ["a", "b"]);
+        assert_eq!(sent[0].opens_chords, vec![("g".to_string(), 2)]);
+        let a = &sent[0].request;
+        assert_eq!(a.args, vec![json!(1)]);
+        assert_eq!(a.group.as_deref(), Some("g"));
+        let body = chord_of(a).unwrap().unwrap();
+        let y = chord_body(&body, a, vec![json!(2), json!(3)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!((y.id.as_str(), y.args.clone()), ("y", vec![json!([2, 3])]));
+        assert_eq!(y.embed["chain"][0]["task"], "z");
+    }
+
+    #[test]
+    fn a_failed_chord_fails_its_group_body_and_the_steps_after_it() {
+        // chain(chord([h], group(a, b)), chord([c], d)), as Celery hands the rest to the body.
+        let canvas = crate::chain![
+            chord(
+                vec![Signature::new("h", vec![])],
+                group(vec![
+                    Signature::new("a", vec![]),
+                    Signature::new("b", vec![])
+                ])
+            ),
+            chord(
+                vec![Signature::new("c", vec![])],
+                Signature::new("d", vec![]).with_id("d")
+            )
+        ];
+        let h = start(&canvas).unwrap().remove(0).request;
+        let body = chord_of(&h).unwrap().unwrap();
+        let (started, never) = failed_chord_body(&body, &h).unwrap();
+        let started: Vec<_> = started.iter().map(|n| n.request.task.as_str()).collect();
+        assert_eq!(started, ["a", "b"]);
+        let never: Vec<_> = never.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(never, ["d"], "the chord after it fails through its body");
     }
 
     #[test]

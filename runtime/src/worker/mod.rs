@@ -788,12 +788,17 @@ impl Worker {
         };
         let failed = chord::failure(&members);
         let results = members.into_iter().map(|m| m.result).collect();
-        let recorded = match (canvas::chord_body(&body, request, results), failed) {
-            (Ok(next), None) => {
+        let recorded = match failed {
+            None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
+            Some(exc) => canvas::failed_chord_body(&body, request)
+                .map(|(next, never)| (next, Some((exc, never)))),
+        };
+        let recorded = match recorded {
+            Ok((next, None)) => {
                 info!(chord = %chord_id, body = %body.task, "chord complete; sending its body");
                 self.send_next(next).await
             }
-            (Ok(next), Some(exc)) => {
+            Ok((next, Some((exc, never)))) => {
                 error!(chord = %chord_id, exception = %exc.repr(), "chord failed");
                 let mut all = true;
                 for Next {
@@ -805,9 +810,9 @@ impl Worker {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
                     all &= Box::pin(self.fail(&body, &queue, exc.clone())).await;
                 }
-                all
+                all & Box::pin(self.fail_never_run(never, queue, &exc)).await
             }
-            (Err(error), _) => {
+            Err(error) => {
                 error!(chord = %chord_id, %error, "cannot start the chord body");
                 let exc = ExceptionInfo::celery("ChordError", format!("Join error: {error}"));
                 let mut all = true;
@@ -852,8 +857,21 @@ impl Worker {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
             (Vec::new(), Vec::new())
         });
+        done &= self.fail_never_run(never, queue, &exc).await;
+        done & self.send_next(errbacks).await
+    }
+
+    /// Stores FAILURE with `exc` for chain steps that will never run, counting each in its
+    /// chord, if any. `false` when any of it could not be done.
+    async fn fail_never_run(
+        &self,
+        never: Vec<TaskRequest>,
+        queue: &str,
+        exc: &ExceptionInfo,
+    ) -> bool {
+        let mut done = true;
         for step in never {
-            let mut meta = failure_meta(&step.id, &exc);
+            let mut meta = failure_meta(&step.id, exc);
             meta.parent_id = step.parent_id.clone();
             meta.group_id = step.group.clone();
             done &= self.store(meta).await;
@@ -861,7 +879,7 @@ impl Worker {
                 .join_chord(&step, queue, state::FAILURE, &exc.to_value())
                 .await;
         }
-        done & self.send_next(errbacks).await
+        done
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its
