@@ -20,6 +20,8 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<redis_count>()
         .task::<errback_old_style>()
         .task::<errback_old_style_with_args>()
+        .task::<errback_new_style>()
+        .task::<errback_new_style_with_args>()
         .blocking_task::<write_to_file_and_return_int>()
 }
 
@@ -43,17 +45,27 @@ fn redis_error(error: redis::RedisError) -> TaskError {
 }
 
 async fn push(key: &str, message: &Value) -> TaskResult<()> {
-    // Text goes in as its characters and anything else as its JSON, as redis-py would store
-    // a str and the suite's other values.
-    let text = match message {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    };
     connection()
         .await?
-        .rpush::<_, _, ()>(key, text)
+        .rpush::<_, _, ()>(key, stored(message))
         .await
         .map_err(redis_error)
+}
+
+/// What redis-py stores for `message` as Python received it: the characters of text, the bytes
+/// of `bytes` (which kombu's JSON sends as `{"__type__": "bytes", "__value__": text}`), and the
+/// JSON of anything else.
+fn stored(message: &Value) -> String {
+    match message {
+        Value::String(text) => text.clone(),
+        Value::Object(tagged) if tagged.get("__type__") == Some(&Value::from("bytes")) => {
+            match tagged.get("__value__") {
+                Some(Value::String(text)) => text.clone(),
+                _ => message.to_string(),
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 async fn increment(key: &str) -> TaskResult<()> {
@@ -101,6 +113,36 @@ pub async fn errback_old_style(request_id: String) -> TaskResult<String> {
 #[celery::task(name = "t.integration.tasks.errback_old_style_with_args")]
 pub async fn errback_old_style_with_args(request_id: String, label: Value) -> TaskResult<()> {
     push(&request_id, &label).await
+}
+
+/// An errback called with the failed request, its exception and traceback: counts at the
+/// request's id, and returns it.
+#[celery::task(name = "t.integration.tasks.errback_new_style")]
+pub async fn errback_new_style(request: Value, exc: Value, tb: Value) -> TaskResult<String> {
+    let _ = (exc, tb);
+    let id = request_id(&request)?;
+    increment(&id).await?;
+    Ok(id)
+}
+
+/// An errback called with the failed request, its exception and traceback, and a stored
+/// `label`: appends the label at the request's id.
+#[celery::task(name = "t.integration.tasks.errback_new_style_with_args")]
+pub async fn errback_new_style_with_args(
+    request: Value,
+    exc: Value,
+    tb: Value,
+    label: Value,
+) -> TaskResult<()> {
+    let _ = (exc, tb);
+    push(&request_id(&request)?, &label).await
+}
+
+fn request_id(request: &Value) -> TaskResult<String> {
+    request["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| TaskError::UnexpectedError(format!("a request without its id: {request}")))
 }
 
 /// Appends `i` as a line to `file_name`, and returns it.

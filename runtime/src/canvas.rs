@@ -406,21 +406,99 @@ impl Sent {
     }
 }
 
-/// What follows the failure of `parent`: its errbacks, sent as Celery sends them to a worker of
-/// any language (the failed task's id first unless the errback is immutable, then its own
-/// arguments), and the chain steps that will now never run (a chord step: its body), each to be
-/// stored failed as well and, when it is a chord member, counted in its chord.
-pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<TaskRequest>), CanvasError> {
-    let mut errbacks = Vec::new();
-    for errback in signatures(parent.embed.get("errbacks"))? {
-        let id = Value::String(parent.id.clone());
-        errbacks.extend(apply(&errback, Some(parent), Some(&id), None)?);
-    }
-    let never = match parent.embed.get("chain") {
-        Some(Value::Array(steps)) => never_run(steps, parent)?,
-        _ => Vec::new(),
+/// What follows the failure of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    /// Errbacks to send, as Celery sends them to a worker of any language: the failed task's id
+    /// first unless the errback is immutable, then its own arguments.
+    pub sent: Vec<Next>,
+    /// Errbacks the failing worker calls itself, as Celery calls a "new style" errback: with
+    /// the failed request, its exception and traceback first (see [`called_errback`]).
+    pub called: Vec<Signature>,
+    /// The chain steps that will now never run (a chord step: its body), each to be stored
+    /// failed as well and, when it is a chord member, counted in its chord.
+    pub never: Vec<TaskRequest>,
+}
+
+/// What follows the failure of `parent`; `called_here` says which errbacks this worker calls
+/// itself rather than sends (those of its own tasks that [`takes_the_failed_request`]).
+pub fn after_failure(
+    parent: &TaskRequest,
+    called_here: impl Fn(&Signature) -> bool,
+) -> Result<Failed, CanvasError> {
+    let mut failed = Failed {
+        sent: Vec::new(),
+        called: Vec::new(),
+        never: match parent.embed.get("chain") {
+            Some(Value::Array(steps)) => never_run(steps, parent)?,
+            _ => Vec::new(),
+        },
     };
-    Ok((errbacks, never))
+    for errback in signatures(parent.embed.get("errbacks"))? {
+        if called_here(&errback) {
+            failed.called.push(errback);
+            continue;
+        }
+        let id = Value::String(parent.id.clone());
+        failed
+            .sent
+            .extend(apply(&errback, Some(parent), Some(&id), None)?);
+    }
+    Ok(failed)
+}
+
+/// Whether Celery calls `errback`, a task with these `parameters`, with the failed request, its
+/// exception and traceback ("new style") rather than sending it the failed task's id: when it
+/// takes more than one argument besides those it stores (a stored keyword argument makes it and
+/// the parameters after it keyword-only), or any number (`*args`).
+pub fn takes_the_failed_request(errback: &Signature, parameters: &[&str]) -> bool {
+    if parameters.contains(&crate::registry::VAR_ARGS) {
+        return true;
+    }
+    let positional = parameters
+        .iter()
+        .filter(|name| **name != crate::registry::VAR_KWARGS);
+    let open = if errback.immutable {
+        positional.count()
+    } else {
+        positional
+            .skip(errback.args.len())
+            .take_while(|name| !errback.kwargs.contains_key(**name))
+            .count()
+    };
+    open > 1
+}
+
+/// The call of a "new style" `errback` for the failure of `failed` with `exc` and `traceback`:
+/// the request (as an object of its fields), the exception and the traceback first, unless the
+/// errback is immutable, then its own arguments.
+pub fn called_errback(
+    errback: &Signature,
+    failed: &TaskRequest,
+    exc: Value,
+    traceback: Value,
+) -> TaskRequest {
+    let mut args = Vec::with_capacity(errback.args.len() + 3);
+    if !errback.immutable {
+        let request = json!({
+            "id": failed.id,
+            "task": failed.task,
+            "args": failed.args,
+            "kwargs": failed.kwargs,
+            "root_id": failed.root_id,
+            "parent_id": failed.parent_id,
+            "group": failed.group,
+            "group_index": failed.group_index,
+            "retries": failed.retries,
+            "origin": failed.origin,
+        });
+        args.extend([request, exc, traceback]);
+    }
+    args.extend(errback.args.iter().cloned());
+    let mut call = TaskRequest::new(&errback.task, args, errback.kwargs.clone());
+    call.root_id = failed.root_id.clone().or_else(|| Some(failed.id.clone()));
+    call.parent_id = Some(failed.id.clone());
+    call
 }
 
 /// The chain `steps` that will never run after `parent` failed, each to be stored failed.
@@ -866,7 +944,11 @@ mod tests {
             "chord": null,
             "chain": [sig("c", json!([]), json!({"task_id": "c3"})), sig("b", json!([]), json!({"task_id": "c2"}))],
         }));
-        let (errbacks, never) = after_failure(&first).unwrap();
+        let Failed {
+            sent: errbacks,
+            never,
+            ..
+        } = after_failure(&first, |_| false).unwrap();
         let calls: Vec<_> = errbacks
             .iter()
             .map(|n| (n.request.task.as_str(), n.request.args.clone()))
@@ -1108,7 +1190,7 @@ mod tests {
             .remove(0)
             .request;
         assert_eq!(body_request.embed["chain"][0]["task"], "y");
-        let (_, never) = after_failure(&x).unwrap();
+        let never = after_failure(&x, |_| false).unwrap().never;
         let never: Vec<_> = never.iter().map(|r| r.task.as_str()).collect();
         assert_eq!(
             never,
@@ -1202,6 +1284,56 @@ mod tests {
         assert_eq!(started, ["a", "b"]);
         let never: Vec<_> = never.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(never, ["d"], "the chord after it fails through its body");
+    }
+
+    #[test]
+    fn errbacks_taking_more_than_the_failed_id_are_called_with_the_failed_request() {
+        let errback = |args: Value, kwargs: Value, immutable: bool| {
+            let mut value = sig("e", args, json!({}));
+            value["kwargs"] = kwargs;
+            value["immutable"] = json!(immutable);
+            Signature::from_value(&value).unwrap()
+        };
+        let takes = |e: &Signature, parameters: &[&str]| takes_the_failed_request(e, parameters);
+        // Celery's errback_old_style(request_id) and errback_new_style(request, exc, tb).
+        assert!(!takes(
+            &errback(json!([]), json!({}), false),
+            &["request_id"]
+        ));
+        assert!(takes(
+            &errback(json!([]), json!({}), false),
+            &["request", "exc", "tb"]
+        ));
+        // Stored arguments do not count: (request_id, label) with a label stored either way.
+        let with_label = ["request_id", "label"];
+        assert!(!takes(
+            &errback(json!(["l"]), json!({}), false),
+            &with_label
+        ));
+        assert!(!takes(
+            &errback(json!([]), json!({"label": "l"}), false),
+            &with_label
+        ));
+        assert!(takes(
+            &errback(json!(["l"]), json!({}), false),
+            &["request", "exc", "tb", "label"]
+        ));
+        // An immutable errback counts all it takes; *args takes any number.
+        assert!(takes(
+            &errback(json!(["m"]), json!({}), true),
+            &["message", "redis_key"]
+        ));
+        assert!(takes(&errback(json!([]), json!({}), false), &["var_args"]));
+
+        let failed = parent(json!({"callbacks": null, "chain": null, "chord": null,
+            "errbacks": [sig("new", json!(["l"]), json!({})), sig("old", json!([]), json!({}))]}));
+        let after = after_failure(&failed, |e| e.task == "new").unwrap();
+        assert_eq!(after.sent.len(), 1);
+        assert_eq!(after.sent[0].request.args, vec![json!("t")]);
+        let call = called_errback(&after.called[0], &failed, json!("exc"), json!("tb"));
+        assert_eq!(call.task, "new");
+        assert_eq!(call.args[0]["id"], "t");
+        assert_eq!(call.args[1..], [json!("exc"), json!("tb"), json!("l")]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`builtins`]: Celery's `celery.map` and `celery.starmap`, calling a worker's own tasks.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
 //! - [`rate`]: per-task rate limits.
@@ -27,6 +28,7 @@
 pub mod backend;
 pub mod beat;
 pub mod broker;
+pub mod builtins;
 pub mod canvas;
 pub mod chord;
 pub mod cli;

@@ -71,6 +71,10 @@ pub trait Handler: Send + Sync {
     /// The task's own options (`#[celery::task(max_retries = .., time_limit = ..)]`).
     fn options(&self) -> TaskOptions;
 
+    /// The task's parameter names, in order (`var_args`, `var_kwargs` for Python's `*args`,
+    /// `**kwargs`).
+    fn parameters(&self) -> &'static [&'static str];
+
     /// Runs the task for `request` on this worker node, within `context`.
     async fn run(
         &self,
@@ -140,6 +144,12 @@ impl Registry {
         self
     }
 
+    /// Registers `handler` under `name`: a task the runtime defines itself, not with the macro.
+    pub(crate) fn handler(mut self, name: &'static str, handler: Arc<dyn Handler>) -> Self {
+        self.tasks.insert(name, handler);
+        self
+    }
+
     /// The handler of `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.tasks.get(name).cloned()
@@ -159,6 +169,10 @@ where
 {
     fn options(&self) -> TaskOptions {
         T::DEFAULTS
+    }
+
+    fn parameters(&self) -> &'static [&'static str] {
+        T::ARGS
     }
 
     async fn run(

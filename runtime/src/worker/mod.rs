@@ -211,7 +211,7 @@ impl Worker {
         }
         Ok(Self {
             app,
-            registry,
+            registry: registry.with_builtins(),
             broker,
             backend,
             state: WorkerState::new(&hostname, metrics.clone()),
@@ -848,17 +848,53 @@ impl Worker {
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
         let mut done = self
-            .finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
+            .finish(
+                request,
+                queue,
+                state::FAILURE,
+                exc.to_value(),
+                Some(tb.clone()),
+            )
             .await;
         done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
             .await;
-        let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
+        let takes_the_failed_request = |errback: &canvas::Signature| {
+            self.registry.get(&errback.task).is_some_and(|handler| {
+                canvas::takes_the_failed_request(errback, handler.parameters())
+            })
+        };
+        let failed = canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
-            (Vec::new(), Vec::new())
+            canvas::Failed { sent: Vec::new(), called: Vec::new(), never: Vec::new() }
         });
-        done &= self.fail_never_run(never, queue, &exc).await;
-        done & self.send_next(errbacks).await
+        done &= self.fail_never_run(failed.never, queue, &exc).await;
+        for errback in &failed.called {
+            let call =
+                canvas::called_errback(errback, request, exc.to_value(), Value::from(tb.clone()));
+            Box::pin(self.call_errback(call)).await;
+        }
+        done & self.send_next(failed.sent).await
+    }
+
+    /// Runs an errback of this worker's own here and now, as Celery's worker calls a "new style"
+    /// errback: no result is stored and nothing follows it; a failure is only logged.
+    async fn call_errback(&self, call: TaskRequest) {
+        let Some(handler) = self.registry.get(&call.task) else {
+            return;
+        };
+        let (context, _updates) = TaskContext::new(&call);
+        match handler
+            .run(self.app.clone(), &call, &self.hostname, context)
+            .await
+        {
+            Outcome::Success(_) => {
+                info!(errback = %call.task, failed = ?call.parent_id, "errback called")
+            }
+            outcome => {
+                warn!(errback = %call.task, failed = ?call.parent_id, ?outcome, "errback raised an exception")
+            }
+        }
     }
 
     /// Stores FAILURE with `exc` for chain steps that will never run, counting each in its
