@@ -597,7 +597,20 @@ fn apply(
     match signature.subtask_type.as_deref() {
         None => Ok(vec![request_for(signature, parent, result, rest)]),
         Some("chain") => {
-            let mut steps = signature.members()?.into_iter();
+            // The chain's own errbacks go on every step, its callbacks on the last, as Celery's
+            // `chain.run` links them when it sends the chain.
+            let mut steps = signature.members()?;
+            for errback in signatures(signature.options.get("link_error"))? {
+                steps = steps
+                    .into_iter()
+                    .map(|step| step.link_error(errback.clone()))
+                    .collect();
+            }
+            if let Some(last) = steps.pop() {
+                let callbacks = signatures(signature.options.get("link"))?;
+                steps.push(callbacks.into_iter().fold(last, Signature::link));
+            }
+            let mut steps = steps.into_iter();
             let first = steps
                 .next()
                 .ok_or_else(|| CanvasError("an empty chain".into()))?;
@@ -1334,6 +1347,20 @@ mod tests {
         assert_eq!(call.task, "new");
         assert_eq!(call.args[0]["id"], "t");
         assert_eq!(call.args[1..], [json!("exc"), json!("tb"), json!("l")]);
+    }
+
+    #[test]
+    fn a_chains_own_links_go_on_its_steps() {
+        // A chain as a chord body carries them, with link_error on the chain itself.
+        let canvas = crate::chain![Signature::new("a", vec![]), Signature::new("b", vec![])]
+            .link_error(Signature::new("on_error", vec![]))
+            .link(Signature::new("on_success", vec![]));
+        let a = start(&canvas).unwrap().remove(0).request;
+        assert_eq!(a.embed["errbacks"][0]["task"], "on_error");
+        assert_eq!(a.embed["callbacks"], Value::Null);
+        let b = after_success(&a, &json!(1)).unwrap().next.remove(0).request;
+        assert_eq!(b.embed["errbacks"][0]["task"], "on_error");
+        assert_eq!(b.embed["callbacks"][0]["task"], "on_success");
     }
 
     #[test]
