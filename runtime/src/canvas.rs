@@ -642,7 +642,13 @@ fn apply(
             // Celery freezes a chord's header whenever it runs one.
             let header = laid_out(&header, Splice::Frozen)?;
             let chord_id = group_id(signature);
-            let mut body = body;
+            // The chord's own callbacks and errbacks are its body's, as Celery's `chord.run`
+            // adds them to the body.
+            let callbacks = signatures(signature.options.get("link"))?;
+            let mut body = callbacks.into_iter().fold(body, Signature::link);
+            for errback in signatures(signature.options.get("link_error"))? {
+                body = body.link_error(errback);
+            }
             // A body tagged as a member of an enclosing group or chord keeps that group's id.
             body.options
                 .entry("group_id")
@@ -1361,6 +1367,29 @@ mod tests {
         let b = after_success(&a, &json!(1)).unwrap().next.remove(0).request;
         assert_eq!(b.embed["errbacks"][0]["task"], "on_error");
         assert_eq!(b.embed["callbacks"][0]["task"], "on_success");
+    }
+
+    #[test]
+    fn a_chords_own_links_go_on_its_body() {
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h", vec![])],
+                Signature::new("body", vec![])
+            )
+            .link(Signature::new("on_success", vec![]))
+            .link_error(Signature::new("on_error", vec![]))
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let h = after_success(&x, &json!(1)).unwrap().next.remove(0).request;
+        assert_eq!(h.embed["callbacks"], Value::Null);
+        let body = chord_of(&h).unwrap().unwrap();
+        let body = chord_body(&body, &h, vec![json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(body.embed["callbacks"][0]["task"], "on_success");
+        assert_eq!(body.embed["errbacks"][0]["task"], "on_error");
     }
 
     #[test]
