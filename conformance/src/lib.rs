@@ -9,11 +9,22 @@
 #![allow(non_local_definitions)]
 
 mod arithmetic;
+mod failing;
+mod output;
+mod own_request;
+mod records;
 mod replace;
+mod signatures;
 
 use runtime::registry::Registry;
 
 /// Every ported task.
 pub fn registry() -> Registry {
-    replace::register(arithmetic::register(Registry::new()))
+    let registry = arithmetic::register(Registry::new());
+    let registry = failing::register(registry);
+    let registry = own_request::register(registry);
+    let registry = records::register(registry);
+    let registry = replace::register(registry);
+    let registry = signatures::register(registry);
+    output::register(registry)
 }

@@ -5,16 +5,14 @@
 
 use celery::error::TaskError;
 use celery::task::{Task, TaskResult};
-use redis::AsyncCommands;
 use runtime::add_to_chord::add_to_chord;
 use runtime::canvas::{self, Signature};
 use runtime::progress;
-use runtime::protocol::result::ExceptionInfo;
-use runtime::raise::raise;
 use runtime::registry::Registry;
 use runtime::replace::replace;
 use serde_json::{json, Map, Value};
-use tokio::sync::OnceCell;
+
+use crate::records::push;
 
 pub(crate) fn register(registry: Registry) -> Registry {
     registry
@@ -32,10 +30,6 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<second_order_replace2>()
         .task::<fail_replaced>()
         .task::<replaced_with_me>()
-        .task::<redis_echo>()
-        .task::<redis_count>()
-        .task::<fail>()
-        .task::<raise_error>()
 }
 
 /// A call of the suite's task `name` (`t.integration.tasks.<name>`), Celery's `name.s(*args)`.
@@ -192,9 +186,9 @@ async fn second_order_replace(
     state: Option<bool>,
 ) -> TaskResult<()> {
     if state.unwrap_or(false) {
-        return push("redis-echo", &format!("Out {label}")).await;
+        return push("redis-echo", &json!(format!("Out {label}"))).await;
     }
-    push("redis-echo", &format!("In {label}")).await?;
+    push("redis-echo", &json!(format!("In {label}"))).await?;
     let first = match first {
         "redis_echo" => suite_task(first, vec![json!("In/Out C")]),
         _ => suite_task(first, Vec::new()),
@@ -216,75 +210,4 @@ pub fn fail_replaced(var_args: Vec<Value>) -> TaskResult<Value> {
 #[celery::task(name = "t.integration.tasks.replaced_with_me")]
 pub fn replaced_with_me() -> TaskResult<bool> {
     Ok(true)
-}
-
-/// Appends `message` to the list `redis_key` (default `redis-echo`).
-#[celery::task(name = "t.integration.tasks.redis_echo")]
-pub async fn redis_echo(message: Value, redis_key: Option<String>) -> TaskResult<()> {
-    let text = match message {
-        Value::String(text) => text,
-        other => other.to_string(),
-    };
-    push(redis_key.as_deref().unwrap_or("redis-echo"), &text).await
-}
-
-/// Increments `redis_key` (default `redis-count`).
-#[celery::task(name = "t.integration.tasks.redis_count")]
-pub async fn redis_count(redis_key: Option<String>) -> TaskResult<()> {
-    let mut connection = connection().await?;
-    connection
-        .incr::<_, _, ()>(redis_key.as_deref().unwrap_or("redis-count"), 1)
-        .await
-        .map_err(redis_error)
-}
-
-/// Raises `ExpectedException("Task expected to fail", *args)`.
-#[celery::task(name = "t.integration.tasks.fail")]
-pub fn fail(var_args: Vec<Value>) -> TaskResult<()> {
-    let mut args = vec![json!("Task expected to fail")];
-    args.extend(var_args);
-    Err(raise(ExceptionInfo::with_args(
-        "t.integration.tasks",
-        "ExpectedException",
-        args,
-    )))
-}
-
-/// Raises `ValueError("deliberate error")`.
-#[celery::task(name = "t.integration.tasks.raise_error")]
-pub fn raise_error(var_args: Vec<Value>) -> TaskResult<()> {
-    let _ = var_args;
-    Err(raise(ExceptionInfo::builtin(
-        "ValueError",
-        "deliberate error",
-    )))
-}
-
-/// Appends `text` to the Redis list `key`, at `REDIS_HOST`/`REDIS_PORT` database 0 as the
-/// suite's `get_redis_connection`.
-async fn push(key: &str, text: &str) -> TaskResult<()> {
-    let mut connection = connection().await?;
-    connection
-        .rpush::<_, _, ()>(key, text)
-        .await
-        .map_err(redis_error)
-}
-
-/// One connection for all tasks of this worker, made on first use.
-async fn connection() -> TaskResult<redis::aio::ConnectionManager> {
-    static CONNECTION: OnceCell<redis::aio::ConnectionManager> = OnceCell::const_new();
-    CONNECTION
-        .get_or_try_init(|| async {
-            let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost".into());
-            let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".into());
-            let client = redis::Client::open(format!("redis://{host}:{port}/0"))?;
-            redis::aio::ConnectionManager::new(client).await
-        })
-        .await
-        .cloned()
-        .map_err(redis_error)
-}
-
-fn redis_error(error: redis::RedisError) -> TaskError {
-    TaskError::UnexpectedError(format!("redis: {error}"))
 }

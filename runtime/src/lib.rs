@@ -5,6 +5,7 @@
 //! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`builtins`]: Celery's `celery.map` and `celery.starmap`, calling a worker's own tasks.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
 //! - [`add_to_chord`]: a chord header member adding work to its own chord.
@@ -30,6 +31,7 @@ pub mod add_to_chord;
 pub mod backend;
 pub mod beat;
 pub mod broker;
+pub mod builtins;
 pub mod canvas;
 pub mod chord;
 pub mod cli;

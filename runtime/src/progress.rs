@@ -1,6 +1,7 @@
-//! How a running task talks to the dispatcher: the custom states it reports (such as
-//! `PROGRESS {current, total}`), its soft time limit, the Python exception it raises, and the
-//! signature it asks to be replaced with (see [`crate::replace`]).
+//! How a running task reports custom states such as `PROGRESS {current, total}`, reads the
+//! request it runs for (Celery's `self.request`), and leaves the worker what to do once it ends:
+//! a replacement (see [`crate::replace`]), signatures added to its chord (see
+//! [`crate::add_to_chord`]).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -16,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::canvas::Signature;
 use crate::error::{Error, Result};
-use crate::protocol::result::{state, ExceptionInfo};
+use crate::protocol::result::state;
+use crate::protocol::TaskRequest;
 
 tokio::task_local! {
     static CURRENT: TaskContext;
@@ -34,12 +36,9 @@ pub struct StateUpdate {
 /// The running task's identity and its channel to the dispatcher.
 #[derive(Clone)]
 pub struct TaskContext {
-    task_id: Arc<str>,
+    request: Arc<TaskRequest>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
-    raised: Arc<Mutex<Option<ExceptionInfo>>>,
-    /// How many replacements led to this task (Celery's `replaced_task_nesting` header).
-    replaced_task_nesting: u64,
     /// The signature the task asked to be replaced with, the last one asked for.
     replacement: Arc<Mutex<Option<Signature>>>,
     /// The signatures the task added to its chord, in the order added.
@@ -50,16 +49,14 @@ pub struct TaskContext {
 pub type Updates = watch::Receiver<Option<StateUpdate>>;
 
 impl TaskContext {
-    /// A context for task `task_id` and the receiver of its reports.
-    pub fn new(task_id: &str) -> (Self, Updates) {
+    /// A context for running `request` and the receiver of its reports.
+    pub fn new(request: &TaskRequest) -> (Self, Updates) {
         let (sender, receiver) = watch::channel(None);
         (
             Self {
-                task_id: task_id.into(),
+                request: Arc::new(request.clone()),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
-                raised: Arc::default(),
-                replaced_task_nesting: 0,
                 replacement: Arc::default(),
                 added_to_chord: Arc::default(),
             },
@@ -67,15 +64,12 @@ impl TaskContext {
         )
     }
 
-    /// For a task that `nesting` replacements led to.
-    pub fn with_replaced_task_nesting(mut self, nesting: u64) -> Self {
-        self.replaced_task_nesting = nesting;
-        self
-    }
-
-    /// The signature the task asked to be replaced with, if it did (taken: asked once).
+    /// The signature the task asked to be replaced with, if it did (taken once).
     pub fn take_replacement(&self) -> Option<Signature> {
-        take(&self.replacement)
+        self.replacement
+            .lock()
+            .ok()
+            .and_then(|mut replacement| replacement.take())
     }
 
     /// The signatures the task added to its chord, in the order added (taken once).
@@ -91,26 +85,9 @@ impl TaskContext {
         self.soft_limit.cancel();
     }
 
-    /// The exception the task last raised with [`crate::raise`], taken once.
-    pub fn take_raised(&self) -> Option<ExceptionInfo> {
-        take(&self.raised)
-    }
-
     /// Runs `future` with this context as the current task's.
     pub async fn scope<F: Future>(self, future: F) -> F::Output {
         CURRENT.scope(self, future).await
-    }
-}
-
-/// What a task left in `slot` for the dispatcher, taken once.
-fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
-    slot.lock().ok().and_then(|mut value| value.take())
-}
-
-/// Leaves `value` in `slot` for the dispatcher, in place of what was there.
-fn put<T>(slot: &Mutex<Option<T>>, value: T) {
-    if let Ok(mut held) = slot.lock() {
-        *held = Some(value);
     }
 }
 
@@ -124,13 +101,6 @@ pub fn update_state(state: &str, meta: Value) -> Result<()> {
                 meta,
             }));
         })
-        .map_err(|_| Error::NotInTask)
-}
-
-/// Records `exc` as the exception the calling task ends with. Fails only outside a task.
-pub(crate) fn record_raised(exc: ExceptionInfo) -> Result<()> {
-    CURRENT
-        .try_with(|context| put(&context.raised, exc))
         .map_err(|_| Error::NotInTask)
 }
 
@@ -160,7 +130,11 @@ pub async fn soft_time_limit() {
 /// outside a task the dispatcher runs.
 pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
     CURRENT
-        .try_with(|context| put(&context.replacement, signature))
+        .try_with(|context| {
+            if let Ok(mut replacement) = context.replacement.lock() {
+                *replacement = Some(signature);
+            }
+        })
         .map_err(|_| Error::NotInTask)
 }
 
@@ -179,26 +153,33 @@ pub(crate) fn record_added_to_chord(signature: Signature) -> Result<()> {
 /// How many replacements led to the running task: 0 for a task sent as such, 1 for the
 /// replacement of one, and so on (Celery's `request.replaced_task_nesting`). 0 outside a task.
 pub fn replaced_task_nesting() -> u64 {
-    CURRENT
-        .try_with(|context| context.replaced_task_nesting)
-        .unwrap_or(0)
+    request().map_or(0, |request| request.replaced_task_nesting())
 }
 
 /// The id of the task running on this task-local scope, if any.
 pub fn task_id() -> Option<String> {
-    CURRENT.try_with(|context| context.task_id.to_string()).ok()
+    CURRENT.try_with(|context| context.request.id.clone()).ok()
+}
+
+/// The request the running task was sent with (its headers, properties, retries, time limits),
+/// as Celery's `self.request`; `None` outside a task.
+pub fn request() -> Option<Arc<TaskRequest>> {
+    CURRENT.try_with(|context| context.request.clone()).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     #[tokio::test]
     async fn reports_reach_the_receiver_newest_last() {
-        let (context, mut updates) = TaskContext::new("t1");
+        let sent = TaskRequest::new("tasks.add", vec![json!(1)], Map::new());
+        let (context, mut updates) = TaskContext::new(&sent);
         context
             .scope(async {
-                assert_eq!(task_id().as_deref(), Some("t1"));
+                assert_eq!(task_id(), Some(sent.id.clone()));
+                assert_eq!(request().map(|r| r.args.clone()), Some(vec![json!(1)]));
                 for i in 1..=1000 {
                     report(i, 1000).unwrap();
                 }
@@ -217,7 +198,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_soft_limit_is_seen_inside_the_task() {
-        let (context, _updates) = TaskContext::new("t2");
+        let (context, _updates) =
+            TaskContext::new(&TaskRequest::new("tasks.add", vec![], Map::new()));
         let limit = context.clone();
         context
             .scope(async move {
@@ -234,5 +216,6 @@ mod tests {
     fn reporting_outside_a_task_is_an_error() {
         assert!(matches!(report(1, 2), Err(Error::NotInTask)));
         assert_eq!(task_id(), None);
+        assert!(request().is_none());
     }
 }

@@ -28,6 +28,7 @@ use crate::canvas::Signature;
 use crate::progress::TaskContext;
 use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
+use crate::raise::{self, Raised};
 
 /// How a task run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,8 @@ pub enum Outcome {
         eta: Option<DateTime<Utc>>,
         /// What to store as the RETRY state (and as FAILURE once retries run out).
         exc: ExceptionInfo,
+        /// What the next run changes, as the task asked with [`crate::raise::retry`].
+        next: NextRun,
     },
     /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
     /// The panic message says where.
@@ -53,11 +56,28 @@ pub enum Outcome {
     Replaced(Signature),
 }
 
+/// What a retried task's next run changes (all `None`: nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NextRun {
+    /// The most retries, instead of the task's.
+    pub max_retries: Option<u32>,
+    /// New positional arguments.
+    pub args: Option<Vec<Value>>,
+    /// New keyword arguments.
+    pub kwargs: Option<Map<String, Value>>,
+    /// Expires this many seconds after the retry.
+    pub expires: Option<f64>,
+}
+
 /// One registered task, its type erased.
 #[async_trait]
 pub trait Handler: Send + Sync {
     /// The task's own options (`#[celery::task(max_retries = .., time_limit = ..)]`).
     fn options(&self) -> TaskOptions;
+
+    /// The task's parameter names, in order (`var_args`, `var_kwargs` for Python's `*args`,
+    /// `**kwargs`).
+    fn parameters(&self) -> &'static [&'static str];
 
     /// Runs the task for `request` on this worker node, within `context`.
     async fn run(
@@ -84,25 +104,15 @@ struct TaskHandler<T> {
 }
 
 /// Task name to handler.
-#[derive(Clone)]
+#[derive(Default, Clone)]
 pub struct Registry {
     tasks: BTreeMap<&'static str, Arc<dyn Handler>>,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Registry {
-    /// A registry of Celery's built-in tasks that the runtime's own features send
-    /// (`celery.accumulate`, which gathers the results of a group a task is replaced with).
+    /// An empty registry.
     pub fn new() -> Self {
-        Self {
-            tasks: BTreeMap::new(),
-        }
-        .task::<crate::replace::accumulate>()
+        Self::default()
     }
 
     /// Registers an async task under its `name`; it runs on the async threads.
@@ -138,6 +148,12 @@ impl Registry {
         self
     }
 
+    /// Registers `handler` under `name`: a task the runtime defines itself, not with the macro.
+    pub(crate) fn handler(mut self, name: &'static str, handler: Arc<dyn Handler>) -> Self {
+        self.tasks.insert(name, handler);
+        self
+    }
+
     /// The handler of `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.tasks.get(name).cloned()
@@ -159,6 +175,10 @@ where
         T::DEFAULTS
     }
 
+    fn parameters(&self) -> &'static [&'static str] {
+        T::ARGS
+    }
+
     async fn run(
         &self,
         app: Arc<Celery>,
@@ -174,14 +194,14 @@ where
         crate_request.hostname = Some(hostname.to_string());
         let task = T::from_request(crate_request, T::DEFAULTS);
         let asked = context.clone();
-        let run = context.scope(async move {
+        let run = raise::catching(context.scope(async move {
             let result = task.run(params).await;
             match &result {
                 Ok(value) => task.on_success(value).await,
                 Err(error) => task.on_failure(error).await,
             }
             result.map(|value| serde_json::to_value(&value))
-        });
+        }));
         let joined = match self.execution {
             // Aborted if this future is dropped (a revoke with terminate), not left running.
             Execution::Async => tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run)).await,
@@ -193,16 +213,22 @@ where
         // A task that asked to be replaced is, whatever it returned after asking.
         match (joined, asked.take_replacement()) {
             (Ok(_), Some(replacement)) => Outcome::Replaced(replacement),
-            (Ok(Ok(Ok(value))), None) => Outcome::Success(value),
-            (Ok(Ok(Err(error))), None) => Outcome::Failure(ExceptionInfo::builtin(
+            (Ok((Ok(Ok(value)), _)), None) => Outcome::Success(value),
+            (Ok((Ok(Err(error)), _)), None) => Outcome::Failure(ExceptionInfo::builtin(
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            (Ok(Err(error)), None) => outcome_of(
-                error,
-                asked.take_raised(),
-                T::DEFAULTS.retry_for_unexpected == Some(true),
-            ),
+            (Ok((Err(error), raised)), None) => {
+                let mut outcome = outcome_of(
+                    error,
+                    raised,
+                    T::DEFAULTS.retry_for_unexpected == Some(true),
+                );
+                if let Outcome::Retry { next, .. } = &mut outcome {
+                    carry_arguments(T::ARGS, request, next);
+                }
+                outcome
+            }
             (Err(join), _) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
@@ -287,6 +313,37 @@ fn bind<P: serde::de::DeserializeOwned>(
     })
 }
 
+/// Completes a retry that gave only new positional or only new keyword arguments, as Celery
+/// does: the other kind is kept where it does not clash with the new calling convention (new
+/// positionals drop the keywords naming the same parameters; new keywords for parameters passed
+/// positionally take their places).
+fn carry_arguments(arg_names: &[&str], request: &TaskRequest, next: &mut NextRun) {
+    let positional: Vec<&str> = arg_names
+        .iter()
+        .copied()
+        .take_while(|arg| *arg != VAR_ARGS && *arg != VAR_KWARGS)
+        .collect();
+    match (&next.args, &mut next.kwargs) {
+        (Some(args), None) => {
+            let mut kwargs = request.kwargs.clone();
+            for name in positional.iter().take(args.len()) {
+                kwargs.remove(*name);
+            }
+            next.kwargs = Some(kwargs);
+        }
+        (None, Some(kwargs)) => {
+            let mut args = request.args.clone();
+            for (name, slot) in positional.iter().zip(args.iter_mut()) {
+                if let Some(value) = kwargs.remove(*name) {
+                    *slot = value;
+                }
+            }
+            next.args = Some(args);
+        }
+        _ => {}
+    }
+}
+
 /// The crate's message for `Request::new`: only the fields its `Request` reads.
 fn crate_message(request: &TaskRequest) -> CrateMessage {
     let seconds = |limit: Option<f64>| limit.map(|s| s.ceil() as u32);
@@ -315,28 +372,42 @@ fn crate_message(request: &TaskRequest) -> CrateMessage {
 }
 
 /// A task's error as Celery would end it, with the Python exception Celery users expect: the
-/// one the task named with [`crate::raise::raise`], else a `RuntimeError` with its message.
-fn outcome_of(
-    error: TaskError,
-    raised: Option<ExceptionInfo>,
-    retry_for_unexpected: bool,
-) -> Outcome {
-    let exception =
-        |message: String| raised.unwrap_or_else(|| ExceptionInfo::builtin("RuntimeError", message));
+/// one the task named with [`raise::raise`] or [`raise::retry`], else a `RuntimeError` with its
+/// message (or Celery's `Retry` for a bare retry).
+fn outcome_of(error: TaskError, raised: Option<Raised>, retry_for_unexpected: bool) -> Outcome {
+    let (named, next) = match raised {
+        Some(Raised::Exception(exc)) => (Some(exc), NextRun::default()),
+        Some(Raised::Retry(asked)) => (
+            asked.exc,
+            NextRun {
+                max_retries: asked.max_retries,
+                args: asked.args,
+                kwargs: asked.kwargs,
+                expires: asked.expires,
+            },
+        ),
+        None => (None, NextRun::default()),
+    };
+    let runtime_error = |message: String| ExceptionInfo::builtin("RuntimeError", message);
     match error {
         TaskError::Retry(eta) => Outcome::Retry {
             eta,
-            exc: ExceptionInfo::celery("Retry", "Retry requested"),
+            exc: named.unwrap_or_else(|| ExceptionInfo::celery("Retry", "Retry requested")),
+            next,
         },
         TaskError::ExpectedError(message) => Outcome::Retry {
             eta: None,
-            exc: exception(message),
+            exc: named.unwrap_or_else(|| runtime_error(message)),
+            next,
         },
         TaskError::UnexpectedError(message) if retry_for_unexpected => Outcome::Retry {
             eta: None,
-            exc: exception(message),
+            exc: named.unwrap_or_else(|| runtime_error(message)),
+            next,
         },
-        TaskError::UnexpectedError(message) => Outcome::Failure(exception(message)),
+        TaskError::UnexpectedError(message) => {
+            Outcome::Failure(named.unwrap_or_else(|| runtime_error(message)))
+        }
         TaskError::TimeoutError => {
             Outcome::Failure(ExceptionInfo::celery("TimeLimitExceeded", "task timed out"))
         }
@@ -494,9 +565,10 @@ mod tests {
     #[test]
     fn a_raised_exception_replaces_the_runtime_error() {
         let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let raised = || Some(Raised::Exception(named.clone()));
         let error = || TaskError::UnexpectedError("boom".into());
         assert_eq!(
-            outcome_of(error(), Some(named.clone()), false),
+            outcome_of(error(), raised(), false),
             Outcome::Failure(named.clone())
         );
         assert_eq!(
@@ -504,11 +576,66 @@ mod tests {
             Outcome::Failure(ExceptionInfo::builtin("RuntimeError", "boom"))
         );
         assert_eq!(
-            outcome_of(error(), Some(named.clone()), true),
+            outcome_of(error(), raised(), true),
             Outcome::Retry {
                 eta: None,
-                exc: named
+                exc: named.clone(),
+                next: NextRun::default(),
             }
         );
+    }
+
+    #[test]
+    fn a_retry_carries_its_exception_and_what_the_next_run_changes() {
+        let named = ExceptionInfo::with_args("t.integration.tasks", "ExpectedException", vec![]);
+        let asked = raise::Retry {
+            exc: Some(named.clone()),
+            max_retries: Some(1),
+            kwargs: Some(Map::new()),
+            ..raise::Retry::default()
+        };
+        assert_eq!(
+            outcome_of(TaskError::Retry(None), Some(Raised::Retry(asked)), false),
+            Outcome::Retry {
+                eta: None,
+                exc: named,
+                next: NextRun {
+                    max_retries: Some(1),
+                    kwargs: Some(Map::new()),
+                    ..NextRun::default()
+                },
+            }
+        );
+        let bare = outcome_of(TaskError::Retry(None), None, false);
+        assert!(
+            matches!(&bare, Outcome::Retry { exc, next, .. } if exc.exc_type == "Retry" && *next == NextRun::default()),
+            "{bare:?}"
+        );
+    }
+
+    #[test]
+    fn a_retry_with_one_kind_of_arguments_keeps_the_other_where_it_does_not_clash() {
+        let names = &["foo", "bar", "label"];
+        let mut request = TaskRequest::new("t", vec![], Map::new());
+        request.kwargs = json!({"foo": 1, "bar": 2, "label": "kept"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mut next = NextRun {
+            args: Some(vec![json!(2), json!(3)]),
+            ..NextRun::default()
+        };
+        carry_arguments(names, &request, &mut next);
+        assert_eq!(next.kwargs, json!({"label": "kept"}).as_object().cloned());
+
+        let mut request = TaskRequest::new("t", vec![json!(1), json!(2)], Map::new());
+        request.kwargs = Map::new();
+        let mut next = NextRun {
+            kwargs: json!({"foo": 2}).as_object().cloned(),
+            ..NextRun::default()
+        };
+        carry_arguments(names, &request, &mut next);
+        assert_eq!(next.args, Some(vec![json!(2), json!(2)]));
+        assert_eq!(next.kwargs, Some(Map::new()));
     }
 }

@@ -424,7 +424,7 @@ mod tests {
     async fn replacing_outside_a_task_records_nothing() {
         let error = replace::<()>(Signature::new("a", vec![])).unwrap_err();
         assert!(error.to_string().contains("cannot replace"), "{error}");
-        let (context, _updates) = progress::TaskContext::new("t");
+        let (context, _updates) = progress::TaskContext::new(&task(Vec::new()));
         let asked = context.clone();
         let replaced = context
             .scope(async { replace::<()>(Signature::new("instead", vec![])) })

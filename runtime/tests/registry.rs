@@ -44,7 +44,7 @@ async fn blocking_tasks_leave_the_async_thread_free() {
     let registry = Registry::new().blocking_task::<wait_for_release>();
     let handler = registry.get("test.wait_for_release").unwrap();
     let request = TaskRequest::new("test.wait_for_release", vec![], Map::new());
-    let (context, _updates) = TaskContext::new(&request.id);
+    let (context, _updates) = TaskContext::new(&request);
     // On a one-thread runtime the release below can only run if the task is elsewhere.
     let (outcome, ()) = tokio::join!(handler.run(app, &request, "test@host", context), async {
         tokio::task::yield_now().await;

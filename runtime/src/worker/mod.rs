@@ -37,7 +37,7 @@ use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::rate::TokenBucket;
-use crate::registry::{Outcome, Registry};
+use crate::registry::{NextRun, Outcome, Registry};
 use crate::replace;
 use crate::state::WorkerState;
 
@@ -213,7 +213,7 @@ impl Worker {
         }
         Ok(Self {
             app,
-            registry,
+            registry: registry.with_builtins(),
             broker,
             backend,
             state: WorkerState::new(&hostname, metrics.clone()),
@@ -596,8 +596,7 @@ impl Worker {
             self.store(self.meta(&request, &queue, state::STARTED, started))
                 .await;
         }
-        let (context, updates) = TaskContext::new(&request.id);
-        let context = context.with_replaced_task_nesting(request.replaced_task_nesting());
+        let (context, updates) = TaskContext::new(&request);
         let asked = context.clone();
         let reporter = tokio::spawn(self.clone().report_states(
             request.clone(),
@@ -682,14 +681,17 @@ impl Worker {
             Ending::Ran(Outcome::Replaced(replacement)) => {
                 self.replace(&request, &queue, replacement).await
             }
-            Ending::Ran(Outcome::Retry { eta, exc }) => {
-                let max_retries = options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+            Ending::Ran(Outcome::Retry { eta, exc, next }) => {
+                let max_retries = next
+                    .max_retries
+                    .or(options.max_retries)
+                    .unwrap_or(DEFAULT_MAX_RETRIES);
                 if request.retries >= max_retries {
                     error!(task = %request.task, id = %request.id, retries = request.retries, exception = %exc.repr(), "task failed after its last retry");
                     self.fail(&request, &queue, exc).await
                 } else {
                     let eta = eta.unwrap_or_else(|| backoff(request.retries, &options));
-                    self.retry(&request, &queue, eta, exc).await
+                    self.retry(&request, &queue, eta, exc, next).await
                 }
             }
             Ending::TimedOut(limit) => {
@@ -799,12 +801,17 @@ impl Worker {
         };
         let failed = chord::failure(&members);
         let results = members.into_iter().map(|m| m.result).collect();
-        let recorded = match (canvas::chord_body(&body, request, results), failed) {
-            (Ok(next), None) => {
+        let recorded = match failed {
+            None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
+            Some(exc) => canvas::failed_chord_body(&body, request)
+                .map(|(next, never)| (next, Some((exc, never)))),
+        };
+        let recorded = match recorded {
+            Ok((next, None)) => {
                 info!(chord = %chord_id, body = %body.task, "chord complete; sending its body");
                 self.send_next(next).await
             }
-            (Ok(next), Some(exc)) => {
+            Ok((next, Some((exc, never)))) => {
                 error!(chord = %chord_id, exception = %exc.repr(), "chord failed");
                 let mut all = true;
                 for Next {
@@ -816,9 +823,9 @@ impl Worker {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
                     all &= Box::pin(self.fail(&body, &queue, exc.clone())).await;
                 }
-                all
+                all & Box::pin(self.fail_never_run(never, queue, &exc)).await
             }
-            (Err(error), _) => {
+            Err(error) => {
                 error!(chord = %chord_id, %error, "cannot start the chord body");
                 let exc = ExceptionInfo::celery("ChordError", format!("Join error: {error}"));
                 let mut all = true;
@@ -854,17 +861,66 @@ impl Worker {
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
         let mut done = self
-            .finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
+            .finish(
+                request,
+                queue,
+                state::FAILURE,
+                exc.to_value(),
+                Some(tb.clone()),
+            )
             .await;
         done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
             .await;
-        let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
+        let takes_the_failed_request = |errback: &canvas::Signature| {
+            self.registry.get(&errback.task).is_some_and(|handler| {
+                canvas::takes_the_failed_request(errback, handler.parameters())
+            })
+        };
+        let failed = canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
-            (Vec::new(), Vec::new())
+            canvas::Failed { sent: Vec::new(), called: Vec::new(), never: Vec::new() }
         });
+        done &= self.fail_never_run(failed.never, queue, &exc).await;
+        for errback in &failed.called {
+            let call =
+                canvas::called_errback(errback, request, exc.to_value(), Value::from(tb.clone()));
+            Box::pin(self.call_errback(call)).await;
+        }
+        done & self.send_next(failed.sent).await
+    }
+
+    /// Runs an errback of this worker's own here and now, as Celery's worker calls a "new style"
+    /// errback: no result is stored and nothing follows it; a failure is only logged.
+    async fn call_errback(&self, call: TaskRequest) {
+        let Some(handler) = self.registry.get(&call.task) else {
+            return;
+        };
+        let (context, _updates) = TaskContext::new(&call);
+        match handler
+            .run(self.app.clone(), &call, &self.hostname, context)
+            .await
+        {
+            Outcome::Success(_) => {
+                info!(errback = %call.task, failed = ?call.parent_id, "errback called")
+            }
+            outcome => {
+                warn!(errback = %call.task, failed = ?call.parent_id, ?outcome, "errback raised an exception")
+            }
+        }
+    }
+
+    /// Stores FAILURE with `exc` for chain steps that will never run, counting each in its
+    /// chord, if any. `false` when any of it could not be done.
+    async fn fail_never_run(
+        &self,
+        never: Vec<TaskRequest>,
+        queue: &str,
+        exc: &ExceptionInfo,
+    ) -> bool {
+        let mut done = true;
         for step in never {
-            let mut meta = failure_meta(&step.id, &exc);
+            let mut meta = failure_meta(&step.id, exc);
             meta.parent_id = step.parent_id.clone();
             meta.group_id = step.group.clone();
             done &= self.store(meta).await;
@@ -872,7 +928,7 @@ impl Worker {
                 .join_chord(&step, queue, state::FAILURE, &exc.to_value())
                 .await;
         }
-        done & self.send_next(errbacks).await
+        done
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its
@@ -984,6 +1040,7 @@ impl Worker {
         queue: &str,
         eta: chrono::DateTime<Utc>,
         exc: ExceptionInfo,
+        next: NextRun,
     ) -> bool {
         let tb = traceback(&exc);
         info!(task = %request.task, id = %request.id, retries = request.retries + 1, %eta, exception = %exc.repr(), "task will retry");
@@ -1001,6 +1058,15 @@ impl Worker {
         again.retries += 1;
         again.eta = Some(eta);
         again.parent_id = Some(request.id.clone());
+        if let Some(args) = next.args {
+            again.args = args;
+        }
+        if let Some(kwargs) = next.kwargs {
+            again.kwargs = kwargs;
+        }
+        if let Some(expires) = next.expires {
+            again.expires = Some(Utc::now() + crate::raise::seconds_from_now(expires));
+        }
         match self.broker.publish(queue, &again.encode()).await {
             Ok(()) => {
                 self.metrics.ended(&request.task, Ended::Retried);
