@@ -15,7 +15,7 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_DEFAULT_QUEUE_TYPE``  ``task_default_queue_type``: ``classic`` (default) or ``quorum``
 * ``INTEROP_DEFAULT_EXCHANGE_TYPE``  ``task_default_exchange_type``: ``direct`` (default) or ``topic``
 * ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
-  ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``), so this worker
+  ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``, ``tasks.scaled_sum``), so this worker
   can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
   queues of their own set it
 
@@ -95,6 +95,12 @@ class QuotaExceeded(Exception):
     """An application's own exception class, which ``tasks.raise_exception`` raises by name."""
 
 
+def scaled_sum(self, numbers, factor):
+    """``tasks.scaled_sum``'s Python twin: replaced by ``tasks.xsum(numbers) | tasks.mul(factor)``."""
+    steps = self.app.signature("tasks.xsum", args=(numbers,)) | self.app.signature("tasks.mul", args=(factor,))
+    return self.replace(steps)
+
+
 def xsum(numbers):
     """``py.xsum`` (and ``tasks.xsum``'s twin): a chord body that sums the header's results."""
     return sum(numbers)
@@ -156,6 +162,7 @@ def create_app(
         celery_app.task(name="tasks.xsum")(xsum)
         celery_app.task(name="tasks.echo")(echo)
         celery_app.task(name="tasks.fail")(fail)
+        celery_app.task(name="tasks.scaled_sum", bind=True)(scaled_sum)
     return celery_app
 
 

@@ -381,3 +381,38 @@ def test_a_saved_group_of_rust_tasks_is_restored_by_id(rust, py_twin):
         return again.get(timeout=GET_TIMEOUT)
 
     assert compared(setup, py_twin, build, restored) == [0, 2, 4, 6]
+
+
+@pytest.mark.timeout(90)
+def test_a_rust_task_replaced_by_a_chain_gives_the_chains_result_and_keeps_its_links(rust, py_worker, py_twin):
+    """``tasks.scaled_sum`` replaces itself with ``tasks.xsum | tasks.mul`` (``Task.replace``):
+    a Python caller reads the chain's result under the task's own id, the task's link runs
+    after the chain, and the rest of the chain the task was a step of runs after that, as with
+    Celery's own ``self.replace``."""
+    setup = rust.setup
+
+    def build(queue):
+        return chain(rust_sig(setup, "tasks.scaled_sum", [1, 2, 3], 10, queue=queue), py_sig(setup, "py.mul", 2))
+
+    assert compared(setup, py_twin, build) == 120
+    callback = py_sig(setup, "py.mul", 3)
+    callback_id = callback.freeze().id
+    result = rust_sig(setup, "tasks.scaled_sum", [1, 2, 3], 10).apply_async(link=callback)
+    assert result.get(timeout=GET_TIMEOUT) == 60
+    stored = meta(setup, result.id)
+    assert stored["name"] == "tasks.mul", "the id's result is the chain's last step's"
+    assert setup.app.AsyncResult(callback_id).get(timeout=GET_TIMEOUT) == 180
+    assert stored["parent_id"] is not None and stored["parent_id"] != result.id
+    first_step = meta(setup, stored["parent_id"])
+    assert (first_step["name"], first_step["parent_id"]) == ("tasks.xsum", result.id)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_replacement_runs_the_replaced_tasks_errback(rust, py_worker):
+    setup = rust.setup
+    errback = py_sig(setup, "py.mul", 6, 7, immutable=True)
+    errback_id = errback.freeze().id
+    result = rust_sig(setup, "tasks.scaled_sum", ["not a number"], 2).apply_async(link_error=errback)
+    with pytest.raises(TypeError):
+        result.get(timeout=GET_TIMEOUT)
+    assert setup.app.AsyncResult(errback_id).get(timeout=GET_TIMEOUT) == 42

@@ -1,10 +1,11 @@
-//! Values in, values out: `identity`, the `add` family, `mul`, the sums, `sleeping`, and the
-//! pydantic-typed `add`s.
+//! Values in, values out: `identity`, `return_exception`, the `add` family, `mul`, the sums
+//! (`delayed_sum` after a pause), `sleeping`, and the pydantic-typed `add`s.
 
 use std::time::Duration;
 
 use celery::error::TaskError;
 use celery::task::TaskResult;
+use runtime::protocol::result::ExceptionInfo;
 use runtime::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
@@ -22,6 +23,9 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<tsum>()
         .task::<xsum>()
         .task::<sleeping>()
+        .task::<delayed_sum>()
+        .task::<delayed_sum_with_soft_guard>()
+        .task::<return_exception>()
 }
 
 /// Returns its argument.
@@ -30,12 +34,52 @@ pub fn identity(x: Value) -> TaskResult<Value> {
     Ok(x)
 }
 
-/// `x + y`, plus `z` when given.
+/// `[e, true]`: the exception an errback is given, and a mark that it came through.
+#[celery::task(name = "t.integration.tasks.return_exception")]
+pub fn return_exception(e: Value) -> TaskResult<Value> {
+    Ok(Value::Array(vec![e, Value::Bool(true)]))
+}
+
+/// `x + y`, plus `z` when given and not zero or empty: Python's `+`, so numbers add, and text
+/// or lists join.
 #[celery::task(name = "t.integration.tasks.add")]
-pub fn add(x: i64, y: i64, z: Option<i64>) -> TaskResult<i64> {
-    x.checked_add(y)
-        .and_then(|sum| sum.checked_add(z.unwrap_or(0)))
-        .ok_or_else(|| TaskError::UnexpectedError("integer overflow".into()))
+pub fn add(x: Value, y: Value, z: Option<Value>) -> TaskResult<Value> {
+    let sum = plus(&x, &y)?;
+    match z.filter(truthy) {
+        Some(z) => plus(&sum, &z),
+        None => Ok(sum),
+    }
+}
+
+/// Python's `a + b` for the JSON values it is defined on.
+fn plus(a: &Value, b: &Value) -> TaskResult<Value> {
+    let overflow = || TaskError::UnexpectedError("integer overflow".into());
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => match (a.as_i64(), b.as_i64()) {
+            (Some(a), Some(b)) => a.checked_add(b).map(Value::from).ok_or_else(overflow),
+            _ => Ok(Value::from(
+                a.as_f64().unwrap_or(f64::NAN) + b.as_f64().unwrap_or(f64::NAN),
+            )),
+        },
+        (Value::String(a), Value::String(b)) => Ok(Value::String(format!("{a}{b}"))),
+        (Value::Array(a), Value::Array(b)) => Ok(Value::Array([a.as_slice(), b].concat())),
+        _ => Err(runtime::raise::raise(ExceptionInfo::builtin(
+            "TypeError",
+            format!("unsupported operand type(s) for +: {a} and {b}"),
+        ))),
+    }
+}
+
+/// Python's truth of a value.
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
 /// `x + y`, its arguments not checked by the caller (Python's `typing=False`): a bad call fails
@@ -135,9 +179,35 @@ fn sum(nums: &[i64]) -> TaskResult<i64> {
 #[celery::task(name = "t.integration.tasks.sleeping")]
 pub async fn sleeping(i: Number, var_kwargs: Map<String, Value>) -> TaskResult<()> {
     let _ = var_kwargs;
-    let seconds = i.as_f64().filter(|s| s.is_finite() && *s >= 0.0);
-    let seconds =
-        seconds.ok_or_else(|| TaskError::UnexpectedError(format!("cannot sleep {i} s")))?;
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    tokio::time::sleep(pause(&i)?).await;
     Ok(())
+}
+
+/// The sum of `numbers`, after a pause of `pause_time` seconds (default 1) in STARTED.
+#[celery::task(name = "t.integration.tasks.delayed_sum")]
+pub async fn delayed_sum(numbers: Vec<i64>, pause_time: Option<Number>) -> TaskResult<i64> {
+    tokio::time::sleep(pause(&pause_time.unwrap_or_else(|| 1.into()))?).await;
+    sum(&numbers)
+}
+
+/// As `delayed_sum`, but 0 when the soft time limit ends the pause.
+#[celery::task(name = "t.integration.tasks.delayed_sum_with_soft_guard")]
+pub async fn delayed_sum_with_soft_guard(
+    numbers: Vec<i64>,
+    pause_time: Option<Number>,
+) -> TaskResult<i64> {
+    let pause = pause(&pause_time.unwrap_or_else(|| 1.into()))?;
+    tokio::select! {
+        () = tokio::time::sleep(pause) => sum(&numbers),
+        () = runtime::progress::soft_time_limit() => Ok(0),
+    }
+}
+
+/// Seconds as Python's `sleep` takes them: any finite, non-negative number.
+fn pause(seconds: &Number) -> TaskResult<Duration> {
+    seconds
+        .as_f64()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| TaskError::UnexpectedError(format!("cannot sleep {seconds} s")))
 }

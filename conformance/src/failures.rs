@@ -1,5 +1,5 @@
 //! Tasks that fail on purpose, with the exception classes of the suite's `tasks.py`, so Python's
-//! `get()` re-raises the class the suite names.
+//! `get()` re-raises the class the suite names; `raise_error` with a `ValueError`.
 
 // The suite passes these parameters by their Python names, `foo` and `bar`.
 #![allow(clippy::disallowed_names)]
@@ -14,7 +14,10 @@ use serde_json::{json, Value};
 pub(crate) const SUITE_MODULE: &str = "t.integration.tasks";
 
 pub(crate) fn register(registry: Registry) -> Registry {
-    registry.task::<fail>().task::<fail_unpickleable>()
+    registry
+        .task::<fail>()
+        .task::<fail_unpickleable>()
+        .task::<raise_error>()
 }
 
 /// The suite's `ExpectedException(*args)`.
@@ -41,4 +44,14 @@ pub fn fail(var_args: Vec<Value>) -> TaskResult<()> {
 pub fn fail_unpickleable(foo: Value, bar: Value) -> TaskResult<()> {
     let _ = bar;
     Err(raise(unpickleable_exception(foo)))
+}
+
+/// Raises `ValueError("deliberate error")`, whatever it is given.
+#[celery::task(name = "t.integration.tasks.raise_error")]
+pub fn raise_error(var_args: Vec<Value>) -> TaskResult<()> {
+    let _ = var_args;
+    Err(raise(ExceptionInfo::builtin(
+        "ValueError",
+        "deliberate error",
+    )))
 }

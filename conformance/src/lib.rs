@@ -10,9 +10,12 @@
 
 mod arithmetic;
 mod failures;
+mod records;
 mod rejects;
+mod replace;
 mod request;
 mod retries;
+mod signatures;
 
 use runtime::registry::Registry;
 
@@ -22,5 +25,8 @@ pub fn registry() -> Registry {
     let registry = failures::register(registry);
     let registry = retries::register(registry);
     let registry = rejects::register(registry);
+    let registry = records::register(registry);
+    let registry = replace::register(registry);
+    let registry = signatures::register(registry);
     request::register(registry)
 }

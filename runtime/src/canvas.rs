@@ -9,6 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
+use crate::protocol::message::REPLACED_TASK_NESTING;
 use crate::protocol::TaskRequest;
 
 /// A task call to make later.
@@ -85,7 +86,7 @@ impl Signature {
 
     /// A chord's header members and body (`kwargs.header`, a group or a list, and
     /// `kwargs.body`).
-    fn chord_parts(&self) -> Result<(Vec<Signature>, Signature), CanvasError> {
+    pub(crate) fn chord_parts(&self) -> Result<(Vec<Signature>, Signature), CanvasError> {
         let header = match self.kwargs.get("header") {
             Some(Value::Array(members)) => members
                 .iter()
@@ -103,7 +104,7 @@ impl Signature {
     }
 
     /// The signatures of a `chain` or `group` (its `kwargs.tasks`).
-    fn members(&self) -> Result<Vec<Signature>, CanvasError> {
+    pub(crate) fn members(&self) -> Result<Vec<Signature>, CanvasError> {
         match self.kwargs.get("tasks") {
             Some(Value::Array(tasks)) => tasks.iter().map(Signature::from_value).collect(),
             _ => Err(CanvasError(format!(
@@ -406,31 +407,132 @@ impl Sent {
     }
 }
 
-/// What follows the failure of `parent`: its errbacks, sent as Celery sends them to a worker of
-/// any language (the failed task's id first unless the errback is immutable, then its own
-/// arguments), and the chain steps that will now never run (a chord step: its body), each to be
-/// stored failed as well and, when it is a chord member, counted in its chord.
-pub fn after_failure(parent: &TaskRequest) -> Result<(Vec<Next>, Vec<TaskRequest>), CanvasError> {
-    let mut errbacks = Vec::new();
+/// What follows the failure of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    /// Errbacks to send, as Celery sends them to a worker of any language: the failed task's id
+    /// first unless the errback is immutable, then its own arguments.
+    pub sent: Vec<Next>,
+    /// Errbacks the failing worker calls itself, as Celery calls a "new style" errback: with
+    /// the failed request, its exception and traceback first (see [`called_errback`]).
+    pub called: Vec<Signature>,
+    /// The chain steps that will now never run (a chord step: its body), each to be stored
+    /// failed as well and, when it is a chord member, counted in its chord.
+    pub never: Vec<TaskRequest>,
+}
+
+/// What follows the failure of `parent`; `called_here` says which errbacks this worker calls
+/// itself rather than sends (those of its own tasks that [`takes_the_failed_request`]).
+pub fn after_failure(
+    parent: &TaskRequest,
+    called_here: impl Fn(&Signature) -> bool,
+) -> Result<Failed, CanvasError> {
+    let mut failed = Failed {
+        sent: Vec::new(),
+        called: Vec::new(),
+        never: match parent.embed.get("chain") {
+            Some(Value::Array(steps)) => never_run(steps, parent)?,
+            _ => Vec::new(),
+        },
+    };
     for errback in signatures(parent.embed.get("errbacks"))? {
+        if called_here(&errback) {
+            failed.called.push(errback);
+            continue;
+        }
         let id = Value::String(parent.id.clone());
-        errbacks.extend(apply(&errback, Some(parent), Some(&id), None)?);
+        failed
+            .sent
+            .extend(apply(&errback, Some(parent), Some(&id), None)?);
     }
+    Ok(failed)
+}
+
+/// Whether Celery calls `errback`, a task with these `parameters`, with the failed request, its
+/// exception and traceback ("new style") rather than sending it the failed task's id: when it
+/// takes more than one argument besides those it stores (a stored keyword argument makes it and
+/// the parameters after it keyword-only), or any number (`*args`).
+pub fn takes_the_failed_request(errback: &Signature, parameters: &[&str]) -> bool {
+    if parameters.contains(&crate::registry::VAR_ARGS) {
+        return true;
+    }
+    let positional = parameters
+        .iter()
+        .filter(|name| **name != crate::registry::VAR_KWARGS);
+    let open = if errback.immutable {
+        positional.count()
+    } else {
+        positional
+            .skip(errback.args.len())
+            .take_while(|name| !errback.kwargs.contains_key(**name))
+            .count()
+    };
+    open > 1
+}
+
+/// The call of a "new style" `errback` for the failure of `failed` with `exc` and `traceback`:
+/// the request (as an object of its fields), the exception and the traceback first, unless the
+/// errback is immutable, then its own arguments.
+pub fn called_errback(
+    errback: &Signature,
+    failed: &TaskRequest,
+    exc: Value,
+    traceback: Value,
+) -> TaskRequest {
+    let mut args = Vec::with_capacity(errback.args.len() + 3);
+    if !errback.immutable {
+        let request = json!({
+            "id": failed.id,
+            "task": failed.task,
+            "args": failed.args,
+            "kwargs": failed.kwargs,
+            "root_id": failed.root_id,
+            "parent_id": failed.parent_id,
+            "group": failed.group,
+            "group_index": failed.group_index,
+            "retries": failed.retries,
+            "origin": failed.origin,
+        });
+        args.extend([request, exc, traceback]);
+    }
+    args.extend(errback.args.iter().cloned());
+    let mut call = TaskRequest::new(&errback.task, args, errback.kwargs.clone());
+    call.root_id = failed.root_id.clone().or_else(|| Some(failed.id.clone()));
+    call.parent_id = Some(failed.id.clone());
+    call
+}
+
+/// The chain `steps` that will never run after `parent` failed, each to be stored failed.
+fn never_run(steps: &[Value], parent: &TaskRequest) -> Result<Vec<TaskRequest>, CanvasError> {
     let mut never = Vec::new();
-    if let Some(Value::Array(steps)) = parent.embed.get("chain") {
-        for step in steps {
-            let step = Signature::from_value(step)?;
-            // A chord step's caller waits on its body.
-            let step = match step.subtask_type.as_deref() {
-                Some("chord") => step.chord_parts()?.1,
-                _ => step,
-            };
-            if step.subtask_type.is_none() && step.option_str("task_id").is_some() {
-                never.push(request_for(&step, Some(parent), None, None).request);
-            }
+    for step in steps {
+        let step = Signature::from_value(step)?;
+        // A chord step's caller waits on its body.
+        let step = match step.subtask_type.as_deref() {
+            Some("chord") => step.chord_parts()?.1,
+            _ => step,
+        };
+        if step.subtask_type.is_none() && step.option_str("task_id").is_some() {
+            never.push(request_for(&step, Some(parent), None, None).request);
         }
     }
-    Ok((errbacks, never))
+    Ok(never)
+}
+
+/// What the failure of the chord whose `body` the member `parent` completed fails: the requests
+/// the body would have started, each to fail as if it had run (so that their own errbacks run),
+/// and the steps of the chain after the chord that will now never run, as for a failed task.
+pub fn failed_chord_body(
+    body: &Signature,
+    parent: &TaskRequest,
+) -> Result<(Vec<Next>, Vec<TaskRequest>), CanvasError> {
+    let mut body = body.clone();
+    let never = match body.options.remove("chain") {
+        Some(Value::Array(steps)) => never_run(&steps, parent)?,
+        _ => Vec::new(),
+    };
+    let started = apply(&body, Some(parent), Some(&Value::Array(Vec::new())), None)?;
+    Ok((started, never))
 }
 
 /// The body of the chord `parent` is a header member of, if any.
@@ -456,6 +558,12 @@ pub fn start(signature: &Signature) -> Result<Vec<Next>, CanvasError> {
     apply(signature, None, None, None)
 }
 
+/// The requests that start `signature` when the running task `parent` sends it (Celery's
+/// `sig.delay()` inside a task): `parent` is their parent, and its root theirs.
+pub fn sent_by(signature: &Signature, parent: &TaskRequest) -> Result<Vec<Next>, CanvasError> {
+    apply(signature, Some(parent), None, None)
+}
+
 /// A `link` option as the embed carries it: always a list (Python workers iterate it), or null.
 fn as_list(value: Option<&Value>) -> Value {
     match value {
@@ -466,7 +574,7 @@ fn as_list(value: Option<&Value>) -> Value {
 }
 
 /// `link` / `callbacks` values: one signature, a list of them, or none.
-fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
+pub(crate) fn signatures(value: Option<&Value>) -> Result<Vec<Signature>, CanvasError> {
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items.iter().map(Signature::from_value).collect(),
@@ -483,11 +591,33 @@ fn apply(
     result: Option<&Value>,
     rest: Option<Vec<Value>>,
 ) -> Result<Vec<Next>, CanvasError> {
+    // A chain or chord handed the rest of a chain as its `chain` option (a chord's body that is
+    // itself a chord, as Celery's `chord.run` hands it on) runs that rest after itself.
+    let rest = rest.or_else(|| match signature.subtask_type.as_deref() {
+        Some("chain") | Some("chord") => match signature.options.get("chain") {
+            Some(Value::Array(rest)) => Some(rest.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
     let chained_after = rest.as_ref().is_some_and(|r| !r.is_empty());
     match signature.subtask_type.as_deref() {
         None => Ok(vec![request_for(signature, parent, result, rest)]),
         Some("chain") => {
-            let mut steps = signature.members()?.into_iter();
+            // The chain's own errbacks go on every step, its callbacks on the last, as Celery's
+            // `chain.run` links them when it sends the chain.
+            let mut steps = signature.members()?;
+            for errback in signatures(signature.options.get("link_error"))? {
+                steps = steps
+                    .into_iter()
+                    .map(|step| step.link_error(errback.clone()))
+                    .collect();
+            }
+            if let Some(last) = steps.pop() {
+                let callbacks = signatures(signature.options.get("link"))?;
+                steps.push(callbacks.into_iter().fold(last, Signature::link));
+            }
+            let mut steps = steps.into_iter();
             let first = steps
                 .next()
                 .ok_or_else(|| CanvasError("an empty chain".into()))?;
@@ -500,12 +630,32 @@ fn apply(
             let members = laid_out(&signature.members()?, Splice::Applied)?;
             members_of(&members, &group_id(signature), None, parent, result)
         }
+        // A group with steps after it, as a chain not yet sent carries it (a chord's body):
+        // Celery upgrades it to a chord whose body is the next step, and the rest follows.
+        Some("group") => {
+            let mut rest = rest.unwrap_or_default();
+            let next = rest
+                .pop()
+                .ok_or_else(|| CanvasError("a group step without its next step".into()))?;
+            let upgraded = Signature::canvas(
+                "chord",
+                json!({"header": signature.to_value(), "body": next, "kwargs": {}}),
+                signature.options.clone(),
+            );
+            apply(&upgraded, parent, result, Some(rest))
+        }
         Some("chord") => {
             let (header, body) = signature.chord_parts()?;
             // Celery freezes a chord's header whenever it runs one.
             let header = laid_out(&header, Splice::Frozen)?;
             let chord_id = group_id(signature);
-            let mut body = body;
+            // The chord's own callbacks and errbacks are its body's, as Celery's `chord.run`
+            // adds them to the body.
+            let callbacks = signatures(signature.options.get("link"))?;
+            let mut body = callbacks.into_iter().fold(body, Signature::link);
+            for errback in signatures(signature.options.get("link_error"))? {
+                body = body.link_error(errback);
+            }
             // A body tagged as a member of an enclosing group or chord keeps that group's id.
             body.options
                 .entry("group_id")
@@ -713,6 +863,11 @@ fn request_for(
             .insert("stamped_headers".into(), names);
         request.extra_headers.insert("stamps".into(), stamps);
     }
+    if let Some(nesting) = options.get("replaced_task_nesting").filter(|n| n.is_u64()) {
+        request
+            .extra_headers
+            .insert(REPLACED_TASK_NESTING.into(), nesting.clone());
+    }
     Next {
         request,
         queue: signature.option_str("queue"),
@@ -841,7 +996,11 @@ mod tests {
             "chord": null,
             "chain": [sig("c", json!([]), json!({"task_id": "c3"})), sig("b", json!([]), json!({"task_id": "c2"}))],
         }));
-        let (errbacks, never) = after_failure(&first).unwrap();
+        let Failed {
+            sent: errbacks,
+            never,
+            ..
+        } = after_failure(&first, |_| false).unwrap();
         let calls: Vec<_> = errbacks
             .iter()
             .map(|n| (n.request.task.as_str(), n.request.args.clone()))
@@ -911,15 +1070,6 @@ mod tests {
         );
         let error = after_success(&first, &json!(1)).unwrap_err();
         assert!(error.0.contains("a chord without its header"), "{error}");
-        let group_then_more = parent(json!({"callbacks": null, "errbacks": null, "chord": null,
-            "chain": [sig("after", json!([]), json!({})), group(vec![Signature::new("a", vec![])]).to_value()]}));
-        let error = after_success(&group_then_more, &json!(1)).unwrap_err();
-        assert!(
-            error
-                .0
-                .contains("cannot start a group as a chain step with steps after it"),
-            "{error}"
-        );
         let bad = parent(
             json!({"callbacks": [{"args": []}], "errbacks": null, "chord": null, "chain": null}),
         );
@@ -1092,13 +1242,187 @@ mod tests {
             .remove(0)
             .request;
         assert_eq!(body_request.embed["chain"][0]["task"], "y");
-        let (_, never) = after_failure(&x).unwrap();
+        let never = after_failure(&x, |_| false).unwrap().never;
         let never: Vec<_> = never.iter().map(|r| r.task.as_str()).collect();
         assert_eq!(
             never,
             ["y", "body"],
             "a failure before the chord fails its body too"
         );
+    }
+
+    #[test]
+    fn steps_after_a_chord_whose_body_is_a_chord_run_after_the_inner_body() {
+        // chain(x, group(h1) | group(h2) | inner_body, y): a chord whose body is a chord.
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h1", vec![])],
+                chord(
+                    vec![Signature::new("h2", vec![])],
+                    Signature::new("inner_body", vec![])
+                )
+            ),
+            Signature::new("y", vec![])
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let h1 = after_success(&x, &json!(1)).unwrap().next.remove(0).request;
+        let outer_body = chord_of(&h1).unwrap().unwrap();
+        let h2 = chord_body(&outer_body, &h1, vec![json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(h2.task, "h2");
+        let inner_body = chord_of(&h2).unwrap().unwrap();
+        let inner = chord_body(&inner_body, &h2, vec![json!(3)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(inner.task, "inner_body");
+        assert_eq!(inner.embed["chain"][0]["task"], "y");
+    }
+
+    #[test]
+    fn a_group_with_steps_after_it_becomes_a_chord_whose_body_is_the_next_step() {
+        // A chord body as Celery sends it: chain(x, group(a, b), y, z), never prepared.
+        let members = group(vec![
+            Signature::new("a", vec![]),
+            Signature::new("b", vec![]),
+        ])
+        .with_id("g");
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            members,
+            Signature::new("y", vec![]).with_id("y"),
+            Signature::new("z", vec![])
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let sent = after_success(&x, &json!(1)).unwrap().next;
+        let tasks: Vec<_> = sent.iter().map(|n| n.request.task.as_str()).collect();
+        assert_eq!(tasks, ["a", "b"]);
+        assert_eq!(sent[0].opens_chords, vec![("g".to_string(), 2)]);
+        let a = &sent[0].request;
+        assert_eq!(a.args, vec![json!(1)]);
+        assert_eq!(a.group.as_deref(), Some("g"));
+        let body = chord_of(a).unwrap().unwrap();
+        let y = chord_body(&body, a, vec![json!(2), json!(3)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!((y.id.as_str(), y.args.clone()), ("y", vec![json!([2, 3])]));
+        assert_eq!(y.embed["chain"][0]["task"], "z");
+    }
+
+    #[test]
+    fn a_failed_chord_fails_its_group_body_and_the_steps_after_it() {
+        // chain(chord([h], group(a, b)), chord([c], d)), as Celery hands the rest to the body.
+        let canvas = crate::chain![
+            chord(
+                vec![Signature::new("h", vec![])],
+                group(vec![
+                    Signature::new("a", vec![]),
+                    Signature::new("b", vec![])
+                ])
+            ),
+            chord(
+                vec![Signature::new("c", vec![])],
+                Signature::new("d", vec![]).with_id("d")
+            )
+        ];
+        let h = start(&canvas).unwrap().remove(0).request;
+        let body = chord_of(&h).unwrap().unwrap();
+        let (started, never) = failed_chord_body(&body, &h).unwrap();
+        let started: Vec<_> = started.iter().map(|n| n.request.task.as_str()).collect();
+        assert_eq!(started, ["a", "b"]);
+        let never: Vec<_> = never.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(never, ["d"], "the chord after it fails through its body");
+    }
+
+    #[test]
+    fn errbacks_taking_more_than_the_failed_id_are_called_with_the_failed_request() {
+        let errback = |args: Value, kwargs: Value, immutable: bool| {
+            let mut value = sig("e", args, json!({}));
+            value["kwargs"] = kwargs;
+            value["immutable"] = json!(immutable);
+            Signature::from_value(&value).unwrap()
+        };
+        let takes = |e: &Signature, parameters: &[&str]| takes_the_failed_request(e, parameters);
+        // Celery's errback_old_style(request_id) and errback_new_style(request, exc, tb).
+        assert!(!takes(
+            &errback(json!([]), json!({}), false),
+            &["request_id"]
+        ));
+        assert!(takes(
+            &errback(json!([]), json!({}), false),
+            &["request", "exc", "tb"]
+        ));
+        // Stored arguments do not count: (request_id, label) with a label stored either way.
+        let with_label = ["request_id", "label"];
+        assert!(!takes(
+            &errback(json!(["l"]), json!({}), false),
+            &with_label
+        ));
+        assert!(!takes(
+            &errback(json!([]), json!({"label": "l"}), false),
+            &with_label
+        ));
+        assert!(takes(
+            &errback(json!(["l"]), json!({}), false),
+            &["request", "exc", "tb", "label"]
+        ));
+        // An immutable errback counts all it takes; *args takes any number.
+        assert!(takes(
+            &errback(json!(["m"]), json!({}), true),
+            &["message", "redis_key"]
+        ));
+        assert!(takes(&errback(json!([]), json!({}), false), &["var_args"]));
+
+        let failed = parent(json!({"callbacks": null, "chain": null, "chord": null,
+            "errbacks": [sig("new", json!(["l"]), json!({})), sig("old", json!([]), json!({}))]}));
+        let after = after_failure(&failed, |e| e.task == "new").unwrap();
+        assert_eq!(after.sent.len(), 1);
+        assert_eq!(after.sent[0].request.args, vec![json!("t")]);
+        let call = called_errback(&after.called[0], &failed, json!("exc"), json!("tb"));
+        assert_eq!(call.task, "new");
+        assert_eq!(call.args[0]["id"], "t");
+        assert_eq!(call.args[1..], [json!("exc"), json!("tb"), json!("l")]);
+    }
+
+    #[test]
+    fn a_chains_own_links_go_on_its_steps() {
+        // A chain as a chord body carries them, with link_error on the chain itself.
+        let canvas = crate::chain![Signature::new("a", vec![]), Signature::new("b", vec![])]
+            .link_error(Signature::new("on_error", vec![]))
+            .link(Signature::new("on_success", vec![]));
+        let a = start(&canvas).unwrap().remove(0).request;
+        assert_eq!(a.embed["errbacks"][0]["task"], "on_error");
+        assert_eq!(a.embed["callbacks"], Value::Null);
+        let b = after_success(&a, &json!(1)).unwrap().next.remove(0).request;
+        assert_eq!(b.embed["errbacks"][0]["task"], "on_error");
+        assert_eq!(b.embed["callbacks"][0]["task"], "on_success");
+    }
+
+    #[test]
+    fn a_chords_own_links_go_on_its_body() {
+        let canvas = crate::chain![
+            Signature::new("x", vec![]),
+            chord(
+                vec![Signature::new("h", vec![])],
+                Signature::new("body", vec![])
+            )
+            .link(Signature::new("on_success", vec![]))
+            .link_error(Signature::new("on_error", vec![]))
+        ];
+        let x = start(&canvas).unwrap().remove(0).request;
+        let h = after_success(&x, &json!(1)).unwrap().next.remove(0).request;
+        assert_eq!(h.embed["callbacks"], Value::Null);
+        let body = chord_of(&h).unwrap().unwrap();
+        let body = chord_body(&body, &h, vec![json!(2)])
+            .unwrap()
+            .remove(0)
+            .request;
+        assert_eq!(body.embed["callbacks"][0]["task"], "on_success");
+        assert_eq!(body.embed["errbacks"][0]["task"], "on_error");
     }
 
     #[test]

@@ -109,6 +109,17 @@ pub async fn open(backend: Option<&RedisBackend>, chord_id: &str, size: usize) -
     Ok(())
 }
 
+/// Counts `added` more members in chord `chord_id`, which a header member adds while it runs
+/// (`.t`, as Celery's `add_to_chord`): the chord then waits for them too.
+pub async fn extend(backend: &RedisBackend, chord_id: &str, added: usize) -> Result<()> {
+    redis::cmd("INCRBY")
+        .arg(key(chord_id, ".t"))
+        .arg(added)
+        .query_async::<()>(&mut backend.connection())
+        .await?;
+    Ok(())
+}
+
 /// Counts `member` (at `index` in the header) in chord `chord_id`.
 pub async fn count(
     backend: &RedisBackend,

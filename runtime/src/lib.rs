@@ -5,8 +5,11 @@
 //! - [`broker`]: one [`broker::Broker`] interface over RabbitMQ (lapin) and Redis.
 //! - [`backend`]: Celery's Redis result backend, written so Python's `AsyncResult` reads it.
 //! - [`registry`]: the tasks a worker runs, with Celery's argument binding.
+//! - [`builtins`]: Celery's `celery.map` and `celery.starmap`, calling a worker's own tasks.
 //! - [`canvas`]: what a finished task sends next: link callbacks, errbacks, chain steps.
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
+//! - [`add_to_chord`]: a chord header member adding work to its own chord.
+//! - [`replace`]: `Task.replace`: a running task replacing itself with a canvas.
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`raise`]: a task ending with a Python exception of a named class.
@@ -26,9 +29,11 @@
 //! - [`schedule`]: a `beat_schedule` entry and when it runs, without I/O.
 //! - [`beat`]: sends the periodic tasks of `beat_schedule`, one beat at a time.
 
+pub mod add_to_chord;
 pub mod backend;
 pub mod beat;
 pub mod broker;
+pub mod builtins;
 pub mod canvas;
 pub mod chord;
 pub mod cli;
@@ -44,6 +49,7 @@ pub mod protocol;
 pub mod raise;
 pub mod rate;
 pub mod registry;
+pub mod replace;
 pub mod schedule;
 pub mod sentinel;
 pub mod signals;

@@ -1,5 +1,7 @@
-//! How a running task reports custom states such as `PROGRESS {current, total}`, and reads
-//! the request it runs for (Celery's `self.request`).
+//! How a running task reports custom states such as `PROGRESS {current, total}`, reads the
+//! request it runs for (Celery's `self.request`), and leaves the worker what to do once it ends:
+//! a replacement (see [`crate::replace`]), signatures added to its chord (see
+//! [`crate::add_to_chord`]).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -7,12 +9,13 @@
 //! can write, never an old one after a newer one.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::canvas::Signature;
 use crate::error::{Error, Result};
 use crate::protocol::result::state;
 use crate::protocol::TaskRequest;
@@ -36,6 +39,10 @@ pub struct TaskContext {
     request: Arc<TaskRequest>,
     updates: Arc<watch::Sender<Option<StateUpdate>>>,
     soft_limit: CancellationToken,
+    /// The signature the task asked to be replaced with, the last one asked for.
+    replacement: Arc<Mutex<Option<Signature>>>,
+    /// The signatures the task added to its chord, in the order added.
+    added_to_chord: Arc<Mutex<Vec<Signature>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -50,9 +57,27 @@ impl TaskContext {
                 request: Arc::new(request.clone()),
                 updates: Arc::new(sender),
                 soft_limit: CancellationToken::new(),
+                replacement: Arc::default(),
+                added_to_chord: Arc::default(),
             },
             receiver,
         )
+    }
+
+    /// The signature the task asked to be replaced with, if it did (taken once).
+    pub fn take_replacement(&self) -> Option<Signature> {
+        self.replacement
+            .lock()
+            .ok()
+            .and_then(|mut replacement| replacement.take())
+    }
+
+    /// The signatures the task added to its chord, in the order added (taken once).
+    pub fn take_added_to_chord(&self) -> Vec<Signature> {
+        self.added_to_chord
+            .lock()
+            .map(|mut added| std::mem::take(&mut *added))
+            .unwrap_or_default()
     }
 
     /// Tells the task its soft time limit has passed.
@@ -99,6 +124,36 @@ pub async fn soft_time_limit() {
         Ok(limit) => limit.cancelled_owned().await,
         Err(_) => std::future::pending().await,
     }
+}
+
+/// Records that the running task is to be replaced by `signature` when it ends. Fails only
+/// outside a task the dispatcher runs.
+pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            if let Ok(mut replacement) = context.replacement.lock() {
+                *replacement = Some(signature);
+            }
+        })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// Records that the running task adds `signature` to its chord. Fails only outside a task the
+/// dispatcher runs.
+pub(crate) fn record_added_to_chord(signature: Signature) -> Result<()> {
+    CURRENT
+        .try_with(|context| {
+            if let Ok(mut added) = context.added_to_chord.lock() {
+                added.push(signature);
+            }
+        })
+        .map_err(|_| Error::NotInTask)
+}
+
+/// How many replacements led to the running task: 0 for a task sent as such, 1 for the
+/// replacement of one, and so on (Celery's `request.replaced_task_nesting`). 0 outside a task.
+pub fn replaced_task_nesting() -> u64 {
+    request().map_or(0, |request| request.replaced_task_nesting())
 }
 
 /// The id of the task running on this task-local scope, if any.

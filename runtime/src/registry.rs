@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::canvas::Signature;
 use crate::progress::TaskContext;
 use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
@@ -58,6 +59,9 @@ pub enum Outcome {
     /// The task's code panicked: its run is lost, as when a Celery pool process dies mid-task.
     /// The panic message says where.
     Panicked(String),
+    /// Asked to be replaced by this signature ([`crate::replace::replace`]), whatever it
+    /// returned after asking.
+    Replaced(Signature),
 }
 
 /// What a retried task's next run changes (all `None`: nothing).
@@ -78,6 +82,10 @@ pub struct NextRun {
 pub trait Handler: Send + Sync {
     /// The task's own options (`#[celery::task(max_retries = .., time_limit = ..)]`).
     fn options(&self) -> TaskOptions;
+
+    /// The task's parameter names, in order (`var_args`, `var_kwargs` for Python's `*args`,
+    /// `**kwargs`).
+    fn parameters(&self) -> &'static [&'static str];
 
     /// Runs the task for `request` on this worker node, within `context`.
     async fn run(
@@ -148,6 +156,12 @@ impl Registry {
         self
     }
 
+    /// Registers `handler` under `name`: a task the runtime defines itself, not with the macro.
+    pub(crate) fn handler(mut self, name: &'static str, handler: Arc<dyn Handler>) -> Self {
+        self.tasks.insert(name, handler);
+        self
+    }
+
     /// The handler of `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.tasks.get(name).cloned()
@@ -169,6 +183,10 @@ where
         T::DEFAULTS
     }
 
+    fn parameters(&self) -> &'static [&'static str] {
+        T::ARGS
+    }
+
     async fn run(
         &self,
         app: Arc<Celery>,
@@ -183,6 +201,7 @@ where
         let mut crate_request = Request::<T>::new(app, crate_message(request), params.clone());
         crate_request.hostname = Some(hostname.to_string());
         let task = T::from_request(crate_request, T::DEFAULTS);
+        let asked = context.clone();
         let run = raise::catching(context.scope(async move {
             let result = task.run(params).await;
             match &result {
@@ -199,13 +218,15 @@ where
                 tokio::task::spawn_blocking(move || runtime.block_on(run)).await
             }
         };
-        match joined {
-            Ok((Ok(Ok(value)), _)) => Outcome::Success(value),
-            Ok((Ok(Err(error)), _)) => Outcome::Failure(ExceptionInfo::builtin(
+        // A task that asked to be replaced is, whatever it returned after asking.
+        match (joined, asked.take_replacement()) {
+            (Ok(_), Some(replacement)) => Outcome::Replaced(replacement),
+            (Ok((Ok(Ok(value)), _)), None) => Outcome::Success(value),
+            (Ok((Ok(Err(error)), _)), None) => Outcome::Failure(ExceptionInfo::builtin(
                 "TypeError",
                 format!("{}() returned a value JSON cannot hold: {error}", T::NAME),
             )),
-            Ok((Err(error), raised)) => {
+            (Ok((Err(error), raised)), None) => {
                 let mut outcome = outcome_of(
                     error,
                     raised,
@@ -216,7 +237,7 @@ where
                 }
                 outcome
             }
-            Err(join) => {
+            (Err(join), _) => {
                 Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
             }
         }

@@ -9,6 +9,7 @@
 
 use celery::error::TaskError;
 use celery::task::{Task, TaskResult};
+use runtime::canvas::Signature;
 use runtime::protocol::result::ExceptionInfo;
 use runtime::registry::Registry;
 use serde_json::{Number, Value};
@@ -41,6 +42,7 @@ pub fn registry() -> Registry {
         .task::<raise_exception>()
         .task::<reject>()
         .task::<requeue_once>()
+        .task::<scaled_sum>()
         .task::<progress>()
         .task::<flaky>()
         .blocking_task::<busy>()
@@ -70,6 +72,16 @@ pub fn xsum(numbers: Vec<Number>) -> TaskResult<Value> {
     }
     let total: f64 = numbers.iter().filter_map(Number::as_f64).sum();
     Ok(Number::from_f64(total).map_or(Value::Null, Value::Number))
+}
+
+/// `sum(numbers) * factor`, worked out by replacing itself with the chain `tasks.xsum(numbers)
+/// | tasks.mul(factor)`: the caller's result is the chain's, and the task's links run after it.
+#[celery::task(name = "tasks.scaled_sum")]
+pub fn scaled_sum(numbers: Value, factor: Value) -> TaskResult<Value> {
+    runtime::replace::replace(runtime::chain![
+        Signature::new("tasks.xsum", vec![numbers]),
+        Signature::new("tasks.mul", vec![factor]),
+    ])
 }
 
 /// Returns its argument unchanged.

@@ -138,6 +138,9 @@ pub struct TaskRequest {
     pub redelivered: bool,
 }
 
+/// The header counting the replacements that led to a task (`Task.replace`).
+pub const REPLACED_TASK_NESTING: &str = "replaced_task_nesting";
+
 /// Headers this module reads or writes itself; the rest are carried as `extra_headers` (the
 /// fuzzers pick from these, so that what they send gets past the first checks).
 pub const TASK_HEADERS: &[&str] = &[
@@ -184,6 +187,14 @@ impl TaskRequest {
             extra_headers: Map::new(),
             redelivered: false,
         }
+    }
+
+    /// How many replacements led to this task: its `replaced_task_nesting` header, else 0.
+    pub fn replaced_task_nesting(&self) -> u64 {
+        self.extra_headers
+            .get(REPLACED_TASK_NESTING)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
     }
 
     /// Decodes a task message the way a Celery worker tells the protocols apart: a `task`
@@ -344,7 +355,7 @@ impl TaskRequest {
         ] {
             headers.insert(key.into(), value);
         }
-        headers.entry("replaced_task_nesting").or_insert(json!(0));
+        headers.entry(REPLACED_TASK_NESTING).or_insert(json!(0));
         headers.entry("stamped_headers").or_insert(Value::Null);
         headers.entry("stamps").or_insert(json!({}));
         let body = json!([self.args, self.kwargs, self.embed]);

@@ -23,9 +23,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::add_to_chord;
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, Delivery, Exchange, Settle, Subscription};
-use crate::canvas::{self, Next};
+use crate::canvas::{self, Next, Signature};
 use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
@@ -37,6 +38,7 @@ use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::rate::TokenBucket;
 use crate::registry::{NextRun, Outcome, Registry};
+use crate::replace;
 use crate::state::WorkerState;
 use crate::urls::{is_sentinel_url, is_tls_url, redact_url, BrokerKind};
 
@@ -208,7 +210,7 @@ impl Worker {
         }
         Ok(Self {
             app,
-            registry,
+            registry: registry.with_builtins(),
             broker,
             backend,
             state: WorkerState::new(&hostname, metrics.clone()),
@@ -595,6 +597,7 @@ impl Worker {
                 .await;
         }
         let (context, updates) = TaskContext::new(&request);
+        let asked = context.clone();
         let reporter = tokio::spawn(self.clone().report_states(
             request.clone(),
             queue.clone(),
@@ -626,6 +629,9 @@ impl Worker {
         if let Some(timer) = soft_timer {
             timer.abort();
         }
+        // Taken now and the context let go: it holds the sender the reporter waits on.
+        let added = asked.take_added_to_chord();
+        drop(asked);
         let runtime = began.elapsed().as_secs_f64();
         self.metrics.ran(&request.task, runtime);
         // A finished task's reporter ends once its last write is sent, so the final state is
@@ -639,6 +645,10 @@ impl Worker {
             Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
         }
         self.state.release(&request.id);
+        let ending = match ending {
+            Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(&request, added, outcome).await),
+            stopped => stopped,
+        };
         // Set when the task rejected its message: settled so instead of acked.
         let mut rejected = None;
         // Whether the final state is on record (or none is wanted).
@@ -681,6 +691,9 @@ impl Worker {
                 error!(task = %request.task, id = %request.id, %message, "task run lost");
                 let exc = ExceptionInfo::new("billiard.exceptions", "WorkerLostError", message);
                 self.fail(&request, &queue, exc).await
+            }
+            Ending::Ran(Outcome::Replaced(replacement)) => {
+                self.replace(&request, &queue, replacement).await
             }
             Ending::Ran(Outcome::Retry { eta, exc, next }) => {
                 let max_retries = next
@@ -803,12 +816,17 @@ impl Worker {
         };
         let failed = chord::failure(&members);
         let results = members.into_iter().map(|m| m.result).collect();
-        let recorded = match (canvas::chord_body(&body, request, results), failed) {
-            (Ok(next), None) => {
+        let recorded = match failed {
+            None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
+            Some(exc) => canvas::failed_chord_body(&body, request)
+                .map(|(next, never)| (next, Some((exc, never)))),
+        };
+        let recorded = match recorded {
+            Ok((next, None)) => {
                 info!(chord = %chord_id, body = %body.task, "chord complete; sending its body");
                 self.send_next(next).await
             }
-            (Ok(next), Some(exc)) => {
+            Ok((next, Some((exc, never)))) => {
                 error!(chord = %chord_id, exception = %exc.repr(), "chord failed");
                 let mut all = true;
                 for Next {
@@ -820,9 +838,9 @@ impl Worker {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
                     all &= Box::pin(self.fail(&body, &queue, exc.clone())).await;
                 }
-                all
+                all & Box::pin(self.fail_never_run(never, queue, &exc)).await
             }
-            (Err(error), _) => {
+            Err(error) => {
                 error!(chord = %chord_id, %error, "cannot start the chord body");
                 let exc = ExceptionInfo::celery("ChordError", format!("Join error: {error}"));
                 let mut all = true;
@@ -858,17 +876,66 @@ impl Worker {
             fields(json!({"exception": exc.repr(), "traceback": tb})),
         );
         let mut done = self
-            .finish(request, queue, state::FAILURE, exc.to_value(), Some(tb))
+            .finish(
+                request,
+                queue,
+                state::FAILURE,
+                exc.to_value(),
+                Some(tb.clone()),
+            )
             .await;
         done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
             .await;
-        let (errbacks, never) = canvas::after_failure(request).unwrap_or_else(|error| {
+        let takes_the_failed_request = |errback: &canvas::Signature| {
+            self.registry.get(&errback.task).is_some_and(|handler| {
+                canvas::takes_the_failed_request(errback, handler.parameters())
+            })
+        };
+        let failed = canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
-            (Vec::new(), Vec::new())
+            canvas::Failed { sent: Vec::new(), called: Vec::new(), never: Vec::new() }
         });
+        done &= self.fail_never_run(failed.never, queue, &exc).await;
+        for errback in &failed.called {
+            let call =
+                canvas::called_errback(errback, request, exc.to_value(), Value::from(tb.clone()));
+            Box::pin(self.call_errback(call)).await;
+        }
+        done & self.send_next(failed.sent).await
+    }
+
+    /// Runs an errback of this worker's own here and now, as Celery's worker calls a "new style"
+    /// errback: no result is stored and nothing follows it; a failure is only logged.
+    async fn call_errback(&self, call: TaskRequest) {
+        let Some(handler) = self.registry.get(&call.task) else {
+            return;
+        };
+        let (context, _updates) = TaskContext::new(&call);
+        match handler
+            .run(self.app.clone(), &call, &self.hostname, context)
+            .await
+        {
+            Outcome::Success(_) => {
+                info!(errback = %call.task, failed = ?call.parent_id, "errback called")
+            }
+            outcome => {
+                warn!(errback = %call.task, failed = ?call.parent_id, ?outcome, "errback raised an exception")
+            }
+        }
+    }
+
+    /// Stores FAILURE with `exc` for chain steps that will never run, counting each in its
+    /// chord, if any. `false` when any of it could not be done.
+    async fn fail_never_run(
+        &self,
+        never: Vec<TaskRequest>,
+        queue: &str,
+        exc: &ExceptionInfo,
+    ) -> bool {
+        let mut done = true;
         for step in never {
-            let mut meta = failure_meta(&step.id, &exc);
+            let mut meta = failure_meta(&step.id, exc);
             meta.parent_id = step.parent_id.clone();
             meta.group_id = step.group.clone();
             done &= self.store(meta).await;
@@ -876,7 +943,7 @@ impl Worker {
                 .join_chord(&step, queue, state::FAILURE, &exc.to_value())
                 .await;
         }
-        done & self.send_next(errbacks).await
+        done
     }
 
     /// Publishes the tasks a finished task sends, each to the queue its options name or its
@@ -911,6 +978,72 @@ impl Worker {
             }
         }
         all_sent
+    }
+
+    /// Counts in the task's chord what the task added to it, and sends it, before the task
+    /// itself counts (see [`crate::add_to_chord`]); then the task ends with `outcome`. A task
+    /// in no chord, or whose additions cannot be followed or counted, fails instead.
+    async fn add_to_chord(
+        &self,
+        request: &TaskRequest,
+        added: Vec<Signature>,
+        outcome: Outcome,
+    ) -> Outcome {
+        if added.is_empty() {
+            return outcome;
+        }
+        if let Some(reason) = add_to_chord::refusal(request) {
+            return Outcome::Failure(ExceptionInfo::builtin("ValueError", reason));
+        }
+        let (Some(backend), Some(chord_id)) = (&self.backend, &request.group) else {
+            let reason = "adding to a chord needs a result backend";
+            return Outcome::Failure(ExceptionInfo::builtin("ValueError", reason));
+        };
+        let count = added.len();
+        let next = match add_to_chord::plan(request, added) {
+            Ok(next) => next,
+            Err(error) => {
+                let message = format!("cannot follow the canvas: {error}");
+                return Outcome::Failure(ExceptionInfo::builtin("ValueError", message));
+            }
+        };
+        if let Err(error) = chord::extend(backend, chord_id, count).await {
+            error!(chord = %chord_id, id = %request.id, %error, "cannot add to the chord");
+            let message = format!("cannot add to the chord: {error}");
+            return Outcome::Failure(ExceptionInfo::builtin("RuntimeError", message));
+        }
+        if !self.send_next(next).await {
+            // Counted but not all sent: the chord waits for what is missing until it expires.
+            error!(chord = %chord_id, id = %request.id, "cannot send all that was added to the chord");
+        }
+        outcome
+    }
+
+    /// Sends `replacement` in place of the task (see [`crate::replace`]), storing nothing for
+    /// the task itself: its id's result is the replacement's. A replacement Celery refuses
+    /// fails the task with `ImproperlyConfigured`, as the task would have raised it; one that
+    /// cannot be followed fails it as any canvas does. `false` when the replacement (or the
+    /// failure) is not on its way.
+    async fn replace(&self, request: &TaskRequest, queue: &str, replacement: Signature) -> bool {
+        if let Some(reason) = replace::refusal(&replacement) {
+            error!(task = %request.task, id = %request.id, reason, "task cannot be replaced");
+            let exc = ExceptionInfo::celery("ImproperlyConfigured", reason);
+            return self.fail(request, queue, exc).await;
+        }
+        match replace::plan(request, replacement) {
+            Ok(next) => {
+                info!(task = %request.task, id = %request.id, by = %next.first().map_or("", |n| n.request.task.as_str()), "task replaced");
+                self.send_next(next).await
+            }
+            Err(error) => {
+                error!(task = %request.task, id = %request.id, %error, "cannot follow the task's replacement");
+                let exc = ExceptionInfo::builtin(
+                    "ValueError",
+                    format!("cannot follow the canvas: {error}"),
+                );
+                self.fail(request, queue, exc).await
+            }
+        }
     }
 
     /// Stores RETRY, then sends the task again as Celery does: same id, one more retry, due at
