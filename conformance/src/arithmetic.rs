@@ -45,7 +45,7 @@ pub fn return_exception(e: Value) -> TaskResult<Value> {
 #[celery::task(name = "t.integration.tasks.add")]
 pub fn add(x: Value, y: Value, z: Option<Value>) -> TaskResult<Value> {
     let sum = plus(&x, &y)?;
-    match z.filter(truthy) {
+    match z.filter(crate::truthy) {
         Some(z) => plus(&sum, &z),
         None => Ok(sum),
     }
@@ -67,18 +67,6 @@ fn plus(a: &Value, b: &Value) -> TaskResult<Value> {
             "TypeError",
             format!("unsupported operand type(s) for +: {a} and {b}"),
         ))),
-    }
-}
-
-/// Python's truth of a value.
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
     }
 }
 

@@ -18,6 +18,7 @@ mod retries;
 mod signatures;
 
 use runtime::registry::Registry;
+use serde_json::Value;
 
 /// Every ported task.
 pub fn registry() -> Registry {
@@ -29,4 +30,16 @@ pub fn registry() -> Registry {
     let registry = replace::register(registry);
     let registry = signatures::register(registry);
     request::register(registry)
+}
+
+/// Python's truth of a JSON value (`if value:`), as the suite's tasks test their arguments.
+pub(crate) fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }

@@ -40,7 +40,7 @@ static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
 /// run instead (counted per worker process, as the Python task does).
 #[celery::task(name = "t.integration.tasks.retry")]
 pub fn retry(return_value: Option<Value>) -> TaskResult<Value> {
-    if let Some(value) = return_value.filter(truthy) {
+    if let Some(value) = return_value.filter(crate::truthy) {
         if ATTEMPTS.load(Ordering::SeqCst) >= 3 {
             ATTEMPTS.store(0, Ordering::SeqCst);
             return Ok(value);
@@ -52,18 +52,6 @@ pub fn retry(return_value: Option<Value>) -> TaskResult<Value> {
         countdown: Some(5.0),
         ..Retry::default()
     }))
-}
-
-/// Python's truth of a JSON value.
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
 }
 
 /// Retries with `UnpickleableException(foo, bar)` and the caller's `retry_kwargs`

@@ -16,6 +16,18 @@ use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::amqp::message_of;
 
+/// A consumer of `queue` on `channel`, with a tag of the server's choosing.
+pub(super) async fn consume(channel: &Channel, queue: &str) -> lapin::Result<lapin::Consumer> {
+    channel
+        .basic_consume(
+            queue,
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Hands each delivery of `consumer` to `sender` until the consumer ends (cancelled, or its
 /// connection lost).
 pub(super) async fn forward(
@@ -191,15 +203,7 @@ impl Window {
         self.channel
             .basic_qos(1, BasicQosOptions { global: false })
             .await?;
-        let consumer = self
-            .channel
-            .basic_consume(
-                queue,
-                "",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let consumer = consume(&self.channel, queue).await?;
         let tag = consumer.tag();
         tokio::spawn(forward(consumer, queue.to_string(), self.clone(), sender));
         Ok(tag)

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, Mutex};
 
 mod consuming;
 
-use consuming::{forward, Window};
+use consuming::{consume, forward, Window};
 
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
@@ -408,14 +408,7 @@ impl Broker for AmqpBroker {
         let mut tags = Vec::new();
         let mut forwarders = tokio::task::JoinSet::new();
         for queue in queues {
-            let consumer = channel
-                .basic_consume(
-                    queue,
-                    "",
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let consumer = consume(&channel, queue).await?;
             tags.push(consumer.tag());
             forwarders.spawn(forward(
                 consumer,
