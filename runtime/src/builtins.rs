@@ -185,4 +185,13 @@ mod tests {
             "{failed:?}"
         );
     }
+
+    #[test]
+    fn built_ins_are_listed_only_when_asked_for() {
+        let registry = Registry::new().with_builtins();
+        assert!(registry.names(true).any(|name| name == "celery.map"));
+        assert!(registry
+            .names(false)
+            .all(|name| !name.starts_with("celery.")));
+    }
 }

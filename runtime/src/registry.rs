@@ -167,9 +167,13 @@ impl Registry {
         self.tasks.get(name).cloned()
     }
 
-    /// Registered names, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.tasks.keys().copied()
+    /// Registered names, sorted; Celery's own built-ins (`celery.*`) only with `builtins`, as
+    /// Celery's `inspect registered` and its worker's banner leave them out unless asked.
+    pub fn names(&self, builtins: bool) -> impl Iterator<Item = &'static str> + '_ {
+        self.tasks
+            .keys()
+            .copied()
+            .filter(move |name| builtins || !name.starts_with("celery."))
     }
 }
 

@@ -147,7 +147,7 @@ impl Worker {
                 let items = strings(arguments.get("taskinfoitems"));
                 json!(self
                     .registry
-                    .names()
+                    .names(flag("builtins"))
                     .map(|name| registered_entry(name, &items))
                     .collect::<Vec<_>>())
             }

@@ -378,7 +378,7 @@ impl Worker {
             queues = ?worker.initial_queues,
             concurrency = worker.config.concurrency(),
             task_events = worker.events.task_events(),
-            tasks = ?worker.registry.names().collect::<Vec<_>>(),
+            tasks = ?worker.registry.names(false).collect::<Vec<_>>(),
             "{} ready.",
             worker.hostname
         );
