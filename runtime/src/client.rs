@@ -9,14 +9,14 @@ use tokio::sync::Mutex;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, QueueDepth};
-use crate::canvas::{self, Next, Signature};
-use crate::chord;
+use crate::canvas::{self, Signature};
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
+use crate::sending::{self, OnError, PublishStep};
 
 /// Per-call options, named as `apply_async` names them.
 #[derive(Debug, Clone, Default)]
@@ -159,20 +159,16 @@ impl Client {
     pub async fn apply(&self, signature: &Signature) -> Result<Vec<AsyncResult>> {
         let invalid = |e: canvas::CanvasError| Error::InvalidOption(e.to_string());
         let signature = signature.frozen().map_err(invalid)?;
-        let next = canvas::start(&signature).map_err(invalid)?;
-        for Next {
-            mut request,
-            queue,
-            opens_chords,
-        } in next
-        {
-            for (chord_id, size) in opens_chords {
-                chord::open(self.backend.as_ref(), &chord_id, size).await?;
-            }
-            request.origin = Some(self.origin.clone());
-            let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());
-            self.publish(&request, &queue).await?;
-        }
+        let steps = canvas::start(&signature).map_err(invalid)?;
+        sending::send_steps(
+            steps,
+            self.backend.as_ref(),
+            &self.config,
+            &self.origin,
+            OnError::Stop,
+            self,
+        )
+        .await?;
         Ok(signature
             .final_ids()
             .iter()
@@ -272,6 +268,12 @@ impl Client {
             id: task_id.to_string(),
             backend: self.backend.clone(),
         }
+    }
+}
+
+impl PublishStep for Client {
+    async fn publish_step(&self, request: &TaskRequest, queue: &str) -> Result<()> {
+        self.publish(request, queue).await
     }
 }
 

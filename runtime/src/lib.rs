@@ -51,6 +51,7 @@ pub mod rate;
 pub mod registry;
 pub mod replace;
 pub mod schedule;
+pub mod sending;
 pub mod sentinel;
 pub mod signals;
 pub mod stamps;
