@@ -76,7 +76,7 @@ pub fn plan(task: &TaskRequest, signature: Signature) -> Result<Vec<Next>, Canva
         _ => canvas::chain(steps),
     };
     let nesting = json!(task.replaced_task_nesting() + 1);
-    let whole = map_leaves(whole, &mut |mut leaf| {
+    let whole = map_tasks(whole, Reach::All, &mut |mut leaf| {
         leaf.options
             .insert(REPLACED_TASK_NESTING.into(), nesting.clone());
         Ok(leaf)
@@ -124,7 +124,7 @@ fn with_links(
     let signature = map_final(signature, &mut |last| {
         Ok(callbacks.iter().cloned().fold(last, Signature::link))
     })?;
-    map_steps(signature, &mut |step| {
+    map_tasks(signature, Reach::Steps, &mut |step| {
         Ok(errbacks.iter().cloned().fold(step, Signature::link_error))
     })
 }
@@ -183,57 +183,49 @@ pub(crate) fn map_final(signature: Signature, edit: &mut Edit) -> Result<Signatu
     }
 }
 
-/// `signature` with `edit` applied to each task it runs as a step of its own: a chain's steps,
-/// a group's members, a chord's body.
-fn map_steps(signature: Signature, edit: &mut Edit) -> Result<Signature, CanvasError> {
-    match signature.subtask_type.as_deref() {
-        Some("chain" | "group") => {
-            let steps = signature
-                .members()?
-                .into_iter()
-                .map(|step| map_steps(step, edit))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(with_members(signature, "tasks", &steps))
-        }
-        Some("chord") => {
-            let (_, body) = signature.chord_parts()?;
-            let body = map_steps(body, edit)?;
-            let mut signature = signature;
-            signature.kwargs.insert("body".into(), body.to_value());
-            Ok(signature)
-        }
-        _ => edit(signature),
-    }
+/// Which tasks of a canvas [`map_tasks`] edits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Each task run as a step of its own: a chain's steps, a group's members, a chord's body.
+    Steps,
+    /// Every task, chord headers included.
+    All,
 }
 
-/// `signature` with `edit` applied to every task in it, chord headers included.
-fn map_leaves(signature: Signature, edit: &mut Edit) -> Result<Signature, CanvasError> {
+/// `signature` with `edit` applied to each task that `reach` names.
+fn map_tasks(
+    signature: Signature,
+    reach: Reach,
+    edit: &mut Edit,
+) -> Result<Signature, CanvasError> {
     match signature.subtask_type.as_deref() {
         Some("chain" | "group") => {
             let steps = signature
                 .members()?
                 .into_iter()
-                .map(|step| map_leaves(step, edit))
+                .map(|step| map_tasks(step, reach, edit))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(with_members(signature, "tasks", &steps))
         }
         Some("chord") => {
             let (header, body) = signature.chord_parts()?;
-            let header = header
-                .into_iter()
-                .map(|member| map_leaves(member, edit))
-                .collect::<Result<Vec<_>, _>>()?;
-            let body = map_leaves(body, edit)?;
             let mut signature = signature;
-            let header_value = match signature.kwargs.get("header") {
-                // A header given as a group keeps its own options (its id).
-                Some(Value::Object(_)) => {
-                    let group = Signature::from_value(&signature.kwargs["header"])?;
-                    with_members(group, "tasks", &header).to_value()
-                }
-                _ => Value::Array(header.iter().map(Signature::to_value).collect()),
-            };
-            signature.kwargs.insert("header".into(), header_value);
+            if reach == Reach::All {
+                let header = header
+                    .into_iter()
+                    .map(|member| map_tasks(member, reach, edit))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let header_value = match signature.kwargs.get("header") {
+                    // A header given as a group keeps its own options (its id).
+                    Some(Value::Object(_)) => {
+                        let group = Signature::from_value(&signature.kwargs["header"])?;
+                        with_members(group, "tasks", &header).to_value()
+                    }
+                    _ => Value::Array(header.iter().map(Signature::to_value).collect()),
+                };
+                signature.kwargs.insert("header".into(), header_value);
+            }
+            let body = map_tasks(body, reach, edit)?;
             signature.kwargs.insert("body".into(), body.to_value());
             Ok(signature)
         }
