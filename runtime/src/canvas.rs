@@ -410,9 +410,10 @@ impl Sent {
 /// What follows the failure of a task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failed {
-    /// Errbacks to send, as Celery sends them to a worker of any language: the failed task's id
-    /// first unless the errback is immutable, then its own arguments.
-    pub sent: Vec<Next>,
+    /// Errbacks to send, as Celery sends them to a worker of any language: together as one new
+    /// group, each given the failed task's id first unless it is immutable, then its own
+    /// arguments. Its `children` is that group's result tuple.
+    pub sent: Sent,
     /// Errbacks the failing worker calls itself, as Celery calls a "new style" errback: with
     /// the failed request, its exception and traceback first (see [`called_errback`]).
     pub called: Vec<Signature>,
@@ -427,23 +428,22 @@ pub fn after_failure(
     parent: &TaskRequest,
     called_here: impl Fn(&Signature) -> bool,
 ) -> Result<Failed, CanvasError> {
+    let (called, sent): (Vec<_>, Vec<_>) = signatures(parent.embed.get("errbacks"))?
+        .into_iter()
+        .partition(called_here);
     let mut failed = Failed {
-        sent: Vec::new(),
-        called: Vec::new(),
+        sent: Sent::default(),
+        called,
         never: match parent.embed.get("chain") {
             Some(Value::Array(steps)) => never_run(steps, parent)?,
             _ => Vec::new(),
         },
     };
-    for errback in signatures(parent.embed.get("errbacks"))? {
-        if called_here(&errback) {
-            failed.called.push(errback);
-            continue;
-        }
+    if !sent.is_empty() {
+        let together = group(sent);
         let id = Value::String(parent.id.clone());
-        failed
-            .sent
-            .extend(apply(&errback, Some(parent), Some(&id), None)?);
+        let next = apply(&together, Some(parent), Some(&id), None)?;
+        failed.sent.add(&together, next);
     }
     Ok(failed)
 }
@@ -519,9 +519,15 @@ fn never_run(steps: &[Value], parent: &TaskRequest) -> Result<Vec<TaskRequest>, 
     Ok(never)
 }
 
-/// What the failure of the chord whose `body` the member `parent` completed fails: the requests
-/// the body would have started, each to fail as if it had run (so that their own errbacks run),
-/// and the steps of the chain after the chord that will now never run, as for a failed task.
+/// What the failure of the chord whose `body` the member `parent` completed fails, as Celery's
+/// chord error handling fails it: the results the body would have given, each to be stored
+/// failed with the errbacks linked to it called, and the steps of the chain after the chord that
+/// will now never run, as for a failed task. Celery stores those results without their requests,
+/// so none of them counts in a chord it is a member of.
+///
+/// A chord body fails as one, under its own id, with its own errbacks: its header never starts.
+/// A group body fails member by member, each with the errbacks of its result and the group's
+/// own. Any other body fails through the requests it would have started.
 pub fn failed_chord_body(
     body: &Signature,
     parent: &TaskRequest,
@@ -531,8 +537,53 @@ pub fn failed_chord_body(
         Some(Value::Array(steps)) => never_run(&steps, parent)?,
         _ => Vec::new(),
     };
-    let started = apply(&body, Some(parent), Some(&Value::Array(Vec::new())), None)?;
-    Ok((started, never))
+    let failed = match body.subtask_type.as_deref() {
+        Some("chord") => vec![request_for(&body, Some(parent), None, None)],
+        Some("group") => {
+            let own = signatures(body.options.get("link_error"))?;
+            let mut failed = Vec::new();
+            for (_, member) in laid_out(&body.members()?, Splice::Frozen)? {
+                let (mut result, mut errbacks) = linked_to_result(&member)?;
+                for errback in &own {
+                    if !errbacks.contains(errback) {
+                        errbacks.push(errback.clone());
+                    }
+                }
+                let errbacks = errbacks.iter().map(Signature::to_value).collect();
+                result
+                    .options
+                    .insert("link_error".into(), Value::Array(errbacks));
+                failed.push(request_for(&result, Some(parent), None, None));
+            }
+            failed
+        }
+        _ => apply(&body, Some(parent), None, None)?,
+    };
+    Ok((failed, never))
+}
+
+/// The signature whose result is `member`'s, and every errback linked to that result (Celery's
+/// `_result_errbacks`): a chord's body's, with the chord's own; a chain's last step's, with the
+/// chain's own; a group's own with its members'.
+fn linked_to_result(member: &Signature) -> Result<(Signature, Vec<Signature>), CanvasError> {
+    let mut errbacks = signatures(member.options.get("link_error"))?;
+    let last = match member.subtask_type.as_deref() {
+        Some("chord") => member.chord_parts()?.1,
+        Some("chain") => member
+            .members()?
+            .pop()
+            .ok_or_else(|| CanvasError("an empty chain".into()))?,
+        Some("group") => {
+            for nested in member.members()? {
+                errbacks.extend(linked_to_result(&nested)?.1);
+            }
+            return Ok((member.clone(), errbacks));
+        }
+        _ => return Ok((member.clone(), errbacks)),
+    };
+    let (result, more) = linked_to_result(&last)?;
+    errbacks.extend(more);
+    Ok((result, errbacks))
 }
 
 /// The body of the chord `parent` is a header member of, if any.
@@ -628,6 +679,7 @@ fn apply(
         }
         Some("group") if !chained_after => {
             let members = laid_out(&signature.members()?, Splice::Applied)?;
+            let members = with_errbacks_of(signature, members);
             members_of(&members, &group_id(signature), None, parent, result)
         }
         // A group with steps after it, as a chain not yet sent carries it (a chord's body):
@@ -654,7 +706,7 @@ fn apply(
             let callbacks = signatures(signature.options.get("link"))?;
             let mut body = callbacks.into_iter().fold(body, Signature::link);
             for errback in signatures(signature.options.get("link_error"))? {
-                body = body.link_error(errback);
+                body = errback_on_body(body, &errback, true)?;
             }
             // A body tagged as a member of an enclosing group or chord keeps that group's id.
             body.options
@@ -678,6 +730,58 @@ fn apply(
             "cannot start a {kind} as a chain step with steps after it (task {})",
             signature.task
         ))),
+    }
+}
+
+/// `members` of `group` as it sends them: a group's own `link_error` option, when it has one
+/// (even an empty one), replaces theirs, as Celery's `group.apply_async` hands its options on.
+fn with_errbacks_of(
+    group: &Signature,
+    members: Vec<(usize, Signature)>,
+) -> Vec<(usize, Signature)> {
+    let Some(errbacks) = group.options.get("link_error").filter(|e| !e.is_null()) else {
+        return members;
+    };
+    members
+        .into_iter()
+        .map(|(index, mut member)| {
+            member
+                .options
+                .insert("link_error".into(), as_list(Some(errbacks)));
+            (index, member)
+        })
+        .collect()
+}
+
+/// `body` with a chord's `errback` linked where Celery's `chord.run` links it
+/// (`_link_error_to_body_tasks`): on each task of a group body, so that they keep their own,
+/// unless the group has a `link_error` option of its own (`as_group`), which replaces theirs when
+/// it runs: then on that; on a chord's body; on anything else, its own. A group in a group is
+/// spliced when it runs, its options dropped: its tasks get the errback.
+fn errback_on_body(
+    mut body: Signature,
+    errback: &Signature,
+    as_group: bool,
+) -> Result<Signature, CanvasError> {
+    match body.subtask_type.as_deref() {
+        Some("group")
+            if !(as_group && body.options.get("link_error").is_some_and(|e| !e.is_null())) =>
+        {
+            let tasks = body
+                .members()?
+                .into_iter()
+                .map(|task| errback_on_body(task, errback, false).map(|t| t.to_value()))
+                .collect::<Result<_, _>>()?;
+            body.kwargs.insert("tasks".into(), Value::Array(tasks));
+            Ok(body)
+        }
+        Some("chord") => {
+            let (_, inner) = body.chord_parts()?;
+            let inner = errback_on_body(inner, errback, true)?;
+            body.kwargs.insert("body".into(), inner.to_value());
+            Ok(body)
+        }
+        _ => Ok(body.link_error(errback.clone())),
     }
 }
 
@@ -1002,6 +1106,7 @@ mod tests {
             ..
         } = after_failure(&first, |_| false).unwrap();
         let calls: Vec<_> = errbacks
+            .next
             .iter()
             .map(|n| (n.request.task.as_str(), n.request.args.clone()))
             .collect();
@@ -1011,6 +1116,38 @@ mod tests {
                 ("on_error", vec![json!("t"), json!(1)]),
                 ("log", vec![json!("eb")])
             ]
+        );
+        // As Celery sends them: one new group, its result tuple the children of what failed.
+        let group_id = errbacks.next[0]
+            .request
+            .group
+            .clone()
+            .expect("a group member");
+        let tags: Vec<_> = errbacks
+            .next
+            .iter()
+            .map(|n| {
+                (
+                    n.request.group.as_deref(),
+                    n.request.group_index,
+                    n.request.parent_id.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                (Some(group_id.as_str()), Some(0), Some("t")),
+                (Some(group_id.as_str()), Some(1), Some("t"))
+            ]
+        );
+        let member = |n: &Next| json!([[n.request.id, null], null]);
+        assert_eq!(
+            errbacks.children,
+            [json!([
+                [group_id, null],
+                [member(&errbacks.next[0]), member(&errbacks.next[1])]
+            ])]
         );
         let never: Vec<_> = never.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(never, ["c3", "c2"]);
@@ -1380,8 +1517,8 @@ mod tests {
         let failed = parent(json!({"callbacks": null, "chain": null, "chord": null,
             "errbacks": [sig("new", json!(["l"]), json!({})), sig("old", json!([]), json!({}))]}));
         let after = after_failure(&failed, |e| e.task == "new").unwrap();
-        assert_eq!(after.sent.len(), 1);
-        assert_eq!(after.sent[0].request.args, vec![json!("t")]);
+        assert_eq!(after.sent.next.len(), 1);
+        assert_eq!(after.sent.next[0].request.args, vec![json!("t")]);
         let call = called_errback(&after.called[0], &failed, json!("exc"), json!("tb"));
         assert_eq!(call.task, "new");
         assert_eq!(call.args[0]["id"], "t");
@@ -1400,6 +1537,124 @@ mod tests {
         let b = after_success(&a, &json!(1)).unwrap().next.remove(0).request;
         assert_eq!(b.embed["errbacks"][0]["task"], "on_error");
         assert_eq!(b.embed["callbacks"][0]["task"], "on_success");
+    }
+
+    #[test]
+    fn a_failed_chord_fails_a_chord_body_as_one_without_starting_its_header() {
+        // chord([h], chord([a, b], c)).apply_async(link_error=e), as Celery's client sends it:
+        // the chord body carries the errback, and its id is its header's.
+        let e = Signature::new("e", vec![]);
+        let inner = chord(
+            vec![Signature::new("a", vec![]), Signature::new("b", vec![])],
+            Signature::new("c", vec![]),
+        )
+        .link_error(e.clone());
+        let inner_id = inner.option_str("task_id").unwrap();
+        let h = start(&chord(vec![Signature::new("h", vec![])], inner))
+            .unwrap()
+            .remove(0)
+            .request;
+        let (failed, never) = failed_chord_body(&chord_of(&h).unwrap().unwrap(), &h).unwrap();
+        assert!(never.is_empty());
+        let failed: Vec<_> = failed.iter().map(|n| &n.request).collect();
+        assert_eq!(
+            (failed.len(), failed[0].id.as_str()),
+            (1, inner_id.as_str())
+        );
+        assert_eq!(failed[0].embed["errbacks"], json!([e.to_value()]));
+    }
+
+    #[test]
+    fn a_failed_chord_fails_each_result_of_a_group_body_with_its_errbacks_and_the_groups() {
+        // group(chord([a], b), c, d).set(link_error=[g]): b's errbacks, c's own and d's, then
+        // g once each.
+        let (e, own, g) = (
+            Signature::new("e", vec![]),
+            Signature::new("own", vec![]),
+            Signature::new("g", vec![]),
+        );
+        let b = Signature::new("b", vec![]).link_error(e.clone());
+        let b_id = b.option_str("task_id").unwrap();
+        let c = Signature::new("c", vec![]).link_error(own.clone());
+        let d = Signature::new("d", vec![]).link_error(g.clone());
+        let mut body = group(vec![
+            chord(vec![Signature::new("a", vec![])], b),
+            c.clone(),
+            d.clone(),
+        ]);
+        body.options
+            .insert("link_error".into(), json!([g.to_value()]));
+        let parent =
+            parent(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
+        let (failed, _) = failed_chord_body(&body, &parent).unwrap();
+        let failed: Vec<_> = failed
+            .iter()
+            .map(|n| {
+                let errbacks = signatures(n.request.embed.get("errbacks")).unwrap();
+                let names: Vec<_> = errbacks.into_iter().map(|e| e.task).collect();
+                (n.request.id.clone(), names)
+            })
+            .collect();
+        let id = |s: &Signature| s.option_str("task_id").unwrap();
+        assert_eq!(
+            failed,
+            [
+                (b_id, vec!["e".to_string(), "g".into()]),
+                (id(&c), vec!["own".into(), "g".into()]),
+                (id(&d), vec!["g".into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_groups_own_errbacks_replace_those_of_its_members_when_it_runs() {
+        let failing = Signature::new("fail", vec![]).link_error(Signature::new("own", vec![]));
+        let mut canvas = group(vec![failing, Signature::new("ok", vec![])]);
+        canvas.options.insert(
+            "link_error".into(),
+            json!([Signature::new("g", vec![]).to_value()]),
+        );
+        for next in start(&canvas).unwrap() {
+            let errbacks = signatures(next.request.embed.get("errbacks")).unwrap();
+            let names: Vec<_> = errbacks.iter().map(|e| e.task.as_str()).collect();
+            assert_eq!(names, ["g"], "{}", next.request.task);
+        }
+    }
+
+    #[test]
+    fn a_chords_errbacks_go_on_each_task_of_a_group_body_which_keeps_its_own() {
+        let e = Signature::new("e", vec![]);
+        let names = |next: &Next| -> Vec<String> {
+            signatures(next.request.embed.get("errbacks"))
+                .unwrap()
+                .into_iter()
+                .map(|e| e.task)
+                .collect()
+        };
+        let started = |body: Signature| {
+            let canvas = chord(vec![Signature::new("h", vec![])], body).link_error(e.clone());
+            let h = start(&canvas).unwrap().remove(0).request;
+            chord_body(&chord_of(&h).unwrap().unwrap(), &h, vec![json!(1)]).unwrap()
+        };
+        // group(a with its own errback, chord([x], b)): a keeps its own, b gets e, x does not.
+        let a = Signature::new("a", vec![]).link_error(Signature::new("own", vec![]));
+        let inner = chord(
+            vec![Signature::new("x", vec![])],
+            Signature::new("b", vec![]),
+        );
+        let sent = started(group(vec![a.clone(), inner]));
+        assert_eq!(names(&sent[0]), ["own", "e"]);
+        assert_eq!(sent[1].request.task, "x");
+        assert!(names(&sent[1]).is_empty());
+        let b = chord_of(&sent[1].request).unwrap().unwrap();
+        assert_eq!(b.options["link_error"][0]["task"], "e");
+        // A group body with errbacks of its own gets the chord's with them, replacing a's.
+        let mut body = group(vec![a]);
+        body.options.insert(
+            "link_error".into(),
+            json!([Signature::new("g", vec![]).to_value()]),
+        );
+        assert_eq!(names(&started(body)[0]), ["g", "e"]);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - `.d`: `"<id>:<index>"` of each member counted, so a member that ran twice counts once;
 //! - `.c`: the claim on sending the body: a token while one worker sends it, then `done`.
 //!
+//! A chord that failed keeps its `.j` (see [`finish_failed`]).
+//!
 //! The member that completes the count claims `.c` in the same atomic step, so exactly one
 //! worker reads the outcomes and sends the body.
 
@@ -48,14 +50,14 @@ return 0
     )
 });
 
-/// Ends a chord whose body was sent under the claim ARGV[1]: drops its data and marks it done
-/// for ARGV[2] seconds, so a member that runs again later cannot start it over.
-/// KEYS: `.c`, `.j`, `.t`, `.s`, `.d`.
+/// Ends a chord settled under the claim ARGV[1]: drops the keys after the claim (`KEYS[2..]`)
+/// and marks it done for ARGV[2] seconds, so a member that runs again later cannot start it
+/// over. KEYS: `.c`, then the keys to drop.
 static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
 redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
 "#,
@@ -177,14 +179,29 @@ pub async fn count(
     Ok(Join::Complete { members, claim })
 }
 
-/// Marks chord `chord_id` done after its body was sent (or failed) under `claim`.
+/// Marks chord `chord_id` done under `claim` after its body was sent, dropping its data.
 pub async fn finish(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
-    FINISH
-        .key(key(chord_id, ".c"))
-        .key(key(chord_id, ".j"))
-        .key(key(chord_id, ".t"))
-        .key(key(chord_id, ".s"))
-        .key(key(chord_id, ".d"))
+    settle(backend, chord_id, claim, &[".j", ".t", ".s", ".d"]).await
+}
+
+/// Marks chord `chord_id` done under `claim` after it failed. Only its size goes: the members'
+/// outcomes stay in `.j` until they expire, as Celery leaves them, for whoever looks into the
+/// failure.
+pub async fn finish_failed(backend: &RedisBackend, chord_id: &str, claim: &str) -> Result<()> {
+    settle(backend, chord_id, claim, &[".s"]).await
+}
+
+async fn settle(
+    backend: &RedisBackend,
+    chord_id: &str,
+    claim: &str,
+    dropped: &[&str],
+) -> Result<()> {
+    let mut script = FINISH.key(key(chord_id, ".c"));
+    for suffix in dropped {
+        script.key(key(chord_id, suffix));
+    }
+    script
         .arg(claim)
         .arg(DONE_SECONDS)
         .invoke_async::<i64>(&mut backend.connection())

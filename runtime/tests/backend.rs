@@ -8,7 +8,7 @@ use chrono::Utc;
 use common::{redis_url, within};
 use runtime::backend::{result_key, RedisBackend};
 use runtime::protocol::result::{state, ResultMeta};
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -64,4 +64,57 @@ async fn wait_wakes_on_the_published_final_state() {
     let meta = within(15, "the result", waiting).await.unwrap().unwrap();
     assert_eq!(meta.status, state::SUCCESS);
     assert_eq!(meta.result, json!("ok"));
+}
+
+#[tokio::test]
+async fn a_failed_chord_keeps_its_members_outcomes_and_completes_no_more() {
+    use runtime::chord::{self, Join, Member};
+    let backend = RedisBackend::connect(&redis_url(), 600, None)
+        .await
+        .unwrap();
+    let chord_id = new_id();
+    let member = |state: &str, result| Member {
+        task_id: new_id(),
+        state: state.into(),
+        result,
+    };
+    let (ok, failed) = (
+        member(state::SUCCESS, json!(3)),
+        member(state::FAILURE, json!({"exc_type": "ValueError"})),
+    );
+    chord::open(Some(&backend), &chord_id, 2).await.unwrap();
+    let waiting = chord::count(&backend, &chord_id, Some(0), &ok)
+        .await
+        .unwrap();
+    assert_eq!(waiting, Join::Waiting);
+    let Join::Complete { claim, .. } = chord::count(&backend, &chord_id, Some(1), &failed)
+        .await
+        .unwrap()
+    else {
+        panic!("the second member completes the chord");
+    };
+    chord::finish_failed(&backend, &chord_id, &claim)
+        .await
+        .unwrap();
+
+    // Where Celery's Redis backend keeps them, for whoever looks into the failure.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let joined: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("celery-taskset-meta-{chord_id}.j"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let states: Vec<Value> = joined
+        .iter()
+        .map(|entry| serde_json::from_str::<Value>(entry).unwrap()[2].clone())
+        .collect();
+    assert_eq!(states, [json!(state::SUCCESS), json!(state::FAILURE)]);
+    // A copy of a member that runs again later completes nothing.
+    let again = chord::count(&backend, &chord_id, Some(1), &failed)
+        .await
+        .unwrap();
+    assert_eq!(again, Join::Waiting);
 }

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use runtime::canvas::{chord, Signature};
 use runtime::client::{Client, SendOptions};
 use runtime::protocol::result::state;
 use runtime::worker::Worker;
@@ -206,6 +207,41 @@ async fn runs_every_task_and_reports_failures_on_both_brokers() {
         );
         worker.stop().await;
     }
+}
+
+/// A chord whose header fails fails its body as Celery's chord error handling does: stored
+/// FAILURE with the errbacks it sent (one group) as its children, and counted in no chord it is a
+/// member of, so an enclosing chord neither runs nor fails its own body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_chord_fails_its_body_with_its_errbacks_as_children_and_in_no_other_chord() {
+    let worker = start(BROKERS[1], |_| {}).await;
+    let immutable = |task: &str, args: Value| {
+        Signature::new(task, args.as_array().cloned().unwrap()).set_immutable()
+    };
+    let inner_body = immutable("tasks.echo", json!(["inner body"]))
+        .link_error(immutable("tasks.echo", json!(["errback"])));
+    let inner_body_id = inner_body.option_str("task_id").unwrap();
+    let inner = chord(vec![immutable("tasks.fail", json!(["boom"]))], inner_body);
+    let outer = chord(
+        vec![immutable("tasks.add", json!([1, 1])), inner],
+        immutable("tasks.echo", json!(["outer body"])),
+    );
+    let outer_body = worker.client.apply(&outer).await.unwrap().remove(0);
+
+    let inner_body = worker.client.result(&inner_body_id);
+    let (exc_type, _) = failure(inner_body.get(Duration::from_secs(20)).await);
+    assert_eq!(exc_type, "ChordError");
+    let children = inner_body.meta().await.unwrap().unwrap().children;
+    let errback_id = children[0][1][0][0][0]
+        .as_str()
+        .expect("[[group, null], [errback]]");
+    let errback = worker.client.result(errback_id);
+    assert_eq!(
+        errback.get(Duration::from_secs(20)).await.unwrap(),
+        json!("errback")
+    );
+    assert_eq!(outer_body.state().await.unwrap(), state::PENDING);
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,9 +52,10 @@ impl Worker {
                 return false;
             }
         };
-        let failed = chord::failure(&members);
+        let failure = chord::failure(&members);
+        let failed = failure.is_some();
         let results = members.into_iter().map(|m| m.result).collect();
-        let recorded = match failed {
+        let recorded = match failure {
             None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
             Some(exc) => canvas::failed_chord_body(&body, request)
                 .map(|(next, never)| (next, Some((exc, never)))),
@@ -74,7 +75,7 @@ impl Worker {
                 } in next
                 {
                     let queue = body_queue.unwrap_or_else(|| queue.to_string());
-                    all &= Box::pin(self.fail(&body, &queue, exc.clone())).await;
+                    all &= Box::pin(self.fail_unrun(&body, &queue, exc.clone())).await;
                 }
                 all & Box::pin(self.fail_never_run(never, queue, &exc)).await
             }
@@ -88,9 +89,10 @@ impl Worker {
                 all
             }
         };
-        let settled = match recorded {
-            true => chord::finish(backend, chord_id, &claim).await,
-            false => chord::release(backend, chord_id, &claim).await,
+        let settled = match (recorded, failed) {
+            (true, false) => chord::finish(backend, chord_id, &claim).await,
+            (true, true) => chord::finish_failed(backend, chord_id, &claim).await,
+            (false, _) => chord::release(backend, chord_id, &claim).await,
         };
         if let Err(error) = settled {
             warn!(chord = %chord_id, %error, "cannot settle the chord's claim; it expires by itself");

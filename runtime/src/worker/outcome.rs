@@ -87,22 +87,63 @@ impl Worker {
         done &= self
             .join_chord(request, queue, state::FAILURE, &exc.to_value())
             .await;
+        let failed = self.after_failure(request);
+        done & self.follow_failure(request, queue, &exc, &tb, failed).await
+    }
+
+    /// Fails a result that never ran because the chord it follows failed, as Celery's chord
+    /// error handling does: its errbacks are called or sent, the chain steps after it fail, and
+    /// it is stored FAILURE with the errbacks sent as its children. It counts in no chord, and no
+    /// event tells of it: no worker received it.
+    pub(super) async fn fail_unrun(
+        &self,
+        request: &TaskRequest,
+        queue: &str,
+        exc: ExceptionInfo,
+    ) -> bool {
+        let tb = traceback(&exc);
+        let failed = self.after_failure(request);
+        let children = failed.sent.children.clone();
+        let done = self.follow_failure(request, queue, &exc, &tb, failed).await;
+        done & (!self.stores(request) || {
+            let mut meta = self.meta(request, queue, state::FAILURE, exc.to_value());
+            meta.traceback = Some(tb);
+            meta.children = children;
+            self.store(meta).await
+        })
+    }
+
+    /// What follows the failure of `request`: which of its errbacks this worker calls itself
+    /// (its own tasks that take the failed request), which it sends, and the chain steps that
+    /// will never run.
+    fn after_failure(&self, request: &TaskRequest) -> canvas::Failed {
         let takes_the_failed_request = |errback: &canvas::Signature| {
             self.registry.get(&errback.task).is_some_and(|handler| {
                 canvas::takes_the_failed_request(errback, handler.parameters())
             })
         };
-        let failed = canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
+        canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
             error!(task = %request.task, id = %request.id, %error, "cannot follow the task's errbacks or chain");
-            canvas::Failed { sent: Vec::new(), called: Vec::new(), never: Vec::new() }
-        });
-        done &= self.fail_never_run(failed.never, queue, &exc).await;
+            canvas::Failed { sent: canvas::Sent::default(), called: Vec::new(), never: Vec::new() }
+        })
+    }
+
+    /// Fails the chain steps that will never run after `request` failed with `exc`, calls the
+    /// errbacks called here and sends the others; `false` when any of it could not be done.
+    async fn follow_failure(
+        &self,
+        request: &TaskRequest,
+        queue: &str,
+        exc: &ExceptionInfo,
+        tb: &str,
+        failed: canvas::Failed,
+    ) -> bool {
+        let done = self.fail_never_run(failed.never, queue, exc).await;
         for errback in &failed.called {
-            let call =
-                canvas::called_errback(errback, request, exc.to_value(), Value::from(tb.clone()));
+            let call = canvas::called_errback(errback, request, exc.to_value(), Value::from(tb));
             Box::pin(self.call_errback(call)).await;
         }
-        done & self.send_next(failed.sent).await
+        done & self.send_next(failed.sent.next).await
     }
 
     /// Runs an errback of this worker's own here and now, as Celery's worker calls a "new style"
