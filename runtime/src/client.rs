@@ -164,10 +164,12 @@ impl Client {
             mut request,
             queue,
             opens_chords,
+            saves_headers,
         } in next
         {
             for (chord_id, size) in opens_chords {
-                chord::open(self.backend.as_ref(), &chord_id, size).await?;
+                let header = canvas::saved_header(&saves_headers, &chord_id);
+                chord::open(self.backend.as_ref(), &chord_id, size, header).await?;
             }
             request.origin = Some(self.origin.clone());
             let queue = queue.unwrap_or_else(|| self.config.queue_for(&request.task).to_string());

@@ -804,20 +804,35 @@ impl Worker {
             state: status.to_string(),
             result: result.clone(),
         };
-        let (members, claim) = match chord::count(backend, chord_id, request.group_index, &member)
-            .await
+        let (members, header, claim) = match chord::count(
+            backend,
+            chord_id,
+            request.group_index,
+            &member,
+        )
+        .await
         {
             Ok(chord::Join::Waiting) => return true,
-            Ok(chord::Join::Complete { members, claim }) => (members, claim),
+            Ok(chord::Join::Complete {
+                members,
+                header,
+                claim,
+            }) => (members, header, claim),
             Err(error) => {
                 error!(chord = %chord_id, id = %request.id, %error, "cannot count the chord member");
                 return false;
             }
         };
-        let failed = chord::failure(&members);
-        let results = members.into_iter().map(|m| m.result).collect();
+        let failed = chord::failure(&members, body.subtask_type.as_deref() == Some("group"));
         let recorded = match failed {
-            None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
+            None => chord::results(members, header.as_ref())
+                .ok_or_else(|| {
+                    canvas::CanvasError(
+                        "the saved header names a task that is no member of the chord".into(),
+                    )
+                })
+                .and_then(|results| canvas::chord_body(&body, request, results))
+                .map(|next| (next, None)),
             Some(exc) => canvas::failed_chord_body(&body, request)
                 .map(|(next, never)| (next, Some((exc, never)))),
         };
@@ -956,11 +971,15 @@ impl Worker {
             mut request,
             queue,
             opens_chords,
+            saves_headers,
         } in next
         {
             let mut opened = true;
             for (chord_id, size) in opens_chords {
-                if let Err(error) = chord::open(self.backend.as_ref(), &chord_id, size).await {
+                let header = canvas::saved_header(&saves_headers, &chord_id);
+                if let Err(error) =
+                    chord::open(self.backend.as_ref(), &chord_id, size, header).await
+                {
                     error!(chord = %chord_id, %error, "cannot start the chord");
                     all_sent = false;
                     opened = false;
