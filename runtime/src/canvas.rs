@@ -268,6 +268,39 @@ impl Signature {
         }
     }
 
+    /// The result this frozen canvas is read through, as Celery serializes a result handle
+    /// (its `as_tuple()`): `[[id, parent], null]` for a task, `[[group id, parent], [member
+    /// tuples]]` for a group; a chain's is its last step's, each step the parent of the next
+    /// (a group step the parent of the step after it), and a chord's its body's, whose parent
+    /// is the header, as a group.
+    pub fn result_tuple(&self) -> Value {
+        match self.subtask_type.as_deref() {
+            Some("chain") => self
+                .members()
+                .unwrap_or_default()
+                .iter()
+                .fold(Value::Null, |before, step| {
+                    with_parent(step.result_tuple(), before)
+                }),
+            Some("chord") => match self.chord_parts() {
+                Ok((header, body)) => {
+                    let header = group(header).with_id(group_id(self)).result_tuple();
+                    with_parent(body.result_tuple(), header)
+                }
+                Err(_) => Value::Null,
+            },
+            Some("group") => {
+                let members = laid_out(&self.members().unwrap_or_default(), Splice::Frozen)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(_, member)| member.result_tuple())
+                    .collect();
+                json!([[given_group_id(self), null], Value::Array(members)])
+            }
+            _ => json!([[self.option_str("task_id"), null], null]),
+        }
+    }
+
     fn canvas(kind: &str, kwargs: Value, options: Map<String, Value>) -> Self {
         Self {
             task: format!("celery.{kind}"),
@@ -281,6 +314,19 @@ impl Signature {
             immutable: false,
         }
     }
+}
+
+/// The result `tuple` with `parent` as the parent of its first result (the one with none yet),
+/// as Celery links a chain's results.
+fn with_parent(mut tuple: Value, parent: Value) -> Value {
+    let mut first = &mut tuple;
+    while first[0][1].is_array() {
+        first = &mut first[0][1];
+    }
+    if first.is_array() {
+        first[0][1] = parent;
+    }
+    tuple
 }
 
 /// The members of a group being frozen, nested groups spliced in as Celery's freeze
@@ -689,7 +735,7 @@ fn apply(
             // results are saved, nested, which needs every id in the header known.
             let nested = header
                 .iter()
-                .any(|(_, member)| result_tuple(member)[1].is_array());
+                .any(|(_, member)| member.result_tuple()[1].is_array());
             let header = match nested {
                 true => header
                     .into_iter()
@@ -702,7 +748,7 @@ fn apply(
             match sent.first_mut() {
                 Some(first) => {
                     if nested {
-                        let members = header.iter().map(|(_, m)| result_tuple(m)).collect();
+                        let members = header.iter().map(|(_, m)| m.result_tuple()).collect();
                         let tuple = json!([[chord_id, null], Value::Array(members)]);
                         first.saves_headers.push((chord_id.clone(), tuple));
                     }
@@ -833,31 +879,6 @@ fn counted(member: &Signature) -> usize {
         }),
         Some("chord") => member.chord_parts().map_or(0, |(_, body)| counted(&body)),
         _ => 1,
-    }
-}
-
-/// The result tuple of a frozen `signature` (Celery's `as_tuple()` of what its `freeze()`
-/// returns, parents left out): `[[id, null], null]` for a task, `[[group id, null], [member
-/// tuples]]` for a group, a chain's last step's, a chord's body's.
-fn result_tuple(signature: &Signature) -> Value {
-    match signature.subtask_type.as_deref() {
-        Some("chain") => signature
-            .members()
-            .ok()
-            .and_then(|steps| steps.last().map(result_tuple))
-            .unwrap_or(Value::Null),
-        Some("chord") => signature
-            .chord_parts()
-            .map_or(Value::Null, |(_, body)| result_tuple(&body)),
-        Some("group") => {
-            let members = laid_out(&signature.members().unwrap_or_default(), Splice::Frozen)
-                .unwrap_or_default()
-                .iter()
-                .map(|(_, member)| result_tuple(member))
-                .collect();
-            json!([[given_group_id(signature), null], Value::Array(members)])
-        }
-        _ => json!([[signature.option_str("task_id"), null], null]),
     }
 }
 
@@ -1758,16 +1779,17 @@ mod tests {
     #[test]
     fn a_group_ending_a_header_chain_counts_its_members_as_that_members_results() {
         // chord([chain(a, group(b, c)), d], body), as in Celery's test_nested_group_chain.
-        let (b, c, d) = (
+        let (a, b, c, d) = (
+            Signature::new("a", vec![]),
             Signature::new("b", vec![]),
             Signature::new("c", vec![]),
             Signature::new("d", vec![]),
         );
         let id = |s: &Signature| s.option_str("task_id").unwrap();
-        let (b_id, c_id, d_id) = (id(&b), id(&c), id(&d));
+        let (a_id, b_id, c_id, d_id) = (id(&a), id(&b), id(&c), id(&d));
         let inner = group(vec![b, c]);
         let inner_id = id(&inner);
-        let ends_in_group = crate::chain![Signature::new("a", vec![]), inner];
+        let ends_in_group = crate::chain![a, inner];
         let canvas = chord(vec![ends_in_group, d], Signature::new("body", vec![]));
         let chord_id = id(&canvas);
         let sent = start(&canvas).unwrap();
@@ -1784,7 +1806,7 @@ mod tests {
         let header = json!([
             [chord_id, null],
             [
-                [[inner_id, null], [member(&b_id), member(&c_id)]],
+                [[inner_id, member(&a_id)], [member(&b_id), member(&c_id)]],
                 member(&d_id)
             ]
         ]);
@@ -1803,5 +1825,34 @@ mod tests {
             .iter()
             .all(|n| n.request.embed["chord"]["task"] == "body"));
         assert_eq!(members.children[0][0][0], json!(inner_id));
+    }
+
+    #[test]
+    fn a_result_tuple_links_each_step_to_the_one_before() {
+        // add.s(1, 1) | add.s(2) | group(add.s(3), add.s(4)) | add.s(5), as Celery's
+        // build_chain_inside_task sends it: the group is the parent of the last step.
+        let steps: Vec<_> = (1..=5)
+            .map(|i| Signature::new(format!("s{i}"), vec![]))
+            .collect();
+        let id = |i: usize| steps[i].option_str("task_id").unwrap();
+        let task = |i: usize, parent: Value| json!([[id(i), parent], null]);
+        let members = group(vec![steps[2].clone(), steps[3].clone()]);
+        let group_id = members.option_str("task_id").unwrap();
+        let canvas = crate::chain![
+            steps[0].clone(),
+            steps[1].clone(),
+            members,
+            steps[4].clone()
+        ];
+        let parent = json!([
+            [group_id, task(1, task(0, Value::Null))],
+            [task(2, Value::Null), task(3, Value::Null)]
+        ]);
+        assert_eq!(canvas.result_tuple(), task(4, parent));
+        // A chord's result is its body's, the header its parent.
+        let canvas = chord(vec![steps[0].clone()], steps[1].clone());
+        let chord_id = canvas.option_str("task_id").unwrap();
+        let header = json!([[chord_id, null], [task(0, Value::Null)]]);
+        assert_eq!(canvas.result_tuple(), task(1, header));
     }
 }
