@@ -8,6 +8,9 @@
 //! - `.d`: `"<id>:<index>"` of each member counted, so a member that ran twice counts once;
 //! - `.c`: the claim on sending the body: a token while one worker sends it, then `done`.
 //!
+//! The key itself holds the header's result tuple when a member ends in a group (saved by the
+//! client, as Celery's `apply_chord` does): the body then gets that member's results as a list.
+//!
 //! The member that completes the count claims `.c` in the same atomic step, so exactly one
 //! worker reads the outcomes and sends the body.
 
