@@ -1,10 +1,12 @@
 //! Tasks whose results are signatures: `return_nested_signature_*` return canvases nested two
 //! deep, and `rebuild_signature` checks that such a result read back from the backend is still a
-//! signature at every level (`test_signature_serialization`).
+//! signature at every level (`test_signature_serialization`); and `build_chain_inside_task`,
+//! whose result is the result handle of a chain it sends (`test_groupresult_serialization`).
 
 use celery::error::TaskError;
 use celery::task::TaskResult;
 use runtime::canvas::{chain, chord, group, Signature};
+use runtime::delay::delay;
 use runtime::registry::Registry;
 use serde_json::Value;
 
@@ -20,6 +22,7 @@ pub(crate) fn register(registry: Registry) -> Registry {
         .task::<return_nested_signature_chord_group>()
         .task::<return_nested_signature_chord_chord>()
         .task::<rebuild_signature>()
+        .task::<build_chain_inside_task>()
 }
 
 /// `add.s()`: never run, so it needs no arguments.
@@ -104,4 +107,23 @@ fn part_list(value: Option<&Value>) -> Vec<&Value> {
         Some(part) => vec![part],
         None => Vec::new(),
     }
+}
+
+/// Sends `add(1, 1) | add(2) | group(add(3), add(4)) | add(5)` and returns its result handle:
+/// the last step's, with the group and the steps before it as its parents.
+#[celery::task(name = "t.integration.tasks.build_chain_inside_task")]
+pub fn build_chain_inside_task() -> TaskResult<Value> {
+    let add_s = |args: Vec<i64>| {
+        Signature::new(
+            "t.integration.tasks.add",
+            args.into_iter().map(Value::from).collect(),
+        )
+    };
+    let steps = runtime::chain![
+        add_s(vec![1, 1]),
+        add_s(vec![2]),
+        group(vec![add_s(vec![3]), add_s(vec![4])]),
+        add_s(vec![5])
+    ];
+    delay(&steps).map_err(|error| TaskError::UnexpectedError(error.to_string()))
 }

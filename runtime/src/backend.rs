@@ -167,7 +167,14 @@ impl RedisBackend {
             .iter()
             .map(|id| json!([[id, null], null]))
             .collect();
-        let saved = json!({"result": [[group_id, null], members]}).to_string();
+        self.save_group_tuple(group_id, &json!([[group_id, null], members]))
+            .await
+    }
+
+    /// Saves `tuple` as group `group_id`'s result, as [`Self::save_group`] does, for a group
+    /// whose members may be groups themselves.
+    pub async fn save_group_tuple(&self, group_id: &str, tuple: &Value) -> Result<()> {
+        let saved = json!({ "result": tuple }).to_string();
         let mut set = redis::cmd("SET");
         set.arg(group_key(group_id)).arg(saved);
         if self.expires > 0 {

@@ -268,6 +268,39 @@ impl Signature {
         }
     }
 
+    /// The result this frozen canvas is read through, as Celery serializes a result handle
+    /// (its `as_tuple()`): `[[id, parent], null]` for a task, `[[group id, parent], [member
+    /// tuples]]` for a group; a chain's is its last step's, each step the parent of the next
+    /// (a group step the parent of the step after it), and a chord's its body's, whose parent
+    /// is the header, as a group.
+    pub fn result_tuple(&self) -> Value {
+        match self.subtask_type.as_deref() {
+            Some("chain") => self
+                .members()
+                .unwrap_or_default()
+                .iter()
+                .fold(Value::Null, |before, step| {
+                    with_parent(step.result_tuple(), before)
+                }),
+            Some("chord") => match self.chord_parts() {
+                Ok((header, body)) => {
+                    let header = group(header).with_id(group_id(self)).result_tuple();
+                    with_parent(body.result_tuple(), header)
+                }
+                Err(_) => Value::Null,
+            },
+            Some("group") => {
+                let members = laid_out(&self.members().unwrap_or_default(), Splice::Frozen)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(_, member)| member.result_tuple())
+                    .collect();
+                json!([[given_group_id(self), null], Value::Array(members)])
+            }
+            _ => json!([[self.option_str("task_id"), null], null]),
+        }
+    }
+
     fn canvas(kind: &str, kwargs: Value, options: Map<String, Value>) -> Self {
         Self {
             task: format!("celery.{kind}"),
@@ -281,6 +314,19 @@ impl Signature {
             immutable: false,
         }
     }
+}
+
+/// The result `tuple` with `parent` as the parent of its first result (the one with none yet),
+/// as Celery links a chain's results.
+fn with_parent(mut tuple: Value, parent: Value) -> Value {
+    let mut first = &mut tuple;
+    while first[0][1].is_array() {
+        first = &mut first[0][1];
+    }
+    if first.is_array() {
+        first[0][1] = parent;
+    }
+    tuple
 }
 
 /// The members of a group being frozen, nested groups spliced in as Celery's freeze
@@ -334,6 +380,19 @@ pub struct Next {
     /// chord nested in a chord header opens both with its first member): the sender records
     /// each size with [`crate::chord::open`] before sending it.
     pub opens_chords: Vec<(String, usize)>,
+    /// `(chord id, header result tuple)` of each chord opened here whose header has a member
+    /// ending in a group: the sender saves the tuple as the chord's group result before sending,
+    /// as Celery's `apply_chord` does, so that whichever worker completes the chord gives the
+    /// body that member's results as one list (see [`crate::chord::results`]).
+    pub saves_headers: Vec<(String, Value)>,
+}
+
+/// The header tuple `saves_headers` (of a [`Next`]) holds for chord `chord_id`, if any.
+pub fn saved_header<'a>(saves_headers: &'a [(String, Value)], chord_id: &str) -> Option<&'a Value> {
+    saves_headers
+        .iter()
+        .find(|(id, _)| id == chord_id)
+        .map(|(_, header)| header)
 }
 
 /// What `parent` sends after it succeeded with `result`: its link callbacks, then the next step
@@ -680,7 +739,14 @@ fn apply(
         Some("group") if !chained_after => {
             let members = laid_out(&signature.members()?, Splice::Applied)?;
             let members = with_errbacks_of(signature, members);
-            members_of(&members, &group_id(signature), None, parent, result)
+            match chord_member(signature) {
+                // A group ending a chord header member (see [`tagged`]): each of its members
+                // counts in that chord, as Celery applies a group frozen with a chord.
+                Some((chord_id, body)) => {
+                    members_of(&members, &chord_id, Some(body), parent, result)
+                }
+                None => members_of(&members, &group_id(signature), None, parent, result),
+            }
         }
         // A group with steps after it, as a chain not yet sent carries it (a chord's body):
         // Celery upgrades it to a chord whose body is the next step, and the rest follows.
@@ -717,10 +783,29 @@ fn apply(
                 body.options.insert("chain".into(), Value::Array(rest));
             }
             let body_value = body.to_value();
+            // A member ending in a group gives the body a list of results: the header's
+            // results are saved, nested, which needs every id in the header known.
+            let nested = header
+                .iter()
+                .any(|(_, member)| member.result_tuple()[1].is_array());
+            let header = match nested {
+                true => header
+                    .into_iter()
+                    .map(|(index, member)| Ok((index, member.frozen()?)))
+                    .collect::<Result<Vec<_>, CanvasError>>()?,
+                false => header,
+            };
             let mut sent = members_of(&header, &chord_id, Some(&body_value), parent, result)?;
-            let size = header.len();
+            let size = header.iter().map(|(_, member)| counted(member)).sum();
             match sent.first_mut() {
-                Some(first) => first.opens_chords.insert(0, (chord_id, size)),
+                Some(first) => {
+                    if nested {
+                        let members = header.iter().map(|(_, m)| m.result_tuple()).collect();
+                        let tuple = json!([[chord_id, null], Value::Array(members)]);
+                        first.saves_headers.push((chord_id.clone(), tuple));
+                    }
+                    first.opens_chords.insert(0, (chord_id, size))
+                }
                 // An empty header: the body runs at once, with no results.
                 None => sent = apply(&body, parent, Some(&Value::Array(Vec::new())), None)?,
             }
@@ -854,6 +939,17 @@ fn tagged(
             let body = tagged(&body, id, index, chord)?;
             member.kwargs.insert("body".into(), body.to_value());
         }
+        // A group whose result is the member's (ending a chain or a chord body): its members,
+        // spliced as Celery freezes them, are sent as members of `id` when it runs (see
+        // [`chord_member`]), and the member's result is theirs as one list.
+        Some("group") => {
+            let members = frozen_members(&member.members()?)?;
+            member.kwargs.insert("tasks".into(), Value::Array(members));
+            member = member.member_of(id, index);
+            if let Some(body) = chord {
+                member.options.insert("chord".into(), body.clone());
+            }
+        }
         Some(kind) => {
             return Err(CanvasError(format!(
                 "a {kind} ending a chain or chord body in a group is not supported yet"
@@ -861,6 +957,33 @@ fn tagged(
         }
     }
     Ok(member)
+}
+
+/// The chord of the header member whose result is `group`'s (a group ending a chain or a
+/// chord body), as [`tagged`] or Celery's freeze leaves it: the chord's id (the group's
+/// `group_id`) and body (its `chord`).
+fn chord_member(group: &Signature) -> Option<(String, &Value)> {
+    let body = group.options.get("chord").filter(|body| !body.is_null())?;
+    Some((group.option_str("group_id")?, body))
+}
+
+/// How many results `member` adds to the chord whose header it is in (Celery's
+/// `chord._descend`): a task one, a group each of its members', a chain its last counting
+/// step's, a chord its body's.
+fn counted(member: &Signature) -> usize {
+    match member.subtask_type.as_deref() {
+        Some("group") => member.members().map_or(0, |m| m.iter().map(counted).sum()),
+        Some("chain") => member.members().map_or(0, |steps| {
+            steps
+                .iter()
+                .rev()
+                .map(counted)
+                .find(|&n| n > 0)
+                .unwrap_or(0)
+        }),
+        Some("chord") => member.chord_parts().map_or(0, |(_, body)| counted(&body)),
+        _ => 1,
+    }
 }
 
 /// The id a group or chord signature carries: its `task_id` option (Celery's frozen group id),
@@ -976,6 +1099,7 @@ fn request_for(
         request,
         queue: signature.option_str("queue"),
         opens_chords: Vec::new(),
+        saves_headers: Vec::new(),
     }
 }
 
@@ -1908,16 +2032,82 @@ mod tests {
     }
 
     #[test]
-    fn a_group_ending_a_header_chain_is_refused() {
-        let ends_in_group = crate::chain![
+    fn a_group_ending_a_header_chain_counts_its_members_as_that_members_results() {
+        // chord([chain(a, group(b, c)), d], body), as in Celery's test_nested_group_chain.
+        let (a, b, c, d) = (
             Signature::new("a", vec![]),
-            group(vec![
-                Signature::new("b", vec![]),
-                Signature::new("c", vec![])
-            ])
+            Signature::new("b", vec![]),
+            Signature::new("c", vec![]),
+            Signature::new("d", vec![]),
+        );
+        let id = |s: &Signature| s.option_str("task_id").unwrap();
+        let (a_id, b_id, c_id, d_id) = (id(&a), id(&b), id(&c), id(&d));
+        let inner = group(vec![b, c]);
+        let inner_id = id(&inner);
+        let ends_in_group = crate::chain![a, inner];
+        let canvas = chord(vec![ends_in_group, d], Signature::new("body", vec![]));
+        let chord_id = id(&canvas);
+        let sent = start(&canvas).unwrap();
+        assert_eq!(
+            tags(&sent)[1],
+            ("d".into(), Some(chord_id.clone()), Some(1))
+        );
+        assert_eq!(
+            sent[0].opens_chords,
+            [(chord_id.clone(), 3)],
+            "each member of the group counts"
+        );
+        let member = |id: &str| json!([[id, null], null]);
+        let header = json!([
+            [chord_id, null],
+            [
+                [[inner_id, member(&a_id)], [member(&b_id), member(&c_id)]],
+                member(&d_id)
+            ]
+        ]);
+        assert_eq!(sent[0].saves_headers, [(chord_id.clone(), header)]);
+        // Once a has run, the group's members are sent as the chord's, at their own indexes.
+        let a = &sent[0].request;
+        assert_eq!((a.group.as_ref(), &a.embed["chord"]), (None, &Value::Null));
+        let members = after_success(a, &json!(1)).unwrap();
+        let ch = Some(chord_id);
+        assert_eq!(
+            tags(&members.next),
+            [("b".into(), ch.clone(), Some(0)), ("c".into(), ch, Some(1))]
+        );
+        assert!(members
+            .next
+            .iter()
+            .all(|n| n.request.embed["chord"]["task"] == "body"));
+        assert_eq!(members.children[0][0][0], json!(inner_id));
+    }
+
+    #[test]
+    fn a_result_tuple_links_each_step_to_the_one_before() {
+        // add.s(1, 1) | add.s(2) | group(add.s(3), add.s(4)) | add.s(5), as Celery's
+        // build_chain_inside_task sends it: the group is the parent of the last step.
+        let steps: Vec<_> = (1..=5)
+            .map(|i| Signature::new(format!("s{i}"), vec![]))
+            .collect();
+        let id = |i: usize| steps[i].option_str("task_id").unwrap();
+        let task = |i: usize, parent: Value| json!([[id(i), parent], null]);
+        let members = group(vec![steps[2].clone(), steps[3].clone()]);
+        let group_id = members.option_str("task_id").unwrap();
+        let canvas = crate::chain![
+            steps[0].clone(),
+            steps[1].clone(),
+            members,
+            steps[4].clone()
         ];
-        let canvas = chord(vec![ends_in_group], Signature::new("body", vec![]));
-        let error = start(&canvas).unwrap_err();
-        assert!(error.0.contains("not supported yet"), "{error}");
+        let parent = json!([
+            [group_id, task(1, task(0, Value::Null))],
+            [task(2, Value::Null), task(3, Value::Null)]
+        ]);
+        assert_eq!(canvas.result_tuple(), task(4, parent));
+        // A chord's result is its body's, the header its parent.
+        let canvas = chord(vec![steps[0].clone()], steps[1].clone());
+        let chord_id = canvas.option_str("task_id").unwrap();
+        let header = json!([[chord_id, null], [task(0, Value::Null)]]);
+        assert_eq!(canvas.result_tuple(), task(1, header));
     }
 }

@@ -10,9 +10,13 @@
 //!
 //! A chord that failed keeps its `.j` (see [`finish_failed`]).
 //!
+//! The key itself holds the header's result tuple when a member ends in a group (saved by the
+//! client, as Celery's `apply_chord` does): the body then gets that member's results as a list.
+//!
 //! The member that completes the count claims `.c` in the same atomic step, so exactly one
 //! worker reads the outcomes and sends the body.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use serde_json::{json, Value};
@@ -86,17 +90,31 @@ pub struct Member {
 pub enum Join {
     /// Not complete, or another worker sends the body.
     Waiting,
-    /// This worker completed the chord: here are the members in header order, and the claim
-    /// to hand back with [`finish`] once the body is sent.
-    Complete { members: Vec<Member>, claim: String },
+    /// This worker completed the chord: here are the members in header order, the header's
+    /// result tuple if one was saved (see [`results`]), and the claim to hand back with
+    /// [`finish`] once the body is sent.
+    Complete {
+        members: Vec<Member>,
+        header: Option<Value>,
+        claim: String,
+    },
 }
 
 /// Records that chord `chord_id` has `size` header members, before they are sent, as Celery's
-/// client does: the size, and no claim left from an earlier run of the same chord id. A chord
+/// client does: the size, no claim left from an earlier run of the same chord id, and the
+/// header's result tuple when it is to shape the body's argument (see [`results`]). A chord
 /// needs a result backend: without one this is an error.
-pub async fn open(backend: Option<&RedisBackend>, chord_id: &str, size: usize) -> Result<()> {
+pub async fn open(
+    backend: Option<&RedisBackend>,
+    chord_id: &str,
+    size: usize,
+    header: Option<&Value>,
+) -> Result<()> {
     let backend =
         backend.ok_or_else(|| Error::InvalidOption("a chord needs a result backend".into()))?;
+    if let Some(header) = header {
+        backend.save_group_tuple(chord_id, header).await?;
+    }
     let mut set = redis::cmd("SET");
     set.arg(key(chord_id, ".s")).arg(size);
     if backend.expires() > 0 {
@@ -151,14 +169,17 @@ pub async fn count(
     if claimed == 0 {
         return Ok(Join::Waiting);
     }
-    let entries: Vec<String> = match redis::cmd("ZRANGE")
+    let read: redis::RedisResult<(Vec<String>, Option<String>)> = redis::pipe()
+        .cmd("ZRANGE")
         .arg(key(chord_id, ".j"))
         .arg(0)
         .arg(-1)
+        .cmd("GET")
+        .arg(key(chord_id, ""))
         .query_async(&mut connection)
-        .await
-    {
-        Ok(entries) => entries,
+        .await;
+    let (entries, saved) = match read {
+        Ok(read) => read,
         Err(error) => {
             // Not ours to keep: the member's next delivery claims it again.
             let _ = release(backend, chord_id, &claim).await;
@@ -176,7 +197,45 @@ pub async fn count(
             _ => None,
         })
         .collect();
-    Ok(Join::Complete { members, claim })
+    // A group result saved under the chord's id (a header with a member ending in a group, as
+    // Celery's `apply_chord` saves it) shapes the body's argument.
+    let header = saved
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|mut saved| saved.get_mut("result").map(Value::take));
+    Ok(Join::Complete {
+        members,
+        header,
+        claim,
+    })
+}
+
+/// The body's argument: each member's result in header order, or, when the header's result
+/// tuple was saved, shaped as it is (Celery restores that group result and joins it): a member
+/// ending in a group gives the list of that group's results. `None` when the tuple names a
+/// task that is no counted member.
+pub fn results(members: Vec<Member>, header: Option<&Value>) -> Option<Vec<Value>> {
+    let Some(header) = header else {
+        return Some(members.into_iter().map(|m| m.result).collect());
+    };
+    let by_id: HashMap<String, Value> =
+        members.into_iter().map(|m| (m.task_id, m.result)).collect();
+    match joined(header, &by_id)? {
+        Value::Array(results) => Some(results),
+        _ => None,
+    }
+}
+
+/// The result a tuple `[[id, parent], members]` stands for: a group's (members a list) as the
+/// list of its members' results, a task's (members null) as found in `by_id`.
+fn joined(tuple: &Value, by_id: &HashMap<String, Value>) -> Option<Value> {
+    match tuple.get(1) {
+        Some(Value::Array(members)) => members
+            .iter()
+            .map(|member| joined(member, by_id))
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array),
+        _ => by_id.get(tuple.get(0)?.get(0)?.as_str()?).cloned(),
+    }
 }
 
 /// Marks chord `chord_id` done under `claim` after its body was sent, dropping its data.
@@ -215,13 +274,18 @@ pub async fn release(backend: &RedisBackend, chord_id: &str, claim: &str) -> Res
     backend.delete_if_held(&key(chord_id, ".c"), claim).await
 }
 
-/// The `ChordError` the body fails with when a member failed, as Celery words it; `None` when
-/// every member succeeded.
-pub fn failure(members: &[Member]) -> Option<ExceptionInfo> {
+/// What the body fails with when a member failed: `ChordError` naming the member, as Celery
+/// words it, or, for a body that is a group (whose tasks Celery fails one by one), the
+/// member's own exception; `None` when every member succeeded.
+pub fn failure(members: &[Member], body_is_group: bool) -> Option<ExceptionInfo> {
     let failed = members
         .iter()
         .find(|m| m.state == state::FAILURE || m.state == state::REVOKED)?;
-    let raised = serde_json::from_value::<ExceptionInfo>(failed.result.clone())
+    let raised = serde_json::from_value::<ExceptionInfo>(failed.result.clone());
+    if let (true, Ok(raised)) = (body_is_group, &raised) {
+        return Some(raised.clone());
+    }
+    let raised = raised
         .map(|exc| exc.repr())
         .unwrap_or_else(|_| failed.result.to_string());
     Some(ExceptionInfo::celery(
@@ -249,12 +313,47 @@ mod tests {
             member("a", "SUCCESS", json!(1)),
             member("b", "FAILURE", boom),
         ];
-        let error = failure(&members).unwrap();
+        let error = failure(&members, false).unwrap();
         assert_eq!(
             (error.exc_module.as_str(), error.exc_type.as_str()),
             ("celery.exceptions", "ChordError")
         );
         assert_eq!(error.message(), "Dependency b raised RuntimeError('boom')");
-        assert_eq!(failure(&members[..1]), None);
+        assert_eq!(failure(&members[..1], false), None);
+    }
+
+    #[test]
+    fn a_group_body_fails_with_the_members_own_exception() {
+        let boom = ExceptionInfo::builtin("RuntimeError", "boom");
+        let members = [member("b", "FAILURE", boom.to_value())];
+        assert_eq!(failure(&members, true), Some(boom));
+    }
+
+    #[test]
+    fn a_saved_header_gives_a_group_members_results_as_one_list() {
+        let members = vec![
+            member("b", "SUCCESS", json!(2)),
+            member("c", "SUCCESS", json!(3)),
+            member("d", "SUCCESS", json!(4)),
+        ];
+        let task = |id: &str| json!([[id, null], null]);
+        // chord([chain(a, group(b, c)), d], body), the group's tuple with its parent a.
+        let header = json!([
+            ["ch", null],
+            [
+                [["g", [["a", null], null]], [task("b"), task("c")]],
+                task("d")
+            ]
+        ]);
+        assert_eq!(
+            results(members.clone(), Some(&header)),
+            Some(vec![json!([2, 3]), json!(4)])
+        );
+        assert_eq!(
+            results(members.clone(), None),
+            Some(vec![json!(2), json!(3), json!(4)])
+        );
+        let stranger = json!([["ch", null], [task("x")]]);
+        assert_eq!(results(members, Some(&stranger)), None);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`chord`]: the chord join Celery's Redis backend keeps, shared with Python workers.
 //! - [`add_to_chord`]: a chord header member adding work to its own chord.
 //! - [`replace`]: `Task.replace`: a running task replacing itself with a canvas.
+//! - [`delay`]: a running task sending a canvas of its own (`signature.delay()` in a task).
 //! - [`rate`]: per-task rate limits.
 //! - [`progress`]: the handle a running task reports custom states through.
 //! - [`raise`]: a task ending with a Python exception of a named class.
@@ -40,6 +41,7 @@ pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
+pub mod delay;
 pub mod error;
 pub mod events;
 pub mod logging;

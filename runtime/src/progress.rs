@@ -1,7 +1,7 @@
 //! How a running task reports custom states such as `PROGRESS {current, total}`, reads the
 //! request it runs for (Celery's `self.request`), and leaves the worker what to do once it ends:
 //! a replacement (see [`crate::replace`]), signatures added to its chord (see
-//! [`crate::add_to_chord`]).
+//! [`crate::add_to_chord`]), canvases it sends (see [`crate::delay`]).
 //!
 //! The dispatcher runs every task inside a [`TaskContext`] scope (a task-local, so task code needs
 //! no extra parameter). Reports only replace the latest value of a watch channel: a task may call
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::canvas::Signature;
+use crate::canvas::{Next, Signature};
 use crate::error::{Error, Result};
 use crate::protocol::result::state;
 use crate::protocol::TaskRequest;
@@ -43,6 +43,8 @@ pub struct TaskContext {
     replacement: Arc<Mutex<Option<Signature>>>,
     /// The signatures the task added to its chord, in the order added.
     added_to_chord: Arc<Mutex<Vec<Signature>>>,
+    /// The requests of the canvases the task sent, in the order sent.
+    sent: Arc<Mutex<Vec<Next>>>,
 }
 
 /// What the dispatcher reads a task's reports from.
@@ -59,6 +61,7 @@ impl TaskContext {
                 soft_limit: CancellationToken::new(),
                 replacement: Arc::default(),
                 added_to_chord: Arc::default(),
+                sent: Arc::default(),
             },
             receiver,
         )
@@ -77,6 +80,14 @@ impl TaskContext {
         self.added_to_chord
             .lock()
             .map(|mut added| std::mem::take(&mut *added))
+            .unwrap_or_default()
+    }
+
+    /// The requests of the canvases the task sent, in the order sent (taken once).
+    pub fn take_sent(&self) -> Vec<Next> {
+        self.sent
+            .lock()
+            .map(|mut sent| std::mem::take(&mut *sent))
             .unwrap_or_default()
     }
 
@@ -129,22 +140,36 @@ pub async fn soft_time_limit() {
 /// Records that the running task is to be replaced by `signature` when it ends. Fails only
 /// outside a task the dispatcher runs.
 pub(crate) fn record_replacement(signature: Signature) -> Result<()> {
-    CURRENT
-        .try_with(|context| {
-            if let Ok(mut replacement) = context.replacement.lock() {
-                *replacement = Some(signature);
-            }
-        })
-        .map_err(|_| Error::NotInTask)
+    leave(
+        |context| &context.replacement,
+        |replacement| *replacement = Some(signature),
+    )
 }
 
 /// Records that the running task adds `signature` to its chord. Fails only outside a task the
 /// dispatcher runs.
 pub(crate) fn record_added_to_chord(signature: Signature) -> Result<()> {
+    leave(
+        |context| &context.added_to_chord,
+        |added| added.push(signature),
+    )
+}
+
+/// Records that the running task sends `next`. Fails only outside a task the dispatcher runs.
+pub(crate) fn record_sent(next: Vec<Next>) -> Result<()> {
+    leave(|context| &context.sent, |sent| sent.extend(next))
+}
+
+/// Applies `edit` to one of the things the running task leaves the worker (`field` of its
+/// context). Fails only outside a task the dispatcher runs.
+fn leave<T>(
+    field: impl FnOnce(&TaskContext) -> &Mutex<T>,
+    edit: impl FnOnce(&mut T),
+) -> Result<()> {
     CURRENT
         .try_with(|context| {
-            if let Ok(mut added) = context.added_to_chord.lock() {
-                added.push(signature);
+            if let Ok(mut left) = field(context).lock() {
+                edit(&mut left);
             }
         })
         .map_err(|_| Error::NotInTask)

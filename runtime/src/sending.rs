@@ -9,7 +9,7 @@
 use tracing::error;
 
 use crate::backend::RedisBackend;
-use crate::canvas::Next;
+use crate::canvas::{self, Next};
 use crate::chord;
 use crate::config::CeleryConfig;
 use crate::error::Result;
@@ -51,11 +51,13 @@ pub async fn send_steps(
         mut request,
         queue,
         opens_chords,
+        saves_headers,
     } in steps
     {
         let mut opened = true;
         for (chord_id, size) in opens_chords {
-            if let Err(error) = chord::open(backend, &chord_id, size).await {
+            let header = canvas::saved_header(&saves_headers, &chord_id);
+            if let Err(error) = chord::open(backend, &chord_id, size, header).await {
                 if on_error == OnError::Stop {
                     return Err(error);
                 }
@@ -117,6 +119,7 @@ mod tests {
             request,
             queue: queue.map(str::to_string),
             opens_chords: opens.iter().map(|c| (c.to_string(), 2)).collect(),
+            saves_headers: Vec::new(),
         }
     }
 

@@ -82,7 +82,9 @@ async fn a_failed_chord_keeps_its_members_outcomes_and_completes_no_more() {
         member(state::SUCCESS, json!(3)),
         member(state::FAILURE, json!({"exc_type": "ValueError"})),
     );
-    chord::open(Some(&backend), &chord_id, 2).await.unwrap();
+    chord::open(Some(&backend), &chord_id, 2, None)
+        .await
+        .unwrap();
     let waiting = chord::count(&backend, &chord_id, Some(0), &ok)
         .await
         .unwrap();

@@ -42,21 +42,36 @@ impl Worker {
             state: status.to_string(),
             result: result.clone(),
         };
-        let (members, claim) = match chord::count(backend, chord_id, request.group_index, &member)
-            .await
+        let (members, header, claim) = match chord::count(
+            backend,
+            chord_id,
+            request.group_index,
+            &member,
+        )
+        .await
         {
             Ok(chord::Join::Waiting) => return true,
-            Ok(chord::Join::Complete { members, claim }) => (members, claim),
+            Ok(chord::Join::Complete {
+                members,
+                header,
+                claim,
+            }) => (members, header, claim),
             Err(error) => {
                 error!(chord = %chord_id, id = %request.id, %error, "cannot count the chord member");
                 return false;
             }
         };
-        let failure = chord::failure(&members);
+        let failure = chord::failure(&members, body.subtask_type.as_deref() == Some("group"));
         let failed = failure.is_some();
-        let results = members.into_iter().map(|m| m.result).collect();
         let recorded = match failure {
-            None => canvas::chord_body(&body, request, results).map(|next| (next, None)),
+            None => chord::results(members, header.as_ref())
+                .ok_or_else(|| {
+                    canvas::CanvasError(
+                        "the saved header names a task that is no member of the chord".into(),
+                    )
+                })
+                .and_then(|results| canvas::chord_body(&body, request, results))
+                .map(|next| (next, None)),
             Some(exc) => canvas::failed_chord_body(&body, request)
                 .map(|(next, never)| (next, Some((exc, never)))),
         };

@@ -179,6 +179,7 @@ impl Worker {
         }
         // Taken now and the context let go: it holds the sender the reporter waits on.
         let added = asked.take_added_to_chord();
+        let sent = asked.take_sent();
         drop(asked);
         let runtime = began.elapsed().as_secs_f64();
         self.metrics.ran(&request.task, runtime);
@@ -193,6 +194,9 @@ impl Worker {
             Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
         }
         self.state.release(&request.id);
+        // What the task sent is on its way before its own end is stored, as in Celery, where
+        // the task sends it while it runs (a send that fails is logged).
+        self.send_next(sent).await;
         let ending = match ending {
             Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(&request, added, outcome).await),
             stopped => stopped,
