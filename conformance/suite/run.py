@@ -3,11 +3,13 @@
 Fetches the pinned ``celery`` sdist from PyPI into ``target/celery-suite`` (never committed),
 then, for each broker asked for, runs the chosen files of its ``t/integration`` with pytest,
 our ``rust_session_worker`` plugin in place of Celery's in-process worker. Each broker gets a
-place of its own on the shared servers: a RabbitMQ virtual host, a Redis database. The files that
-look at the whole Redis server (``OWN_REDIS_FILES``) are run apart, in a pytest session and with a
-worker of their own, against a ``redis-server`` started for them and stopped after. pytest's own
-summary is printed as each session ends; with ``--results``, every test id and its outcome per
-broker are written to a Markdown table.
+place of its own on the shared servers: a RabbitMQ virtual host, a Redis database. What the
+suite's tasks record for its tests to read (``REDIS_HOST``/``REDIS_PORT``, database 0, under fixed
+keys such as ``redis-echo``) goes to a ``redis-server`` of the run's own, started for it and
+stopped after. The files that look at the whole Redis server (``OWN_REDIS_FILES``) are run apart,
+in a pytest session and with a worker of their own, with broker and results on that private
+server too. pytest's own summary is printed as each session ends; with ``--results``, every test
+id and its outcome per broker are written to a Markdown table.
 
 Exit status: 0 when every test passed or failed as ``not_run.toml`` expects; 1 otherwise.
 """
@@ -49,7 +51,7 @@ REDIS_HOST = os.environ.get("CONFORMANCE_REDIS_HOST", "127.0.0.1:6379")
 REDIS_DBS = range(8, 15)  # one is leased per run, so concurrent runs never share a database
 LEASE_SECONDS = 4 * 3600
 # Files whose tests count pub/sub channels server-wide (PUBSUB CHANNELS, on the suite's
-# REDIS_HOST/REDIS_PORT): on a server others use too, their subscriptions fail these tests.
+# REDIS_HOST/REDIS_PORT): their results' channels must be on that server, and no one else's.
 OWN_REDIS_FILES = {"test_redis_backend.py"}
 REDIS_SERVER = os.environ.get("CONFORMANCE_REDIS_SERVER", "redis-server")
 REDIS_START_WITHIN = 10.0  # seconds for a private redis-server to answer PING
@@ -158,15 +160,16 @@ def run_broker(broker: str, files: list[str], extra: list[str]) -> tuple[int, di
     own = [name for name in files if name in OWN_REDIS_FILES]
     codes, outcomes = [], {}
     if shared:
-        with redis_db() as db, broker_place(broker, f"redis://{REDIS_HOST}/{db}") as broker_url:
-            code, found = run_session(broker, shared, extra, broker_url, REDIS_HOST, db, log)
+        with redis_db() as db, private_redis() as records, \
+                broker_place(broker, f"redis://{REDIS_HOST}/{db}") as broker_url:
+            code, found = run_session(broker, shared, extra, broker_url,
+                                      f"redis://{REDIS_HOST}/{db}", records, log)
         codes.append(code)
         outcomes.update(found)
     if own:
-        # Results in database 1 and, on Redis, tasks in 2: database 0 takes what the suite's
-        # tasks write through get_redis_connection.
+        # Results in database 1 and, on Redis, tasks in 2: database 0 takes the records.
         with private_redis() as host, broker_place(broker, f"redis://{host}/2") as broker_url:
-            code, found = run_session(broker, own, extra, broker_url, host, 1, log)
+            code, found = run_session(broker, own, extra, broker_url, f"redis://{host}/1", host, log)
         codes.append(code)
         outcomes.update(found)
     ran = [code for code in codes if code != NOTHING_COLLECTED] or codes
@@ -178,14 +181,13 @@ def broker_place(broker: str, redis_url: str):
     return rabbitmq_vhost() if broker == "rabbitmq" else nullcontext(redis_url)
 
 
-def run_session(broker: str, files: list[str], extra: list[str], broker_url: str,
-                redis_host: str, db: int, log: Path) -> tuple[int, dict]:
-    """One pytest session of ``files`` with our worker on ``broker_url``, results in database
-    ``db`` of ``redis_host``, which is also the suite's REDIS_HOST/REDIS_PORT."""
+def run_session(broker: str, files: list[str], extra: list[str], broker_url: str, backend: str,
+                records: str, log: Path) -> tuple[int, dict]:
+    """One pytest session of ``files`` with our worker on ``broker_url``, results in
+    ``backend``, and the suite's records (REDIS_HOST/REDIS_PORT) on the Redis at ``records``."""
     outcomes_path = WORK_DIR / f"outcomes-{broker}.json"
     outcomes_path.unlink(missing_ok=True)
-    backend = f"redis://{redis_host}/{db}"
-    host, _, port = redis_host.rpartition(":")
+    host, _, port = records.rpartition(":")
     env = {
         **os.environ,
         "TEST_BROKER": broker_url,
@@ -201,7 +203,8 @@ def run_session(broker: str, files: list[str], extra: list[str], broker_url: str
         "PYTHONPATH": os.pathsep.join([str(SDIST_ROOT), str(SUITE_DIR)]),
     }
     print(f"\n=== Celery {CELERY_VERSION}'s integration suite ({', '.join(files)}) on {broker} "
-          f"({broker_url}, results in {backend}); our worker logs to {log}", flush=True)
+          f"({broker_url}, results in {backend}, records on {records}); our worker logs to {log}",
+          flush=True)
     command = [sys.executable, "-m", "pytest", "-p", "rust_session_worker", "-p", "celery.contrib.pytest",
                "-p", "no:cacheprovider", "-q", "-rfE",
                *(f"t/integration/{name}" for name in files), *extra]
