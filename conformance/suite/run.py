@@ -2,10 +2,14 @@
 
 Fetches the pinned ``celery`` sdist from PyPI into ``target/celery-suite`` (never committed),
 then, for each broker asked for, runs the chosen files of its ``t/integration`` with pytest,
-our ``rust_session_worker`` plugin in place of Celery's in-process worker. Each broker gets a
-place of its own on the shared servers: a RabbitMQ virtual host, a Redis database. pytest's own
-summary is printed as it ends; with ``--results``, every test id and its outcome per broker are
-written to a Markdown table.
+our ``rust_session_worker`` plugin in place of Celery's in-process worker. Each pytest session
+gets places of its own, so that concurrent runs never meet: a ``redis-server`` started for it
+(free local port, no persistence, stopped however the run ends) holding its results in database
+0, which the suite's tests also read and write directly (``REDIS_HOST``/``REDIS_PORT``, under fixed
+keys such as ``redis-echo``), and its tasks on the Redis broker; on RabbitMQ, a virtual host.
+The files that look at the whole Redis server (``OWN_REDIS_FILES``) run in a session of their
+own, with a worker of their own. pytest's own summary is printed as each session ends; with
+``--results``, every test id and its outcome per broker are written to a Markdown table.
 
 Exit status: 0 when every test passed or failed as ``not_run.toml`` expects; 1 otherwise.
 """
@@ -16,9 +20,13 @@ import argparse
 import base64
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -39,9 +47,12 @@ BROKERS = ["rabbitmq", "redis"]
 
 AMQP_HOST = os.environ.get("CONFORMANCE_AMQP_HOST", "127.0.0.1:5672")
 MANAGEMENT_URL = os.environ.get("CONFORMANCE_RABBITMQ_API", "http://127.0.0.1:15672/api")
-REDIS_HOST = os.environ.get("CONFORMANCE_REDIS_HOST", "127.0.0.1:6379")
-REDIS_DBS = range(8, 15)  # one is leased per run, so concurrent runs never share a database
-LEASE_SECONDS = 4 * 3600
+# Files whose tests count pub/sub channels server-wide (PUBSUB CHANNELS, on the suite's
+# REDIS_HOST/REDIS_PORT): their results' channels must be on that server, and no one else's.
+OWN_REDIS_FILES = {"test_redis_backend.py"}
+REDIS_SERVER = os.environ.get("CONFORMANCE_REDIS_SERVER", "redis-server")
+REDIS_START_WITHIN = 10.0  # seconds for a private redis-server to answer PING
+NOTHING_COLLECTED = 5  # pytest's exit code when a session selects no test
 
 
 def fetch_suite() -> None:
@@ -56,21 +67,42 @@ def fetch_suite() -> None:
 
 
 @contextmanager
-def redis_db():
-    """A Redis database number nobody else's run holds, leased for this run."""
-    client = redis.Redis.from_url(f"redis://{REDIS_HOST}/0")
-    owner = str(uuid.uuid4())
-    for db in REDIS_DBS:
-        key = f"celery-suite:lease:{db}"
-        if client.set(key, owner, nx=True, ex=LEASE_SECONDS):
+def private_redis():
+    """A ``redis-server`` of this run's own on a free local port, without persistence; its
+    ``host:port``. Stopped, and its directory removed, however the run ends."""
+    with socket.socket() as probe:  # a port free now; the server takes it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    directory = tempfile.mkdtemp(prefix="celery-suite-redis-")
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", directory]
+    try:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    except FileNotFoundError as error:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise SystemExit(f"{REDIS_SERVER} is not installed (make services installs it)") from error
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + REDIS_START_WITHIN
+        while True:
             try:
-                redis.Redis.from_url(f"redis://{REDIS_HOST}/{db}").flushdb()
-                yield db
-            finally:
-                if client.get(key) == owner.encode():
-                    client.delete(key)
-            return
-    raise SystemExit(f"every Redis database of {list(REDIS_DBS)} is leased by another run")
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{' '.join(command)} did not come up "
+                                     f"(exit code {server.poll()})") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def management(method: str, path: str, body: dict | None = None) -> None:
@@ -99,32 +131,63 @@ def rabbitmq_vhost():
 
 
 def run_broker(broker: str, files: list[str], extra: list[str]) -> tuple[int, dict]:
-    """Runs the suite's ``files`` on ``broker``; pytest's exit code and each test's outcome."""
-    outcomes_path = WORK_DIR / f"outcomes-{broker}.json"
-    outcomes_path.unlink(missing_ok=True)
+    """Runs the suite's ``files`` on ``broker``; pytest's exit code and each test's outcome.
+    The files of ``OWN_REDIS_FILES`` run in a session of their own on a private Redis."""
     log = WORK_DIR / f"worker-{broker}.log"
     log.unlink(missing_ok=True)
-    with redis_db() as db:
-        backend = f"redis://{REDIS_HOST}/{db}"
-        with (rabbitmq_vhost() if broker == "rabbitmq" else nullcontext(backend)) as broker_url:
-            env = {
-                **os.environ,
-                "TEST_BROKER": broker_url,
-                "TEST_BACKEND": backend,
-                "CONFORMANCE_BROKER": broker,
-                "CONFORMANCE_WORKER": str(binary()),
-                "CONFORMANCE_CONFIG": str(CONFORMANCE_DIR / "celeryconfig.toml"),
-                "CONFORMANCE_NOT_RUN": str(CONFORMANCE_DIR / "not_run.toml"),
-                "CONFORMANCE_LOG": str(log),
-                "CONFORMANCE_OUTCOMES": str(outcomes_path),
-                "PYTHONPATH": os.pathsep.join([str(SDIST_ROOT), str(SUITE_DIR)]),
-            }
-            print(f"\n=== Celery {CELERY_VERSION}'s integration suite on {broker} "
-                  f"({broker_url}, results in {backend}); our worker logs to {log}", flush=True)
-            command = [sys.executable, "-m", "pytest", "-p", "rust_session_worker", "-p", "celery.contrib.pytest",
-                       "-p", "no:cacheprovider", "-q", "-rfE",
-                       *(f"t/integration/{name}" for name in files), *extra]
-            code = subprocess.run(command, cwd=SDIST_ROOT, env=env).returncode
+    shared = [name for name in files if name not in OWN_REDIS_FILES]
+    own = [name for name in files if name in OWN_REDIS_FILES]
+    codes, outcomes = [], {}
+    if shared:
+        # Results in database 0, where the suite's tests read them through REDIS_HOST/REDIS_PORT
+        # (test_chord_on_error reads a chord's saved results so), and on Redis tasks in 1.
+        with private_redis() as host, broker_place(broker, f"redis://{host}/1") as broker_url:
+            code, found = run_session(broker, shared, extra, broker_url, f"redis://{host}/0", host, log)
+        codes.append(code)
+        outcomes.update(found)
+    if own:
+        # Results in database 1 and, on Redis, tasks in 2: database 0 takes the records.
+        with private_redis() as host, broker_place(broker, f"redis://{host}/2") as broker_url:
+            code, found = run_session(broker, own, extra, broker_url, f"redis://{host}/1", host, log)
+        codes.append(code)
+        outcomes.update(found)
+    ran = [code for code in codes if code != NOTHING_COLLECTED] or codes
+    return max(ran, default=0), outcomes
+
+
+def broker_place(broker: str, redis_url: str):
+    """This run's place on ``broker``: a virtual host of its own, or ``redis_url``."""
+    return rabbitmq_vhost() if broker == "rabbitmq" else nullcontext(redis_url)
+
+
+def run_session(broker: str, files: list[str], extra: list[str], broker_url: str, backend: str,
+                records: str, log: Path) -> tuple[int, dict]:
+    """One pytest session of ``files`` with our worker on ``broker_url``, results in
+    ``backend``, and the suite's records (REDIS_HOST/REDIS_PORT) on the Redis at ``records``."""
+    outcomes_path = WORK_DIR / f"outcomes-{broker}.json"
+    outcomes_path.unlink(missing_ok=True)
+    host, _, port = records.rpartition(":")
+    env = {
+        **os.environ,
+        "TEST_BROKER": broker_url,
+        "TEST_BACKEND": backend,
+        "REDIS_HOST": host,
+        "REDIS_PORT": port,
+        "CONFORMANCE_BROKER": broker,
+        "CONFORMANCE_WORKER": str(binary()),
+        "CONFORMANCE_CONFIG": str(CONFORMANCE_DIR / "celeryconfig.toml"),
+        "CONFORMANCE_NOT_RUN": str(CONFORMANCE_DIR / "not_run.toml"),
+        "CONFORMANCE_LOG": str(log),
+        "CONFORMANCE_OUTCOMES": str(outcomes_path),
+        "PYTHONPATH": os.pathsep.join([str(SDIST_ROOT), str(SUITE_DIR)]),
+    }
+    print(f"\n=== Celery {CELERY_VERSION}'s integration suite ({', '.join(files)}) on {broker} "
+          f"({broker_url}, results in {backend}, records on {records}); our worker logs to {log}",
+          flush=True)
+    command = [sys.executable, "-m", "pytest", "-p", "rust_session_worker", "-p", "celery.contrib.pytest",
+               "-p", "no:cacheprovider", "-q", "-rfE",
+               *(f"t/integration/{name}" for name in files), *extra]
+    code = subprocess.run(command, cwd=SDIST_ROOT, env=env).returncode
     outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else {}
     return code, outcomes
 

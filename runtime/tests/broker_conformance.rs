@@ -190,7 +190,8 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
             .unwrap();
         let got = within(10, "the broadcast", received.recv())
             .await
-            .expect("subscription ended");
+            .expect("subscription ended")
+            .message;
         assert_eq!(
             (got.body, got.headers),
             (message.body, message.headers),
@@ -603,4 +604,53 @@ async fn redis_forgets_a_subscribers_binding_when_it_closes() {
         .await
         .unwrap();
     assert!(!listed(members), "still bound after close");
+}
+
+/// A control request must not overtake the task messages that came in before it on the same
+/// connection: its mark is caught up only once each of them is taken in (its delivery dropped).
+#[tokio::test]
+async fn amqp_a_broadcast_waits_for_the_task_deliveries_that_came_before_it() {
+    use runtime::broker::{Exchange, Subscription};
+    let url = common::amqp_url();
+    let queue = unique_queue("arrival");
+    let broker = broker::connect(&url).await.unwrap();
+    let mut deliveries = broker
+        .consume(std::slice::from_ref(&queue), 4)
+        .await
+        .unwrap();
+    let subscription = Subscription {
+        queue: unique_queue("pidbox"),
+        expires_ms: 60_000,
+        message_ttl_ms: 5_000,
+    };
+    let mut broadcasts = broker
+        .subscribe(&Exchange::CONTROL, "", &subscription)
+        .await
+        .unwrap();
+    broker.publish(&queue, &request(7).encode()).await.unwrap();
+    let task = next(&mut deliveries).await;
+    let mut message = request(8).encode();
+    message.properties.delivery_mode = 1;
+    broker
+        .publish_to(&Exchange::CONTROL, "", &message)
+        .await
+        .unwrap();
+    let broadcast = within(10, "the broadcast", broadcasts.recv())
+        .await
+        .expect("subscription ended");
+    let mark = broadcast.arrived.expect("AMQP marks broadcasts");
+    let early = tokio::time::timeout(std::time::Duration::from_millis(200), mark.caught_up());
+    assert!(
+        early.await.is_err(),
+        "caught up while the task is not taken in"
+    );
+    let Delivery {
+        settle, arrival, ..
+    } = task;
+    assert!(arrival.is_some(), "AMQP places task deliveries");
+    drop(arrival);
+    within(10, "catching up", mark.caught_up()).await;
+    settle.ack().await.unwrap();
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
 }

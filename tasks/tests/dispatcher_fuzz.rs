@@ -159,7 +159,8 @@ async fn ping(broker_url: &str, node: &str) -> Value {
             while let Some(delivery) = deliveries.recv().await {
                 let _ = delivery.settle.ack().await;
                 if let Ok(message) = delivery.message {
-                    let _ = sender.send(message).await;
+                    let arrived = None;
+                    let _ = sender.send(broker::Broadcast { message, arrived }).await;
                 }
             }
         });
@@ -191,7 +192,7 @@ async fn ping(broker_url: &str, node: &str) -> Value {
             if let Ok(Some(answer)) =
                 tokio::time::timeout(Duration::from_secs(1), answers.recv()).await
             {
-                break serde_json::from_slice::<Value>(&answer.body).unwrap();
+                break serde_json::from_slice::<Value>(&answer.message.body).unwrap();
             }
         }
     })

@@ -369,7 +369,8 @@ async fn task_events_reach_celeryev_subscribers() {
             let message = tokio::time::timeout_at(deadline, events.recv())
                 .await
                 .expect("events")
-                .unwrap();
+                .unwrap()
+                .message;
             let event: Value = serde_json::from_slice(&message.body).unwrap();
             if event["uuid"] == json!(sent.id) {
                 seen.push((event["type"].as_str().unwrap().to_string(), event));

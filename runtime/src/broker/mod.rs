@@ -6,6 +6,7 @@
 //! `broker_url`'s failover list ([`failover`]) until a broker answers.
 
 pub mod amqp;
+pub mod arrival;
 pub mod declaration;
 pub mod delayed;
 pub mod failover;
@@ -69,6 +70,20 @@ pub struct Delivery {
     pub tag: String,
     /// Settles it with the broker.
     pub settle: Settle,
+    /// Its place among what its connection received, held until the worker has taken it in;
+    /// `None` where the broker's consumers share no order (Redis: tasks and broadcasts come
+    /// over connections of their own).
+    pub arrival: Option<arrival::Arrival>,
+}
+
+/// A message of a [`Broker::subscribe`] subscription.
+#[derive(Debug)]
+pub struct Broadcast {
+    /// The message.
+    pub message: Message,
+    /// Its place among what its connection received, to answer it only after the task
+    /// deliveries that came before it; `None` as for [`Delivery::arrival`].
+    pub arrived: Option<arrival::Mark>,
 }
 
 /// Broker-specific settlement of one delivery.
@@ -224,7 +239,7 @@ pub trait Broker: Send + Sync {
         exchange: &Exchange,
         binding_key: &str,
         subscription: &Subscription,
-    ) -> Result<mpsc::Receiver<Message>>;
+    ) -> Result<mpsc::Receiver<Broadcast>>;
 
     /// Whether the connection is usable (for health checks).
     async fn check(&self) -> Result<()>;

@@ -3,6 +3,7 @@
 //! `{hostname: reply}` on the caller's reply queue. Replies carry no secrets.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::SecondsFormat;
 use serde::Deserialize;
@@ -12,7 +13,7 @@ use tracing::{info, warn};
 
 use super::Worker;
 use crate::broker::declaration::Declaration;
-use crate::broker::Exchange;
+use crate::broker::{Broadcast, Exchange};
 use crate::config::{glob_match, CeleryConfig, QueueType};
 use crate::events::timestamp;
 use crate::protocol::message::JSON;
@@ -20,6 +21,25 @@ use crate::protocol::repr::repr;
 use crate::protocol::{Message, Properties};
 use crate::state::Phase;
 use crate::urls::{failover_urls, redact_url, BrokerKind};
+
+/// How long a request about held tasks waits for the task messages that arrived before it to be
+/// held: well within the second Celery's `inspect` waits for replies by default.
+const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
+
+/// Whether `method` answers with the tasks this worker holds, so that it must not overtake
+/// task messages that arrived before it.
+fn lists_held_tasks(method: &str) -> bool {
+    matches!(
+        method,
+        "active"
+            | "dump_active"
+            | "reserved"
+            | "dump_reserved"
+            | "scheduled"
+            | "dump_schedule"
+            | "query_task"
+    )
+}
 
 /// Where a caller wants its answer.
 #[derive(Debug, Deserialize)]
@@ -64,8 +84,8 @@ impl Request {
 
 impl Worker {
     /// Answers control requests until the subscription ends.
-    pub(super) async fn serve_control(self: Arc<Self>, mut requests: mpsc::Receiver<Message>) {
-        while let Some(message) = requests.recv().await {
+    pub(super) async fn serve_control(self: Arc<Self>, mut requests: mpsc::Receiver<Broadcast>) {
+        while let Some(Broadcast { message, arrived }) = requests.recv().await {
             if let Some(clock) = message.headers.get("clock").and_then(Value::as_u64) {
                 self.clock.observe(clock);
             }
@@ -86,6 +106,16 @@ impl Worker {
             };
             if !request.addressed_to(&self.hostname) {
                 continue;
+            }
+            if let Some(arrived) = arrived.filter(|_| lists_held_tasks(&request.method)) {
+                // Under load the task messages that came in first can still be on their way
+                // to being held; the caller sent them first and counts on seeing them.
+                if tokio::time::timeout(CATCH_UP_WITHIN, arrived.caught_up())
+                    .await
+                    .is_err()
+                {
+                    warn!(method = %request.method, "answering before every task received earlier is held");
+                }
             }
             let reply = self.command(&request.method, &request.arguments).await;
             if let (Some(reply), Some(reply_to), Some(ticket)) =

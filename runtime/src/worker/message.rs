@@ -48,6 +48,7 @@ impl Worker {
             redelivered,
             tag,
             settle,
+            arrival,
         } = delivery;
         let mut request = match message.and_then(|message| TaskRequest::decode(&message)) {
             Ok(request) => request,
@@ -84,6 +85,8 @@ impl Worker {
             return;
         }
         let terminate = self.state.hold(&request, &queue);
+        // Held: control requests that came in after it may be answered now.
+        drop(arrival);
         self.events
             .task("task-received", &request.id, received_fields(&request));
         // Held unacked until due and until a slot is free: a crash before then gives the message

@@ -1,5 +1,6 @@
-//! The consuming side of a channel: each delivery handed on to the worker, settled through
-//! lapin's acker, and the channel's prefetch window, widened while messages wait for their ETA.
+//! The consuming side of a channel: each delivery handed on to the worker, in its place in the
+//! connection's arrival order, settled through lapin's acker, and the channel's prefetch
+//! window, widened while messages wait for their ETA.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 use tokio::sync::{mpsc, Mutex};
 
+use crate::broker::arrival::Arrivals;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::amqp::message_of;
@@ -28,17 +30,43 @@ pub(super) async fn consume(channel: &Channel, queue: &str) -> lapin::Result<lap
         .await
 }
 
+/// The deliveries of `consumer`, each with what `place` gave it as lapin read it off the
+/// socket (on lapin's I/O loop, so in the order the connection received them, whichever
+/// consumer they are for); the stream ends when the consumer does (cancelled, or after an
+/// error, its connection lost).
+pub(super) fn in_arrival_order<P: Send + 'static>(
+    consumer: &lapin::Consumer,
+    place: impl Fn() -> P + Send + Sync + 'static,
+) -> impl futures::Stream<Item = lapin::Result<(lapin::message::Delivery, P)>> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    consumer.set_delegate(move |next: lapin::message::DeliveryResult| {
+        // lapin keeps the delegate, so its sender, alive: the end is sent as `None`.
+        let _ = sender.send(
+            next.map(|delivery| delivery.map(|d| (d, place())))
+                .transpose(),
+        );
+        std::future::ready(())
+    });
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        let arrived = receiver.recv().await.flatten()?;
+        Some((arrived, receiver))
+    })
+}
+
 /// Hands each delivery of `consumer` to `sender` until the consumer ends (cancelled, or its
 /// connection lost).
 pub(super) async fn forward(
-    mut consumer: lapin::Consumer,
+    consumer: lapin::Consumer,
     queue: String,
     window: Arc<Window>,
     sender: mpsc::Sender<Delivery>,
 ) {
-    while let Some(next) = consumer.next().await {
-        let delivery = match next {
-            Ok(delivery) => delivery,
+    let arrivals = window.arrivals.clone();
+    let deliveries = in_arrival_order(&consumer, move || arrivals.task());
+    tokio::pin!(deliveries);
+    while let Some(next) = deliveries.next().await {
+        let (delivery, arrival) = match next {
+            Ok(arrived) => arrived,
             Err(error) => {
                 tracing::error!(%queue, %error, "AMQP consumer failed");
                 break;
@@ -53,6 +81,7 @@ pub(super) async fn forward(
                 acker: delivery.acker,
                 window: window.clone(),
             }),
+            arrival: Some(arrival),
         };
         // After a cancel the stream ends once what was prefetched is given back.
         if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
@@ -97,6 +126,8 @@ impl Acker for AmqpAcker {
 /// with a prefetch of one, cancelled when the held message is due.
 pub(super) struct Window {
     channel: Channel,
+    /// Where its connection's deliveries take their places.
+    arrivals: Arc<Arrivals>,
     /// The queue extra consumers take from (the first, when a quorum queue is one of several);
     /// `None` with global QoS.
     queue: Option<String>,
@@ -117,12 +148,14 @@ impl Window {
     /// from `queue` and send to `sender`.
     pub(super) fn new(
         channel: Channel,
+        arrivals: Arc<Arrivals>,
         queue: Option<String>,
         sender: &mpsc::Sender<Delivery>,
         prefetch: u16,
     ) -> Arc<Self> {
         Arc::new(Self {
             channel,
+            arrivals,
             queue,
             sender: sender.downgrade(),
             held: Mutex::new(Held {

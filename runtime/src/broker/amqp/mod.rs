@@ -4,6 +4,7 @@
 //! [`consuming`] hands deliveries on and settles them, and keeps each channel's prefetch window.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -21,12 +22,13 @@ use tokio::sync::{mpsc, Mutex};
 
 mod consuming;
 
-use consuming::{consume, forward, Window};
+use consuming::{consume, forward, in_arrival_order, Window};
 
+use super::arrival::Arrivals;
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
 use super::remembered::Remembered;
-use super::{Broker, Delivery, Exchange, QueueDepth, Subscription};
+use super::{Broadcast, Broker, Delivery, Exchange, QueueDepth, Subscription};
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::amqp::{message_of, properties_of, short};
@@ -45,6 +47,8 @@ pub struct AmqpBroker {
     /// Whether native delayed delivery's topology is in place, made once per connection.
     delay_topology: tokio::sync::OnceCell<bool>,
     declared_exchanges: Mutex<HashSet<&'static str>>,
+    /// The order of what every consumer of the connection receives.
+    arrivals: Arc<Arrivals>,
 }
 
 impl AmqpBroker {
@@ -80,6 +84,7 @@ impl AmqpBroker {
             topology,
             delay_topology: tokio::sync::OnceCell::new(),
             declared_exchanges: Mutex::new(HashSet::new()),
+            arrivals: Arc::default(),
         })
     }
 
@@ -401,6 +406,7 @@ impl Broker for AmqpBroker {
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let window = Window::new(
             channel.clone(),
+            self.arrivals.clone(),
             (!global).then(|| queues.first().cloned()).flatten(),
             &sender,
             prefetch,
@@ -464,7 +470,7 @@ impl Broker for AmqpBroker {
         exchange: &Exchange,
         binding_key: &str,
         subscription: &Subscription,
-    ) -> Result<mpsc::Receiver<Message>> {
+    ) -> Result<mpsc::Receiver<Broadcast>> {
         short(&subscription.queue, "a queue name")?;
         let channel = self.connection.create_channel().await?;
         self.ensure_exchange(&channel, exchange).await?;
@@ -497,13 +503,16 @@ impl Broker for AmqpBroker {
             no_ack: true,
             ..Default::default()
         };
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(queue, "", no_ack, FieldTable::default())
             .await?;
+        let arrivals = self.arrivals.clone();
+        let arrived = in_arrival_order(&consumer, move || arrivals.mark());
         let (sender, receiver) = mpsc::channel(256);
         let queue = queue.to_string();
         tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
+            tokio::pin!(arrived);
+            while let Some(Ok((delivery, mark))) = arrived.next().await {
                 let message = match message_of(&delivery.properties, delivery.data) {
                     Ok(message) => message,
                     Err(error) => {
@@ -511,7 +520,11 @@ impl Broker for AmqpBroker {
                         continue;
                     }
                 };
-                if sender.send(message).await.is_err() {
+                let broadcast = Broadcast {
+                    message,
+                    arrived: Some(mark),
+                };
+                if sender.send(broadcast).await.is_err() {
                     break;
                 }
             }

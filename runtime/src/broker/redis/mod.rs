@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::remembered::Remembered;
-use super::{give_back, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Subscription};
+use super::{
+    give_back, Broadcast, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Subscription,
+};
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
@@ -385,7 +387,7 @@ impl Broker for RedisBroker {
         exchange: &Exchange,
         binding_key: &str,
         subscription: &Subscription,
-    ) -> Result<mpsc::Receiver<Message>> {
+    ) -> Result<mpsc::Receiver<Broadcast>> {
         if exchange.kind == ExchangeKind::Direct {
             return Err(Error::Unsupported(
                 "subscribing to a direct exchange on Redis",
@@ -412,7 +414,11 @@ impl Broker for RedisBroker {
                 };
                 match envelope::decode(&payload) {
                     Ok(received) => {
-                        if sender.send(received.message).await.is_err() {
+                        let broadcast = Broadcast {
+                            message: received.message,
+                            arrived: None,
+                        };
+                        if sender.send(broadcast).await.is_err() {
                             break;
                         }
                     }

@@ -49,6 +49,7 @@ pub(super) fn delivery(
                 holding: holding.clone(),
                 keeping: std::sync::Mutex::new(None),
             }),
+            arrival: None,
         },
         None => Delivery {
             message,
@@ -56,6 +57,7 @@ pub(super) fn delivery(
             redelivered,
             tag: "(no delivery tag)".into(),
             settle: Settle::new(Dropped { _slot: slot }),
+            arrival: None,
         },
     }
 }
