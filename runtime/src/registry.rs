@@ -258,6 +258,26 @@ pub const VAR_ARGS: &str = "var_args";
 /// `**kwargs` does: declare it `var_kwargs: serde_json::Map<String, serde_json::Value>`.
 pub const VAR_KWARGS: &str = "var_kwargs";
 
+/// Whether Celery calls `errback`, a task with these `parameters`, with the failed request, its
+/// exception and traceback ("new style") rather than sending it the failed task's id: when it
+/// takes more than one argument besides those it stores (a stored keyword argument makes it and
+/// the parameters after it keyword-only), or any number (`*args`).
+pub fn takes_the_failed_request(errback: &Signature, parameters: &[&str]) -> bool {
+    if parameters.contains(&VAR_ARGS) {
+        return true;
+    }
+    let positional = parameters.iter().filter(|name| **name != VAR_KWARGS);
+    let open = if errback.immutable {
+        positional.count()
+    } else {
+        positional
+            .skip(errback.args.len())
+            .take_while(|name| !errback.kwargs.contains_key(**name))
+            .count()
+    };
+    open > 1
+}
+
 /// Binds Celery's positional and keyword arguments to the task's parameters, the way Python
 /// binds a call (with [`VAR_ARGS`] and [`VAR_KWARGS`] as `*args` and `**kwargs`), then lets
 /// serde check the types.
@@ -663,5 +683,44 @@ mod tests {
         carry_arguments(names, &request, &mut next);
         assert_eq!(next.args, Some(vec![json!(2), json!(2)]));
         assert_eq!(next.kwargs, Some(Map::new()));
+    }
+
+    #[test]
+    fn errbacks_taking_more_than_the_failed_id_are_called_with_the_failed_request() {
+        let errback = |args: Value, kwargs: Value, immutable: bool| {
+            Signature::from_value(&json!({"task": "e", "args": args, "kwargs": kwargs,
+                "options": {}, "subtask_type": null, "immutable": immutable}))
+            .unwrap()
+        };
+        let takes = |e: &Signature, parameters: &[&str]| takes_the_failed_request(e, parameters);
+        // Celery's errback_old_style(request_id) and errback_new_style(request, exc, tb).
+        assert!(!takes(
+            &errback(json!([]), json!({}), false),
+            &["request_id"]
+        ));
+        assert!(takes(
+            &errback(json!([]), json!({}), false),
+            &["request", "exc", "tb"]
+        ));
+        // Stored arguments do not count: (request_id, label) with a label stored either way.
+        let with_label = ["request_id", "label"];
+        assert!(!takes(
+            &errback(json!(["l"]), json!({}), false),
+            &with_label
+        ));
+        assert!(!takes(
+            &errback(json!([]), json!({"label": "l"}), false),
+            &with_label
+        ));
+        assert!(takes(
+            &errback(json!(["l"]), json!({}), false),
+            &["request", "exc", "tb", "label"]
+        ));
+        // An immutable errback counts all it takes; *args takes any number.
+        assert!(takes(
+            &errback(json!(["m"]), json!({}), true),
+            &["message", "redis_key"]
+        ));
+        assert!(takes(&errback(json!([]), json!({}), false), &["var_args"]));
     }
 }

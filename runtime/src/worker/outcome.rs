@@ -15,7 +15,7 @@ use crate::metrics::Ended;
 use crate::progress::{TaskContext, Updates};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
-use crate::registry::{NextRun, Outcome};
+use crate::registry::{self, NextRun, Outcome};
 
 /// Tries of one result write, 0.1 s apart and doubling: about 6 s in all.
 const STORE_ATTEMPTS: u32 = 7;
@@ -119,7 +119,7 @@ impl Worker {
     fn after_failure(&self, request: &TaskRequest) -> canvas::Failed {
         let takes_the_failed_request = |errback: &canvas::Signature| {
             self.registry.get(&errback.task).is_some_and(|handler| {
-                canvas::takes_the_failed_request(errback, handler.parameters())
+                registry::takes_the_failed_request(errback, handler.parameters())
             })
         };
         canvas::after_failure(request, takes_the_failed_request).unwrap_or_else(|error| {
