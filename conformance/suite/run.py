@@ -36,6 +36,8 @@ from pathlib import Path
 import celery
 import redis
 
+from processes import stop
+
 CELERY_VERSION = "5.7.0"  # the sdist whose suite is run; the venv's celery must be the same
 SUITE_DIR = Path(__file__).resolve().parent
 CONFORMANCE_DIR = SUITE_DIR.parent
@@ -96,12 +98,7 @@ def private_redis():
         client.close()
         yield f"127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, grace=10)
         shutil.rmtree(directory, ignore_errors=True)
 
 

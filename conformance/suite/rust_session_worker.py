@@ -25,6 +25,7 @@ import tomllib
 import celery.contrib.pytest as celery_pytest
 import pytest
 from celery.utils.nodenames import anon_nodename
+from processes import stop
 
 START_WITHIN = 30.0  # seconds for the worker to answer a ping
 
@@ -77,11 +78,7 @@ def celery_session_worker(celery_session_app):
                             f"see {os.environ['CONFORMANCE_LOG']}", returncode=3)
         yield worker
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop(worker, grace=30)
 
 
 # The suite's conftest imports this fixture from celery.contrib.pytest by name: replacing it
