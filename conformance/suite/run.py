@@ -240,7 +240,7 @@ def write_results(path: Path, files: list[str], by_broker: dict[str, dict]) -> N
     lines += ["", "## Why", ""]
     lines += [f"{number}. {reason}" for reason, number in reasons.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"\nwrote {path.relative_to(REPO)}")
+    print(f"\nwrote {path}")
 
 
 def main() -> int:
