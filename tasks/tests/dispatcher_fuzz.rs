@@ -159,17 +159,23 @@ async fn ping(broker_url: &str, node: &str) -> Value {
             while let Some(delivery) = deliveries.recv().await {
                 let _ = delivery.settle.ack().await;
                 if let Ok(message) = delivery.message {
-                    let arrived = None;
-                    let _ = sender.send(broker::Broadcast { message, arrived }).await;
+                    let _ = sender.send(message).await;
                 }
             }
         });
         answers
     } else {
-        broker
+        let mut broadcasts = broker
             .subscribe(&Exchange::REPLY, &ticket, &replies)
             .await
-            .unwrap()
+            .unwrap();
+        let (sender, answers) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(broadcast) = broadcasts.recv().await {
+                let _ = sender.send(broadcast.message).await;
+            }
+        });
+        answers
     };
     let request = json!({
         "method": "ping", "arguments": {}, "destination": [node], "pattern": null, "matcher": null,
@@ -192,7 +198,7 @@ async fn ping(broker_url: &str, node: &str) -> Value {
             if let Ok(Some(answer)) =
                 tokio::time::timeout(Duration::from_secs(1), answers.recv()).await
             {
-                break serde_json::from_slice::<Value>(&answer.message.body).unwrap();
+                break serde_json::from_slice::<Value>(&answer.body).unwrap();
             }
         }
     })

@@ -70,10 +70,8 @@ pub struct Delivery {
     pub tag: String,
     /// Settles it with the broker.
     pub settle: Settle,
-    /// Its place among what its connection received, held until the worker has taken it in;
-    /// `None` where the broker's consumers share no order (Redis: tasks and broadcasts come
-    /// over connections of their own).
-    pub arrival: Option<arrival::Arrival>,
+    /// Its place among what its connection received, held until the worker has taken it in.
+    pub arrival: arrival::Arrival,
 }
 
 /// A message of a [`Broker::subscribe`] subscription.
@@ -82,8 +80,8 @@ pub struct Broadcast {
     /// The message.
     pub message: Message,
     /// Its place among what its connection received, to answer it only after the task
-    /// deliveries that came before it; `None` as for [`Delivery::arrival`].
-    pub arrived: Option<arrival::Mark>,
+    /// deliveries that came before it.
+    pub arrived: arrival::Mark,
 }
 
 /// Broker-specific settlement of one delivery.

@@ -107,7 +107,7 @@ impl Worker {
             if !request.addressed_to(&self.hostname) {
                 continue;
             }
-            if let Some(arrived) = arrived.filter(|_| lists_held_tasks(&request.method)) {
+            if lists_held_tasks(&request.method) {
                 // Under load the task messages that came in first can still be on their way
                 // to being held; the caller sent them first and counts on seeing them.
                 if tokio::time::timeout(CATCH_UP_WITHIN, arrived.caught_up())

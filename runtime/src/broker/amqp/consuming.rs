@@ -81,7 +81,7 @@ pub(super) async fn forward(
                 acker: delivery.acker,
                 window: window.clone(),
             }),
-            arrival: Some(arrival),
+            arrival,
         };
         // After a cancel the stream ends once what was prefetched is given back.
         if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {

@@ -522,7 +522,7 @@ impl Broker for AmqpBroker {
                 };
                 let broadcast = Broadcast {
                     message,
-                    arrived: Some(mark),
+                    arrived: mark,
                 };
                 if sender.send(broadcast).await.is_err() {
                     break;

@@ -18,6 +18,7 @@ use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::arrival::Arrivals;
 use super::remembered::Remembered;
 use super::{
     give_back, Broadcast, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Subscription,
@@ -96,6 +97,9 @@ pub struct RedisBroker {
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
+    /// The order of task messages fetched and control requests heard, so that a request does
+    /// not overtake a task sent before it that is still in its list.
+    arrivals: Arc<Arrivals>,
     visibility_timeout: u64,
     restoring: std::sync::atomic::AtomicBool,
     /// Cancelled when the sentinels name another master: this connection is then done, as if
@@ -147,6 +151,7 @@ impl RedisBroker {
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
+            arrivals: Arc::default(),
             visibility_timeout: options.visibility_timeout,
             restoring: std::sync::atomic::AtomicBool::new(false),
             moved,
@@ -272,17 +277,26 @@ impl Broker for RedisBroker {
         let moved = self.moved.clone();
         // Blocking commands hold their connection, so the idle wait gets one of its own.
         let mut waiting = Some(self.client.get_multiplexed_async_connection().await?);
+        let puller = self.arrivals.puller();
         let fetching = tokio::spawn(async move {
             let pop = redis::Script::new(POP_AND_RECORD);
             loop {
                 // A held slot is an unsettled message: stop fetching while all are taken, and
                 // take as many messages at once as there are free slots.
-                let slot = tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot,
-                    () = closing.cancelled() => break,
-                    () = moved.cancelled() => {
-                        tracing::warn!("the Redis master moved; this consumer stops");
-                        break;
+                let slot = match slots.clone().try_acquire_owned() {
+                    Ok(slot) => Ok(slot),
+                    Err(_) => {
+                        puller.full(true);
+                        let slot = tokio::select! {
+                            slot = slots.clone().acquire_owned() => slot,
+                            () = closing.cancelled() => break,
+                            () = moved.cancelled() => {
+                                tracing::warn!("the Redis master moved; this consumer stops");
+                                break;
+                            }
+                        };
+                        puller.full(false);
+                        slot
                     }
                 };
                 let Ok(slot) = slot else { break };
@@ -296,6 +310,10 @@ impl Broker for RedisBroker {
                 if sender.is_closed() || closing.is_cancelled() || moved.is_cancelled() {
                     break;
                 }
+                let wanted = puller.wanted();
+                tokio::pin!(wanted);
+                wanted.as_mut().enable();
+                let fetch = puller.fetch();
                 let mut call = pop.key(layout::UNACKED);
                 call.key(layout::UNACKED_INDEX)
                     .key(layout::fetch_order(&queues))
@@ -312,8 +330,10 @@ impl Broker for RedisBroker {
                 // Rotate so a busy queue cannot starve the others.
                 queues.rotate_left(1);
                 if popped.is_empty() {
+                    puller.fetched(fetch);
                     drop(free);
                     tokio::select! {
+                        () = &mut wanted => continue,
                         waited = wait_for_work(&mut waiting, &queues[0]) => match waited {
                             Ok(()) => continue,
                             Err(error) => {
@@ -328,10 +348,15 @@ impl Broker for RedisBroker {
                         }
                     }
                 }
-                let mut deliveries = popped
+                let deliveries: Vec<Delivery> = popped
                     .into_iter()
                     .zip(free)
-                    .map(|((list, raw), slot)| delivery(&connection, &holding, list, raw, slot));
+                    .map(|((list, raw), slot)| {
+                        delivery(&connection, &holding, list, raw, slot, puller.task())
+                    })
+                    .collect();
+                puller.fetched(fetch);
+                let mut deliveries = deliveries.into_iter();
                 let mut refused = false;
                 for delivery in deliveries.by_ref() {
                     if let Err(mpsc::error::SendError(unwanted)) = sender.send(delivery).await {
@@ -406,6 +431,7 @@ impl Broker for RedisBroker {
             .psubscribe(self.fanout_channel(exchange.name, &binding_key.replace('#', "*")))
             .await?;
         let (sender, receiver) = mpsc::channel(256);
+        let arrivals = self.arrivals.clone();
         tokio::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(message) = messages.next().await {
@@ -416,7 +442,7 @@ impl Broker for RedisBroker {
                     Ok(received) => {
                         let broadcast = Broadcast {
                             message: received.message,
-                            arrived: None,
+                            arrived: arrivals.mark(),
                         };
                         if sender.send(broadcast).await.is_err() {
                             break;

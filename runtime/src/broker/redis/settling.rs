@@ -12,6 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{layout, now_seconds};
+use crate::broker::arrival::Arrival;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::envelope;
@@ -23,6 +24,7 @@ pub(super) fn delivery(
     list: String,
     raw: Vec<u8>,
     slot: OwnedSemaphorePermit,
+    arrival: Arrival,
 ) -> Delivery {
     let queue = layout::queue_of(&list).to_string();
     let (message, tag, redelivered) = match envelope::decode(&raw) {
@@ -49,7 +51,7 @@ pub(super) fn delivery(
                 holding: holding.clone(),
                 keeping: std::sync::Mutex::new(None),
             }),
-            arrival: None,
+            arrival,
         },
         None => Delivery {
             message,
@@ -57,7 +59,7 @@ pub(super) fn delivery(
             redelivered,
             tag: "(no delivery tag)".into(),
             settle: Settle::new(Dropped { _slot: slot }),
-            arrival: None,
+            arrival,
         },
     }
 }
