@@ -78,14 +78,18 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     let max_attempts = config.web_publish_max_attempts;
     let probe = probe::Probe::start(&config).await;
     let client = Client::new(config).await?;
-    let journal = Arc::new(outbox::Journal::start(&pool, max_attempts));
+    let outbox = Arc::new(outbox::Outbox::new(
+        pool.clone(),
+        client.clone(),
+        max_attempts,
+    ));
+    let finishing = outbox.clone();
     let tracker_pool = pool.clone();
     let changes = tracking::Changes::default();
     let tracker_changes = changes.clone();
-    let outbox = (pool.clone(), journal.clone(), client.clone());
     Ok(mount(rocket::build())
         .manage(pool)
-        .manage(journal)
+        .manage(outbox.clone())
         .manage(client)
         .manage(accepts)
         .manage(budget)
@@ -98,8 +102,11 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .attach(metrics::RequestMetrics)
         .attach(AdHoc::on_liftoff("outbox", move |_| {
             Box::pin(async move {
-                tokio::spawn(outbox::run(outbox.0, outbox.1, outbox.2));
+                tokio::spawn(outbox.run());
             })
+        }))
+        .attach(AdHoc::on_shutdown("outbox", move |_| {
+            Box::pin(async move { finishing.finish().await })
         }))
         .attach(AdHoc::on_liftoff("tracking", move |_| {
             Box::pin(async move {

@@ -685,26 +685,146 @@ async fn receive_accepts_jobs_while_the_broker_is_down() {
     let id = stack
         .submit(json!({"task": "tasks.add", "args": [1, 2]}))
         .await;
-    let (_, job) = stack.get(&format!("/status/{id}")).await;
-    assert_eq!(
-        (&job["state"], &job["error"]["type"]),
-        (&json!("PENDING"), &json!("PublishError")),
-        "{job}"
-    );
+    // Published after the answer: the failure lands on the row soon after.
+    let publish_failed = |job: &Value| job["error"]["type"] == "PublishError";
+    let job = stack
+        .wait_for(&id, "the failed publish", publish_failed)
+        .await;
+    assert_eq!(job["state"], "PENDING", "{job}");
     // A workflow too: recorded whole, its first message waiting for the outbox.
     let (status, answer) = stack
         .post(&json!({"chain": [{"task": "tasks.add", "args": [1, 2]}, {"task": "tasks.add", "args": [3]}]}).to_string())
         .await;
     assert_eq!(status, Status::Accepted, "{answer}");
-    let (_, workflow) = stack.get(answer["status_url"].as_str().unwrap()).await;
-    assert_eq!(
-        (&workflow["state"], &workflow["error"]["type"]),
-        (&json!("PENDING"), &json!("PublishError")),
-        "{workflow}"
-    );
+    let workflow_id = answer["workflow_id"].as_str().unwrap();
+    let workflow = stack
+        .wait_for(workflow_id, "the workflow's failed publish", publish_failed)
+        .await;
+    assert_eq!(workflow["state"], "PENDING", "{workflow}");
     assert_eq!(workflow["children"].as_array().map(Vec::len), Some(2));
     let (status, _) = stack.get("/health").await;
     assert_eq!(status, Status::ServiceUnavailable);
+    stack.stop().await;
+}
+
+/// A Redis of this test's own on a free loopback port, keeping nothing on disk, stopped when
+/// dropped: pausing its writes holds up no other test.
+struct OwnRedis {
+    port: u16,
+    server: std::process::Child,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--dir",
+                &std::env::temp_dir().display().to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make services installs it)");
+        let redis = Self { port, server };
+        let mut connection = redis.connection().await;
+        let ping = async {
+            while redis::cmd("PING")
+                .query_async::<()>(&mut connection)
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ping)
+            .await
+            .expect("our own redis-server answers");
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn connection(&self) -> redis::aio::ConnectionManager {
+        let client = redis::Client::open(self.url()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match redis::aio::ConnectionManager::new(client.clone()).await {
+                    Ok(connection) => break connection,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .expect("our own redis-server takes connections")
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// The answer waits for the row's commit, not for the broker: with every write to the broker
+/// paused, `/receive` still answers, the message reaching the queue only once writes resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receive_answers_once_recorded_and_publishes_after() {
+    let redis = OwnRedis::start().await;
+    let stack = Stack::start(&redis.url(), false).await;
+    let mut broker = redis.connection().await;
+    let queue = stack.config.task_default_queue.clone();
+    // Writes (the publish's LPUSH among them) wait until unpaused; reads still answer.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async::<()>(&mut broker)
+        .await
+        .unwrap();
+    let id = stack
+        .submit(json!({"task": "tasks.add", "args": [2, 3]}))
+        .await;
+    let queued: i64 = redis::AsyncCommands::llen(&mut broker, &queue)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "the answer waited for the broker");
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async::<()>(&mut broker)
+        .await
+        .unwrap();
+    let published = async {
+        loop {
+            let queued: Vec<String> = redis::AsyncCommands::lrange(&mut broker, &queue, 0, -1)
+                .await
+                .unwrap();
+            if let Some(message) = queued.into_iter().next() {
+                break message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let message = tokio::time::timeout(Duration::from_secs(20), published)
+        .await
+        .expect("published once the broker takes writes again");
+    assert!(message.contains(&id), "{message}");
     stack.stop().await;
 }
 
@@ -1059,8 +1179,20 @@ async fn queues_show_what_waits_in_each_configured_queue() {
                 .submit(json!({"task": "tasks.add", "args": [i, i]}))
                 .await;
         }
-        let (status, body) = stack.get("/queues").await;
-        assert_eq!(status, Status::Ok, "{body}");
+        // Published after their answers: listed once the broker holds all three.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            let (status, body) = stack.get("/queues").await;
+            assert_eq!(status, Status::Ok, "{body}");
+            let default =
+                body["queues"].as_array().unwrap().iter().find(|q| {
+                    q["name"] == stack.config.task_default_queue.as_str() && q["ready"] == 3
+                });
+            if default.is_some() || tokio::time::Instant::now() > deadline {
+                break body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let queues = body["queues"].as_array().unwrap();
         let named = |name: &str| {
             queues

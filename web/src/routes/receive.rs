@@ -1,4 +1,4 @@
-//! `POST /receive`: records a job, publishes it, answers its task id at once.
+//! `POST /receive`: records a job, answers its task id once the record commits, publishes it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
-use crate::outbox::{self, Journal};
+use crate::outbox::{Outbox, Recorded};
 use crate::store::{self, NewJob};
 use crate::submission::{parse_submission, Accepts, JobRequest, Submission};
 use crate::workflow::Kind;
@@ -156,10 +156,9 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
     }
 }
 
-/// Records the job (or each step of the workflow) as PENDING, then publishes it. A job is
-/// durable once its row commits: if the broker does not take it now, the outbox publishes it
-/// when the broker is back, so the answer is 202 either way (the row keeps the reason
-/// meanwhile).
+/// Records the job (or each step of the workflow) as PENDING and answers once the row commits:
+/// the job is durable from then on. It is published after the answer; if the broker does not
+/// take it, the outbox publishes it when the broker is back (the row keeps the reason meanwhile).
 #[utoipa::path(
     post,
     path = "/receive",
@@ -171,8 +170,8 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
             `web_body_limit` bytes",
     ),
     responses(
-        (status = 202, description = "recorded (durable from now on) and published, or left to \
-            the outbox when the broker did not take it", body = AcceptedBody,
+        (status = 202, description = "recorded (durable from now on); published right after \
+            the answer, or by the outbox when the broker does not take it", body = AcceptedBody,
             headers(("Location" = String, description = "the `status_url`"))),
         (status = 400, description = "malformed JSON", body = ErrorBody),
         (status = 401, response = Unauthorized),
@@ -192,15 +191,15 @@ pub async fn receive(
     _auth: Authorized,
     submission: Result<Submission, Error>,
     pool: &State<Pool>,
-    journal: &State<Arc<Journal>>,
+    outbox: &State<Arc<Outbox>>,
     client: &State<Client>,
 ) -> Result<Accepted, Error> {
     let submission = submission?;
     check_queues(&submission, client).await?;
     match submission {
-        Submission::Job(job) => receive_job(job, pool, journal, client).await,
+        Submission::Job(job) => receive_job(job, outbox, client).await,
         Submission::Workflow { kind, steps } => {
-            receive_workflow(kind, steps, pool, journal, client).await
+            receive_workflow(kind, steps, pool, outbox, client).await
         }
     }
 }
@@ -232,20 +231,17 @@ async fn check_queues(submission: &Submission, client: &Client) -> Result<(), Er
 
 async fn receive_job(
     job: JobRequest,
-    pool: &Pool,
-    journal: &Journal,
+    outbox: &Arc<Outbox>,
     client: &Client,
 ) -> Result<Accepted, Error> {
     let id = Uuid::new_v4();
     let row = row(job, id, client);
-    journal.jobs.write(row.clone()).await?;
-    // Committed: the job is durable and will run. Its published mark is written in the
-    // background (the answer need not wait for it). Should the database fail before the
-    // publish is recorded, the outbox publishes the job again later (at least once), so the
-    // answer is still 202: a 503 now would make the client send the same work twice.
-    if let Err(error) = outbox::publish(pool, journal, client, &row, &[]).await {
-        tracing::warn!(%id, %error, "job accepted; its publish is not on record, the outbox will send it");
-    }
+    outbox.journal().jobs.write(row.clone()).await?;
+    // Committed: the job is durable and will run, so the answer is 202 from here on, whatever
+    // the broker does (a 503 now would make the client send the same work twice).
+    outbox
+        .publish_after_answer(Recorded::Message(vec![row]))
+        .await;
     Ok(AcceptedBody::Job(JobAccepted {
         task_id: id,
         status_url: status_url(id),
@@ -260,7 +256,7 @@ async fn receive_workflow(
     kind: Kind,
     steps: Vec<JobRequest>,
     pool: &Pool,
-    journal: &Journal,
+    outbox: &Arc<Outbox>,
     client: &Client,
 ) -> Result<Accepted, Error> {
     let id = Uuid::new_v4();
@@ -277,19 +273,12 @@ async fn receive_workflow(
     store::insert(&mut *pool.get().await?, &rows).await?;
     let task_ids: Vec<Uuid> = rows.iter().map(|row| row.task_id).collect();
     let group_members: Vec<String> = task_ids.iter().map(Uuid::to_string).collect();
-    // Committed: from here on the outbox sends whatever is not sent now, so errors are logged
-    // and the answer is 202 (as for a single job).
-    let published = match kind {
-        Kind::Chain => outbox::publish(pool, journal, client, &rows[0], &rows[1..])
-            .await
-            .map(drop),
-        Kind::Group => outbox::publish_in_turn(pool, journal, client, &rows)
-            .await
-            .map(drop),
+    // Committed: the answer is 202 from here on (as for a single job).
+    let recorded = match kind {
+        Kind::Chain => Recorded::Message(rows),
+        Kind::Group => Recorded::InTurn(rows),
     };
-    if let Err(error) = published {
-        tracing::warn!(%id, %error, "workflow accepted; a publish is not on record, the outbox will send it");
-    }
+    outbox.publish_after_answer(recorded).await;
     if kind == Kind::Group {
         let group_id = id.to_string();
         let saved = tokio::time::timeout(
