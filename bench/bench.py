@@ -2,8 +2,11 @@
 
 Every measurement runs on both brokers, alternating Rust and Python repetition by repetition so
 that the machine's noise falls on both; tables give the median and the range of the repetitions,
-and ratios of medians. Raw samples go to ``bench/results/samples.jsonl``, the report to
-``bench/RESULTS.md`` with charts in ``bench/results/``.
+and ratios of medians. Beside the rates, the CPU-seconds each worker and web app (all their
+processes) and each local service spent over the same runs (``proctree``): what a task or a
+request costs, whatever share of the machine the broker takes. Raw samples go to
+``bench/results/samples.jsonl``, the report to ``bench/RESULTS.md`` with charts in
+``bench/results/``.
 
 Services: the local RabbitMQ (queues named ``bench-<id>``), Redis databases 11 (broker) and 10
 (results) of this benchmark alone (flushed), PostgreSQL databases ``rcelery_bench_*``.
@@ -14,6 +17,7 @@ Services: the local RabbitMQ (queues named ``bench-<id>``), Redis databases 11 (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,6 +35,9 @@ from typing import Callable, Iterator
 
 import amqp
 import redis
+
+from figures import fraction, lowest, median, share, spread
+from proctree import CpuMeter, rss_mb
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -92,26 +99,40 @@ class Recorder:
 # Processes
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its children (a prefork pool), in MB."""
-    total = 0
-    for p in [pid, *children(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total / 1024
+# The local services, by the name of their first process (whose tree holds the rest, as
+# PostgreSQL's backends): their CPU over a run says where the rest of the machine went. They
+# serve whatever else runs on the machine too.
+SERVERS = {"rabbitmq": "beam.smp", "redis": "redis-server", "postgres": "postgres"}
 
 
-def children(pid: int) -> list[int]:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    kids = [int(x) for x in out.split()]
-    return kids + [g for k in kids for g in children(k)]
+@functools.cache
+def server_pids() -> dict[str, list[int]]:
+    """The oldest process of each service found (a cluster's extra nodes start later)."""
+    found = {}
+    for service, name in SERVERS.items():
+        out = subprocess.run(["pgrep", "-o", "-x", name], capture_output=True, text=True).stdout.split()
+        if out:
+            found[service] = [int(out[0])]
+    return found
+
+
+def settled(meter: CpuMeter, group: str, timeout: float = 3.0) -> dict[str, int]:
+    """A reading of ``meter`` once ``group`` has gone quiet (at most one clock tick in 0.1 s):
+    the queue is empty before the last tasks taken from it have run."""
+    last = meter.ticks()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = meter.ticks()
+        if now[group] - last[group] <= 1:
+            return now
+        last = now
+    return last
+
+
+def per(cpu: dict[str, float], count: int, unit: int, suffix: str) -> dict[str, float]:
+    """Each group's CPU-seconds per ``unit`` of ``count`` things done, named ``<group>_<suffix>``."""
+    return {f"{name}_{suffix}": round(seconds / max(count, 1) * unit, 4) for name, seconds in cpu.items()}
 
 
 @contextmanager
@@ -223,7 +244,10 @@ def loadgen(broker: str, queue: str, count: int, *args: str) -> dict:
 def drain(broker: str, system: str, concurrency: int, results: bool, count: int, processes: int = 1) -> dict:
     """Fills a queue with ``count`` ``tasks.add``, starts ``processes`` workers and times how long
     they take to empty it. Returns tasks/s, the largest RSS seen and the RSS over time (MB, all
-    processes)."""
+    processes), and the CPU-seconds the workers (all processes) and each service used from the
+    start of the timing until the workers went quiet, with ``cpu_tasks``, the tasks still queued
+    at that start. What a worker took before then is left out of both, but for the prefetched
+    tasks it had not run yet: in the CPU time only, they overstate it by at most a prefetch."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     redis.Redis.from_url(RESULTS_URL).flushdb()
     loadgen(broker, queue, count, "publish", *([] if results else ["--ignore-result"]))
@@ -231,6 +255,8 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
     with ExitStack() as stack:
         procs = [stack.enter_context(worker(system, broker, queue, concurrency, results, f"{system}-{i}"))
                  for i in range(processes)]
+        meter = CpuMeter({"worker": [p.pid for p in procs], **server_pids()})
+        cpu_tasks = depth(broker, queue)
         began = time.monotonic()
         done = None
         results_db = redis.Redis.from_url(RESULTS_URL)
@@ -243,9 +269,11 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
             time.sleep(0.05)
         if done is None:
             raise RuntimeError(f"{system} did not drain {queue} in 900 s")
+        cpu = meter.seconds(settled(meter, "worker"))
     delete_queue(broker, queue)
     seconds = done - began
-    return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": max(trace), "rss_trace": trace}
+    return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": max(trace), "rss_trace": trace,
+            "cpu": cpu, "cpu_tasks": cpu_tasks}
 
 
 def sized(rate_guess: float, plan: Plan) -> int:
@@ -271,14 +299,41 @@ def bench_throughput(rec: Recorder, plan: Plan, broker: str) -> None:
                 guesses[key] = run["per_second"]
                 rec.add("throughput", broker, system, run["per_second"], results=mode, rep=rep,
                         tasks=count, concurrency=concurrency, peak_rss_mb=round(run["peak_rss_mb"], 1))
+                cpu = per(run["cpu"], run["cpu_tasks"], 10_000, "cpu_per_10k")
+                rec.add("worker_cpu_per_10k", broker, system, cpu.pop("worker_cpu_per_10k"), results=mode,
+                        rep=rep, cpu_s=round(run["cpu"]["worker"], 3), cpu_tasks=run["cpu_tasks"], **cpu)
+
+
+# The worker's prefetch (-c 8, `worker_prefetch_multiplier` 4): the ceilings consume with it.
+CEILING_PREFETCH = "32"
 
 
 def bench_ceiling(rec: Recorder, plan: Plan, broker: str) -> None:
-    """2. The transport's own ceiling: publish and consume raw messages, no task logic."""
+    """2. The ceiling: raw messages consumed and acked through our transport layer (no task
+    logic), and a queue of real ``tasks.add`` messages drained by the broker's client crate
+    alone (``ceiling``, nothing of ours)."""
+    count = sized(8_000, plan)
     for rep in range(plan.reps):
-        run = loadgen(broker, f"bench-ceiling-{uuid.uuid4().hex[:8]}", sized(8_000, plan), "ceiling", "--prefetch", "32")
-        rec.add("ceiling_consume", broker, "transport", run["consumed_per_second"], rep=rep)
+        run = loadgen(broker, f"bench-ceiling-{uuid.uuid4().hex[:8]}", count, "ceiling", "--prefetch", CEILING_PREFETCH)
+        rec.add("ceiling_consume", broker, "transport", run["consumed_per_second"], rep=rep,
+                body_bytes=run["body_bytes"])
         rec.add("ceiling_publish", broker, "transport", run["published_per_second"], rep=rep)
+        queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
+        loadgen(broker, queue, count, "publish", "--ignore-result")
+        run = bare_ceiling(broker, queue, count)
+        rec.add("ceiling_consume", broker, "bare-client", run["consumed_per_second"], rep=rep,
+                message_bytes=run["message_bytes"])
+        delete_queue(broker, queue)
+
+
+def bare_ceiling(broker: str, queue: str, count: int) -> dict:
+    out = subprocess.run([str(BIN / "ceiling"), "--broker-url", BROKERS[broker], "--queue", queue,
+                          "--count", str(count), "--prefetch", CEILING_PREFETCH,
+                          "amqp" if broker == "rabbitmq" else "redis"],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"ceiling failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
 
 
 def bench_rtt(rec: Recorder, plan: Plan, broker: str) -> None:
@@ -437,15 +492,23 @@ def web_app(system: str, broker: str, queue: str) -> Iterator[tuple[subprocess.P
 
 
 def bench_receive(rec: Recorder, plan: Plan, broker: str) -> None:
+    """5. ``POST /receive`` under wrk at 1, 16 and 64 connections: requests/s, latency, and the
+    CPU-seconds of the web app's processes (and each service's) per 1,000 requests."""
     queue = f"bench-web-{uuid.uuid4().hex[:8]}"
     for system in ("rust", "python-flask"):
         with web_app(system, broker, queue) as (proc, port):
             for connections in (1, 16, 64):
                 for rep in range(plan.reps):
+                    meter = CpuMeter({"web": [proc.pid], **server_pids()})
                     run = wrk(port, connections, plan.http_seconds)
+                    cpu_s = meter.seconds()
                     rec.add("receive_rps", broker, system, run["per_second"], connections=connections, rep=rep,
                             p50_ms=run["p50"] / 1000, p99_ms=run["p99"] / 1000, errors=run["errors"],
                             rss_mb=round(rss_mb(proc.pid), 1))
+                    cpu = per(cpu_s, run["requests"], 1_000, "cpu_per_1k")
+                    rec.add("receive_cpu_per_1k", broker, system, cpu.pop("web_cpu_per_1k"),
+                            connections=connections, rep=rep, cpu_s=round(cpu_s["web"], 3),
+                            requests=run["requests"], **cpu)
                     # Every run starts on an empty queue: a long one slows the broker down.
                     purge_queue(broker, queue)
     delete_queue(broker, queue)
@@ -453,20 +516,6 @@ def bench_receive(rec: Recorder, plan: Plan, broker: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The report
-
-
-def spread(values: list[float]) -> str:
-    if not values:
-        return "–"
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:,.0f}" if med >= 100 else f"{med:.2f}"
-    fmt = (lambda v: f"{v:,.0f}") if med >= 100 else (lambda v: f"{v:.2f}")
-    return f"{fmt(med)} ({fmt(min(values))}–{fmt(max(values))})"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
@@ -500,12 +549,8 @@ def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
             ratio = median(rec.values("throughput", broker, "rust", results=mode)) / median(
                 rec.values("throughput", broker, best, results=mode))
             lines.append(f"\nResults {mode}: Rust is **{ratio:.1f}×** Python's best pool ({best}).")
-        ceiling = median(rec.values("ceiling_consume", broker, "transport"))
-        ours = median(rec.values("throughput", broker, "rust", results="ignored"))
-        lines += ["", "### 2. Ceiling", "",
-                  f"Raw consume+ack through our transport layer, no task logic: {spread(rec.values('ceiling_consume', broker, 'transport'))} msg/s "
-                  f"(publish {spread(rec.values('ceiling_publish', broker, 'transport'))} msg/s). "
-                  f"The worker (results ignored) reaches **{100 * ours / ceiling:.0f} %** of it.", ""]
+        lines += worker_cpu_section(rec, broker, systems)
+        lines += ceiling_section(rec, broker)
         lines += ["### 3. Round trip, Python `send_task(...).get()` on an idle system, ms", "",
                   "| worker | p50 | p99 |", "|---|---|---|"]
         for system in ("rust", "python-prefork"):
@@ -526,6 +571,7 @@ def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
             lines.append(f"| {connections} | {spread(of('rust'))} | {spread(of('python-flask'))} | {ratio:.1f}× | "
                          f"{median(of('rust', 'p50_ms')):.2f} / {median(of('rust', 'p99_ms')):.2f} | "
                          f"{median(of('python-flask', 'p50_ms')):.2f} / {median(of('python-flask', 'p99_ms')):.2f} |")
+        lines += receive_cpu_section(rec, broker)
         web_rss = [s["rss_mb"] for s in rec.samples if s["bench"] == "receive_rps" and s["broker"] == broker
                    and s["system"] == "rust"]
         lines += ["", "### 6. Memory, MB", "",
@@ -546,8 +592,74 @@ def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
         lines += ["", "| worker processes (-c 8 each) | tasks/s |", "|---|---|"]
         for p in plan.processes:
             lines.append(f"| {p} | {spread(rec.values('scale_processes', broker, 'rust', processes=p))} |")
-        lines += ["", f"![throughput](results/throughput-{broker}.png) ![round trips](results/rtt-{broker}.png)", ""]
+        lines += ["", f"![throughput](results/throughput-{broker}.png) ![CPU per task](results/cpu-{broker}.png) "
+                  f"![round trips](results/rtt-{broker}.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def worker_cpu_section(rec: Recorder, broker: str, systems: list[str]) -> list[str]:
+    """1b. CPU-seconds per 10,000 tasks of each worker over the throughput runs, and ours as a
+    fraction of Python's cheapest pool."""
+    def cell(key: str, system: str, mode: str) -> str:
+        return spread([s[key] for s in rec.samples if s["bench"] == "worker_cpu_per_10k"
+                       and s["broker"] == broker and s["system"] == system and s["results"] == mode and key in s])
+    lines = ["", "### 1b. Worker CPU, CPU-seconds per 10,000 tasks (same runs as above)", "",
+             "The worker's processes (all of them: a prefork pool's children too), from the start of the timing "
+             f"until the worker is idle again; beside it, the {broker} server's over the same interval "
+             "(it serves whatever else runs on this machine too; with results stored, the Redis results "
+             "backend's CPU is in the raw samples).", "",
+             f"| system | results ignored | results stored | {broker} server, ignored | {broker} server, stored |",
+             "|---|---|---|---|---|"]
+    for system in systems:
+        lines.append(f"| {system} | {cell('value', system, 'ignored')} | {cell('value', system, 'stored')} | "
+                     f"{cell(f'{broker}_cpu_per_10k', system, 'ignored')} | "
+                     f"{cell(f'{broker}_cpu_per_10k', system, 'stored')} |")
+    for mode in ("ignored", "stored"):
+        cost = {s: median(rec.values("worker_cpu_per_10k", broker, s, results=mode)) for s in systems}
+        best = lowest({s: cost[s] for s in systems[1:]})
+        if best:
+            lines.append(f"\nResults {mode}, our worker's CPU per task against Python's cheapest pool's ({best}): "
+                         f"{fraction(cost['rust'], cost[best], 20)}.")
+    return lines + [""]
+
+
+def ceiling_section(rec: Recorder, broker: str) -> list[str]:
+    """2. What consuming costs with nothing of ours, with our transport, and with our worker."""
+    client = "`lapin`" if broker == "rabbitmq" else "`redis` crate"
+    bare = rec.values("ceiling_consume", broker, "bare-client")
+    transport = rec.values("ceiling_consume", broker, "transport")
+    worker = rec.values("throughput", broker, "rust", results="ignored")
+    sizes = [s.get("message_bytes") for s in rec.samples if s["bench"] == "ceiling_consume"
+             and s["broker"] == broker and s["system"] == "bare-client"]
+    what = "AMQP body" if broker == "rabbitmq" else "Redis envelope"
+    return ["### 2. Ceiling, consume + ack, messages/s (queue pre-filled, prefetch 32, one ack per message)", "",
+            "| consumer | messages/s |", "|---|---|",
+            f"| bare {client} client, nothing of ours (`ceiling`), real `tasks.add` messages | {spread(bare)} |",
+            f"| our transport layer, no task logic (`loadgen ceiling`) | {spread(transport)} |",
+            f"| our worker, `tasks.add`, results ignored (section 1) | {spread(worker)} |", "",
+            f"Our transport against the bare client: {share(median(transport), median(bare), 80)}; the worker "
+            f"against our transport: {share(median(worker), median(transport), 90)}. Publishing through our transport: "
+            f"{spread(rec.values('ceiling_publish', broker, 'transport'))} msg/s. The bare client's messages: "
+            f"{max(sizes) if sizes else '–'} bytes ({what}).", ""]
+
+
+def receive_cpu_section(rec: Recorder, broker: str) -> list[str]:
+    """5b. CPU-seconds per 1,000 ``POST /receive`` of each web app over the wrk runs above."""
+    def of(system: str, connections: int, key: str = "value") -> list[float]:
+        return [s[key] for s in rec.samples if s["bench"] == "receive_cpu_per_1k" and s["broker"] == broker
+                and s["system"] == system and s["connections"] == connections and key in s]
+    lines = ["", "### 5b. `POST /receive` CPU, CPU-seconds per 1,000 requests (same runs as above)", "",
+             "Our web process against gunicorn's master and workers; PostgreSQL's (all its processes) beside "
+             "each, over the same interval.", "",
+             "| connections | rust (Rocket) | python (Flask + gunicorn) | ours / Flask's | "
+             "PostgreSQL with rust | PostgreSQL with python |", "|---|---|---|---|---|---|"]
+    for connections in (1, 16, 64):
+        lines.append(f"| {connections} | {spread(of('rust', connections))} | "
+                     f"{spread(of('python-flask', connections))} | "
+                     f"{fraction(median(of('rust', connections)), median(of('python-flask', connections)), 10)} | "
+                     f"{spread(of('rust', connections, 'postgres_cpu_per_1k'))} | "
+                     f"{spread(of('python-flask', connections, 'postgres_cpu_per_1k'))} |")
+    return lines
 
 
 def charts(rec: Recorder, plan: Plan) -> None:
@@ -568,6 +680,19 @@ def charts(rec: Recorder, plan: Plan) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(RESULTS / f"throughput-{broker}.png", dpi=100)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, mode in enumerate(("ignored", "stored")):
+            bars = ax.bar([x + i * width for x in range(len(systems))],
+                          [median(rec.values("worker_cpu_per_10k", broker, s, results=mode)) for s in systems],
+                          width, label=f"results {mode}")
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_xticks([x + width / 2 for x in range(len(systems))], systems)
+        ax.set_ylabel("CPU-seconds per 10,000 tasks (median)")
+        ax.set_title(f"Worker CPU per task, tasks.add, {broker} (lower is better)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"cpu-{broker}.png", dpi=100)
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(7, 4))
         for system in ("rust", "python-prefork"):
