@@ -38,6 +38,7 @@ test: services venv
 	$(CARGO) test --workspace
 	bash scripts/chromium.sh
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
+	.venv/bin/pytest -q bench/test_cpu.py
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/python conformance/suite/run.py --broker redis \
 		--file test_inspect.py --file test_tasks.py
 
