@@ -1,12 +1,14 @@
 //! One interface over the brokers Celery speaks: RabbitMQ ([`amqp`]) and Redis ([`redis`]).
 //!
-//! A [`Broker`] publishes a [`Message`] to a queue (returning only once the broker has it) and
+//! A [`Broker`] publishes a [`Message`] to a queue, either returning once the broker has it or
+//! returning once it is sent, with its [`Confirmation`] to await apart ([`confirmation`]), and
 //! hands out [`Delivery`]s from a set of queues, at most `prefetch` unsettled at a time. Each
 //! delivery is settled exactly once, by [`Settle::ack`] or [`Settle::reject`]. A connect walks
 //! `broker_url`'s failover list ([`failover`]) until a broker answers.
 
 pub mod amqp;
 pub mod arrival;
+pub mod confirmation;
 pub mod declaration;
 pub mod delayed;
 pub mod failover;
@@ -23,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{DecodeError, Message};
 use crate::urls::redact_url;
 pub use crate::urls::BrokerKind;
+pub use confirmation::Confirmation;
 use declaration::Topology;
 
 /// Longest queue name, exchange name or routing key AMQP can carry (a short string).
@@ -215,7 +218,16 @@ pub struct QueueDepth {
 #[async_trait]
 pub trait Broker: Send + Sync {
     /// Publishes `message` to `queue` and returns once the broker has taken it.
-    async fn publish(&self, queue: &str, message: &Message) -> Result<()>;
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.send(queue, message).await?.await
+    }
+
+    /// Publishes `message` to `queue` and returns once it is on its way, after every message
+    /// sent before it on this connection, with the broker's confirmation to await. RabbitMQ
+    /// confirms later (publisher confirms, in order); on Redis the push's reply is the
+    /// confirmation, and it has come when this returns. A caller that does not await each
+    /// confirmation before its next send bounds how many it holds.
+    async fn send(&self, queue: &str, message: &Message) -> Result<Confirmation>;
 
     /// Starts consuming `queues`; deliveries arrive on the channel, at most `prefetch` unsettled.
     /// The channel closes when the connection is lost.

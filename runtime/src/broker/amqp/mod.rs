@@ -28,7 +28,7 @@ use super::arrival::Arrivals;
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
 use super::remembered::Remembered;
-use super::{Broadcast, Broker, Delivery, Exchange, QueueDepth, Subscription};
+use super::{Broadcast, Broker, Confirmation, Delivery, Exchange, QueueDepth, Subscription};
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::amqp::{message_of, properties_of, short};
@@ -362,7 +362,7 @@ impl AmqpBroker {
 
 #[async_trait]
 impl Broker for AmqpBroker {
-    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+    async fn send(&self, queue: &str, message: &Message) -> Result<Confirmation> {
         let declaration = self.ensure_queue(queue).await?;
         let (exchange, routing_key) = self.route(queue, &declaration, message);
         let confirm = self
@@ -374,17 +374,16 @@ impl Broker for AmqpBroker {
                 &message.body,
                 properties_of(message)?,
             )
-            .await?
             .await?;
-        if confirm.is_nack() {
-            let id = message
-                .properties
-                .correlation_id
-                .clone()
-                .unwrap_or_default();
-            return Err(Error::NotConfirmed(id));
-        }
-        Ok(())
+        let id = message.properties.correlation_id.clone();
+        Ok(Confirmation::of(async move {
+            match confirm.await? {
+                confirmed if confirmed.is_nack() => {
+                    Err(Error::NotConfirmed(id.unwrap_or_default()))
+                }
+                _ => Ok(()),
+            }
+        }))
     }
 
     async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>> {

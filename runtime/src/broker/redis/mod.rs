@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::arrival::Arrivals;
 use super::remembered::Remembered;
 use super::{
-    give_back, Broadcast, Broker, Delivery, Exchange, ExchangeKind, QueueDepth, Subscription,
+    give_back, Broadcast, Broker, Confirmation, Delivery, Exchange, ExchangeKind, QueueDepth,
+    Subscription,
 };
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
@@ -242,7 +243,9 @@ impl RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+    /// The push's reply is the confirmation: awaited here, so the message's place in its list
+    /// and the order of this connection's messages are never in doubt.
+    async fn send(&self, queue: &str, message: &Message) -> Result<Confirmation> {
         self.still_master()?;
         self.bind(queue).await?;
         let info = DeliveryInfo {
@@ -256,7 +259,7 @@ impl Broker for RedisBroker {
             .clone()
             .lpush::<_, _, ()>(list, text)
             .await?;
-        Ok(())
+        Ok(Confirmation::taken())
     }
 
     async fn consume(&self, queues: &[String], prefetch: u16) -> Result<mpsc::Receiver<Delivery>> {
