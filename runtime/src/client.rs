@@ -1,4 +1,9 @@
 //! Sending tasks by name to any Celery worker (Python or ours) and reading their results.
+//!
+//! [`Client::send_task`] returns once the broker has the message. [`Client::send_task_pipelined`]
+//! returns once it is sent, its confirmation awaited in the background ([`crate::unconfirmed`]),
+//! so a loop of sends does not wait a broker round trip per task; [`Client::flush`] waits for
+//! every confirmation outstanding and reports the messages the broker did not take.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +13,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use crate::backend::RedisBackend;
-use crate::broker::{self, Broker, QueueDepth};
+use crate::broker::{self, Broker, Confirmation, QueueDepth};
 use crate::canvas::{self, Signature};
 use crate::config::CeleryConfig;
 use crate::error::{Error, Result};
@@ -17,6 +22,11 @@ use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::sending::{self, OnError, PublishStep};
+use crate::unconfirmed::Unconfirmed;
+
+/// Messages sent with [`Client::send_task_pipelined`] whose confirmation may be awaited at once:
+/// enough to keep RabbitMQ's confirms streaming behind the sends, few enough to bound memory.
+pub const MAX_UNCONFIRMED: u32 = 1024;
 
 /// Per-call options, named as `apply_async` names them.
 #[derive(Debug, Clone, Default)]
@@ -50,14 +60,28 @@ struct Connection {
     events: Option<Arc<Events>>,
 }
 
+/// The connection in use, if any.
+type Current = Mutex<Option<Arc<Connection>>>;
+
 /// Sends tasks. The broker connection is (re)made on demand: after a failed publish the next
-/// send connects afresh, so a broker restart needs no restart of the sender.
+/// send connects afresh, so a broker restart needs no restart of the sender. Clones share the
+/// connection and the confirmations awaited.
 #[derive(Clone)]
 pub struct Client {
     config: Arc<CeleryConfig>,
     backend: Option<RedisBackend>,
     origin: String,
-    connection: Arc<Mutex<Option<Arc<Connection>>>>,
+    connection: Arc<Current>,
+    unconfirmed: Arc<Unconfirmed>,
+}
+
+/// A task sent with [`Client::send_task_pipelined`].
+pub struct Sent {
+    /// The task's result.
+    pub result: AsyncResult,
+    /// Resolves once the broker has the message, or with why it did not take it. Dropping it
+    /// is safe: the confirmation is awaited anyway and a refusal reported by [`Client::flush`].
+    pub confirmed: Confirmation,
 }
 
 impl Client {
@@ -77,7 +101,8 @@ impl Client {
             config: Arc::new(config),
             backend,
             origin,
-            connection: Arc::new(Mutex::new(None)),
+            connection: Arc::default(),
+            unconfirmed: Arc::new(Unconfirmed::new(MAX_UNCONFIRMED)),
         })
     }
 
@@ -103,13 +128,7 @@ impl Client {
 
     /// Forgets `failed` so the next send reconnects (unless another send already did).
     async fn disconnect(&self, failed: &Arc<Connection>) {
-        let mut slot = self.connection.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(current, failed))
-        {
-            *slot = None;
-        }
+        disconnect(&self.connection, failed).await;
     }
 
     /// Publishes task `name` with `args` and `kwargs`; returns once the broker has it.
@@ -120,6 +139,47 @@ impl Client {
         kwargs: Map<String, Value>,
         options: SendOptions,
     ) -> Result<AsyncResult> {
+        let (request, queue) = self.request(name, args, kwargs, options)?;
+        self.publish(&request, &queue).await?;
+        Ok(self.result(&request.id))
+    }
+
+    /// Publishes task `name` with `args` and `kwargs`; returns once the message is sent, after
+    /// every message sent before it, without waiting for the broker's confirmation: that comes
+    /// on [`Sent::confirmed`], and [`Client::flush`] waits for all of them. While
+    /// [`MAX_UNCONFIRMED`] are awaited, the next send waits for one to come in.
+    pub async fn send_task_pipelined(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+    ) -> Result<Sent> {
+        let (request, queue) = self.request(name, args, kwargs, options)?;
+        let slot = self.unconfirmed.slot().await;
+        let confirmation = self.send(&request, &queue).await?;
+        let result = self.result(&request.id);
+        Ok(Sent {
+            confirmed: self.unconfirmed.watch(slot, request.id, confirmation),
+            result,
+        })
+    }
+
+    /// Waits for the confirmation of every task sent with [`Client::send_task_pipelined`]
+    /// before it (by this client or a clone), and reports those the broker did not take since
+    /// the last flush ([`Error::Unconfirmed`]), each also told on its own handle.
+    pub async fn flush(&self) -> Result<()> {
+        self.unconfirmed.flush().await
+    }
+
+    /// The message of task `name` and the queue it goes to, as `options` say.
+    fn request(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+    ) -> Result<(TaskRequest, String)> {
         let mut request = TaskRequest::new(name, args, kwargs);
         if let Some(id) = options.task_id {
             request.root_id = Some(id.clone());
@@ -149,8 +209,7 @@ impl Client {
         let queue = options
             .queue
             .unwrap_or_else(|| self.config.queue_for(name).to_string());
-        self.publish(&request, &queue).await?;
-        Ok(self.result(&request.id))
+        Ok((request, queue))
     }
 
     /// Sends a canvas built with [`canvas`]: a task, a chain, a group or a chord, in any
@@ -176,21 +235,42 @@ impl Client {
             .collect())
     }
 
-    /// Publishes `request` to `queue` (and tells Flower, when asked to); a failed publish drops
-    /// the connection, so the next send connects afresh.
+    /// Publishes `request` to `queue` and waits for the broker to take it.
     async fn publish(&self, request: &TaskRequest, queue: &str) -> Result<()> {
+        self.send(request, queue).await?.await
+    }
+
+    /// Sends `request` to `queue`. Its confirmation, once in, tells Flower (when asked to); a
+    /// failed send, or a confirmation lost with its channel, drops the connection, so the next
+    /// send connects afresh.
+    async fn send(&self, request: &TaskRequest, queue: &str) -> Result<Confirmation> {
         if !self.may_publish_to(queue).await? {
             return Err(Error::MissingQueue(queue.to_string()));
         }
         let connection = self.connection().await?;
-        if let Err(error) = connection.broker.publish(queue, &request.encode()).await {
-            self.disconnect(&connection).await;
-            return Err(error);
-        }
-        if let Some(events) = &connection.events {
-            events.send("task-sent", sent_fields(request, queue));
-        }
-        Ok(())
+        let confirmation = match connection.broker.send(queue, &request.encode()).await {
+            Ok(confirmation) => confirmation,
+            Err(error) => {
+                self.disconnect(&connection).await;
+                return Err(error);
+            }
+        };
+        let sent = connection
+            .events
+            .is_some()
+            .then(|| sent_fields(request, queue));
+        let current = self.connection.clone();
+        Ok(Confirmation::of(async move {
+            let confirmed = confirmation.await;
+            match (&confirmed, &connection.events, sent) {
+                // A nack is the broker's answer: the connection works.
+                (Err(Error::NotConfirmed(_)), _, _) => {}
+                (Err(_), _, _) => disconnect(&current, &connection).await,
+                (Ok(()), Some(events), Some(fields)) => events.send("task-sent", fields),
+                (Ok(()), _, _) => {}
+            }
+            confirmed
+        }))
     }
 
     /// The queue a task goes to when the caller names none.
@@ -241,15 +321,18 @@ impl Client {
         checked
     }
 
-    /// Sends what events are pending and closes the broker connection cleanly.
+    /// Waits for the confirmations outstanding ([`Client::flush`]), sends what events are
+    /// pending and closes the broker connection cleanly. The flush's report wins over an
+    /// error closing.
     pub async fn close(&self) -> Result<()> {
+        let flushed = self.flush().await;
         let Some(connection) = self.connection.lock().await.take() else {
-            return Ok(());
+            return flushed;
         };
         if let Some(events) = &connection.events {
             events.close().await;
         }
-        connection.broker.close().await
+        flushed.and(connection.broker.close().await)
     }
 
     /// Saves group `group_id` of the tasks `member_ids` in the result backend, as Python's
@@ -274,6 +357,18 @@ impl Client {
 impl PublishStep for Client {
     async fn publish_step(&self, request: &TaskRequest, queue: &str) -> Result<()> {
         self.publish(request, queue).await
+    }
+}
+
+/// Forgets `failed`, the connection of `current`, so the next send reconnects (unless another
+/// send already did).
+async fn disconnect(current: &Current, failed: &Arc<Connection>) {
+    let mut slot = current.lock().await;
+    if slot
+        .as_ref()
+        .is_some_and(|connection| Arc::ptr_eq(connection, failed))
+    {
+        *slot = None;
     }
 }
 

@@ -62,6 +62,11 @@ pub enum Error {
     #[error("broker did not confirm the publish of task {0}")]
     NotConfirmed(String),
 
+    /// Tasks sent without waiting for their confirmation that the broker did not take, as a
+    /// flush found them (each was also told on its own handle).
+    #[error("{}", refusals(.0))]
+    Unconfirmed(Vec<Refused>),
+
     /// No URL of a failover `broker_url` could be connected to; each with why (redacted).
     #[error("no broker of the failover list answered: {0}")]
     NoBrokerAnswered(String),
@@ -97,6 +102,34 @@ pub enum Error {
     },
 }
 
+/// A task sent without waiting for its confirmation, which the broker did not take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The task's id.
+    pub task_id: String,
+    /// Why: the nack, or the loss of the channel or connection.
+    pub reason: String,
+}
+
+/// How many tasks the broker did not take, and the first few with why.
+fn refusals(refused: &[Refused]) -> String {
+    const NAMED: usize = 3;
+    let named: Vec<String> = refused
+        .iter()
+        .take(NAMED)
+        .map(|r| format!("{} ({})", r.task_id, r.reason))
+        .collect();
+    let more = match refused.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        more => format!(" and {more} more"),
+    };
+    format!(
+        "the broker did not take {} task(s) sent: {}{more}",
+        refused.len(),
+        named.join(", ")
+    )
+}
+
 /// A text AMQP cannot carry is a name the broker cannot take.
 impl From<crate::protocol::amqp::TooLong> for Error {
     fn from(too_long: crate::protocol::amqp::TooLong) -> Self {
@@ -106,3 +139,29 @@ impl From<crate::protocol::amqp::TooLong> for Error {
 
 /// Shorthand used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(n: usize) -> Vec<Refused> {
+        (0..n)
+            .map(|i| Refused {
+                task_id: format!("t{i}"),
+                reason: "nack".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flush_names_the_first_refused_tasks_and_counts_the_rest() {
+        assert_eq!(
+            Error::Unconfirmed(refused(1)).to_string(),
+            "the broker did not take 1 task(s) sent: t0 (nack)"
+        );
+        assert_eq!(
+            Error::Unconfirmed(refused(5)).to_string(),
+            "the broker did not take 5 task(s) sent: t0 (nack), t1 (nack), t2 (nack) and 2 more"
+        );
+    }
+}

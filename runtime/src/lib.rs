@@ -24,6 +24,7 @@
 //! - [`cli`]: the command-line options every binary shares.
 //! - [`signals`]: the signals that stop a binary.
 //! - [`client`]: sending tasks by name to any Celery worker and reading their results.
+//! - [`unconfirmed`]: the client's confirmations awaited in the background, bounded in number.
 //! - [`tls`]: certificates for `amqps://` and `rediss://` (Celery's `*_use_ssl` settings).
 //! - [`urls`]: broker and backend URLs read as text (transport, TLS, failover list, redacted).
 //! - [`sentinel`]: `sentinel://` lists: finding the Redis master and following it over failovers.
@@ -59,6 +60,7 @@ pub mod signals;
 pub mod stamps;
 pub mod state;
 pub mod tls;
+pub mod unconfirmed;
 pub mod urls;
 pub mod worker;
 
