@@ -5,6 +5,7 @@ mod common;
 
 use common::{broker_urls, unique_queue, within};
 use runtime::broker::{self, Delivery, QueueDepth};
+use runtime::error::Error;
 use runtime::protocol::TaskRequest;
 use serde_json::{json, Map};
 
@@ -125,6 +126,82 @@ async fn messages_are_consumed_from_every_named_queue() {
         }
         broker.close().await.unwrap();
     }
+}
+
+/// Messages sent without waiting for their confirmations are all taken once the confirmations
+/// are in, and arrive in the order sent.
+#[tokio::test]
+async fn sent_messages_are_confirmed_behind_them_in_order() {
+    const SENT: usize = 200;
+    for url in broker_urls() {
+        let queue = unique_queue("pipelined");
+        let broker = broker::connect(&url).await.unwrap();
+        let sent: Vec<TaskRequest> = (0..SENT as i64).map(request).collect();
+        let mut confirmations = Vec::new();
+        for request in &sent {
+            confirmations.push(broker.send(&queue, &request.encode()).await.unwrap());
+        }
+        for confirmation in confirmations {
+            within(10, "a confirmation", confirmation).await.unwrap();
+        }
+        let depth = broker.depth(&queue).await.unwrap().unwrap();
+        assert_eq!(depth.ready, SENT as u64, "{url}");
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 32)
+            .await
+            .unwrap();
+        for expected in &sent {
+            let delivery = next(&mut deliveries).await;
+            let received = TaskRequest::decode(delivery.message.as_ref().unwrap()).unwrap();
+            assert_eq!(received.id, expected.id, "{url}");
+            delivery.settle.ack().await.unwrap();
+        }
+        broker.delete_queue(&queue).await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
+/// A message RabbitMQ refuses (its queue is full and rejects publishes) is told on its own
+/// confirmation, the message before it confirmed; `publish` reports the same refusal.
+#[tokio::test]
+async fn a_refused_message_is_told_on_its_own_confirmation() {
+    let url = common::amqp_url();
+    let queue = unique_queue("full");
+    let declarer = common::declare_full_after_one(&url, &queue).await;
+    let broker = broker::connect(&url).await.unwrap();
+    let (first, second) = (request(1), request(2));
+    let taken = broker.send(&queue, &first.encode()).await.unwrap();
+    let refused = broker.send(&queue, &second.encode()).await.unwrap();
+    within(10, "the first confirmation", taken).await.unwrap();
+    match within(10, "the second confirmation", refused).await {
+        Err(Error::NotConfirmed(id)) => assert_eq!(id, second.id),
+        other => panic!("a publish to a full queue answered {other:?}"),
+    }
+    let third = broker.publish(&queue, &request(3).encode()).await;
+    assert!(matches!(third, Err(Error::NotConfirmed(_))), "{third:?}");
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
+    let _ = declarer.close(200, "done").await;
+}
+
+/// Redis answers the push itself: a push it refuses (the queue's key holds another type) fails
+/// the send, with no confirmation left to wait for.
+#[tokio::test]
+async fn redis_tells_a_refused_push_at_the_send() {
+    let url = common::redis_url();
+    let queue = unique_queue("wrongtype");
+    let mut redis = raw_redis(&url).await;
+    redis::cmd("SET")
+        .arg(&queue)
+        .arg("not a list")
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let broker = broker::connect(&url).await.unwrap();
+    let sent = broker.send(&queue, &request(1).encode()).await;
+    assert!(matches!(sent, Err(Error::Redis(_))), "{sent:?}");
+    broker.delete_queue(&queue).await.unwrap();
+    broker.close().await.unwrap();
 }
 
 #[tokio::test]

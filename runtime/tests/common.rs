@@ -39,3 +39,29 @@ pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>
         .await
         .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
 }
+
+/// Declares `queue` on RabbitMQ `url` as a queue that holds one message and refuses (nacks)
+/// every publish beyond; returns the connection that declared it.
+pub async fn declare_full_after_one(url: &str, queue: &str) -> lapin::Connection {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection = lapin::Connection::connect(url, Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue, durable, arguments)
+        .await
+        .unwrap();
+    connection
+}
