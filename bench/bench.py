@@ -361,7 +361,8 @@ def bench_rtt(rec: Recorder, plan: Plan, broker: str) -> None:
 
 def bench_publish(rec: Recorder, plan: Plan, broker: str) -> None:
     """4. Publishing: our client vs Celery's ``apply_async`` loop (one at a time), and ours
-    with 256 publishes in flight."""
+    with 256 publishes in flight. One at a time, ours awaits each send and its confirmations in
+    the background, all in by a flush at the end; Celery's publishes without confirms."""
     from celery import Celery
     client = Celery("bench-client", broker=BROKERS[broker])
     client.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
@@ -557,9 +558,9 @@ def report(rec: Recorder, plan: Plan, quick: bool, started: float) -> str:
             lines.append(f"| {system} | {spread(rec.values('rtt_p50_ms', broker, system))} | "
                          f"{spread(rec.values('rtt_p99_ms', broker, system))} |")
         lines += ["", "### 4. Publishing, messages/s", "", "| client | one at a time | 256 in flight |", "|---|---|---|",
-                  f"| rust (`loadgen`, our client) | {spread(rec.values('publish_loop', broker, 'rust'))} | "
+                  f"| rust (`loadgen`, our client, confirmed) | {spread(rec.values('publish_loop', broker, 'rust'))} | "
                   f"{spread(rec.values('publish_pipelined', broker, 'rust'))} |",
-                  f"| python (`send_task` loop) | {spread(rec.values('publish_loop', broker, 'python'))} | – |", ""]
+                  f"| python (`send_task` loop, unconfirmed) | {spread(rec.values('publish_loop', broker, 'python'))} | – |", ""]
         lines += ["### 5. `POST /receive` (insert row + publish), requests/s under wrk", "",
                   "| connections | rust (Rocket) | python (Flask + gunicorn) | ratio | rust p50 / p99 ms | python p50 / p99 ms |",
                   "|---|---|---|---|---|---|"]

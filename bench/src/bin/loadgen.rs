@@ -1,8 +1,10 @@
 //! `loadgen`: the Rust side of `make bench`'s load. Prints one JSON object per run.
 //!
-//! - `publish`: sends `tasks.add` messages through our client, `--in-flight` at a time (1: a
-//!   plain loop, as Python's `apply_async` loop), to fill a queue before a worker drains it and
-//!   to measure the client's publish rate.
+//! - `publish`: sends `tasks.add` messages through our client, to fill a queue before a worker
+//!   drains it and to measure the client's publish rate. `--in-flight 1`: a plain loop, as
+//!   Python's `apply_async` loop, each send awaited and its confirmation awaited in the
+//!   background, all of them by a flush at the end; more: that many `send_task`s (each awaiting
+//!   its confirmation) at once.
 //! - `ceiling`: the broker's own ceiling for our transport layer, with no task logic: publishes
 //!   messages of the same size as a `tasks.add` call, then consumes and acks them with the
 //!   worker's prefetch, and times both.
@@ -69,30 +71,32 @@ async fn publish(args: &Args, ignore_result: bool) -> anyhow::Result<serde_json:
         ..CeleryConfig::default()
     };
     let client = Client::connect(config).await?;
+    let options = SendOptions {
+        queue: Some(args.queue.clone()),
+        ignore_result,
+        ..SendOptions::default()
+    };
+    let add = |i: usize| (vec![json!(i), json!(i)], Map::new(), options.clone());
     let began = Instant::now();
-    stream::iter(0..args.count)
-        .map(|i| {
-            let client = &client;
-            async move {
-                let number = json!(i);
-                let options = SendOptions {
-                    queue: Some(args.queue.clone()),
-                    ignore_result,
-                    ..SendOptions::default()
-                };
-                client
-                    .send_task(
-                        "tasks.add",
-                        vec![number.clone(), number],
-                        Map::new(),
-                        options,
-                    )
-                    .await
-            }
-        })
-        .buffer_unordered(args.in_flight.max(1))
-        .try_for_each(|_| async { Ok(()) })
-        .await?;
+    if args.in_flight <= 1 {
+        for i in 0..args.count {
+            let (numbers, kwargs, options) = add(i);
+            // The confirmation comes in the background; the flush reports a refusal.
+            client
+                .send_task_pipelined("tasks.add", numbers, kwargs, options)
+                .await?;
+        }
+        client.flush().await?;
+    } else {
+        stream::iter(0..args.count)
+            .map(|i| {
+                let (numbers, kwargs, options) = add(i);
+                client.send_task("tasks.add", numbers, kwargs, options)
+            })
+            .buffer_unordered(args.in_flight)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+    }
     let seconds = began.elapsed().as_secs_f64();
     client.close().await?;
     Ok(
