@@ -11,8 +11,10 @@
 //! parameter is named for. `def sleeping(i, **_)` is
 //! `fn sleeping(i: f64, var_kwargs: Map<String, Value>)`.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,6 +23,7 @@ use celery::protocol::{Message as CrateMessage, MessageHeaders, MessagePropertie
 use celery::task::{Request, Task, TaskOptions};
 use celery::Celery;
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -100,7 +103,8 @@ pub trait Handler: Send + Sync {
 /// Where a task's code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Execution {
-    /// On the async runtime: the task awaits and never blocks.
+    /// On the async runtime, in the future that handles its message: the task awaits and never
+    /// blocks, and a short one costs no hand-off to another runtime task.
     Async,
     /// On the blocking thread pool: the task may compute or block for long.
     Blocking,
@@ -215,11 +219,17 @@ where
             result.map(|value| serde_json::to_value(&value))
         }));
         let joined = match self.execution {
-            // Aborted if this future is dropped (a revoke with terminate), not left running.
-            Execution::Async => tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run)).await,
+            // Run here, so dropped with this future (a revoke with terminate) rather than left
+            // running; a panic ends this run, not the worker.
+            Execution::Async => AssertUnwindSafe(run).catch_unwind().await,
             Execution::Blocking => {
                 let runtime = tokio::runtime::Handle::current();
-                tokio::task::spawn_blocking(move || runtime.block_on(run)).await
+                tokio::task::spawn_blocking(move || runtime.block_on(run))
+                    .await
+                    .map_err(|join| match join.try_into_panic() {
+                        Ok(payload) => payload,
+                        Err(join) => Box::new(join.to_string()) as Box<dyn Any + Send>,
+                    })
             }
         };
         // A task that asked to be replaced is, whatever it returned after asking.
@@ -241,9 +251,11 @@ where
                 }
                 outcome
             }
-            (Err(join), _) => {
-                Outcome::Panicked(format!("{}() panicked: {}", T::NAME, panic_message(join)))
-            }
+            (Err(panic), _) => Outcome::Panicked(format!(
+                "{}() panicked: {}",
+                T::NAME,
+                panic_message(&*panic)
+            )),
         }
     }
 }
@@ -447,15 +459,13 @@ fn outcome_of(error: TaskError, raised: Option<Raised>, retry_for_unexpected: bo
     }
 }
 
-fn panic_message(join: tokio::task::JoinError) -> String {
-    match join.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into()),
-        Err(join) => join.to_string(),
-    }
+/// What a panic said, from its payload.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]

@@ -149,12 +149,6 @@ impl Worker {
         }
         let (context, updates) = TaskContext::new(&request);
         let asked = context.clone();
-        let reporter = tokio::spawn(self.clone().report_states(
-            request.clone(),
-            queue.clone(),
-            updates,
-            stores,
-        ));
         let (hard, soft) = self.time_limits(&request, &options);
         let soft_timer = soft.map(|soft| {
             let context = context.clone();
@@ -170,31 +164,42 @@ impl Worker {
             }
         };
         let began = Instant::now();
+        // The states the task reports are written beside its run, in this same future: an
+        // async task's report goes out at its next await.
+        let reporting = self.report_states(&request, &queue, updates, stores);
+        tokio::pin!(reporting);
+        let mut reported = false;
         // Losing a race drops the task's future, which aborts async task code; blocking code
         // cannot be stopped from outside, so its thread is abandoned and its slot freed.
-        let ending = tokio::select! {
-            outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
-            () = terminate.cancelled() => Ending::Terminated,
-            () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default().as_secs_f64()),
+        let run = async {
+            tokio::select! {
+                outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
+                () = terminate.cancelled() => Ending::Terminated,
+                () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default().as_secs_f64()),
+            }
+        };
+        tokio::pin!(run);
+        let ending = loop {
+            tokio::select! {
+                ending = &mut run => break ending,
+                () = &mut reporting, if !reported => reported = true,
+            }
         };
         if let Some(timer) = soft_timer {
             timer.abort();
         }
-        // Taken now and the context let go: it holds the sender the reporter waits on.
+        // Taken now and the context let go: it holds the sender the reporting waits on.
         let added = asked.take_added_to_chord();
         let sent = asked.take_sent();
         drop(asked);
         let runtime = began.elapsed().as_secs_f64();
         self.metrics.ran(&request.task, runtime);
-        // A finished task's reporter ends once its last write is sent, so the final state is
+        // A finished task's reporting ends once its last write is sent, so the final state is
         // what stays. A stopped task's code may live on (blocking code cannot be interrupted)
-        // holding its reporter open: that reporter is cut off instead; a write it already sent
-        // is still ahead of the final one on the connection.
-        match ending {
-            Ending::Ran(_) => {
-                let _ = reporter.await;
-            }
-            Ending::Terminated | Ending::TimedOut(_) => reporter.abort(),
+        // holding the reporting open: it is cut off instead; a write it already sent is still
+        // ahead of the final one on the connection.
+        if matches!(ending, Ending::Ran(_)) && !reported {
+            reporting.await;
         }
         self.state.release(&request.id);
         // What the task sent is on its way before its own end is stored, as in Celery, where

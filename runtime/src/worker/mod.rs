@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use celery::Celery;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, Mutex, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
@@ -47,9 +47,9 @@ use crate::registry::Registry;
 use crate::state::WorkerState;
 use crate::urls::redact_url;
 
-/// One queue's consumer: a task passing what the broker delivers on to the worker.
+/// One queue's consumer: a task starting the handling of each message the broker delivers.
 struct Consumer {
-    /// Stops it; it gives back what it fetched and did not pass on, then ends.
+    /// Stops it; it gives back what it fetched and did not start, then ends.
     stop: CancellationToken,
     forwarding: tokio::task::JoinHandle<()>,
 }
@@ -68,11 +68,14 @@ pub struct Worker {
     state: WorkerState,
     /// What it counts for Prometheus; kept across reconnects by whoever makes the workers.
     metrics: Arc<WorkerMetrics>,
-    /// One consumer per queue, each feeding `deliveries`; `add_consumer`/`cancel_consumer`
-    /// change the set while the worker runs.
+    /// One consumer per queue; `add_consumer`/`cancel_consumer` change the set while the
+    /// worker runs.
     consumers: Mutex<BTreeMap<String, Consumer>>,
-    deliveries: mpsc::Sender<Delivery>,
-    received: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    /// The messages being handled, each in a runtime task of its own started by its consumer
+    /// (no hop through a shared loop).
+    running: TaskTracker,
+    /// Cancelled at the end of a cold shutdown: messages still being handled are dropped.
+    abandoned: CancellationToken,
     /// Cancelled when a consumer's broker connection is lost.
     lost: CancellationToken,
     initial_queues: Vec<String>,
@@ -112,7 +115,6 @@ impl Worker {
             clock.clone(),
             config.worker_send_task_events,
         );
-        let (deliveries, received) = mpsc::channel(usize::from(prefetch_of(&config)));
         let mut rate_limits = std::collections::HashMap::new();
         for (task, annotation) in &config.task_annotations {
             if let Some(per_second) = annotation
@@ -137,8 +139,8 @@ impl Worker {
             slots,
             pool_size,
             consumers: Mutex::new(BTreeMap::new()),
-            deliveries,
-            received: Mutex::new(Some(received)),
+            running: TaskTracker::new(),
+            abandoned: CancellationToken::new(),
             lost: CancellationToken::new(),
             initial_queues: queues,
             clock,
@@ -213,15 +215,21 @@ impl Worker {
                     worker.lost.cancel();
                     break;
                 };
-                if let Err(mpsc::error::SendError(unwanted)) =
-                    worker.deliveries.send(delivery).await
-                {
-                    broker::give_back(unwanted).await;
-                }
+                worker.start(delivery);
             }
         });
         consumers.insert(queue.to_string(), Consumer { stop, forwarding });
         Ok(true)
+    }
+
+    /// Handles `delivery` in a runtime task of its own, dropped unfinished if a cold shutdown
+    /// abandons it.
+    fn start(self: &Arc<Self>, delivery: Delivery) {
+        let worker = self.clone();
+        self.running.spawn(async move {
+            let abandoned = worker.abandoned.clone();
+            abandoned.run_until_cancelled(worker.handle(delivery)).await;
+        });
     }
 
     /// Stops consuming `queue`; `false` if it was not consumed.
@@ -266,12 +274,6 @@ impl Worker {
     /// not started back to the broker.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let worker = Arc::new(self);
-        let mut deliveries = worker
-            .received
-            .lock()
-            .await
-            .take()
-            .expect("a worker runs once");
         for queue in &worker.initial_queues {
             worker.add_consumer(queue).await?;
         }
@@ -299,40 +301,26 @@ impl Worker {
             "{} ready.",
             worker.hostname
         );
-        let mut running = JoinSet::new();
-        tokio::pin!(shutdown);
-        let lost = loop {
-            tokio::select! {
-                () = &mut shutdown => break false,
-                () = worker.shutdown_requested.cancelled() => break false,
-                () = worker.lost.cancelled() => break true,
-                Some(delivery) = deliveries.recv() => { running.spawn(worker.clone().handle(delivery)); }
-                Some(done) = running.join_next() => {
-                    if let Err(error) = done {
-                        error!(%error, "message handler failed");
-                    }
-                }
-            }
+        let lost = tokio::select! {
+            () = shutdown => false,
+            () = worker.shutdown_requested.cancelled() => false,
+            () = worker.lost.cancelled() => true,
         };
         let consumers = std::mem::take(&mut *worker.consumers.lock().await);
         for consumer in consumers.values() {
             consumer.stop.cancel();
         }
-        // What was fetched but not yet handled goes back to the broker: closing `deliveries`
-        // first lets a consumer blocked on a full channel give its message back, and waiting
-        // for every consumer means none is still holding one when the process exits.
-        deliveries.close();
+        // What was fetched but not yet started goes back to the broker: waiting for every
+        // consumer means none is still holding a message when the process exits.
         for (queue, consumer) in consumers {
             if let Err(error) = consumer.forwarding.await {
                 error!(%queue, %error, "consumer failed while stopping");
             }
         }
-        while let Some(unwanted) = deliveries.recv().await {
-            broker::give_back(unwanted).await;
-        }
+        worker.running.close();
         worker.stopping.cancel();
         info!(
-            tasks = running.len(),
+            tasks = worker.running.len(),
             "stopped consuming; giving back tasks not started, finishing the others"
         );
         let soft_limit =
@@ -348,19 +336,19 @@ impl Worker {
                 tokio::time::sleep(soft_limit).await;
             }
         };
-        let drained = async { while running.join_next().await.is_some() {} };
         let abandoned = tokio::select! {
-            () = drained => false,
+            () = worker.running.wait() => false,
             () = cold => true,
         };
         if abandoned {
             // Running tasks are dropped unfinished: with acks_late their messages go back to
             // the broker; early-acked ones are lost, as in Celery's cold shutdown.
             warn!(
-                tasks = running.len(),
+                tasks = worker.running.len(),
                 "cold shutdown: abandoning running tasks"
             );
-            running.abort_all();
+            worker.abandoned.cancel();
+            worker.running.wait().await;
         }
         heartbeat.abort();
         control.abort();

@@ -2,7 +2,6 @@
 //! that will never run and the errbacks), RETRY (sending the task again), REVOKED, and the
 //! states a task reports while it runs. Every write is retried through a short backend outage.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -290,9 +289,9 @@ impl Worker {
 
     /// Writes each state the task reports, the newest one each time, until the task ends.
     pub(super) async fn report_states(
-        self: Arc<Self>,
-        request: TaskRequest,
-        queue: String,
+        &self,
+        request: &TaskRequest,
+        queue: &str,
         mut updates: Updates,
         stores: bool,
     ) {
@@ -307,7 +306,7 @@ impl Worker {
                 fields(json!({"state": update.state, "meta": update.meta})),
             );
             if stores {
-                self.store(self.meta(&request, &queue, &update.state, update.meta))
+                self.store(self.meta(request, queue, &update.state, update.meta))
                     .await;
             }
         }
