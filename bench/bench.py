@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -322,18 +323,26 @@ def bench_ceiling(rec: Recorder, plan: Plan, broker: str) -> None:
         loadgen(broker, queue, count, "publish", "--ignore-result")
         run = bare_ceiling(broker, queue, count)
         rec.add("ceiling_consume", broker, "bare-client", run["consumed_per_second"], rep=rep,
-                message_bytes=run["message_bytes"])
+                message_bytes=run["message_bytes"], cpu_per_10k=round(run["cpu_s"] * 10_000 / count, 3))
         delete_queue(broker, queue)
 
 
+def children_cpu_s() -> float:
+    """CPU-seconds of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bare_ceiling(broker: str, queue: str, count: int) -> dict:
+    """The ``ceiling`` binary's figures, with the CPU-seconds it used (``cpu_s``)."""
+    before = children_cpu_s()
     out = subprocess.run([str(BIN / "ceiling"), "--broker-url", BROKERS[broker], "--queue", queue,
                           "--count", str(count), "--prefetch", CEILING_PREFETCH,
                           "amqp" if broker == "rabbitmq" else "redis"],
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"ceiling failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "cpu_s": children_cpu_s() - before}
 
 
 def bench_rtt(rec: Recorder, plan: Plan, broker: str) -> None:
@@ -630,14 +639,18 @@ def ceiling_section(rec: Recorder, broker: str) -> list[str]:
     bare = rec.values("ceiling_consume", broker, "bare-client")
     transport = rec.values("ceiling_consume", broker, "transport")
     worker = rec.values("throughput", broker, "rust", results="ignored")
-    sizes = [s.get("message_bytes") for s in rec.samples if s["bench"] == "ceiling_consume"
-             and s["broker"] == broker and s["system"] == "bare-client"]
+    bare_samples = [s for s in rec.samples if s["bench"] == "ceiling_consume"
+                    and s["broker"] == broker and s["system"] == "bare-client"]
+    sizes = [s.get("message_bytes") for s in bare_samples]
+    bare_cpu = [s["cpu_per_10k"] for s in bare_samples if "cpu_per_10k" in s]
+    worker_cpu = rec.values("worker_cpu_per_10k", broker, "rust", results="ignored")
     what = "AMQP body" if broker == "rabbitmq" else "Redis envelope"
     return ["### 2. Ceiling, consume + ack, messages/s (queue pre-filled, prefetch 32, one ack per message)", "",
-            "| consumer | messages/s |", "|---|---|",
-            f"| bare {client} client, nothing of ours (`ceiling`), real `tasks.add` messages | {spread(bare)} |",
-            f"| our transport layer, no task logic (`loadgen ceiling`) | {spread(transport)} |",
-            f"| our worker, `tasks.add`, results ignored (section 1) | {spread(worker)} |", "",
+            "| consumer | messages/s | CPU-seconds per 10,000 |", "|---|---|---|",
+            f"| bare {client} client, nothing of ours (`ceiling`), real `tasks.add` messages | {spread(bare)} | "
+            f"{spread(bare_cpu)} |",
+            f"| our transport layer, no task logic (`loadgen ceiling`) | {spread(transport)} | – |",
+            f"| our worker, `tasks.add`, results ignored (section 1) | {spread(worker)} | {spread(worker_cpu)} |", "",
             f"Our transport against the bare client: {share(median(transport), median(bare), 80)}; the worker "
             f"against our transport: {share(median(worker), median(transport), 90)}. Publishing through our transport: "
             f"{spread(rec.values('ceiling_publish', broker, 'transport'))} msg/s. The bare client's messages: "
@@ -667,34 +680,32 @@ def charts(rec: Recorder, plan: Plan) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for broker in BROKERS:
+
+    def per_system_bars(broker: str, metric: str, ylabel: str, title: str, name: str,
+                        label: str | None = None) -> None:
+        """One bar per system and results mode: the medians of `metric`."""
         systems = ["rust"] + [f"python-{p}" for p, _ in plan.python_pools]
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.38
         for i, mode in enumerate(("ignored", "stored")):
-            ax.bar([x + i * width for x in range(len(systems))],
-                   [median(rec.values("throughput", broker, s, results=mode)) for s in systems], width,
-                   label=f"results {mode}")
-        ax.set_xticks([x + width / 2 for x in range(len(systems))], systems)
-        ax.set_ylabel("tasks/s (median)")
-        ax.set_title(f"Worker throughput, tasks.add, {broker}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"throughput-{broker}.png", dpi=100)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, mode in enumerate(("ignored", "stored")):
             bars = ax.bar([x + i * width for x in range(len(systems))],
-                          [median(rec.values("worker_cpu_per_10k", broker, s, results=mode)) for s in systems],
+                          [median(rec.values(metric, broker, s, results=mode)) for s in systems],
                           width, label=f"results {mode}")
-            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+            if label:
+                ax.bar_label(bars, fmt=label, fontsize=8)
         ax.set_xticks([x + width / 2 for x in range(len(systems))], systems)
-        ax.set_ylabel("CPU-seconds per 10,000 tasks (median)")
-        ax.set_title(f"Worker CPU per task, tasks.add, {broker} (lower is better)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / f"cpu-{broker}.png", dpi=100)
+        fig.savefig(RESULTS / f"{name}-{broker}.png", dpi=100)
         plt.close(fig)
+
+    for broker in BROKERS:
+        per_system_bars(broker, "throughput", "tasks/s (median)",
+                        f"Worker throughput, tasks.add, {broker}", "throughput")
+        per_system_bars(broker, "worker_cpu_per_10k", "CPU-seconds per 10,000 tasks (median)",
+                        f"Worker CPU per task, tasks.add, {broker} (lower is better)", "cpu", "%.2f")
         fig, ax = plt.subplots(figsize=(7, 4))
         for system in ("rust", "python-prefork"):
             path = RESULTS / f"rtt-{broker}-{system}.json"
