@@ -35,10 +35,15 @@ use crate::protocol::amqp::{message_of, properties_of, short};
 use crate::protocol::Message;
 use crate::urls::{is_tls_url, redact_url};
 
-/// A connection to RabbitMQ with one confirming channel for publishing.
+/// A connection to RabbitMQ with one confirming channel for publishing tasks, and one without
+/// confirms for monitoring traffic.
 pub struct AmqpBroker {
     connection: Connection,
     publisher: Channel,
+    /// Events and control replies: sent, never confirmed. Not the confirming channel, where lapin
+    /// keeps every confirmation dropped unawaited until the channel closes (a worker sending
+    /// events would grow by one per event).
+    announcer: Channel,
     /// Queues declared or found on this connection, as the broker holds them (the most
     /// recently used ones: forgetting one costs a redeclare).
     declared: std::sync::Mutex<Remembered<Declaration>>,
@@ -77,9 +82,11 @@ impl AmqpBroker {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let announcer = connection.create_channel().await?;
         Ok(Self {
             connection,
             publisher,
+            announcer,
             declared: std::sync::Mutex::default(),
             topology,
             delay_topology: tokio::sync::OnceCell::new(),
@@ -449,10 +456,9 @@ impl Broker for AmqpBroker {
     ) -> Result<()> {
         // A control reply's routing key is the caller's word, whoever the caller is.
         short(routing_key, "a routing key")?;
-        self.ensure_exchange(&self.publisher, exchange).await?;
+        self.ensure_exchange(&self.announcer, exchange).await?;
         // Sent, not confirmed: monitoring traffic must never hold a task up.
-        let _confirm = self
-            .publisher
+        self.announcer
             .basic_publish(
                 exchange.name,
                 routing_key,
