@@ -736,3 +736,69 @@ async fn a_broadcast_waits_for_the_task_deliveries_sent_before_it() {
         broker.close().await.unwrap();
     }
 }
+
+/// RabbitMQ gets its acks coalesced (one `multiple` ack for a run of them): acking every other
+/// delivery, all at once and newest first, must never settle one still undecided among them.
+#[tokio::test]
+async fn acking_the_others_leaves_undecided_deliveries_unsettled() {
+    for url in broker_urls()
+        .into_iter()
+        .filter(|url| url.starts_with("amqp"))
+    {
+        let queue = unique_queue("coalesced");
+        let broker = broker::connect(&url).await.unwrap();
+        let sent: Vec<TaskRequest> = (0..40).map(request).collect();
+        for request in &sent {
+            broker.publish(&queue, &request.encode()).await.unwrap();
+        }
+        let mut deliveries = broker
+            .consume(std::slice::from_ref(&queue), 40)
+            .await
+            .unwrap();
+        let mut taken = Vec::new();
+        for _ in 0..sent.len() {
+            taken.push(next(&mut deliveries).await);
+        }
+        let undecided = [2, 19];
+        let mut kept = Vec::new();
+        let mut settling = tokio::task::JoinSet::new();
+        for (n, delivery) in taken.into_iter().enumerate().rev() {
+            if undecided.contains(&n) {
+                kept.push(delivery);
+            } else if n == 9 {
+                settling.spawn(delivery.settle.reject(false));
+            } else {
+                settling.spawn(delivery.settle.ack());
+            }
+        }
+        while let Some(settled) = settling.join_next().await {
+            settled.unwrap().unwrap();
+        }
+        // The connection goes with two deliveries unsettled: they, and only they, go back.
+        broker.close().await.unwrap();
+        drop((kept, deliveries));
+
+        let again = broker::connect(&url).await.unwrap();
+        let mut deliveries = again
+            .consume(std::slice::from_ref(&queue), 40)
+            .await
+            .unwrap();
+        let mut back = Vec::new();
+        for _ in 0..undecided.len() {
+            let delivery = next(&mut deliveries).await;
+            back.push(
+                TaskRequest::decode(delivery.message.as_ref().unwrap())
+                    .unwrap()
+                    .id,
+            );
+            delivery.settle.ack().await.unwrap();
+        }
+        back.sort();
+        let mut expected: Vec<_> = undecided.iter().map(|&n| sent[n].id.clone()).collect();
+        expected.sort();
+        assert_eq!(back, expected, "{url}");
+        assert!(quiet(&mut deliveries).await, "{url}: more came back");
+        again.delete_queue(&queue).await.unwrap();
+        again.close().await.unwrap();
+    }
+}

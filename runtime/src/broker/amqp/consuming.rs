@@ -1,18 +1,17 @@
 //! The consuming side of a channel: each delivery handed on to the worker, in its place in the
-//! connection's arrival order, settled through lapin's acker, and the channel's prefetch
-//! window, widened while messages wait for their ETA.
+//! connection's arrival order, settled through the channel's coalesced [`Acks`], and the
+//! channel's prefetch window, widened while messages wait for their ETA.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 use tokio::sync::{mpsc, Mutex};
 
+use super::acks::{Acks, Decision};
 use crate::broker::arrival::Arrivals;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
@@ -36,14 +35,19 @@ pub(super) async fn consume(channel: &Channel, queue: &str) -> lapin::Result<lap
 /// error, its connection lost).
 pub(super) fn in_arrival_order<P: Send + 'static>(
     consumer: &lapin::Consumer,
-    place: impl Fn() -> P + Send + Sync + 'static,
+    place: impl Fn(&lapin::message::Delivery) -> P + Send + Sync + 'static,
 ) -> impl futures::Stream<Item = lapin::Result<(lapin::message::Delivery, P)>> {
     let (sender, receiver) = mpsc::unbounded_channel();
     consumer.set_delegate(move |next: lapin::message::DeliveryResult| {
         // lapin keeps the delegate, so its sender, alive: the end is sent as `None`.
         let _ = sender.send(
-            next.map(|delivery| delivery.map(|d| (d, place())))
-                .transpose(),
+            next.map(|delivery| {
+                delivery.map(|d| {
+                    let placed = place(&d);
+                    (d, placed)
+                })
+            })
+            .transpose(),
         );
         std::future::ready(())
     });
@@ -62,7 +66,11 @@ pub(super) async fn forward(
     sender: mpsc::Sender<Delivery>,
 ) {
     let arrivals = window.arrivals.clone();
-    let deliveries = in_arrival_order(&consumer, move || arrivals.task());
+    let acks = window.acks.clone();
+    let deliveries = in_arrival_order(&consumer, move |delivery| {
+        acks.delivered(delivery.delivery_tag);
+        arrivals.task()
+    });
     tokio::pin!(deliveries);
     while let Some(next) = deliveries.next().await {
         let (delivery, arrival) = match next {
@@ -78,7 +86,7 @@ pub(super) async fn forward(
             redelivered: delivery.redelivered,
             tag: delivery.delivery_tag.to_string(),
             settle: Settle::new(AmqpAcker {
-                acker: delivery.acker,
+                tag: delivery.delivery_tag,
                 window: window.clone(),
             }),
             arrival,
@@ -91,7 +99,7 @@ pub(super) async fn forward(
 }
 
 struct AmqpAcker {
-    acker: lapin::acker::Acker,
+    tag: u64,
     /// Also keeps the channel open while the delivery is unsettled: a closed channel requeues
     /// all it held, so a task that finishes after its consumer was cancelled (a warm shutdown
     /// with `task_acks_late`) could not be acked and would run again.
@@ -101,11 +109,12 @@ struct AmqpAcker {
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        Ok(self.acker.ack(BasicAckOptions::default()).await?)
+        self.window.acks.settle(self.tag, Decision::Ack).await
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        Ok(self.acker.reject(BasicRejectOptions { requeue }).await?)
+        let decision = Decision::Reject { requeue };
+        self.window.acks.settle(self.tag, decision).await
     }
 
     async fn hold(&self, max: u16) -> bool {
@@ -128,6 +137,8 @@ pub(super) struct Window {
     channel: Channel,
     /// Where its connection's deliveries take their places.
     arrivals: Arc<Arrivals>,
+    /// The acknowledgements of its channel, for every consumer on it.
+    acks: Arc<Acks>,
     /// The queue extra consumers take from (the first, when a quorum queue is one of several);
     /// `None` with global QoS.
     queue: Option<String>,
@@ -154,6 +165,7 @@ impl Window {
         prefetch: u16,
     ) -> Arc<Self> {
         Arc::new(Self {
+            acks: Acks::new(channel.clone()),
             channel,
             arrivals,
             queue,

@@ -1,7 +1,8 @@
 //! RabbitMQ through lapin, with Celery's topology: durable queues, each bound to a direct exchange
 //! of its own name, tasks published to the default exchange with the queue as routing key.
 //!
-//! [`consuming`] hands deliveries on and settles them, and keeps each channel's prefetch window.
+//! [`consuming`] hands deliveries on and settles them, and keeps each channel's prefetch window;
+//! [`acks`] coalesces a channel's acknowledgements.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, Mutex};
 
+mod acks;
 mod consuming;
 
 use consuming::{consume, forward, in_arrival_order, Window};
@@ -512,7 +514,7 @@ impl Broker for AmqpBroker {
             .basic_consume(queue, "", no_ack, FieldTable::default())
             .await?;
         let arrivals = self.arrivals.clone();
-        let arrived = in_arrival_order(&consumer, move || arrivals.mark());
+        let arrived = in_arrival_order(&consumer, move |_| arrivals.mark());
         let (sender, receiver) = mpsc::channel(256);
         let queue = queue.to_string();
         tokio::spawn(async move {
