@@ -166,26 +166,28 @@ def accepted_task_id(reply: Reply) -> str:
 # The web process
 
 
-def _web_env(setup, database: str, port: int, server: str) -> dict[str, str]:
+def _web_env(setup, database: str, port: int, server: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:
     env = setup.rust_env(
         CELERY_DATABASE_URL=database_url(database, server),
         CELERY_WEB_ALLOWED_TASKS=ALLOWED_TASKS,
         CELERY_WEB_BODY_LIMIT=str(BODY_LIMIT),
         CELERY_WEB_SWEEP_INTERVAL=str(SWEEP_INTERVAL),
+        **(extra_env or {}),
     )
     env = {k: v for k, v in env.items() if not k.startswith("ROCKET_")}
     env.update(ROCKET_ADDRESS=HOST, ROCKET_PORT=str(port), ROCKET_CLI_COLORS="false")
     return env
 
 
-def start_web(setup, database: str, tag: str, server: str = POSTGRES_URL) -> WebApp:
+def start_web(setup, database: str, tag: str, server: str = POSTGRES_URL,
+              extra_env: dict[str, str] | None = None) -> WebApp:
     """``web --migrate`` (creates ``database`` on PostgreSQL ``server``), then ``web`` on a free
-    port until /health is 200."""
+    port until /health is 200; ``extra_env`` adds settings (``CELERY_*``)."""
     binary, config = rust_binary("web"), rust_config()
     name = f"web-{setup.name}-{setup.session_id}-{tag}"
     migrate = subprocess.run(
         [str(binary), "--config", str(config), "--migrate"],
-        env=_web_env(setup, database, port=0, server=server), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        env=_web_env(setup, database, port=0, server=server, extra_env=extra_env), stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=READY_TIMEOUT,
     )
     if migrate.returncode != 0:
@@ -193,7 +195,7 @@ def start_web(setup, database: str, tag: str, server: str = POSTGRES_URL) -> Web
                     pytrace=False)
     for attempt in range(3):  # the free port may be taken between choosing and binding it
         port = free_port(HOST)
-        process = start_process(name, [binary, "--config", config], _web_env(setup, database, port, server),
+        process = start_process(name, [binary, "--config", config], _web_env(setup, database, port, server, extra_env),
                                 ARTIFACTS_DIR / f"{name}.log")
         app = WebApp(name=name, database=database, port=port, process=process, server=server)
 
@@ -237,9 +239,9 @@ def own_database(name: str) -> Iterator[str]:
 
 
 @contextmanager
-def running_web(setup, database: str, tag: str) -> Iterator[WebApp]:
+def running_web(setup, database: str, tag: str, extra_env: dict[str, str] | None = None) -> Iterator[WebApp]:
     """A web process for the ``with`` block; stopped (and checked for panics) on the way out."""
-    app = start_web(setup, database, tag)
+    app = start_web(setup, database, tag, extra_env=extra_env)
     try:
         yield app
     finally:

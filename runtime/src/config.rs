@@ -301,6 +301,9 @@ pub struct CeleryConfig {
     /// Failed publishes after which a job the broker keeps refusing (while it takes others)
     /// ends FAILURE with a `PublishError`; the waits between them double from 1 s up to 60 s.
     pub web_publish_max_attempts: u32,
+    /// Seconds a `POST /receive` `Idempotency-Key` is kept: a repeat within it answers the job
+    /// the key first made; past it the key is forgotten and a repeat makes a new job.
+    pub web_idempotency_ttl: u64,
     /// Periodic tasks `beat` sends, by entry name.
     pub beat_schedule: BTreeMap<String, BeatEntry>,
     /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
@@ -362,6 +365,7 @@ impl Default for CeleryConfig {
             web_stream_max_seconds: 900,
             web_sweep_interval: 5,
             web_publish_max_attempts: 10,
+            web_idempotency_ttl: 86_400,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
         }
@@ -502,6 +506,11 @@ impl CeleryConfig {
         if self.web_sweep_interval == 0 {
             return Err(Error::Config(
                 "web_sweep_interval must be at least 1 second".into(),
+            ));
+        }
+        if self.web_idempotency_ttl == 0 {
+            return Err(Error::Config(
+                "web_idempotency_ttl must be at least 1 second".into(),
             ));
         }
         if !(1..=1000).contains(&self.web_publish_max_attempts) {

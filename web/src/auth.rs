@@ -28,16 +28,20 @@ struct Jwt {
     validation: Validation,
 }
 
-/// The types of the time claims: whole seconds since the epoch. Reading them here refuses a token
-/// whose `nbf` is malformed, which `Validation` alone would skip; that `exp` is present is
-/// `Validation`'s check. Other claims are not read.
+/// The claims read. The time claims' types are whole seconds since the epoch: reading them here
+/// refuses a token whose `nbf` is malformed, which `Validation` alone would skip; that `exp` is
+/// present is `Validation`'s check. `sub` names the caller (the scope of its idempotency keys);
+/// it is read as any JSON so that a token taken before is not refused for its type. Other claims
+/// are not read.
 #[derive(Deserialize)]
-struct TimeClaims {
+struct Claims {
     #[serde(default)]
     exp: Option<u64>,
     #[serde(default)]
     #[allow(dead_code)]
     nbf: Option<u64>,
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
 }
 
 /// Why a request was refused: logged, never answered.
@@ -106,11 +110,15 @@ impl Auth {
         self.token.is_none() && self.jwt.is_none()
     }
 
-    /// Whether a request with this `Authorization` header value may pass, and until when
-    /// (see [`Authorized::expires_at`]).
-    pub fn check(&self, authorization: Option<&str>) -> Result<Option<u64>, Refusal> {
+    /// Whether a request with this `Authorization` header value may pass, until when and as
+    /// whom (see [`Authorized`]).
+    pub fn check(&self, authorization: Option<&str>) -> Result<Authorized, Refusal> {
+        let anonymous = Authorized {
+            expires_at: None,
+            subject: None,
+        };
         if self.is_open() {
-            return Ok(None);
+            return Ok(anonymous);
         }
         let given = authorization
             .ok_or(Refusal::MissingHeader)?
@@ -118,7 +126,7 @@ impl Auth {
             .ok_or(Refusal::NotBearer)?;
         if let Some(token) = &self.token {
             if same(given.as_bytes(), token.as_bytes()) {
-                return Ok(None);
+                return Ok(anonymous);
             }
         }
         match &self.jwt {
@@ -129,13 +137,19 @@ impl Auth {
 }
 
 impl Jwt {
-    /// The moment `token` stops passing: its `exp` and the leeway.
-    fn check(&self, token: &str) -> Result<Option<u64>, Refusal> {
-        jsonwebtoken::decode::<TimeClaims>(token, &self.key, &self.validation)
-            .map(|data| {
-                data.claims
+    /// The caller `token` names: until when it passes (its `exp` and the leeway), and its `sub`
+    /// (a string as is, any other JSON as its text).
+    fn check(&self, token: &str) -> Result<Authorized, Refusal> {
+        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| Authorized {
+                expires_at: data
+                    .claims
                     .exp
-                    .map(|exp| exp.saturating_add(self.validation.leeway))
+                    .map(|exp| exp.saturating_add(self.validation.leeway)),
+                subject: data.claims.sub.map(|sub| match sub {
+                    serde_json::Value::String(sub) => sub,
+                    other => other.to_string(),
+                }),
             })
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => Refusal::Expired,
@@ -155,10 +169,13 @@ impl Jwt {
 }
 
 /// A request that passed authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authorized {
     /// When its credential stops passing, in seconds since the epoch: a JWT's `exp` and the
     /// leeway; none for the shared token or an open API. A stream ends then.
     pub expires_at: Option<u64>,
+    /// Who it is: a JWT's `sub`; none for the shared token, an open API or a JWT without one.
+    pub subject: Option<String>,
 }
 
 #[rocket::async_trait]
@@ -167,10 +184,13 @@ impl<'r> FromRequest<'r> for Authorized {
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
         let Some(auth) = request.rocket().state::<Auth>() else {
-            return Outcome::Success(Authorized { expires_at: None });
+            return Outcome::Success(Authorized {
+                expires_at: None,
+                subject: None,
+            });
         };
         match auth.check(request.headers().get_one("Authorization")) {
-            Ok(expires_at) => Outcome::Success(Authorized { expires_at }),
+            Ok(authorized) => Outcome::Success(authorized),
             Err(reason) => {
                 tracing::debug!(?reason, uri = %request.uri(), "request refused: 401");
                 Outcome::Error((Status::Unauthorized, ()))
@@ -248,8 +268,12 @@ mod tests {
     fn nothing_configured_is_open() {
         let auth = auth(None, None);
         assert!(auth.is_open());
-        assert_eq!(auth.check(None), Ok(None));
-        assert_eq!(auth.check(Some("Bearer anything")), Ok(None));
+        let anonymous = Authorized {
+            expires_at: None,
+            subject: None,
+        };
+        assert_eq!(auth.check(None), Ok(anonymous.clone()));
+        assert_eq!(auth.check(Some("Bearer anything")), Ok(anonymous));
     }
 
     #[test]
@@ -269,11 +293,29 @@ mod tests {
     fn a_jwt_passes_until_its_exp_and_the_leeway_the_shared_token_for_ever() {
         let exp = now() + 300;
         let both = auth(Some("s3cret-token"), Some(SECRET));
+        let until = |token: &str| both.check(Some(&bearer(token))).map(|a| a.expires_at);
         assert_eq!(
-            both.check(Some(&bearer(&hs256(json!({"exp": exp}))))),
+            until(&hs256(json!({"exp": exp}))),
             Ok(Some(exp + JWT_LEEWAY_SECONDS))
         );
-        assert_eq!(both.check(Some(&bearer("s3cret-token"))), Ok(None));
+        assert_eq!(until("s3cret-token"), Ok(None));
+    }
+
+    #[test]
+    fn a_jwt_names_its_caller_by_its_sub_the_shared_token_nobody() {
+        let both = auth(Some("s3cret-token"), Some(SECRET));
+        let who = |token: &str| both.check(Some(&bearer(token))).map(|a| a.subject);
+        let exp = now() + 300;
+        assert_eq!(
+            who(&hs256(json!({"exp": exp, "sub": "svc"}))),
+            Ok(Some("svc".into()))
+        );
+        assert_eq!(
+            who(&hs256(json!({"exp": exp, "sub": 42}))),
+            Ok(Some("42".into()))
+        );
+        assert_eq!(who(&hs256(json!({"exp": exp}))), Ok(None));
+        assert_eq!(who("s3cret-token"), Ok(None));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`submission`]: a `POST /receive` body read and checked, and its schema, without I/O.
 //! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
+//! - [`idempotency`]: `Idempotency-Key` on `POST /receive`, and forgetting expired keys.
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod batch;
 pub mod db;
 pub mod error;
+pub mod idempotency;
 pub mod management;
 pub mod metrics;
 pub mod outbox;
@@ -66,6 +68,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         Duration::from_secs(config.web_stream_max_seconds),
     );
     let sweep_interval = Duration::from_secs(config.web_sweep_interval);
+    let key_ttl = idempotency::Ttl(Duration::from_secs(config.web_idempotency_ttl));
     let auth = auth::Auth::new(&config);
     let management = match (&config.broker_api, BrokerKind::of(&config.broker_url)?) {
         (Some(api), BrokerKind::Amqp) => Some(ManagementApi::new(api, &config.broker_url)?),
@@ -85,6 +88,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
     ));
     let finishing = outbox.clone();
     let tracker_pool = pool.clone();
+    let keys_pool = pool.clone();
     let changes = tracking::Changes::default();
     let tracker_changes = changes.clone();
     Ok(mount(rocket::build())
@@ -98,6 +102,7 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         .manage(auth)
         .manage(changes)
         .manage(management)
+        .manage(key_ttl)
         .manage(Arc::new(metrics::WebMetrics::new()))
         .attach(metrics::RequestMetrics)
         .attach(AdHoc::on_liftoff("outbox", move |_| {
@@ -107,6 +112,16 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         }))
         .attach(AdHoc::on_shutdown("outbox", move |_| {
             Box::pin(async move { finishing.finish().await })
+        }))
+        .attach(AdHoc::on_liftoff("idempotency keys", move |_| {
+            Box::pin(async move {
+                // Expired keys are deleted at the sweep's pace, result backend or not.
+                tokio::spawn(idempotency::forget_expired(
+                    keys_pool,
+                    key_ttl,
+                    sweep_interval,
+                ));
+            })
         }))
         .attach(AdHoc::on_liftoff("tracking", move |_| {
             Box::pin(async move {

@@ -34,3 +34,14 @@ diesel::table! {
         next_attempt_at -> Nullable<Timestamptz>,
     }
 }
+
+diesel::table! {
+    idempotency_keys (scope, key) {
+        scope -> Text,
+        key -> Text,
+        body_sha256 -> Bytea,
+        task_id -> Uuid,
+        workflow_kind -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}

@@ -2,12 +2,13 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::scoped_futures::ScopedFutureExt;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use runtime::protocol::result::{state, ResultMeta};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::schema::tasks;
+use crate::schema::{idempotency_keys, tasks};
 
 /// A row of the table.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -232,6 +233,97 @@ pub async fn insert(connection: &mut AsyncPgConnection, jobs: &[NewJob]) -> Quer
         .execute(connection)
         .await
         .map(drop)
+}
+
+/// An idempotency key as recorded: whose it is, the digest of the body it came with, and what
+/// it made.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = idempotency_keys, check_for_backend(diesel::pg::Pg))]
+pub struct KeyUse {
+    pub scope: String,
+    pub key: String,
+    pub body_sha256: Vec<u8>,
+    /// The job's task id, or the workflow's id.
+    pub task_id: Uuid,
+    /// The workflow's kind; none for a job.
+    pub workflow_kind: Option<String>,
+}
+
+/// What recording jobs under an idempotency key came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Keyed {
+    /// The key was free (or expired): it and the jobs are recorded.
+    Recorded,
+    /// The key is held, not expired: nothing was written; this is what holds it.
+    Held(KeyUse),
+}
+
+/// Records `jobs` (as [`insert`] does) and `key` in one transaction, unless the key (its scope
+/// and name) is held by a use not older than `ttl_seconds`: then nothing is written and that use
+/// is returned. An older use is replaced (the jobs it made are left as they are).
+///
+/// The primary key decides, not a read before the write: a concurrent call with the same key
+/// waits at the insert for this one to end, then finds the key held (or, if this one rolled
+/// back, takes it). `ON CONFLICT DO UPDATE` locks the row it conflicts with even when its
+/// `WHERE` keeps it, so the read after it sees that row, and the expiry pruning (which skips
+/// locked rows) cannot delete it in between.
+pub async fn insert_keyed(
+    connection: &mut AsyncPgConnection,
+    key: &KeyUse,
+    jobs: &[NewJob],
+    ttl_seconds: f64,
+) -> QueryResult<Keyed> {
+    connection
+        .transaction(|connection| {
+            async move {
+                let taken = diesel::sql_query(
+                    "INSERT INTO idempotency_keys (scope, key, body_sha256, task_id, workflow_kind) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (scope, key) DO UPDATE SET body_sha256 = excluded.body_sha256, \
+                         task_id = excluded.task_id, workflow_kind = excluded.workflow_kind, \
+                         created_at = now() \
+                     WHERE idempotency_keys.created_at <= now() - make_interval(secs => $6)",
+                )
+                .bind::<diesel::sql_types::Text, _>(&key.scope)
+                .bind::<diesel::sql_types::Text, _>(&key.key)
+                .bind::<diesel::sql_types::Bytea, _>(&key.body_sha256)
+                .bind::<diesel::sql_types::Uuid, _>(key.task_id)
+                .bind::<diesel::sql_types::Nullable<diesel::sql_types::Text>, _>(&key.workflow_kind)
+                .bind::<diesel::sql_types::Double, _>(ttl_seconds)
+                .execute(connection)
+                .await?;
+                if taken == 0 {
+                    let held = idempotency_keys::table
+                        .find((&key.scope, &key.key))
+                        .select(KeyUse::as_select())
+                        .first(connection)
+                        .await?;
+                    return Ok(Keyed::Held(held));
+                }
+                insert(connection, jobs).await?;
+                Ok(Keyed::Recorded)
+            }
+            .scope_boxed()
+        })
+        .await
+}
+
+/// Deletes up to `limit` idempotency keys older than `ttl_seconds`, oldest first, skipping any a
+/// request holds at the moment; returns how many.
+pub async fn forget_expired_keys(
+    connection: &mut AsyncPgConnection,
+    ttl_seconds: f64,
+    limit: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key \
+             FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind::<diesel::sql_types::Double, _>(ttl_seconds)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .execute(connection)
+    .await
 }
 
 /// The rows waiting to be published: none is on record as published and no worker has reported

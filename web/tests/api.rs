@@ -1496,3 +1496,238 @@ async fn the_sweep_reaches_past_rows_the_backend_never_reports_on() {
     drop(pool);
     admin(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
 }
+
+/// Rows of `table` in the stack's database.
+async fn count_rows(stack: &Stack, table: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut connection = AsyncPgConnection::establish(&stack.config.database_url)
+        .await
+        .unwrap();
+    diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+        .get_result::<Count>(&mut connection)
+        .await
+        .unwrap()
+        .n
+}
+
+impl Stack {
+    /// `POST /receive` of `body` with `Idempotency-Key: key` and, if given, a bearer token:
+    /// the status, the answer and its `Location`.
+    async fn post_keyed(
+        &self,
+        key: &str,
+        body: &str,
+        bearer: Option<&str>,
+    ) -> (Status, Value, Option<String>) {
+        let mut request = self
+            .client
+            .post("/receive")
+            .header(ContentType::JSON)
+            .header(Header::new("Idempotency-Key", key.to_string()))
+            .body(body);
+        if let Some(token) = bearer {
+            request = request.header(Header::new("Authorization", format!("Bearer {token}")));
+        }
+        let response = request.dispatch().await;
+        let status = response.status();
+        let location = response.headers().get_one("Location").map(str::to_owned);
+        let answer = response.into_json().await.unwrap_or(Value::Null);
+        (status, answer, location)
+    }
+}
+
+/// The first request with a key makes the job (202); a repeat with the same body answers the
+/// same (200, same body and Location) and makes nothing; the same key with another body is
+/// 422; a malformed key is 400. The job runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_makes_one_job_and_its_repeats_answer_it_on_both_brokers() {
+    for url in BROKERS {
+        let stack = Stack::start(url, true).await;
+        let body = r#"{"task":"tasks.add","args":[20,22]}"#;
+        let (status, first, location) = stack.post_keyed("order-1", body, None).await;
+        assert_eq!(status, Status::Accepted, "{url}: {first}");
+        let id = first["task_id"].as_str().unwrap().to_string();
+        assert_eq!(location, Some(format!("/status/{id}")));
+        for repeat in ["order-1", "\"order-1\""] {
+            let (status, again, again_location) = stack.post_keyed(repeat, body, None).await;
+            assert_eq!(
+                (status, &again, &again_location),
+                (Status::Ok, &first, &location),
+                "{url}: {repeat}"
+            );
+        }
+        let (status, refused, _) = stack
+            .post_keyed("order-1", r#"{"task":"tasks.add","args":[1,1]}"#, None)
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity, "{refused}");
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap()
+                .contains("Idempotency-Key `order-1` was used with another request body"),
+            "{refused}"
+        );
+        // The same bytes matter, not the same JSON: another spacing is another body.
+        let (status, _, _) = stack
+            .post_keyed(
+                "order-1",
+                r#"{"task": "tasks.add", "args": [20, 22]}"#,
+                None,
+            )
+            .await;
+        assert_eq!(status, Status::UnprocessableEntity);
+        for bad in ["", "caf\u{e9}", &"k".repeat(256)] {
+            let (status, answer, _) = stack.post_keyed(bad, body, None).await;
+            assert_eq!(status, Status::BadRequest, "{bad:?}: {answer}");
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Idempotency-Key must be 1 to 255 printable ASCII"),
+                "{answer}"
+            );
+        }
+        let done = stack.wait_for(&id, "SUCCESS", state_is("SUCCESS")).await;
+        assert_eq!(done["result"], json!(42), "{url}: {done}");
+        let (status, other, _) = stack.post_keyed("order-2", body, None).await;
+        assert_eq!(status, Status::Accepted);
+        assert_ne!(other["task_id"], first["task_id"]);
+        assert_eq!(count_rows(&stack, "tasks").await, 2, "{url}");
+        assert_eq!(count_rows(&stack, "idempotency_keys").await, 2, "{url}");
+        stack.stop().await;
+    }
+}
+
+/// Sixteen requests with one key at once: one job, one 202, and every answer names it. The
+/// same for a workflow, whose repeat names the same steps in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_repeats_of_a_key_make_exactly_one_job_or_workflow() {
+    let stack = Stack::start(BROKERS[1], false).await;
+    let body = r#"{"task":"tasks.add","args":[1,2]}"#;
+    let answers =
+        futures::future::join_all((0..16).map(|_| stack.post_keyed("burst", body, None))).await;
+    let accepted = answers
+        .iter()
+        .filter(|(status, ..)| *status == Status::Accepted)
+        .count();
+    let ids: std::collections::BTreeSet<_> = answers
+        .iter()
+        .map(|(status, answer, _)| {
+            assert!([Status::Accepted, Status::Ok].contains(status), "{answer}");
+            answer["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!((accepted, ids.len()), (1, 1), "{answers:?}");
+    assert_eq!(count_rows(&stack, "tasks").await, 1);
+
+    let chain = r#"{"chain":[{"task":"tasks.add","args":[1,2]},{"task":"tasks.mul","args":[10]}]}"#;
+    let answers =
+        futures::future::join_all((0..16).map(|_| stack.post_keyed("chain", chain, None))).await;
+    let first = answers
+        .iter()
+        .find(|(status, ..)| *status == Status::Accepted)
+        .map(|(_, answer, _)| answer.clone())
+        .expect("one request made the chain");
+    assert_eq!(first["task_ids"].as_array().unwrap().len(), 2, "{first}");
+    for (status, answer, location) in &answers {
+        assert_eq!(answer, &first);
+        assert!([Status::Accepted, Status::Ok].contains(status));
+        assert_eq!(location.as_deref(), first["status_url"].as_str());
+    }
+    assert_eq!(count_rows(&stack, "tasks").await, 3);
+    stack.stop().await;
+}
+
+/// A key older than `web_idempotency_ttl` is forgotten: a repeat makes a new job (with any
+/// body), which the key then names. Expired keys are deleted, fresh ones kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_key_makes_a_new_job_and_is_deleted() {
+    let stack = Stack::start(BROKERS[1], false).await;
+    let ttl = stack.config.web_idempotency_ttl;
+    let mut connection = AsyncPgConnection::establish(&stack.config.database_url)
+        .await
+        .unwrap();
+    let age = |key: &'static str| {
+        diesel::sql_query(format!(
+            "UPDATE idempotency_keys SET created_at = now() - make_interval(secs => {}) \
+             WHERE key = '{key}'",
+            ttl + 1
+        ))
+    };
+    let body = r#"{"task":"tasks.add","args":[1,2]}"#;
+    let (_, first, _) = stack.post_keyed("old", body, None).await;
+    age("old").execute(&mut connection).await.unwrap();
+    let other_body = r#"{"task":"tasks.add","args":[3,4]}"#;
+    let (status, second, _) = stack.post_keyed("old", other_body, None).await;
+    assert_eq!(status, Status::Accepted, "{second}");
+    assert_ne!(second["task_id"], first["task_id"]);
+    let (status, again, _) = stack.post_keyed("old", other_body, None).await;
+    assert_eq!((status, &again), (Status::Ok, &second));
+    assert_eq!(count_rows(&stack, "tasks").await, 2);
+
+    stack.post_keyed("fresh", body, None).await;
+    age("old").execute(&mut connection).await.unwrap();
+    let pool = web::db::pool(&stack.config.database_url, 1).unwrap();
+    let ttl = web::idempotency::Ttl(Duration::from_secs(ttl));
+    let forgotten = web::idempotency::forget_expired_once(&pool, ttl)
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1);
+    assert_eq!(count_rows(&stack, "idempotency_keys").await, 1);
+    let (status, _, _) = stack.post_keyed("fresh", body, None).await;
+    assert_eq!(status, Status::Ok, "the fresh key is kept");
+    drop(pool);
+    drop(connection);
+    stack.stop().await;
+}
+
+/// Keys are per JWT subject: two callers' same key makes two jobs; callers without a subject
+/// share one scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_are_scoped_per_jwt_subject() {
+    use jsonwebtoken::{encode, get_current_timestamp, EncodingKey, Header as JwtHeader};
+
+    const SECRET: &str = "web-test-jwt-secret-of-32-bytes!";
+    let stack = Stack::start_with(BROKERS[1], false, |c| {
+        c.web_jwt_secret = Some(SECRET.into())
+    })
+    .await;
+    let token = |claims: Value| {
+        encode(
+            &JwtHeader::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let exp = get_current_timestamp() + 300;
+    let (alice, bob) = (
+        token(json!({"sub": "alice", "exp": exp})),
+        token(json!({"sub": "bob", "exp": exp})),
+    );
+    let (nobody, someone_else) = (token(json!({"exp": exp})), token(json!({"exp": exp + 1})));
+    let body = r#"{"task":"tasks.add","args":[1,2]}"#;
+    let shared = &stack;
+    let post = |bearer: String| async move {
+        shared
+            .post_keyed("shared-key", body, Some(bearer.as_str()))
+            .await
+    };
+    let a = post(alice.clone()).await;
+    let b = post(bob).await;
+    assert_eq!((a.0, b.0), (Status::Accepted, Status::Accepted));
+    assert_ne!(a.1["task_id"], b.1["task_id"]);
+    assert_eq!(post(alice).await.1, a.1);
+    let anonymous = post(nobody).await;
+    assert_eq!(anonymous.0, Status::Accepted);
+    assert_eq!(
+        post(someone_else).await,
+        (Status::Ok, anonymous.1, anonymous.2)
+    );
+    assert_eq!(count_rows(&stack, "tasks").await, 3);
+    stack.stop().await;
+}

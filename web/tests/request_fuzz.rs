@@ -15,6 +15,8 @@ use rocket::serde::json::Json;
 use runtime::CeleryConfig;
 use serde_json::{json, Map, Value};
 use web::error::Error;
+use web::idempotency::{parse_key, MAX_KEY_CHARS};
+use web::routes::receive::Received;
 use web::submission::{parse_submission, Accepts, JobRequest, Submission, MAX_DELAY_SECONDS};
 use web::workflow::Kind;
 
@@ -432,9 +434,9 @@ fn check_refusal(error: &Error, was_json: bool) -> Result<(), TestCaseError> {
 // ---------------------------------------------------------------------------------------------
 // Through Rocket: the real body guard, the real error answers, nothing stored.
 
-#[rocket::post("/receive", data = "<submission>")]
-fn receive(submission: Result<Submission, Error>) -> Result<Json<Value>, Error> {
-    let tasks: Vec<String> = match submission? {
+#[rocket::post("/receive", data = "<received>")]
+fn receive(received: Result<Received, Error>) -> Result<Json<Value>, Error> {
+    let tasks: Vec<String> = match received?.submission {
         Submission::Job(job) => vec![job.task],
         Submission::Workflow { steps, .. } => steps.into_iter().map(|step| step.task).collect(),
     };
@@ -549,6 +551,23 @@ fn any_body() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
+    #[test]
+    fn an_idempotency_key_is_taken_iff_it_is_1_to_255_printable_ascii(value in "\\PC{0,300}|[ -~]{0,300}|\"[ -~]{0,260}\"") {
+        let inner = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(&value);
+        let valid = (1..=MAX_KEY_CHARS).contains(&inner.len())
+            && inner.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        match parse_key(&value) {
+            Ok(key) => prop_assert!(valid && key == inner, "{value:?} taken as {key:?}"),
+            Err(error) => {
+                prop_assert!(!valid, "{value:?} refused: {error}");
+                prop_assert_eq!(error.status(), Status::BadRequest);
+            }
+        }
+    }
+
     #[test]
     fn any_bytes_are_a_job_or_a_400(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         check_parse(&bytes, &accepts())?;

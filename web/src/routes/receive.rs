@@ -1,11 +1,13 @@
 //! `POST /receive`: records a job, answers its task id once the record commits, publishes it.
+//! With an `Idempotency-Key`, the key is recorded in the same transaction, and a repeat answers
+//! the job the key first made (200) without recording or publishing anything.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::Utc;
 use rocket::data::{self, Data, FromData, ToByteUnit};
-use rocket::http::{ContentType, Header};
+use rocket::http::{ContentType, Header, Status};
 use rocket::serde::json::Json;
 use rocket::{Request, State};
 use runtime::client::Client;
@@ -17,8 +19,9 @@ use uuid::Uuid;
 use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
+use crate::idempotency::{self, IdempotencyKey, Ttl};
 use crate::outbox::{Outbox, Recorded};
-use crate::store::{self, NewJob};
+use crate::store::{self, KeyUse, Keyed, NewJob};
 use crate::submission::{parse_submission, Accepts, JobRequest, Submission};
 use crate::workflow::Kind;
 
@@ -39,8 +42,15 @@ fn is_json_like(content_type: Option<&ContentType>, open: bool) -> bool {
     }
 }
 
+/// A `POST /receive` body read: what it asks for and, when the request carries an
+/// `Idempotency-Key`, the digest of its bytes, which a repeat of the key must match.
+pub struct Received {
+    pub submission: Submission,
+    pub digest: Option<Vec<u8>>,
+}
+
 #[rocket::async_trait]
-impl<'r> FromData<'r> for Submission {
+impl<'r> FromData<'r> for Received {
     type Error = Error;
 
     async fn from_data(request: &'r Request<'_>, data: Data<'r>) -> data::Outcome<'r, Self> {
@@ -55,11 +65,7 @@ impl<'r> FromData<'r> for Submission {
     }
 }
 
-async fn read(
-    request: &Request<'_>,
-    data: Data<'_>,
-    accepts: &Accepts,
-) -> Result<Submission, Error> {
+async fn read(request: &Request<'_>, data: Data<'_>, accepts: &Accepts) -> Result<Received, Error> {
     let open = request.rocket().state::<Auth>().is_none_or(Auth::is_open);
     if !is_json_like(request.content_type(), open) {
         let given = request
@@ -78,7 +84,14 @@ async fn read(
     if !body.is_complete() {
         return Err(Error::TooLarge(accepts.body_limit));
     }
-    parse_submission(&body, accepts)
+    Ok(Received {
+        submission: parse_submission(&body, accepts)?,
+        // Only then: no hashing on the path of requests without a key.
+        digest: request
+            .headers()
+            .contains(idempotency::HEADER)
+            .then(|| idempotency::digest(&body)),
+    })
 }
 
 /// A job accepted: its task id and where to poll it.
@@ -102,7 +115,7 @@ pub struct WorkflowAccepted {
     pub task_ids: Vec<Uuid>,
 }
 
-/// The body of a 202 answer.
+/// The body of a 202 answer, and of the 200 that answers a repeated `Idempotency-Key`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum AcceptedBody {
@@ -110,11 +123,11 @@ pub enum AcceptedBody {
     Workflow(WorkflowAccepted),
 }
 
-/// `202 Accepted` with the id to poll, where to poll it, and a `Location` header.
+/// `202 Accepted` (`200 OK` for a repeated key) with the id to poll, where to poll it, and a
+/// `Location` header.
 #[derive(rocket::Responder)]
-#[response(status = 202)]
 pub struct Accepted {
-    body: Json<AcceptedBody>,
+    body: (Status, Json<AcceptedBody>),
     location: Header<'static>,
 }
 
@@ -123,16 +136,33 @@ pub(crate) fn status_url(id: Uuid) -> String {
     format!("/status/{id}")
 }
 
-impl From<AcceptedBody> for Accepted {
-    fn from(body: AcceptedBody) -> Self {
+impl Accepted {
+    /// `body` with `status` and its status URL as the `Location`.
+    fn with(status: Status, body: AcceptedBody) -> Self {
         let url = match &body {
             AcceptedBody::Job(job) => job.status_url.clone(),
             AcceptedBody::Workflow(workflow) => workflow.status_url.clone(),
         };
         Self {
-            body: Json(body),
+            body: (status, Json(body)),
             location: Header::new("Location", url),
         }
+    }
+}
+
+/// The answer naming the job `id`, or the workflow `id` of `kind` whose steps are `task_ids`.
+fn accepted_body(id: Uuid, workflow: Option<Kind>, task_ids: Vec<Uuid>) -> AcceptedBody {
+    match workflow {
+        None => AcceptedBody::Job(JobAccepted {
+            task_id: id,
+            status_url: status_url(id),
+        }),
+        Some(kind) => AcceptedBody::Workflow(WorkflowAccepted {
+            workflow_id: id,
+            workflow: kind,
+            status_url: status_url(id),
+            task_ids,
+        }),
     }
 }
 
@@ -159,10 +189,23 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
 /// Records the job (or each step of the workflow) as PENDING and answers once the row commits:
 /// the job is durable from then on. It is published after the answer; if the broker does not
 /// take it, the outbox publishes it when the broker is back (the row keeps the reason meanwhile).
+/// With an `Idempotency-Key`, the key commits with the rows, and a repeat of it answers 200 with
+/// what the first answered, recording and publishing nothing.
 #[utoipa::path(
     post,
     path = "/receive",
     tag = "jobs",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            pattern = r"^[!-~]([ -~]*[!-~])?$",
+            description = "Makes a retry safe: the first request with a key records its job \
+                (202); a repeat with the same key and the same body bytes within \
+                `web_idempotency_ttl` seconds (default 86,400) answers 200 with the same body \
+                and records and publishes nothing, also when repeats arrive at once at several \
+                web processes. 1 to 255 printable ASCII characters; the draft's quoted form \
+                (`\"key\"`) names the same key. Keys are per JWT `sub`; callers without one \
+                share a scope. After the TTL the key is forgotten and a repeat is a new job."),
+    ),
     request_body(
         content = Submission,
         description = "`Content-Type` `application/json` or any `+json` type; when a bearer \
@@ -170,38 +213,95 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
             `web_body_limit` bytes",
     ),
     responses(
+        (status = 200, description = "a repeat of an `Idempotency-Key` within \
+            `web_idempotency_ttl` with the same body: the answer the key's first request had, \
+            nothing recorded or published", body = AcceptedBody,
+            headers(("Location" = String, description = "the `status_url`"))),
         (status = 202, description = "recorded (durable from now on); published right after \
             the answer, or by the outbox when the broker does not take it", body = AcceptedBody,
             headers(("Location" = String, description = "the `status_url`"))),
-        (status = 400, description = "malformed JSON", body = ErrorBody),
+        (status = 400, description = "malformed JSON, or an `Idempotency-Key` that is not 1 \
+            to 255 printable ASCII characters (or more than one)", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`, or a workflow's steps \
             × body bytes are over `web_workflow_max_bytes`", body = ErrorBody),
         (status = 415, description = "the body is not JSON, or, with no bearer token \
             required, not typed as JSON", body = ErrorBody),
         (status = 422, description = "a task call or workflow with wrong fields, a task not \
-            accepted, or a queue that does not exist while `task_create_missing_queues` is \
-            false", body = ErrorBody),
+            accepted, a queue that does not exist while `task_create_missing_queues` is \
+            false, or an `Idempotency-Key` in use with another body", body = ErrorBody),
         (status = 503, response = DatabaseUnavailable),
     ),
     security(("bearer" = [])),
 )]
-#[rocket::post("/receive", data = "<submission>")]
+#[rocket::post("/receive", data = "<received>")]
 pub async fn receive(
-    _auth: Authorized,
-    submission: Result<Submission, Error>,
+    caller: Authorized,
+    key: Result<IdempotencyKey, Error>,
+    received: Result<Received, Error>,
     pool: &State<Pool>,
     outbox: &State<Arc<Outbox>>,
     client: &State<Client>,
+    ttl: &State<Ttl>,
 ) -> Result<Accepted, Error> {
-    let submission = submission?;
+    let key = key?.0;
+    let Received { submission, digest } = received?;
     check_queues(&submission, client).await?;
-    match submission {
-        Submission::Job(job) => receive_job(job, outbox, client).await,
-        Submission::Workflow { kind, steps } => {
-            receive_workflow(kind, steps, pool, outbox, client).await
+    let planned = Planned::of(submission, client);
+    match key.zip(digest) {
+        None => planned.record(pool, outbox).await?,
+        Some((key, body_sha256)) => {
+            let key = KeyUse {
+                scope: idempotency::scope(&caller),
+                key,
+                body_sha256,
+                task_id: planned.id,
+                workflow_kind: planned.workflow.map(|kind| kind.name().into()),
+            };
+            let mut connection = pool.get().await?;
+            let ttl = ttl.0.as_secs_f64();
+            match store::insert_keyed(&mut connection, &key, &planned.rows, ttl).await? {
+                Keyed::Recorded => {}
+                Keyed::Held(held) => return repeat(&mut connection, &key, held).await,
+            }
         }
     }
+    // Committed: the job is durable and will run, so the answer is 202 from here on, whatever
+    // the broker does (a 503 now would make the client send the same work twice).
+    Ok(Accepted::with(
+        Status::Accepted,
+        planned.publish_after_answer(outbox, client).await,
+    ))
+}
+
+/// The answer to `key` found held by `held`: 200 with what its first request was answered, or
+/// 422 when `key` came with another body.
+async fn repeat(
+    connection: &mut diesel_async::AsyncPgConnection,
+    key: &KeyUse,
+    held: KeyUse,
+) -> Result<Accepted, Error> {
+    if held.body_sha256 != key.body_sha256 {
+        return Err(Error::Unprocessable(format!(
+            "{} `{}` was used with another request body; a repeat must send the same bytes \
+             (or use a new key for a new job)",
+            idempotency::HEADER,
+            key.key
+        )));
+    }
+    let workflow = held.workflow_kind.as_deref().and_then(Kind::from_name);
+    let task_ids = match workflow {
+        Some(_) => store::workflow(connection, held.task_id)
+            .await?
+            .into_iter()
+            .map(|step| step.task_id)
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Accepted::with(
+        Status::Ok,
+        accepted_body(held.task_id, workflow, task_ids),
+    ))
 }
 
 /// 422 for a queue named in `submission` that must not be created: one that does not exist
@@ -229,77 +329,86 @@ async fn check_queues(submission: &Submission, client: &Client) -> Result<(), Er
     Ok(())
 }
 
-async fn receive_job(
-    job: JobRequest,
-    outbox: &Arc<Outbox>,
-    client: &Client,
-) -> Result<Accepted, Error> {
-    let id = Uuid::new_v4();
-    let row = row(job, id, client);
-    outbox.journal().jobs.write(row.clone()).await?;
-    // Committed: the job is durable and will run, so the answer is 202 from here on, whatever
-    // the broker does (a 503 now would make the client send the same work twice).
-    outbox
-        .publish_after_answer(Recorded::Message(vec![row]))
-        .await;
-    Ok(AcceptedBody::Job(JobAccepted {
-        task_id: id,
-        status_url: status_url(id),
-    })
-    .into())
+/// A submission as rows: the id its answer names (the job's, or the workflow's), the kind of
+/// workflow it is if it is one, and its rows (a workflow's in step order).
+struct Planned {
+    id: Uuid,
+    workflow: Option<Kind>,
+    rows: Vec<NewJob>,
 }
 
-/// A workflow's steps are written in one statement, so it is recorded whole or not at all; a
-/// group is saved in the result backend as Python's `GroupResult.save()` saves one, so Python
-/// code can `GroupResult.restore()` it by the workflow's id.
-async fn receive_workflow(
-    kind: Kind,
-    steps: Vec<JobRequest>,
-    pool: &Pool,
-    outbox: &Arc<Outbox>,
-    client: &Client,
-) -> Result<Accepted, Error> {
-    let id = Uuid::new_v4();
-    let rows: Vec<NewJob> = steps
-        .into_iter()
-        .enumerate()
-        .map(|(position, step)| NewJob {
-            workflow_id: Some(id),
-            workflow_kind: Some(kind.name().into()),
-            workflow_position: Some(position as i32),
-            ..row(step, Uuid::new_v4(), client)
-        })
-        .collect();
-    store::insert(&mut *pool.get().await?, &rows).await?;
-    let task_ids: Vec<Uuid> = rows.iter().map(|row| row.task_id).collect();
-    let group_members: Vec<String> = task_ids.iter().map(Uuid::to_string).collect();
-    // Committed: the answer is 202 from here on (as for a single job).
-    let recorded = match kind {
-        Kind::Chain => Recorded::Message(rows),
-        Kind::Group => Recorded::InTurn(rows),
-    };
-    outbox.publish_after_answer(recorded).await;
-    if kind == Kind::Group {
-        let group_id = id.to_string();
-        let saved = tokio::time::timeout(
-            GROUP_SAVE_TIMEOUT,
-            client.save_group(&group_id, &group_members),
-        );
-        match saved.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%id, %error, "group not saved: Python cannot restore it by its id")
+impl Planned {
+    fn of(submission: Submission, client: &Client) -> Self {
+        match submission {
+            Submission::Job(job) => {
+                let id = Uuid::new_v4();
+                Self {
+                    id,
+                    workflow: None,
+                    rows: vec![row(job, id, client)],
+                }
             }
-            Err(_) => {
-                tracing::warn!(%id, "group not saved in time: Python cannot restore it by its id")
+            Submission::Workflow { kind, steps } => {
+                let id = Uuid::new_v4();
+                let rows = steps
+                    .into_iter()
+                    .enumerate()
+                    .map(|(position, step)| NewJob {
+                        workflow_id: Some(id),
+                        workflow_kind: Some(kind.name().into()),
+                        workflow_position: Some(position as i32),
+                        ..row(step, Uuid::new_v4(), client)
+                    })
+                    .collect();
+                Self {
+                    id,
+                    workflow: Some(kind),
+                    rows,
+                }
             }
         }
     }
-    Ok(AcceptedBody::Workflow(WorkflowAccepted {
-        workflow_id: id,
-        workflow: kind,
-        status_url: status_url(id),
-        task_ids,
-    })
-    .into())
+
+    /// Records the rows without a key: a job in the next group commit, a workflow's steps in one
+    /// statement of their own, so it is recorded whole or not at all.
+    async fn record(&self, pool: &Pool, outbox: &Outbox) -> Result<(), Error> {
+        match (self.workflow, self.rows.as_slice()) {
+            (None, [job]) => outbox.journal().jobs.write(job.clone()).await,
+            _ => Ok(store::insert(&mut *pool.get().await?, &self.rows).await?),
+        }
+    }
+
+    /// Publishes the rows, once committed, after the answer, which this returns. A group is
+    /// also saved in the result backend as Python's `GroupResult.save()` saves one, so Python
+    /// code can `GroupResult.restore()` it by the workflow's id.
+    async fn publish_after_answer(self, outbox: &Arc<Outbox>, client: &Client) -> AcceptedBody {
+        let task_ids: Vec<Uuid> = self.rows.iter().map(|row| row.task_id).collect();
+        let answer = accepted_body(self.id, self.workflow, task_ids.clone());
+        let recorded = match self.workflow {
+            Some(Kind::Group) => Recorded::InTurn(self.rows),
+            None | Some(Kind::Chain) => Recorded::Message(self.rows),
+        };
+        outbox.publish_after_answer(recorded).await;
+        if self.workflow == Some(Kind::Group) {
+            save_group(self.id, &task_ids, client).await;
+        }
+        answer
+    }
+}
+
+/// Saves group `id` of `members` for Python's `GroupResult.restore`, within
+/// [`GROUP_SAVE_TIMEOUT`]; a failure is logged, not answered (the jobs are recorded).
+async fn save_group(id: Uuid, members: &[Uuid], client: &Client) {
+    let members: Vec<String> = members.iter().map(Uuid::to_string).collect();
+    let group_id = id.to_string();
+    let saved = tokio::time::timeout(GROUP_SAVE_TIMEOUT, client.save_group(&group_id, &members));
+    match saved.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%id, %error, "group not saved: Python cannot restore it by its id")
+        }
+        Err(_) => {
+            tracing::warn!(%id, "group not saved in time: Python cannot restore it by its id")
+        }
+    }
 }
