@@ -6,7 +6,8 @@
 //! (a consumer killed in between loses the message), we take and record it in one server-side
 //! script. A script cannot block, so an idle consumer waits apart from taking: it blocks (on a
 //! connection of its own) until its queue's list holds a message, without removing it, then runs
-//! the script. See [`wait_for_work`]. What is taken is settled as [`settling`] says.
+//! the script. See [`wait_for_work`]. What is taken is settled as [`settling`] says, and until
+//! then its record is kept from the restore by its [`lease`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,8 +28,10 @@ use super::{
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
+mod lease;
 mod settling;
 
+use lease::Leases;
 use settling::{delivery, Holding};
 
 use crate::protocol::kombu_redis as layout;
@@ -93,9 +96,11 @@ pub struct RedisBroker {
     /// back at close as kombu does when it deletes an auto-delete queue: else every worker
     /// that ever ran stays listed under `_kombu.binding.celery.pidbox`.
     subscribed: Mutex<Vec<(String, String)>>,
-    /// The fetch loops, awaited at close so a message taken by the last poll goes back, and the
-    /// restorer, awaited so it never leaves kombu's restore mutex held.
+    /// The fetch loops, awaited at close so a message taken by the last poll goes back, the
+    /// restorer, awaited so it never leaves kombu's restore mutex held, and the lease renewer.
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What this connection's consumers hold unsettled, renewed until settled.
+    leases: Arc<Leases>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
     /// The order of task messages fetched and control requests heard, so that a request does
@@ -151,6 +156,7 @@ impl RedisBroker {
             bound: Mutex::default(),
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
+            leases: Arc::default(),
             closing: CancellationToken::new(),
             arrivals: Arc::default(),
             visibility_timeout: options.visibility_timeout,
@@ -162,8 +168,9 @@ impl RedisBroker {
 
     /// Starts, once per connection, the periodic restore of messages whose consumer kept them
     /// unacked past the visibility timeout (it died): kombu's recovery, so Python and Rust
-    /// consumers recover each other's work.
-    async fn start_restoring(&self) {
+    /// consumers recover each other's work; and the renewal of what this connection holds, so
+    /// that no consumer takes for dead a live one's message.
+    async fn start_upkeep(&self) {
         if self
             .restoring
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -191,7 +198,13 @@ impl RedisBroker {
                 }
             }
         });
-        self.consumers.lock().await.push(restorer);
+        let renewer = tokio::spawn(lease::keep_renewing(
+            self.leases.clone(),
+            self.connection.clone(),
+            timeout,
+            self.closing.clone(),
+        ));
+        self.consumers.lock().await.extend([restorer, renewer]);
     }
 
     /// Records the queue's binding to its direct exchange, as Celery's declare does, so
@@ -266,14 +279,14 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
-        self.start_restoring().await;
+        self.start_upkeep().await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let holding = Arc::new(Holding {
             prefetch,
             outside: std::sync::atomic::AtomicU16::new(0),
-            visibility_timeout: self.visibility_timeout,
         });
+        let leases = self.leases.clone();
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
@@ -355,7 +368,15 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .zip(free)
                     .map(|((list, raw), slot)| {
-                        delivery(&connection, &holding, list, raw, slot, puller.task())
+                        delivery(
+                            &connection,
+                            &leases,
+                            &holding,
+                            list,
+                            raw,
+                            slot,
+                            puller.task(),
+                        )
                     })
                     .collect();
                 puller.fetched(fetch);
