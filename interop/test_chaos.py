@@ -22,6 +22,10 @@ a publish error, or (a web job) where PostgreSQL went down before the web app re
 broker had it (its outbox publishes it again: at least once, by design). Figures are printed (``-rP``) and written to
 ``interop/artifacts/chaos-<broker>.json``.
 
+A second test, on Redis only, counts long tasks run twice: ``LONG_TASKS`` ``task_acks_late`` tasks
+running past the visibility timeout while one worker is killed. A worker that lives renews what it
+holds, so none may complete twice (the killed worker's come back and complete once elsewhere).
+
 ``make test`` runs it small (``CHAOS_TASKS=1500``, ``CHAOS_WEB_JOBS=300``); ``make chaos`` runs
 10,000 tasks and 2,000 jobs per broker.
 """
