@@ -449,6 +449,89 @@ async fn redis_restores_what_a_consumer_holds_only_once_it_is_gone() {
     other.close().await.unwrap();
 }
 
+/// A message held while its consumer's connection is cut (`CLIENT KILL`) stays leased and is
+/// acked afterwards: the worker finishing a task after its connection broke does not leave it to
+/// be restored and run again. Database 9 is this test's alone: every client of it is cut.
+#[tokio::test]
+async fn redis_keeps_and_acks_a_message_held_across_a_lost_connection() {
+    use runtime::config::TransportOptions;
+    let url =
+        std::env::var("TEST_CUT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/9".into());
+    let queue = unique_queue("cut");
+    let visibility_timeout = 2;
+    let options = TransportOptions {
+        visibility_timeout,
+        ..Default::default()
+    };
+    let holder = broker::connect_with(&url, &options, None).await.unwrap();
+    holder.publish(&queue, &request(5).encode()).await.unwrap();
+    let mut deliveries = holder
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let running = next(&mut deliveries).await;
+
+    let db: i64 = url.rsplit('/').next().unwrap().parse().unwrap();
+    let cut = cut_clients_of(db).await;
+    assert!(cut >= 2, "cut {cut} connections");
+
+    let other = broker::connect_with(&url, &options, None).await.unwrap();
+    let mut elsewhere = other
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let quiet_for = std::time::Duration::from_secs(3 * visibility_timeout);
+    let restored = tokio::time::timeout(quiet_for, elsewhere.recv()).await;
+    assert!(
+        restored.is_err(),
+        "a message held across the cut was restored"
+    );
+    running.settle.ack().await.unwrap();
+    let mut redis = raw_redis(&url).await;
+    assert!(!is_unacked(&mut redis, &running.tag).await);
+    // Its window free again, the consumer finds its connection gone (the worker reconnects).
+    let ended = within(10, "the consumer to stop", deliveries.recv()).await;
+    assert!(ended.is_none());
+    drop(elsewhere);
+    other.delete_queue(&queue).await.unwrap();
+    other.close().await.unwrap();
+    holder.close().await.unwrap();
+}
+
+/// `CLIENT KILL` of every connection whose current database is `db`; returns how many.
+async fn cut_clients_of(db: i64) -> usize {
+    let mut killer = raw_redis(&common::redis_url()).await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut killer)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut killer)
+        .await
+        .unwrap();
+    let mut cut = 0;
+    for line in list.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|pair| pair.strip_prefix(name))
+                .and_then(|value| value.parse::<i64>().ok())
+        };
+        if field("db=") == Some(db) && field("id=") != Some(me) {
+            let id = field("id=").unwrap();
+            cut += redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async::<usize>(&mut killer)
+                .await
+                .unwrap();
+        }
+    }
+    cut
+}
+
 #[tokio::test]
 async fn deliveries_end_when_the_connection_does() {
     for url in broker_urls() {

@@ -6,7 +6,8 @@
 //! worker's messages come back, and also how a live worker's long task used to run a second
 //! time. So while a message is held, its score is moved forward: one renewer per connection
 //! scores every held tag with the current time in one round trip, at an interval well within
-//! the timeout. When the process dies, renewal stops and the restore works as before.
+//! the timeout, over the connection settlements use, which is made again when lost. When the
+//! process dies, renewal stops and the restore works as before.
 //!
 //! `ZADD XX` only updates members that exist: a tag settled (or restored) between the renewer's
 //! snapshot and its write is not recorded again, so a renewal cannot resurrect a settled
@@ -16,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{layout, now_seconds};
@@ -53,7 +54,7 @@ impl Leases {
     }
 
     /// Scores every held tag with the current time, in one round trip; returns how many.
-    async fn renew(&self, connection: &MultiplexedConnection) -> redis::RedisResult<usize> {
+    async fn renew(&self, connection: &ConnectionManager) -> redis::RedisResult<usize> {
         let tags = self.snapshot();
         if tags.is_empty() {
             return Ok(0);
@@ -99,7 +100,7 @@ pub(super) fn renew_every(visibility_timeout: u64) -> Duration {
 /// Renews `leases` on `connection` every [`renew_every`] until `closing` is cancelled.
 pub(super) async fn keep_renewing(
     leases: Arc<Leases>,
-    connection: MultiplexedConnection,
+    connection: ConnectionManager,
     visibility_timeout: u64,
     closing: CancellationToken,
 ) {

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -90,6 +90,10 @@ fn now_seconds() -> f64 {
 pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
+    /// Where deliveries are settled and their leases renewed: made again when lost, so that a
+    /// task still running when its consumer's connection broke is acked (not run again) and
+    /// stays leased meanwhile. Consumers keep the plain connection, whose loss they report.
+    settling: ConnectionManager,
     /// Queues whose binding this connection recorded (the most recently used ones).
     bound: Mutex<Remembered<()>>,
     /// The binding records of this connection's private subscriptions, `(key, member)`, taken
@@ -134,6 +138,7 @@ impl RedisBroker {
         )?;
         let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
+        let settling = ConnectionManager::new(client.clone()).await?;
         let moved = CancellationToken::new();
         let watching = sentinel.map(|sentinel| {
             let (stop, moved, master) = (
@@ -153,6 +158,7 @@ impl RedisBroker {
         Ok(Self {
             client,
             connection,
+            settling,
             bound: Mutex::default(),
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
@@ -200,7 +206,7 @@ impl RedisBroker {
         });
         let renewer = tokio::spawn(lease::keep_renewing(
             self.leases.clone(),
-            self.connection.clone(),
+            self.settling.clone(),
             timeout,
             self.closing.clone(),
         ));
@@ -286,7 +292,7 @@ impl Broker for RedisBroker {
             prefetch,
             outside: std::sync::atomic::AtomicU16::new(0),
         });
-        let leases = self.leases.clone();
+        let (leases, settling) = (self.leases.clone(), self.settling.clone());
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
@@ -368,15 +374,7 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .zip(free)
                     .map(|((list, raw), slot)| {
-                        delivery(
-                            &connection,
-                            &leases,
-                            &holding,
-                            list,
-                            raw,
-                            slot,
-                            puller.task(),
-                        )
+                        delivery(&settling, &leases, &holding, list, raw, slot, puller.task())
                     })
                     .collect();
                 puller.fetched(fetch);

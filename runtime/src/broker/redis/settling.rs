@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout;
@@ -18,9 +18,10 @@ use crate::error::Result;
 use crate::protocol::envelope;
 
 /// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`,
-/// its record renewed by `leases` until it is settled.
+/// its record renewed by `leases` until it is settled over `connection` (one that reconnects:
+/// a task that outlives its consumer's connection is still acked, not run again).
 pub(super) fn delivery(
-    connection: &MultiplexedConnection,
+    connection: &ConnectionManager,
     leases: &Arc<Leases>,
     holding: &Arc<Holding>,
     list: String,
@@ -67,7 +68,7 @@ pub(super) fn delivery(
 }
 
 struct RedisAcker {
-    connection: MultiplexedConnection,
+    connection: ConnectionManager,
     /// Keeps the record fresh until the acker is consumed by its settlement (or dropped); a
     /// renewal racing the settlement cannot bring the record back (see [`super::lease`]).
     _lease: Lease,
@@ -130,8 +131,11 @@ impl Drop for RedisAcker {
 }
 
 /// Drops the unacked record of `tag`, pushing the message back to the tail of `list` if asked.
+/// A drop alone that failed with its connection is sent once more, over the connection made
+/// again: dropping a record twice is harmless and a record left behind is a run repeated. A
+/// push back is sent once, since one the server took before the connection broke would run twice.
 async fn forget(
-    connection: &MultiplexedConnection,
+    connection: &ConnectionManager,
     tag: &str,
     back: Option<(&str, &[u8])>,
 ) -> Result<()> {
@@ -142,7 +146,14 @@ async fn forget(
     if let Some((list, raw)) = back {
         pipe.lpush(list, raw);
     }
-    pipe.query_async::<()>(&mut connection.clone()).await?;
+    let first = pipe.query_async::<()>(&mut connection.clone()).await;
+    match first {
+        Err(error) if back.is_none() && error.is_unrecoverable_error() => {
+            tracing::warn!(%tag, %error, "settling again over a new connection");
+            pipe.query_async::<()>(&mut connection.clone()).await?;
+        }
+        settled => settled?,
+    }
     Ok(())
 }
 
