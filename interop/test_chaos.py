@@ -411,16 +411,18 @@ def test_nothing_is_lost_under_chaos(chaos_setup):
 LONG_TASKS = 24  # one per slot of the three workers
 LONG_SECONDS = 15.0  # each, longer than VISIBILITY_TIMEOUT
 KILL_AT = 5.0  # seconds after the tasks were sent, one worker is SIGKILLed and replaced
+CUT_AT = 8.0  # and every connection to the test's Redis databases is cut
 
 
 @pytest.mark.parametrize("chaos_setup", ["redis"], indirect=True)
 @pytest.mark.timeout(240)
 def test_long_tasks_run_twice_only_when_their_worker_dies(chaos_setup):
     """``LONG_TASKS`` acks_late tasks of ``LONG_SECONDS`` (past the visibility timeout) on three
-    Rust workers taking one task per slot; one worker is killed ``KILL_AT`` s in and replaced.
-    Counts tasks completed more than once: a worker that lives renews what it holds, so only the
-    killed worker's tasks may run again (they never completed on it), each once more."""
-    setup, _ = chaos_setup
+    Rust workers taking one task per slot; one worker is killed ``KILL_AT`` s in and replaced, and
+    ``CUT_AT`` s in every connection to the broker and results is cut. Counts tasks completed more
+    than once: a worker that lives renews what it holds, over a connection it makes again, so only
+    the killed worker's tasks may run again (they never completed on it), each once more."""
+    setup, vhost = chaos_setup
     cluster = Cluster(setup, env={**WORKER_ENV, "CELERY_WORKER_PREFETCH_MULTIPLIER": "1"})
     began = time.monotonic()
     try:
@@ -437,6 +439,8 @@ def test_long_tasks_run_twice_only_when_their_worker_dies(chaos_setup):
         held_by_victim = {i for i, m in zip(ids, setup.result_metas(ids)) if m["worker"] == victim.hostname}
         victim.process.kill()
         cluster.start(0)
+        time.sleep(max(0.0, sent + CUT_AT - time.monotonic()))
+        clients_cut = cut_connections(setup, vhost)
 
         def succeeded() -> int:
             return sum(1 for m in setup.result_metas(ids) if m and m["status"] == "SUCCESS")
@@ -455,6 +459,7 @@ def test_long_tasks_run_twice_only_when_their_worker_dies(chaos_setup):
         "seconds_each": LONG_SECONDS,
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "held_by_killed_worker": len(held_by_victim),
+        "redis_clients_cut": clients_cut,
         "completed_more_than_once": len(twice),
         "of_which_held_by_killed_worker": len(set(twice) & held_by_victim),
         "most_completions": max((len(runs.get(task_id, [])) for task_id in ids), default=0),
