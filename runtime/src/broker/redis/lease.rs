@@ -6,8 +6,9 @@
 //! worker's messages come back, and also how a live worker's long task used to run a second
 //! time. So while a message is held, its score is moved forward: one renewer per connection
 //! scores every held tag with the current time in one round trip, at an interval well within
-//! the timeout, over the connection settlements use, which is made again when lost. When the
-//! process dies, renewal stops and the restore works as before.
+//! the timeout, over the connection settlements use, which is made again when lost and follows
+//! a Sentinel failover to the new master. When the process dies, renewal stops and the restore
+//! works as before.
 //!
 //! `ZADD XX` only updates members that exist: a tag settled (or restored) between the renewer's
 //! snapshot and its write is not recorded again, so a renewal cannot resurrect a settled
@@ -17,10 +18,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{layout, now_seconds};
+use crate::sentinel::Following;
 
 /// Tags renewed per `ZADD`; a renewal sends them all in one pipeline.
 const TAGS_PER_COMMAND: usize = 1_000;
@@ -54,7 +55,7 @@ impl Leases {
     }
 
     /// Scores every held tag with the current time, in one round trip; returns how many.
-    async fn renew(&self, connection: &ConnectionManager) -> redis::RedisResult<usize> {
+    async fn renew(&self, connection: &Following) -> redis::RedisResult<usize> {
         let tags = self.snapshot();
         if tags.is_empty() {
             return Ok(0);
@@ -100,7 +101,7 @@ pub(super) fn renew_every(visibility_timeout: u64) -> Duration {
 /// Renews `leases` on `connection` every [`renew_every`] until `closing` is cancelled.
 pub(super) async fn keep_renewing(
     leases: Arc<Leases>,
-    connection: ConnectionManager,
+    connection: Following,
     visibility_timeout: u64,
     closing: CancellationToken,
 ) {

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use super::{
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
+use crate::sentinel::Following;
 mod lease;
 mod settling;
 
@@ -90,10 +91,11 @@ fn now_seconds() -> f64 {
 pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
-    /// Where deliveries are settled and their leases renewed: made again when lost, so that a
-    /// task still running when its consumer's connection broke is acked (not run again) and
-    /// stays leased meanwhile. Consumers keep the plain connection, whose loss they report.
-    settling: ConnectionManager,
+    /// Where deliveries are settled and their leases renewed: made again when lost, and moved
+    /// to the new master after a Sentinel failover, so that a task still running when its
+    /// consumer's connection broke stays leased and is acked (not run again). Consumers keep
+    /// the plain connection, whose loss they report.
+    settling: Following,
     /// Queues whose binding this connection recorded (the most recently used ones).
     bound: Mutex<Remembered<()>>,
     /// The binding records of this connection's private subscriptions, `(key, member)`, taken
@@ -138,7 +140,7 @@ impl RedisBroker {
         )?;
         let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
-        let settling = ConnectionManager::new(client.clone()).await?;
+        let settling = Following::new(client.clone(), sentinel.clone()).await?;
         let moved = CancellationToken::new();
         let watching = sentinel.map(|sentinel| {
             let (stop, moved, master) = (

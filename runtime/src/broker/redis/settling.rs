@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout;
@@ -16,12 +15,14 @@ use crate::broker::arrival::Arrival;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::envelope;
+use crate::sentinel::Following;
 
 /// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`,
-/// its record renewed by `leases` until it is settled over `connection` (one that reconnects:
-/// a task that outlives its consumer's connection is still acked, not run again).
+/// its record renewed by `leases` until it is settled over `connection` (one that reconnects
+/// and follows the Sentinel master: a task that outlives its consumer's connection is still
+/// acked, not run again).
 pub(super) fn delivery(
-    connection: &ConnectionManager,
+    connection: &Following,
     leases: &Arc<Leases>,
     holding: &Arc<Holding>,
     list: String,
@@ -68,7 +69,7 @@ pub(super) fn delivery(
 }
 
 struct RedisAcker {
-    connection: ConnectionManager,
+    connection: Following,
     /// Keeps the record fresh until the acker is consumed by its settlement (or dropped); a
     /// renewal racing the settlement cannot bring the record back (see [`super::lease`]).
     _lease: Lease,
@@ -134,11 +135,7 @@ impl Drop for RedisAcker {
 /// A drop alone that failed with its connection is sent once more, over the connection made
 /// again: dropping a record twice is harmless and a record left behind is a run repeated. A
 /// push back is sent once, since one the server took before the connection broke would run twice.
-async fn forget(
-    connection: &ConnectionManager,
-    tag: &str,
-    back: Option<(&str, &[u8])>,
-) -> Result<()> {
+async fn forget(connection: &Following, tag: &str, back: Option<(&str, &[u8])>) -> Result<()> {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .zrem(layout::UNACKED_INDEX, tag)
