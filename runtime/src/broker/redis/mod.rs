@@ -91,11 +91,14 @@ fn now_seconds() -> f64 {
 pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
-    /// Where deliveries are settled and their leases renewed: made again when lost, and moved
-    /// to the new master after a Sentinel failover, so that a task still running when its
-    /// consumer's connection broke stays leased and is acked (not run again). Consumers keep
-    /// the plain connection, whose loss they report.
-    settling: Following,
+    /// Where deliveries are settled and their leases renewed, made at the first `consume` (a
+    /// broker that only publishes needs none): made again when lost, and moved to the new
+    /// master after a Sentinel failover, so that a task still running when its consumer's
+    /// connection broke stays leased and is acked (not run again). Consumers keep the plain
+    /// connection, whose loss they report.
+    settling: tokio::sync::OnceCell<Following>,
+    /// The sentinels of a `sentinel://` broker, for `settling` to follow the master.
+    sentinel: Option<crate::sentinel::Sentinel>,
     /// Queues whose binding this connection recorded (the most recently used ones).
     bound: Mutex<Remembered<()>>,
     /// The binding records of this connection's private subscriptions, `(key, member)`, taken
@@ -140,9 +143,8 @@ impl RedisBroker {
         )?;
         let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
-        let settling = Following::new(client.clone(), sentinel.clone()).await?;
         let moved = CancellationToken::new();
-        let watching = sentinel.map(|sentinel| {
+        let watching = sentinel.clone().map(|sentinel| {
             let (stop, moved, master) = (
                 CancellationToken::new(),
                 moved.clone(),
@@ -160,7 +162,8 @@ impl RedisBroker {
         Ok(Self {
             client,
             connection,
-            settling,
+            settling: tokio::sync::OnceCell::new(),
+            sentinel,
             bound: Mutex::default(),
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
@@ -177,8 +180,8 @@ impl RedisBroker {
     /// Starts, once per connection, the periodic restore of messages whose consumer kept them
     /// unacked past the visibility timeout (it died): kombu's recovery, so Python and Rust
     /// consumers recover each other's work; and the renewal of what this connection holds, so
-    /// that no consumer takes for dead a live one's message.
-    async fn start_upkeep(&self) {
+    /// that no consumer takes for dead a live one's message (over `settling`).
+    async fn start_upkeep(&self, settling: &Following) {
         if self
             .restoring
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -208,7 +211,7 @@ impl RedisBroker {
         });
         let renewer = tokio::spawn(lease::keep_renewing(
             self.leases.clone(),
-            self.settling.clone(),
+            settling.clone(),
             timeout,
             self.closing.clone(),
         ));
@@ -287,14 +290,19 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
-        self.start_upkeep().await;
+        let settling = self
+            .settling
+            .get_or_try_init(|| Following::new(self.client.clone(), self.sentinel.clone()))
+            .await?
+            .clone();
+        self.start_upkeep(&settling).await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let holding = Arc::new(Holding {
             prefetch,
             outside: std::sync::atomic::AtomicU16::new(0),
         });
-        let (leases, settling) = (self.leases.clone(), self.settling.clone());
+        let leases = self.leases.clone();
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
