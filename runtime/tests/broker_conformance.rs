@@ -366,21 +366,26 @@ async fn a_held_message_widens_the_window_up_to_its_bound() {
     }
 }
 
+/// A message a live consumer holds unsettled (running with `task_acks_late`, or held for its
+/// ETA) is never restored, however long past the visibility timeout, by another consumer of
+/// the database; once its consumer is gone (renewal stopped, nothing settled) it is, marked
+/// redelivered. A message settled meanwhile stays settled: renewal does not bring its record back.
 #[tokio::test]
-async fn redis_keeps_a_message_held_for_its_eta_past_the_visibility_timeout() {
+async fn redis_restores_what_a_consumer_holds_only_once_it_is_gone() {
     use runtime::config::TransportOptions;
     let url = common::isolated_redis_url();
-    let queue = unique_queue("held");
+    let queue = unique_queue("lease");
+    let visibility_timeout = 2;
     let options = TransportOptions {
-        visibility_timeout: 2,
+        visibility_timeout,
         ..Default::default()
     };
-    let broker = broker::connect_with(&url, &options, None).await.unwrap();
-    let (held, left) = (request(7), request(8));
-    broker.publish(&queue, &held.encode()).await.unwrap();
-    broker.publish(&queue, &left.encode()).await.unwrap();
-    // Room for a restored copy of each, so that only the restorer decides what comes again.
-    let mut deliveries = broker
+    let holder = broker::connect_with(&url, &options, None).await.unwrap();
+    let (running, held, settled) = (request(7), request(8), request(9));
+    for sent in [&running, &held, &settled] {
+        holder.publish(&queue, &sent.encode()).await.unwrap();
+    }
+    let mut deliveries = holder
         .consume(std::slice::from_ref(&queue), 3)
         .await
         .unwrap();
@@ -389,28 +394,142 @@ async fn redis_keeps_a_message_held_for_its_eta_past_the_visibility_timeout() {
             .unwrap()
             .id
     };
-    let mut first = next(&mut deliveries).await;
-    let second = next(&mut deliveries).await;
+    let first = next(&mut deliveries).await;
+    let mut second = next(&mut deliveries).await;
+    let third = next(&mut deliveries).await;
     assert_eq!(
-        (id(&first), id(&second)),
-        (held.id.clone(), left.id.clone())
+        [id(&first), id(&second), id(&third)],
+        [running.id.clone(), held.id.clone(), settled.id.clone()]
     );
-    first.settle.hold(u16::MAX).await;
-    // The one not held, unsettled past the timeout, is restored and comes again; the held one
-    // does not, for several timeouts.
-    let again = within(10, "the message not held, restored", deliveries.recv())
+    second.settle.hold(u16::MAX).await;
+    third.settle.ack().await.unwrap();
+
+    // Another consumer of the queue, whose restorer looks every second.
+    let other = broker::connect_with(&url, &options, None).await.unwrap();
+    let mut elsewhere = other
+        .consume(std::slice::from_ref(&queue), 3)
         .await
         .unwrap();
-    assert_eq!(id(&again), left.id);
-    // Settled, so that it does not come a third time; the restored copy settles the record
-    // both copies share.
-    again.settle.ack().await.unwrap();
-    drop(second);
-    let more = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.recv()).await;
-    assert!(more.is_err(), "the held message was restored");
-    first.settle.ack().await.unwrap();
-    broker.delete_queue(&queue).await.unwrap();
-    broker.close().await.unwrap();
+    let mut redis = raw_redis(&url).await;
+    let quiet_for = std::time::Duration::from_secs(3 * visibility_timeout);
+    let restored = tokio::time::timeout(quiet_for, elsewhere.recv()).await;
+    assert!(
+        restored.is_err(),
+        "a message its live consumer holds was restored"
+    );
+    assert!(!is_unacked(&mut redis, &third.tag).await);
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("unacked_index")
+        .arg(&third.tag)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(score, None, "renewal brought a settled record back");
+
+    // The holder dies: nothing settled, and its renewal stops with it.
+    std::mem::forget(first.settle);
+    std::mem::forget(second.settle);
+    holder.close().await.unwrap();
+    drop(deliveries);
+    let mut back = Vec::new();
+    for _ in 0..2 {
+        let again = within(15, "a restored message", elsewhere.recv())
+            .await
+            .expect("consumer stopped");
+        assert!(again.redelivered);
+        back.push(id(&again));
+        again.settle.ack().await.unwrap();
+    }
+    back.sort();
+    let mut expected = vec![running.id, held.id];
+    expected.sort();
+    assert_eq!(back, expected);
+    drop(elsewhere);
+    other.delete_queue(&queue).await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// A message held while its consumer's connection is cut (`CLIENT KILL`) stays leased and is
+/// acked afterwards: the worker finishing a task after its connection broke does not leave it to
+/// be restored and run again. Database 9 is this test's alone: every client of it is cut.
+#[tokio::test]
+async fn redis_keeps_and_acks_a_message_held_across_a_lost_connection() {
+    use runtime::config::TransportOptions;
+    let url =
+        std::env::var("TEST_CUT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/9".into());
+    let queue = unique_queue("cut");
+    let visibility_timeout = 2;
+    let options = TransportOptions {
+        visibility_timeout,
+        ..Default::default()
+    };
+    let holder = broker::connect_with(&url, &options, None).await.unwrap();
+    holder.publish(&queue, &request(5).encode()).await.unwrap();
+    let mut deliveries = holder
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let running = next(&mut deliveries).await;
+
+    let db: i64 = url.rsplit('/').next().unwrap().parse().unwrap();
+    let cut = cut_clients_of(db).await;
+    assert!(cut >= 2, "cut {cut} connections");
+
+    let other = broker::connect_with(&url, &options, None).await.unwrap();
+    let mut elsewhere = other
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let quiet_for = std::time::Duration::from_secs(3 * visibility_timeout);
+    let restored = tokio::time::timeout(quiet_for, elsewhere.recv()).await;
+    assert!(
+        restored.is_err(),
+        "a message held across the cut was restored"
+    );
+    running.settle.ack().await.unwrap();
+    let mut redis = raw_redis(&url).await;
+    assert!(!is_unacked(&mut redis, &running.tag).await);
+    // Its window free again, the consumer finds its connection gone (the worker reconnects).
+    let ended = within(10, "the consumer to stop", deliveries.recv()).await;
+    assert!(ended.is_none());
+    drop(elsewhere);
+    other.delete_queue(&queue).await.unwrap();
+    other.close().await.unwrap();
+    holder.close().await.unwrap();
+}
+
+/// `CLIENT KILL` of every connection whose current database is `db`; returns how many.
+async fn cut_clients_of(db: i64) -> usize {
+    let mut killer = raw_redis(&common::redis_url()).await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut killer)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut killer)
+        .await
+        .unwrap();
+    let mut cut = 0;
+    for line in list.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|pair| pair.strip_prefix(name))
+                .and_then(|value| value.parse::<i64>().ok())
+        };
+        if field("db=") == Some(db) && field("id=") != Some(me) {
+            let id = field("id=").unwrap();
+            cut += redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async::<usize>(&mut killer)
+                .await
+                .unwrap();
+        }
+    }
+    cut
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //! (a consumer killed in between loses the message), we take and record it in one server-side
 //! script. A script cannot block, so an idle consumer waits apart from taking: it blocks (on a
 //! connection of its own) until its queue's list holds a message, without removing it, then runs
-//! the script. See [`wait_for_work`]. What is taken is settled as [`settling`] says.
+//! the script. See [`wait_for_work`]. What is taken is settled as [`settling`] says, and until
+//! then its record is kept from the restore by its [`lease`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,8 +28,11 @@ use super::{
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, DeliveryInfo};
+use crate::sentinel::Following;
+mod lease;
 mod settling;
 
+use lease::Leases;
 use settling::{delivery, Holding};
 
 use crate::protocol::kombu_redis as layout;
@@ -87,15 +91,25 @@ fn now_seconds() -> f64 {
 pub struct RedisBroker {
     client: redis::Client,
     connection: MultiplexedConnection,
+    /// Where deliveries are settled and their leases renewed, made at the first `consume` (a
+    /// broker that only publishes needs none): made again when lost, and moved to the new
+    /// master after a Sentinel failover, so that a task still running when its consumer's
+    /// connection broke stays leased and is acked (not run again). Consumers keep the plain
+    /// connection, whose loss they report.
+    settling: tokio::sync::OnceCell<Following>,
+    /// The sentinels of a `sentinel://` broker, for `settling` to follow the master.
+    sentinel: Option<crate::sentinel::Sentinel>,
     /// Queues whose binding this connection recorded (the most recently used ones).
     bound: Mutex<Remembered<()>>,
     /// The binding records of this connection's private subscriptions, `(key, member)`, taken
     /// back at close as kombu does when it deletes an auto-delete queue: else every worker
     /// that ever ran stays listed under `_kombu.binding.celery.pidbox`.
     subscribed: Mutex<Vec<(String, String)>>,
-    /// The fetch loops, awaited at close so a message taken by the last poll goes back, and the
-    /// restorer, awaited so it never leaves kombu's restore mutex held.
+    /// The fetch loops, awaited at close so a message taken by the last poll goes back, the
+    /// restorer, awaited so it never leaves kombu's restore mutex held, and the lease renewer.
     consumers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What this connection's consumers hold unsettled, renewed until settled.
+    leases: Arc<Leases>,
     /// Cancelled by `close`: fetch loops stop at their next turn.
     closing: CancellationToken,
     /// The order of task messages fetched and control requests heard, so that a request does
@@ -130,7 +144,7 @@ impl RedisBroker {
         let client = crate::sentinel::open(url, sentinel.as_ref(), ssl).await?;
         let connection = client.get_multiplexed_async_connection().await?;
         let moved = CancellationToken::new();
-        let watching = sentinel.map(|sentinel| {
+        let watching = sentinel.clone().map(|sentinel| {
             let (stop, moved, master) = (
                 CancellationToken::new(),
                 moved.clone(),
@@ -148,9 +162,12 @@ impl RedisBroker {
         Ok(Self {
             client,
             connection,
+            settling: tokio::sync::OnceCell::new(),
+            sentinel,
             bound: Mutex::default(),
             subscribed: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
+            leases: Arc::default(),
             closing: CancellationToken::new(),
             arrivals: Arc::default(),
             visibility_timeout: options.visibility_timeout,
@@ -162,8 +179,9 @@ impl RedisBroker {
 
     /// Starts, once per connection, the periodic restore of messages whose consumer kept them
     /// unacked past the visibility timeout (it died): kombu's recovery, so Python and Rust
-    /// consumers recover each other's work.
-    async fn start_restoring(&self) {
+    /// consumers recover each other's work; and the renewal of what this connection holds, so
+    /// that no consumer takes for dead a live one's message (over `settling`).
+    async fn start_upkeep(&self, settling: &Following) {
         if self
             .restoring
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -191,7 +209,13 @@ impl RedisBroker {
                 }
             }
         });
-        self.consumers.lock().await.push(restorer);
+        let renewer = tokio::spawn(lease::keep_renewing(
+            self.leases.clone(),
+            settling.clone(),
+            timeout,
+            self.closing.clone(),
+        ));
+        self.consumers.lock().await.extend([restorer, renewer]);
     }
 
     /// Records the queue's binding to its direct exchange, as Celery's declare does, so
@@ -266,14 +290,19 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
-        self.start_restoring().await;
+        let settling = self
+            .settling
+            .get_or_try_init(|| Following::new(self.client.clone(), self.sentinel.clone()))
+            .await?
+            .clone();
+        self.start_upkeep(&settling).await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let holding = Arc::new(Holding {
             prefetch,
             outside: std::sync::atomic::AtomicU16::new(0),
-            visibility_timeout: self.visibility_timeout,
         });
+        let leases = self.leases.clone();
         let (sender, receiver) = mpsc::channel(usize::from(prefetch).max(1));
         let mut queues = queues.to_vec();
         let closing = self.closing.clone();
@@ -355,7 +384,7 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .zip(free)
                     .map(|((list, raw), slot)| {
-                        delivery(&connection, &holding, list, raw, slot, puller.task())
+                        delivery(&settling, &leases, &holding, list, raw, slot, puller.task())
                     })
                     .collect();
                 puller.fetched(fetch);

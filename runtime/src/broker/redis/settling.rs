@@ -1,25 +1,29 @@
 //! A message taken from a Redis queue and how it is settled, as kombu's Redis transport does
-//! it: an ack drops its `unacked` record, a reject drops it and may push the message back, and a
-//! message held for its ETA keeps its record fresh so no visibility timeout restores it.
+//! it: an ack drops its `unacked` record, a reject drops it and may push the message back. Until
+//! then its record is kept fresh by its [`Lease`], so no visibility timeout restores it, and a
+//! message held for its ETA waits outside its consumer's prefetch window.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 
-use super::{layout, now_seconds};
+use super::layout;
+use super::lease::{Lease, Leases};
 use crate::broker::arrival::Arrival;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::envelope;
+use crate::sentinel::Following;
 
-/// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`.
+/// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`,
+/// its record renewed by `leases` until it is settled over `connection` (one that reconnects
+/// and follows the Sentinel master: a task that outlives its consumer's connection is still
+/// acked, not run again).
 pub(super) fn delivery(
-    connection: &MultiplexedConnection,
+    connection: &Following,
+    leases: &Arc<Leases>,
     holding: &Arc<Holding>,
     list: String,
     raw: Vec<u8>,
@@ -44,12 +48,12 @@ pub(super) fn delivery(
             tag: tag.clone(),
             settle: Settle::new(RedisAcker {
                 connection: connection.clone(),
+                _lease: leases.take(&tag),
                 tag,
                 list,
                 raw,
                 slot: std::sync::Mutex::new(Some(slot)),
                 holding: holding.clone(),
-                keeping: std::sync::Mutex::new(None),
             }),
             arrival,
         },
@@ -65,7 +69,10 @@ pub(super) fn delivery(
 }
 
 struct RedisAcker {
-    connection: MultiplexedConnection,
+    connection: Following,
+    /// Keeps the record fresh until the acker is consumed by its settlement (or dropped); a
+    /// renewal racing the settlement cannot bring the record back (see [`super::lease`]).
+    _lease: Lease,
     tag: String,
     list: String,
     raw: Vec<u8>,
@@ -73,8 +80,6 @@ struct RedisAcker {
     /// no more than its prefetch.
     slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
     holding: Arc<Holding>,
-    /// While held for an ETA: stops keeping its unacked record fresh when dropped.
-    keeping: std::sync::Mutex<Option<tokio_util::sync::DropGuard>>,
 }
 
 /// What one consumer holds outside its prefetch window.
@@ -82,7 +87,6 @@ pub(super) struct Holding {
     pub(super) prefetch: u16,
     /// Messages held for their ETA whose slot was given back.
     pub(super) outside: std::sync::atomic::AtomicU16,
-    pub(super) visibility_timeout: u64,
 }
 
 #[async_trait]
@@ -99,40 +103,12 @@ impl Acker for RedisAcker {
         forget(&self.connection, &self.tag, back).await
     }
 
-    /// Gives the prefetch slot back (our accounting is the window), and keeps the unacked
-    /// record's time fresh: kombu lets a message held past `visibility_timeout` be restored to
-    /// another worker, which then holds (and later runs) it too.
+    /// Gives the prefetch slot back (our accounting is the window). A message once outside the
+    /// window stays outside (counted in `outside`) until settled, so messages due together
+    /// cannot pull in more behind them: `unhold` has nothing to do. Its record stays fresh by
+    /// its lease, as every held message's does (kombu lets a message held past
+    /// `visibility_timeout` be restored to another worker, which then holds and runs it too).
     async fn hold(&self, max: u16) -> bool {
-        let keep = CancellationToken::new();
-        *self.keeping.lock().expect("keeping lock") = Some(keep.clone().drop_guard());
-        let mut connection = self.connection.clone();
-        let tag = self.tag.clone();
-        // Well within the timeout, so no restorer finds the record old between two refreshes.
-        let every = Duration::from_millis(
-            self.holding
-                .visibility_timeout
-                .saturating_mul(250)
-                .clamp(100, 60_000),
-        );
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    () = keep.cancelled() => break,
-                    _ = ticks.tick() => {}
-                }
-                let fresh = redis::cmd("ZADD")
-                    .arg(layout::UNACKED_INDEX)
-                    .arg("XX")
-                    .arg(now_seconds())
-                    .arg(&tag)
-                    .query_async::<()>(&mut connection)
-                    .await;
-                if let Err(error) = fresh {
-                    tracing::warn!(%tag, %error, "cannot keep a held message's unacked record fresh");
-                }
-            }
-        });
         let outside = &self.holding.outside;
         let widened = outside
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -143,12 +119,6 @@ impl Acker for RedisAcker {
             drop(self.slot.lock().expect("slot lock").take());
         }
         widened
-    }
-
-    /// Stops the refresh only: a message once outside the window stays outside (counted in
-    /// `outside`) until settled, so messages due together cannot pull in more behind them.
-    async fn unhold(&self, _widened: bool) {
-        drop(self.keeping.lock().expect("keeping lock").take());
     }
 }
 
@@ -162,11 +132,10 @@ impl Drop for RedisAcker {
 }
 
 /// Drops the unacked record of `tag`, pushing the message back to the tail of `list` if asked.
-async fn forget(
-    connection: &MultiplexedConnection,
-    tag: &str,
-    back: Option<(&str, &[u8])>,
-) -> Result<()> {
+/// A drop alone that failed with its connection is sent once more, over the connection made
+/// again: dropping a record twice is harmless and a record left behind is a run repeated. A
+/// push back is sent once, since one the server took before the connection broke would run twice.
+async fn forget(connection: &Following, tag: &str, back: Option<(&str, &[u8])>) -> Result<()> {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .zrem(layout::UNACKED_INDEX, tag)
@@ -174,7 +143,14 @@ async fn forget(
     if let Some((list, raw)) = back {
         pipe.lpush(list, raw);
     }
-    pipe.query_async::<()>(&mut connection.clone()).await?;
+    let first = pipe.query_async::<()>(&mut connection.clone()).await;
+    match first {
+        Err(error) if back.is_none() && error.is_unrecoverable_error() => {
+            tracing::warn!(%tag, %error, "settling again over a new connection");
+            pipe.query_async::<()>(&mut connection.clone()).await?;
+        }
+        settled => settled?,
+    }
     Ok(())
 }
 
