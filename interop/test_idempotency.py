@@ -44,20 +44,25 @@ def rows(app: WebApp, sql: str) -> str:
     return psql(sql, database=app.database, server=app.server)
 
 
+def burst(a: WebApp, b: WebApp, key: str, body: bytes) -> list[Reply]:
+    """``BURST`` requests with one key and body, half at each replica, released together."""
+    start = threading.Barrier(BURST)
+
+    def fire(app: WebApp) -> Reply:
+        start.wait(timeout=30)
+        return post_keyed(app, key, body)
+
+    with ThreadPoolExecutor(BURST) as pool:
+        return list(pool.map(fire, [a, b] * (BURST // 2)))
+
+
 @pytest.mark.timeout(180)
 def test_a_key_fired_at_two_replicas_at_once_makes_one_job_that_runs_once(broker, spawn_rust_worker):
     queue = broker.new_queue("idem")
     with replicas(broker, "burst") as (a, b):
         key = f"interop-{uuid.uuid4()}"
         body = json.dumps({"task": "tasks.add", "args": [40, 2], "queue": queue}).encode()
-        start = threading.Barrier(BURST)
-
-        def fire(app: WebApp) -> Reply:
-            start.wait(timeout=30)
-            return post_keyed(app, key, body)
-
-        with ThreadPoolExecutor(BURST) as pool:
-            replies = list(pool.map(fire, [a, b] * (BURST // 2)))
+        replies = burst(a, b, key, body)
 
         statuses = sorted(reply.status for reply in replies)
         assert statuses == [200] * (BURST - 1) + [202], replies
@@ -100,14 +105,7 @@ def test_a_chain_fired_at_two_replicas_at_once_is_one_workflow(broker, rust):
         key = f"interop-chain-{uuid.uuid4()}"
         body = json.dumps({"chain": [{"task": "tasks.add", "args": [2, 3]},
                                      {"task": "tasks.mul", "args": [10]}]}).encode()
-        start = threading.Barrier(BURST)
-
-        def fire(app: WebApp) -> Reply:
-            start.wait(timeout=30)
-            return post_keyed(app, key, body)
-
-        with ThreadPoolExecutor(BURST) as pool:
-            replies = list(pool.map(fire, [a, b] * (BURST // 2)))
+        replies = burst(a, b, key, body)
         assert sorted(reply.status for reply in replies) == [200] * (BURST - 1) + [202], replies
         answers = [reply.json() for reply in replies]
         assert all(answer == answers[0] for answer in answers), answers
