@@ -8,6 +8,8 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use tracing::warn;
+
 use crate::error::{Error, Result};
 
 /// Prefix of the Redis keys of cluster-wide limits: `rcelery-rate:<task name>`.
@@ -125,6 +127,27 @@ pub async fn reserve_shared(
     Ok(Duration::from_micros(micros))
 }
 
+/// [`reserve_shared`] on `connection()`, asked again while Redis fails, the waits doubling from
+/// 0.1 s to 5 s. It fails closed: no start goes past the limit for want of Redis, and none is
+/// taken until Redis answers; the caller ends the wait (the worker's, at shutdown or a revoke).
+pub async fn reserve_shared_or_hold<C: redis::aio::ConnectionLike>(
+    mut connection: impl FnMut() -> C,
+    key: &str,
+    per_second: f64,
+) -> Duration {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match reserve_shared(&mut connection(), key, per_second).await {
+            Ok(wait) => return wait,
+            Err(error) => {
+                warn!(%key, %error, retry_in = ?backoff, "cluster rate limiter unreachable, holding the task");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +179,60 @@ mod tests {
         assert_eq!(
             bucket.reserve(start + Duration::from_secs(2)),
             Duration::ZERO
+        );
+    }
+
+    /// A Redis that refuses the first `failures` commands, then answers every script "wait
+    /// 250 ms"; its clones (one connection each) count in `asked` together.
+    #[derive(Clone)]
+    struct Flaky {
+        failures: usize,
+        asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl redis::aio::ConnectionLike for Flaky {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            _: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, redis::Value> {
+            let asked = 1 + self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = if asked <= self.failures {
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())
+            } else {
+                Ok(redis::Value::Int(250_000))
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+            unreachable!("the limiter sends no pipelines")
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_limiter_holds_the_task_until_it_answers() {
+        let flaky = Flaky {
+            failures: 2,
+            asked: Default::default(),
+        };
+        let began = Instant::now();
+        let wait = reserve_shared_or_hold(|| flaky.clone(), "rcelery-rate:t", 4.0).await;
+        assert_eq!(wait, Duration::from_millis(250));
+        assert_eq!(flaky.asked.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // Held 0.1 s, then 0.2 s, before the answer that let it go.
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            began.elapsed()
         );
     }
 

@@ -68,7 +68,10 @@ async fn limiters_of_four_workers_share_one_limit() {
     // Any one-second window holds the limit plus the one burst start; one more for the
     // timers, which can wake one start late and so bring it nearer the next.
     let most = most_in_window(&starts, Duration::from_secs(1));
-    assert!(most <= PER_SECOND as usize + 2, "{most} starts in one second");
+    assert!(
+        most <= PER_SECOND as usize + 2,
+        "{most} starts in one second"
+    );
     redis::cmd("DEL")
         .arg(&key)
         .query_async::<()>(&mut client.get_multiplexed_async_connection().await.unwrap())

@@ -188,20 +188,10 @@ impl Worker {
                 None => return bucket.reserve(Instant::now()),
             }
         };
+        // Fails closed while Redis is unreachable; the caller's select ends the wait at
+        // shutdown or on a revoke.
         let key = crate::rate::cluster_key(task);
-        let mut backoff = Duration::from_millis(100);
-        // Fails closed: while Redis cannot be asked the task waits (never past the limit) and
-        // asks again; the caller's select ends the loop at shutdown or on a revoke.
-        loop {
-            match crate::rate::reserve_shared(&mut backend.connection(), &key, per_second).await {
-                Ok(wait) => return wait,
-                Err(error) => {
-                    warn!(%task, %error, retry_in = ?backoff, "cluster rate limiter unreachable, holding the task");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        crate::rate::reserve_shared_or_hold(|| backend.connection(), &key, per_second).await
     }
 
     /// A handle that, once cancelled, turns the warm shutdown in progress into a cold one.
