@@ -63,13 +63,15 @@ fuzz: services
 # 10,000 tasks and 2,000 web jobs per broker; figures in interop/artifacts/chaos-*.json. The
 # RabbitMQ cluster losing a node (make test: 300 tasks, 60 web jobs) with 2,000 tasks and 2,000
 # web jobs: interop/artifacts/cluster.json. The Sentinel failovers (make test: 600 tasks, 120
-# web jobs) with 5,000 tasks and 1,000 web jobs: interop/artifacts/sentinel.json.
+# web jobs) with 5,000 tasks and 1,000 web jobs: interop/artifacts/sentinel.json. Four workers
+# sharing a cluster rate limit (make test: 20/s) at the issue's 60/m, 200 tasks (over 3 minutes).
 chaos: services venv build
 	CHAOS_TASKS=$${CHAOS_TASKS:-10000} CHAOS_WEB_JOBS=$${CHAOS_WEB_JOBS:-2000} \
 		CLUSTER_TASKS=$${CLUSTER_TASKS:-2000} CLUSTER_WEB_JOBS=$${CLUSTER_WEB_JOBS:-2000} \
 		SENTINEL_TASKS=$${SENTINEL_TASKS:-5000} SENTINEL_WEB_JOBS=$${SENTINEL_WEB_JOBS:-1000} \
+		RATE_LIMIT=$${RATE_LIMIT:-60/m} RATE_TASKS=$${RATE_TASKS:-200} \
 		RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q -rP interop/test_chaos.py interop/test_cluster.py \
-		interop/test_sentinel.py
+		interop/test_sentinel.py interop/test_rate.py
 
 # Ours against Python Celery on this machine, both brokers: bench/RESULTS.md, bench/results/.
 bench: services release

@@ -161,6 +161,17 @@ impl SslOptions {
     }
 }
 
+/// `task_rate_limit_scope`: who a task's `rate_limit` counts starts across.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitScope {
+    /// Each worker keeps the limit on its own, as Celery does: N workers start up to N times it.
+    #[default]
+    Worker,
+    /// All workers together keep it, through a limiter in the result backend's Redis.
+    Cluster,
+}
+
 /// Per-task settings of `task_annotations`, as Celery's annotations set task attributes.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +230,9 @@ pub struct CeleryConfig {
     pub worker_detect_quorum_queues: bool,
     /// Task name to per-task settings (`rate_limit`).
     pub task_annotations: BTreeMap<String, TaskAnnotation>,
+    /// Whether each worker keeps the `rate_limit`s on its own (`"worker"`, Celery's way) or
+    /// all together (`"cluster"`: needs a Redis `result_backend`, which holds the shared state).
+    pub task_rate_limit_scope: RateLimitScope,
     /// Task name (exact or glob with `*`) to route.
     pub task_routes: BTreeMap<String, Route>,
     /// Ack after the task ends instead of when it starts.
@@ -331,6 +345,7 @@ impl Default for CeleryConfig {
             broker_native_delayed_delivery_queue_type: QueueType::Quorum,
             worker_detect_quorum_queues: true,
             task_annotations: BTreeMap::new(),
+            task_rate_limit_scope: RateLimitScope::Worker,
             task_routes: BTreeMap::new(),
             task_acks_late: false,
             task_reject_on_worker_lost: false,
@@ -493,6 +508,13 @@ impl CeleryConfig {
             if let Some(rate) = &annotation.rate_limit {
                 crate::rate::parse(rate)?;
             }
+        }
+        // The shared limiter lives in the result backend's Redis; without one there is nothing
+        // to share, and silently limiting per worker would let N workers run N times the limit.
+        if self.task_rate_limit_scope == RateLimitScope::Cluster && self.result_backend.is_none() {
+            return Err(Error::Config(
+                "task_rate_limit_scope = \"cluster\" needs a Redis result_backend".into(),
+            ));
         }
         for (name, entry) in &self.beat_schedule {
             crate::schedule::Schedule::of(entry)
@@ -700,6 +722,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("topic"), "{error}");
+    }
+
+    #[test]
+    fn rate_limit_scope_is_worker_unless_set_and_cluster_needs_a_backend() {
+        let config = CeleryConfig::from_sources("", env(&[])).unwrap();
+        assert_eq!(config.task_rate_limit_scope, RateLimitScope::Worker);
+        let config = CeleryConfig::from_sources(
+            r#"result_backend = "redis://127.0.0.1:6379/0""#,
+            env(&[("CELERY_TASK_RATE_LIMIT_SCOPE", "cluster")]),
+        )
+        .unwrap();
+        assert_eq!(config.task_rate_limit_scope, RateLimitScope::Cluster);
+        let err = CeleryConfig::from_sources(r#"task_rate_limit_scope = "cluster""#, env(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("result_backend"), "{err}");
+        let err =
+            CeleryConfig::from_sources(r#"task_rate_limit_scope = "node""#, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("node"), "{err}");
     }
 
     #[test]

@@ -105,14 +105,9 @@ impl Worker {
                 tokio::time::sleep(wait).await;
                 settle.unhold().await;
             }
-            let rate_wait = self
-                .rate_limits
-                .lock()
-                .expect("rate lock")
-                .get_mut(&request.task)
-                .map(|b| b.reserve(Instant::now()));
-            if let Some(wait) = rate_wait.filter(|wait| !wait.is_zero()) {
-                tokio::time::sleep(wait).await;
+            let rate_wait = self.rate_wait(&request.task).await;
+            if !rate_wait.is_zero() {
+                tokio::time::sleep(rate_wait).await;
             }
             self.slots.acquire().await
         };

@@ -27,7 +27,7 @@ pub use node::{app_handle, expand_hostname};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use celery::Celery;
 use serde_json::{json, Map, Value};
@@ -38,7 +38,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, Delivery, Exchange, Subscription};
-use crate::config::CeleryConfig;
+use crate::config::{CeleryConfig, RateLimitScope};
 use crate::error::{Error, Result};
 use crate::events::{Clock, Events};
 use crate::metrics::WorkerMetrics;
@@ -167,6 +167,31 @@ impl Worker {
             Some(per_second) => limits.insert(task.to_string(), TokenBucket::new(per_second)),
             None => limits.remove(task),
         };
+    }
+
+    /// How long a message of `task` waits for its rate limit before it may start: a start
+    /// reserved from this worker's bucket or, with `task_rate_limit_scope = "cluster"`, from
+    /// the one all workers share in Redis, at the rate this worker has now (so a `rate_limit`
+    /// control command, broadcast to every worker, changes the shared spacing).
+    async fn rate_wait(&self, task: &str) -> Duration {
+        let shared = self
+            .backend
+            .as_ref()
+            .filter(|_| self.config.task_rate_limit_scope == RateLimitScope::Cluster);
+        let (per_second, backend) = {
+            let mut limits = self.rate_limits.lock().expect("rate lock");
+            let Some(bucket) = limits.get_mut(task) else {
+                return Duration::ZERO;
+            };
+            match shared {
+                Some(backend) => (bucket.per_second(), backend),
+                None => return bucket.reserve(Instant::now()),
+            }
+        };
+        // Fails closed while Redis is unreachable; the caller's select ends the wait at
+        // shutdown or on a revoke.
+        let key = crate::rate::cluster_key(task);
+        crate::rate::reserve_shared_or_hold(|| backend.connection(), &key, per_second).await
     }
 
     /// A handle that, once cancelled, turns the warm shutdown in progress into a cold one.
