@@ -45,6 +45,17 @@ return 0
     )
 });
 
+/// Sets KEYS[1] to the token ARGV[1] for ARGV[2] seconds unless it is set; returns nothing when
+/// set, else the token holding it, in one step so the holder named is the one that refused.
+static TAKE_UNLESS_HELD: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"#,
+    )
+});
+
 /// The key (and pub/sub channel) of a task's result.
 pub fn result_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
@@ -130,8 +141,24 @@ impl RedisBackend {
         self.connection.clone()
     }
 
+    /// Takes the lock `key` for `token` for `seconds`; `Some(holder)` when another token holds
+    /// it.
+    pub async fn take_unless_held(
+        &self,
+        key: &str,
+        token: &str,
+        seconds: u64,
+    ) -> Result<Option<String>> {
+        Ok(TAKE_UNLESS_HELD
+            .key(key)
+            .arg(token)
+            .arg(seconds)
+            .invoke_async(&mut self.connection())
+            .await?)
+    }
+
     /// Gives back the lock or claim `key` if `token` still holds it.
-    pub(crate) async fn delete_if_held(&self, key: &str, token: &str) -> Result<()> {
+    pub async fn delete_if_held(&self, key: &str, token: &str) -> Result<()> {
         DELETE_IF_HELD
             .key(key)
             .arg(token)

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
+use tracing::warn;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, Confirmation, QueueDepth};
@@ -23,6 +24,7 @@ use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::sending::{self, OnError, PublishStep};
 use crate::unconfirmed::Unconfirmed;
+use crate::unique;
 
 /// Messages sent with [`Client::send_task_pipelined`] whose confirmation may be awaited at once:
 /// enough to keep RabbitMQ's confirms streaming behind the sends, few enough to bound memory.
@@ -51,6 +53,17 @@ pub struct SendOptions {
     pub time_limit: Option<f64>,
     /// Seconds after which the task is told its soft limit passed.
     pub soft_time_limit: Option<f64>,
+    /// Refuse the send ([`Error::NotUnique`]) while the same task with the same arguments (or
+    /// the same `unique_key`) is queued or running; the lock lives at most this long.
+    pub unique_for: Option<Duration>,
+    /// The lock to take instead of the task name and its arguments; needs `unique_for`.
+    pub unique_key: Option<String>,
+}
+
+/// The unique lock a send takes: its name, as the message's header carries it, and its life.
+struct Lock {
+    name: String,
+    seconds: u64,
 }
 
 /// The broker connection and the events sent over it, replaced together after a failure.
@@ -139,8 +152,11 @@ impl Client {
         kwargs: Map<String, Value>,
         options: SendOptions,
     ) -> Result<AsyncResult> {
-        let (request, queue) = self.request(name, args, kwargs, options)?;
-        self.publish(&request, &queue).await?;
+        let (request, queue, lock) = self.request(name, args, kwargs, options)?;
+        self.take(lock.as_ref(), &request).await?;
+        let published = self.publish(&request, &queue).await;
+        self.give_back_unless_sent(lock.as_ref(), &request, published)
+            .await?;
         Ok(self.result(&request.id))
     }
 
@@ -155,9 +171,15 @@ impl Client {
         kwargs: Map<String, Value>,
         options: SendOptions,
     ) -> Result<Sent> {
-        let (request, queue) = self.request(name, args, kwargs, options)?;
+        let (request, queue, lock) = self.request(name, args, kwargs, options)?;
         let slot = self.unconfirmed.slot().await;
-        let confirmation = self.send(&request, &queue).await?;
+        self.take(lock.as_ref(), &request).await?;
+        // A message sent and then refused by the broker leaves its lock to expire: the refusal
+        // comes later, to whoever awaits the confirmation.
+        let sent = self.send(&request, &queue).await;
+        let confirmation = self
+            .give_back_unless_sent(lock.as_ref(), &request, sent)
+            .await?;
         let result = self.result(&request.id);
         Ok(Sent {
             confirmed: self.unconfirmed.watch(slot, request.id, confirmation),
@@ -172,15 +194,70 @@ impl Client {
         self.unconfirmed.flush().await
     }
 
-    /// The message of task `name` and the queue it goes to, as `options` say.
+    /// Takes `lock` for `request`, or says which task holds it.
+    async fn take(&self, lock: Option<&Lock>, request: &TaskRequest) -> Result<()> {
+        let Some(lock) = lock else {
+            return Ok(());
+        };
+        let backend = self.backend.as_ref().ok_or(Error::NoBackend)?;
+        let key = unique::lock_key(&lock.name);
+        match backend
+            .take_unless_held(&key, &request.id, lock.seconds)
+            .await?
+        {
+            None => Ok(()),
+            Some(holder) => Err(Error::NotUnique {
+                task: request.task.clone(),
+                lock: lock.name.clone(),
+                holder,
+            }),
+        }
+    }
+
+    /// Passes on `sent`; when it failed, gives back the `lock` taken for `request` first, since
+    /// no worker will.
+    async fn give_back_unless_sent<T>(
+        &self,
+        lock: Option<&Lock>,
+        request: &TaskRequest,
+        sent: Result<T>,
+    ) -> Result<T> {
+        if let (Err(_), Some(lock), Some(backend)) = (&sent, lock, &self.backend) {
+            let key = unique::lock_key(&lock.name);
+            if let Err(error) = backend.delete_if_held(&key, &request.id).await {
+                warn!(task = %request.task, id = %request.id, %error, "cannot give back the unique lock of a task not sent; it expires");
+            }
+        }
+        sent
+    }
+
+    /// The message of task `name`, the queue it goes to and the unique lock it takes, as
+    /// `options` say.
     fn request(
         &self,
         name: &str,
         args: Vec<Value>,
         kwargs: Map<String, Value>,
         options: SendOptions,
-    ) -> Result<(TaskRequest, String)> {
+    ) -> Result<(TaskRequest, String, Option<Lock>)> {
+        let lock = match (options.unique_for, options.unique_key) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::InvalidOption(
+                    "unique_key needs unique_for".to_string(),
+                ))
+            }
+            (Some(unique_for), key) => Some(Lock {
+                name: key.unwrap_or_else(|| unique::lock_name(name, &args, &kwargs)),
+                seconds: unique::ttl_seconds(unique_for),
+            }),
+        };
         let mut request = TaskRequest::new(name, args, kwargs);
+        if let Some(lock) = &lock {
+            request
+                .extra_headers
+                .insert(unique::UNIQUE_KEY_HEADER.into(), lock.name.clone().into());
+        }
         if let Some(id) = options.task_id {
             request.root_id = Some(id.clone());
             request.id = id;
@@ -209,7 +286,7 @@ impl Client {
         let queue = options
             .queue
             .unwrap_or_else(|| self.config.queue_for(name).to_string());
-        Ok((request, queue))
+        Ok((request, queue, lock))
     }
 
     /// Sends a canvas built with [`canvas`]: a task, a chain, a group or a chord, in any

@@ -80,6 +80,18 @@ pub enum Error {
     #[error("queue {0} does not exist and task_create_missing_queues is false")]
     MissingQueue(String),
 
+    /// A unique task's lock is held: the same task (or one sent with the same `unique_key`) is
+    /// queued or running.
+    #[error("task {task} is already queued or running as {holder} (unique lock {lock})")]
+    NotUnique {
+        /// The task refused.
+        task: String,
+        /// The lock name (`unique_key` header).
+        lock: String,
+        /// The id of the task holding the lock.
+        holder: String,
+    },
+
     /// No result backend is configured but an operation needs one.
     #[error("no result_backend is configured")]
     NoBackend,

@@ -61,6 +61,7 @@ pub mod stamps;
 pub mod state;
 pub mod tls;
 pub mod unconfirmed;
+pub mod unique;
 pub mod urls;
 pub mod worker;
 

@@ -678,3 +678,96 @@ async fn demo_tasks_refuse_runs_over_their_bound() {
     );
     worker.stop().await;
 }
+
+/// Sends `name` as unique under this run's lock `key` until it is accepted (at most 5 s);
+/// returns it and how long the lock was still held after the first try.
+async fn send_unique_when_free(
+    worker: &Running,
+    key: &str,
+    name: &str,
+    args: Value,
+) -> (runtime::client::AsyncResult, Duration) {
+    let began = tokio::time::Instant::now();
+    loop {
+        match worker.send_unique(key, name, args.clone()).await {
+            Ok(sent) => return (sent, began.elapsed()),
+            Err(Error::NotUnique { .. }) if began.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(error) => panic!("{name} still refused after 5 s: {error}"),
+        }
+    }
+}
+
+impl Running {
+    /// Sends `name` as unique for a minute under lock `key` of this run.
+    async fn send_unique(
+        &self,
+        key: &str,
+        name: &str,
+        args: Value,
+    ) -> runtime::Result<runtime::client::AsyncResult> {
+        let options = SendOptions {
+            unique_for: Some(Duration::from_secs(60)),
+            unique_key: Some(format!("{key}-{}", self.queue)),
+            ..SendOptions::default()
+        };
+        let args = args.as_array().cloned().unwrap_or_default();
+        self.client.send_task(name, args, Map::new(), options).await
+    }
+}
+
+fn refused_by(refused: runtime::Result<runtime::client::AsyncResult>) -> String {
+    match refused {
+        Err(Error::NotUnique { holder, .. }) => holder,
+        Err(error) => panic!("expected a refusal, got {error}"),
+        Ok(sent) => panic!("expected a refusal, {} was sent", sent.id),
+    }
+}
+
+/// A unique task's lock is held while it is queued, running and waiting for a retry, and given
+/// back by the worker once it ends, in success or in failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_task_is_refused_until_it_ends_in_success_or_failure_but_not_at_a_retry() {
+    for url in BROKERS {
+        let worker = start(url, |_| {}).await;
+        let running = worker
+            .send_unique("sleep", "tasks.sleep", json!([0.5]))
+            .await
+            .unwrap();
+        wait_all_started(std::slice::from_ref(&running), "the unique task").await;
+        let refused = worker
+            .send_unique("sleep", "tasks.sleep", json!([0.5]))
+            .await;
+        assert_eq!(refused_by(refused), running.id, "{url}");
+        running.get(Duration::from_secs(20)).await.unwrap();
+        let (again, held) =
+            send_unique_when_free(&worker, "sleep", "tasks.sleep", json!([0.0])).await;
+        eprintln!("{url}: lock held {held:?} after SUCCESS was readable");
+        again.get(Duration::from_secs(20)).await.unwrap();
+
+        let failing = worker
+            .send_unique("fail", "tasks.fail", json!(["on purpose"]))
+            .await
+            .unwrap();
+        failure(failing.get(Duration::from_secs(20)).await);
+        let (_, held) = send_unique_when_free(&worker, "fail", "tasks.fail", json!(["x"])).await;
+        eprintln!("{url}: lock held {held:?} after FAILURE was readable");
+
+        // One failure, then a retry about a second later: the lock stays through the RETRY.
+        let flaky = worker
+            .send_unique("flaky", "tasks.flaky", json!([1]))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while flaky.state().await.unwrap() != state::RETRY {
+            assert!(tokio::time::Instant::now() < deadline, "{url}: no RETRY");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused = worker.send_unique("flaky", "tasks.flaky", json!([1])).await;
+        assert_eq!(refused_by(refused), flaky.id, "{url}: refused at the retry");
+        assert_eq!(flaky.get(Duration::from_secs(20)).await.unwrap(), json!(1));
+        send_unique_when_free(&worker, "flaky", "tasks.flaky", json!([0])).await;
+        worker.stop().await;
+    }
+}

@@ -15,6 +15,7 @@ use crate::progress::{TaskContext, Updates};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::registry::{self, NextRun, Outcome};
+use crate::unique;
 
 /// Tries of one result write, 0.1 s apart and doubling: about 6 s in all.
 const STORE_ATTEMPTS: u32 = 7;
@@ -49,6 +50,9 @@ impl Worker {
             meta.children = sent.children;
             self.store(meta).await
         };
+        if stored {
+            self.give_back_lock(request).await;
+        }
         let joined = self
             .join_chord(request, queue, state::SUCCESS, &value)
             .await;
@@ -316,8 +320,8 @@ impl Worker {
         self.backend.is_some() && !request.ignore_result && !self.config.task_ignore_result
     }
 
-    /// Stores a final state unless the request asked for no result; `false` when it could not
-    /// be stored.
+    /// Stores a final state unless the request asked for no result, then gives back the task's
+    /// unique lock; `false` when it could not be stored (the lock is then left to expire).
     pub(super) async fn finish(
         &self,
         request: &TaskRequest,
@@ -326,12 +330,32 @@ impl Worker {
         result: Value,
         traceback: Option<String>,
     ) -> bool {
-        if !self.stores(request) {
-            return true;
+        let stored = !self.stores(request) || {
+            let mut meta = self.meta(request, queue, status, result);
+            meta.traceback = traceback;
+            self.store(meta).await
+        };
+        if stored {
+            self.give_back_lock(request).await;
         }
-        let mut meta = self.meta(request, queue, status, result);
-        meta.traceback = traceback;
-        self.store(meta).await
+        stored
+    }
+
+    /// Gives back the unique lock the message names ([`unique::UNIQUE_KEY_HEADER`]), once the
+    /// task's end is on record: the next send of it may go. Only while this task holds it: a
+    /// lock that expired and was taken by another send stays that send's. Not done on RETRY,
+    /// a rejection that requeues or a run given back: the task is still queued.
+    async fn give_back_lock(&self, request: &TaskRequest) {
+        let header = request.extra_headers.get(unique::UNIQUE_KEY_HEADER);
+        let (Some(backend), Some(Value::String(name))) = (&self.backend, header) else {
+            return;
+        };
+        if let Err(error) = backend
+            .delete_if_held(&unique::lock_key(name), &request.id)
+            .await
+        {
+            warn!(task = %request.task, id = %request.id, lock = %name, %error, "cannot give back the unique lock; it expires");
+        }
     }
 
     pub(super) fn meta(
