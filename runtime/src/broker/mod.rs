@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod arrival;
+mod coalesce;
 pub mod confirmation;
 pub mod declaration;
 pub mod delayed;

@@ -3,22 +3,21 @@
 //! every run of acked deliveries that starts at the oldest unsettled one.
 //!
 //! Each frame costs lapin a hop to its I/O loop and RabbitMQ a method to parse; one per task was
-//! a fifth of the worker's CPU. Frames go out as soon as a flush is free ("natural batching"):
-//! alone when the worker is idle, so no ack waits for a timer, and many at once under load,
-//! when decisions pile up while the previous frames are written.
+//! a fifth of the worker's CPU. Frames go out by [`Coalesced`] writes: alone when the worker is
+//! idle, so no ack waits for a timer, and many at once under load, when decisions pile up while
+//! the previous frames are written.
 //!
 //! `multiple` acks every unsettled delivery up to its tag, so the [`Ledger`] must know every
 //! delivery of the channel before anything after it is acked: deliveries are entered on lapin's
 //! I/O loop, in the order the server numbered them (see `consuming::in_arrival_order`).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
 
+use async_trait::async_trait;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Channel;
-use tokio::sync::oneshot;
 
-use crate::error::Result;
+use crate::broker::coalesce::{Coalesced, Gathering, Writer};
 
 /// What the consumer decided for one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +34,7 @@ pub(super) enum Frame {
 }
 
 /// The deliveries of one channel not yet settled with the server, each with the consumer's
-/// decision once it has one. Pure: the frames it plans are sent by [`Acks`].
+/// decision once it has one. Pure: the frames it plans are written by [`Frames`].
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
     unsettled: BTreeMap<u64, Option<Decision>>,
@@ -97,83 +96,39 @@ impl Ledger {
     }
 }
 
-/// The acknowledgements of one channel: decisions recorded as they come, sent by one flush at
-/// a time, each decider told when the frame that carries its decision was written.
-pub(super) struct Acks {
-    channel: Channel,
-    state: Mutex<State>,
+impl Gathering for Ledger {
+    type Item = (u64, Decision);
+    type Batch = Vec<Frame>;
+
+    fn add(&mut self, (tag, decision): (u64, Decision)) {
+        self.decide(tag, decision);
+    }
+
+    fn take(&mut self) -> Vec<Frame> {
+        self.frames()
+    }
 }
 
-#[derive(Default)]
-struct State {
-    ledger: Ledger,
-    /// Those whose decisions are in the ledger and not yet sent.
-    waiting: Vec<oneshot::Sender<std::result::Result<(), lapin::Error>>>,
-    /// Whether a flush is running; it takes what is decided meanwhile before it ends.
-    flushing: bool,
-}
+/// The acknowledgements of one channel: decisions entered in its [`Ledger`] as they come, and
+/// sent by one write at a time (see [`Coalesced`]).
+pub(super) type Acks = Coalesced<Frames>;
 
-impl Acks {
-    pub(super) fn new(channel: Channel) -> Arc<Self> {
-        Arc::new(Self {
-            channel,
-            state: Mutex::default(),
-        })
-    }
+/// Writes the frames a [`Ledger`] planned, straight on the channel.
+pub(super) struct Frames(pub(super) Channel);
 
-    /// The server delivered `tag`. Called on lapin's I/O loop, before the delivery is handed on.
-    pub(super) fn delivered(&self, tag: u64) {
-        self.state().ledger.delivered(tag);
-    }
+#[async_trait]
+impl Writer for Frames {
+    type Gathering = Ledger;
+    type Error = lapin::Error;
 
-    /// Settles `tag` as decided, once the frame that says so is written.
-    pub(super) async fn settle(self: &Arc<Self>, tag: u64, decision: Decision) -> Result<()> {
-        let (told, outcome) = oneshot::channel();
-        let lead = {
-            let mut state = self.state();
-            state.ledger.decide(tag, decision);
-            state.waiting.push(told);
-            !std::mem::replace(&mut state.flushing, true)
-        };
-        if lead {
-            // A task of its own: a decider's future may be dropped (a cold shutdown), and the
-            // frames it would have sent for the others must still go.
-            tokio::spawn(self.clone().flush());
-        }
-        match outcome.await {
-            Ok(written) => Ok(written?),
-            Err(_) => Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed).into()),
-        }
-    }
-
-    /// Sends what is decided until nothing is left, then lets the next decider lead.
-    async fn flush(self: Arc<Self>) {
-        loop {
-            let (frames, waiting) = {
-                let mut state = self.state();
-                if state.waiting.is_empty() {
-                    state.flushing = false;
-                    return;
-                }
-                (state.ledger.frames(), std::mem::take(&mut state.waiting))
-            };
-            let written = self.send(&frames).await;
-            for told in waiting {
-                let _ = told.send(written.clone());
-            }
-        }
-    }
-
-    async fn send(&self, frames: &[Frame]) -> std::result::Result<(), lapin::Error> {
+    async fn write(&self, frames: Vec<Frame>) -> Result<(), lapin::Error> {
         for frame in frames {
-            match *frame {
+            match frame {
                 Frame::Ack { tag, multiple } => {
-                    self.channel
-                        .basic_ack(tag, BasicAckOptions { multiple })
-                        .await?
+                    self.0.basic_ack(tag, BasicAckOptions { multiple }).await?
                 }
                 Frame::Reject { tag, requeue } => {
-                    self.channel
+                    self.0
                         .basic_reject(tag, BasicRejectOptions { requeue })
                         .await?
                 }
@@ -182,9 +137,8 @@ impl Acks {
         Ok(())
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // The state stays whole when a holder panics: no holder runs code that can.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn abandoned() -> lapin::Error {
+        lapin::Error::InvalidChannelState(lapin::ChannelState::Closed)
     }
 }
 

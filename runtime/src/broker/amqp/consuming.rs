@@ -11,7 +11,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 use tokio::sync::{mpsc, Mutex};
 
-use super::acks::{Acks, Decision};
+use super::acks::{Acks, Decision, Frames};
 use crate::broker::arrival::Arrivals;
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
@@ -68,7 +68,7 @@ pub(super) async fn forward(
     let arrivals = window.arrivals.clone();
     let acks = window.acks.clone();
     let deliveries = in_arrival_order(&consumer, move |delivery| {
-        acks.delivered(delivery.delivery_tag);
+        acks.gathered(|ledger| ledger.delivered(delivery.delivery_tag));
         arrivals.task()
     });
     tokio::pin!(deliveries);
@@ -106,15 +106,21 @@ struct AmqpAcker {
     window: Arc<Window>,
 }
 
+impl AmqpAcker {
+    /// Settles the delivery as decided, once the frame that says so is written.
+    async fn settle(&self, decision: Decision) -> Result<()> {
+        Ok(self.window.acks.give((self.tag, decision)).await?)
+    }
+}
+
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.window.acks.settle(self.tag, Decision::Ack).await
+        self.settle(Decision::Ack).await
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        let decision = Decision::Reject { requeue };
-        self.window.acks.settle(self.tag, decision).await
+        self.settle(Decision::Reject { requeue }).await
     }
 
     async fn hold(&self, max: u16) -> bool {
@@ -165,7 +171,7 @@ impl Window {
         prefetch: u16,
     ) -> Arc<Self> {
         Arc::new(Self {
-            acks: Acks::new(channel.clone()),
+            acks: Acks::new(Frames(channel.clone())),
             channel,
             arrivals,
             queue,

@@ -33,7 +33,7 @@ mod lease;
 mod settling;
 
 use lease::Leases;
-use settling::{delivery, Holding};
+use settling::{delivery, Acks, DropRecords, Holding};
 
 use crate::protocol::kombu_redis as layout;
 use crate::protocol::Message;
@@ -96,7 +96,8 @@ pub struct RedisBroker {
     /// master after a Sentinel failover, so that a task still running when its consumer's
     /// connection broke stays leased and is acked (not run again). Consumers keep the plain
     /// connection, whose loss they report.
-    settling: tokio::sync::OnceCell<Following>,
+    /// Its acks are coalesced there.
+    settling: tokio::sync::OnceCell<Arc<Acks>>,
     /// The sentinels of a `sentinel://` broker, for `settling` to follow the master.
     sentinel: Option<crate::sentinel::Sentinel>,
     /// Queues whose binding this connection recorded (the most recently used ones).
@@ -290,12 +291,17 @@ impl Broker for RedisBroker {
         for queue in queues {
             self.bind(queue).await?;
         }
-        let settling = self
+        let acks = self
             .settling
-            .get_or_try_init(|| Following::new(self.client.clone(), self.sentinel.clone()))
+            .get_or_try_init(|| async {
+                let connection = Following::new(self.client.clone(), self.sentinel.clone());
+                Ok::<_, Error>(Acks::new(DropRecords {
+                    connection: connection.await?,
+                }))
+            })
             .await?
             .clone();
-        self.start_upkeep(&settling).await;
+        self.start_upkeep(&acks.writer().connection).await;
         let connection = self.connection.clone();
         let slots = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
         let holding = Arc::new(Holding {
@@ -384,7 +390,7 @@ impl Broker for RedisBroker {
                     .into_iter()
                     .zip(free)
                     .map(|((list, raw), slot)| {
-                        delivery(&settling, &leases, &holding, list, raw, slot, puller.task())
+                        delivery(&acks, &leases, &holding, list, raw, slot, puller.task())
                     })
                     .collect();
                 puller.fetched(fetch);

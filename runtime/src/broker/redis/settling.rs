@@ -1,5 +1,6 @@
 //! A message taken from a Redis queue and how it is settled, as kombu's Redis transport does
-//! it: an ack drops its `unacked` record, a reject drops it and may push the message back. Until
+//! it: an ack drops its `unacked` record (the acks of a connection coalesced, many records in one
+//! transaction), a reject drops it and may push the message back. Until
 //! then its record is kept fresh by its [`Lease`], so no visibility timeout restores it, and a
 //! message held for its ETA waits outside its consumer's prefetch window.
 
@@ -7,22 +8,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use redis::RedisError;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout;
 use super::lease::{Lease, Leases};
 use crate::broker::arrival::Arrival;
+use crate::broker::coalesce::{Coalesced, Gathering, Writer};
 use crate::broker::{Acker, Delivery, Settle};
 use crate::error::Result;
 use crate::protocol::envelope;
 use crate::sentinel::Following;
 
 /// The delivery of a message [`POP_AND_RECORD`] took from `list`, holding prefetch `slot`,
-/// its record renewed by `leases` until it is settled over `connection` (one that reconnects
-/// and follows the Sentinel master: a task that outlives its consumer's connection is still
-/// acked, not run again).
+/// its record renewed by `leases` until it is settled over the connection of `acks` (one that
+/// reconnects and follows the Sentinel master: a task that outlives its consumer's connection
+/// is still acked, not run again).
 pub(super) fn delivery(
-    connection: &Following,
+    acks: &Arc<Acks>,
     leases: &Arc<Leases>,
     holding: &Arc<Holding>,
     list: String,
@@ -47,7 +50,7 @@ pub(super) fn delivery(
             redelivered,
             tag: tag.clone(),
             settle: Settle::new(RedisAcker {
-                connection: connection.clone(),
+                acks: acks.clone(),
                 _lease: leases.take(&tag),
                 tag,
                 list,
@@ -69,7 +72,7 @@ pub(super) fn delivery(
 }
 
 struct RedisAcker {
-    connection: Following,
+    acks: Arc<Acks>,
     /// Keeps the record fresh until the acker is consumed by its settlement (or dropped); a
     /// renewal racing the settlement cannot bring the record back (see [`super::lease`]).
     _lease: Lease,
@@ -92,15 +95,17 @@ pub(super) struct Holding {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        forget(&self.connection, &self.tag, None).await
+        self.drop_record().await
     }
 
-    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+    async fn reject(self: Box<Self>, again: bool) -> Result<()> {
+        if !again {
+            return self.drop_record().await;
+        }
         // Marked as kombu marks what it requeues, so the next run sees `redelivered`.
-        let again = requeue.then(|| layout::requeued(&self.raw).map(String::into_bytes));
-        let raw = again.flatten().unwrap_or_else(|| self.raw.clone());
-        let back = requeue.then_some((self.list.as_str(), raw.as_slice()));
-        forget(&self.connection, &self.tag, back).await
+        let marked = layout::requeued(&self.raw).map(String::into_bytes);
+        let raw = marked.as_deref().unwrap_or(&self.raw);
+        requeue(&self.acks.writer().connection, &self.tag, &self.list, raw).await
     }
 
     /// Gives the prefetch slot back (our accounting is the window). A message once outside the
@@ -122,6 +127,17 @@ impl Acker for RedisAcker {
     }
 }
 
+impl RedisAcker {
+    /// Drops the message's `unacked` record with the other acks of its connection. The lease
+    /// lives until then, since this acker does.
+    async fn drop_record(&self) -> Result<()> {
+        let written = self.acks.give(self.tag.clone()).await;
+        written.map_err(|error| {
+            RedisError::from((error.kind(), "ack failed", error.to_string())).into()
+        })
+    }
+}
+
 impl Drop for RedisAcker {
     fn drop(&mut self) {
         let slot = self.slot.get_mut().map(|slot| slot.is_none());
@@ -131,26 +147,69 @@ impl Drop for RedisAcker {
     }
 }
 
-/// Drops the unacked record of `tag`, pushing the message back to the tail of `list` if asked.
-/// A drop alone that failed with its connection is sent once more, over the connection made
-/// again: dropping a record twice is harmless and a record left behind is a run repeated. A
-/// push back is sent once, since one the server took before the connection broke would run twice.
-async fn forget(connection: &Following, tag: &str, back: Option<(&str, &[u8])>) -> Result<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .zrem(layout::UNACKED_INDEX, tag)
-        .hdel(layout::UNACKED, tag);
-    if let Some((list, raw)) = back {
-        pipe.lpush(list, raw);
+/// The acks of one connection's consumers: the `unacked` records of acked messages, dropped
+/// many in one transaction (see [`Coalesced`]).
+pub(super) type Acks = Coalesced<DropRecords>;
+
+impl Gathering for Vec<String> {
+    type Item = String;
+    type Batch = Vec<String>;
+
+    fn add(&mut self, tag: String) {
+        self.push(tag);
     }
-    let first = pipe.query_async::<()>(&mut connection.clone()).await;
-    match first {
-        Err(error) if back.is_none() && error.is_unrecoverable_error() => {
-            tracing::warn!(%tag, %error, "settling again over a new connection");
-            pipe.query_async::<()>(&mut connection.clone()).await?;
+
+    fn take(&mut self) -> Vec<String> {
+        std::mem::take(self)
+    }
+}
+
+/// Drops the `unacked` records of a batch of tags over `connection`.
+pub(super) struct DropRecords {
+    pub(super) connection: Following,
+}
+
+#[async_trait]
+impl Writer for DropRecords {
+    type Gathering = Vec<String>;
+    type Error = Arc<RedisError>;
+
+    /// A drop that failed with its connection is sent once more, over the connection made
+    /// again: dropping a record twice is harmless and a record left behind is a run repeated.
+    async fn write(&self, tags: Vec<String>) -> std::result::Result<(), Arc<RedisError>> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrem(layout::UNACKED_INDEX, &tags)
+            .hdel(layout::UNACKED, &tags);
+        let first = pipe.query_async::<()>(&mut self.connection.clone()).await;
+        match first {
+            Err(error) if error.is_unrecoverable_error() => {
+                tracing::warn!(tags = tags.len(), %error, "settling again over a new connection");
+                pipe.query_async::<()>(&mut self.connection.clone()).await
+            }
+            settled => settled,
         }
-        settled => settled?,
+        .map_err(Arc::new)
     }
+
+    fn abandoned() -> Arc<RedisError> {
+        Arc::new(RedisError::from((
+            redis::ErrorKind::IoError,
+            "the writer of acks stopped",
+        )))
+    }
+}
+
+/// Drops the unacked record of `tag` and pushes `raw` back to the tail of `list`, in one
+/// transaction sent once: one the server took before the connection broke would run twice.
+async fn requeue(connection: &Following, tag: &str, list: &str, raw: &[u8]) -> Result<()> {
+    redis::pipe()
+        .atomic()
+        .zrem(layout::UNACKED_INDEX, tag)
+        .hdel(layout::UNACKED, tag)
+        .lpush(list, raw)
+        .query_async::<()>(&mut connection.clone())
+        .await?;
     Ok(())
 }
 
