@@ -4,7 +4,8 @@ A change to the worker's hot path is judged against the build before it, on the 
 the same hour: each repetition drains the same queue size with one build, then the other
 (alternating which goes first), results ignored and stored, on each broker asked for. It prints
 the median tasks/s and CPU-seconds per 10,000 tasks of each build (``make bench``'s drain, so the
-same measure as its section 1b) and the ratio NEW / OLD. ``OLD`` and ``NEW`` are directories
+same measure as its section 1b), the broker's own CPU-seconds per 10,000 over the same drains, and
+the ratios NEW / OLD. ``OLD`` and ``NEW`` are directories
 holding a release ``worker`` and ``loadgen`` each (the same ``loadgen`` in both, so only the
 worker differs).
 
@@ -43,13 +44,14 @@ def main() -> None:
             figures = {}
             for name, done in runs.items():
                 rate = statistics.median(run["per_second"] for run in done)
-                cpu = statistics.median(run["cpu"]["worker"] / run["cpu_tasks"] * 10_000 for run in done)
-                figures[name] = (rate, cpu)
+                cpu, server = (statistics.median(run["cpu"].get(part, 0.0) / run["cpu_tasks"] * 10_000 for run in done)
+                               for part in ("worker", broker))
+                figures[name] = (rate, cpu, server)
                 print(f"{broker} results {mode} {name}: {rate:,.0f} tasks/s, {cpu:.3f} CPU-s per 10,000 "
-                      f"(median of {len(done)})", flush=True)
-            (old_rate, old_cpu), (new_rate, new_cpu) = figures["old"], figures["new"]
+                      f"({broker} itself {server:.3f}; median of {len(done)})", flush=True)
+            (old_rate, old_cpu, old_server), (new_rate, new_cpu, new_server) = figures["old"], figures["new"]
             print(f"{broker} results {mode} new/old: rate {new_rate / old_rate:.2f}, CPU per task "
-                  f"{new_cpu / old_cpu:.2f}", flush=True)
+                  f"{new_cpu / old_cpu:.2f} (worker), {new_server / old_server:.2f} ({broker})", flush=True)
 
 
 if __name__ == "__main__":
