@@ -9,17 +9,13 @@ request reaches, and that job must be published once and run once.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 
 from interop_helpers import Reply, psql, wait_for
-from web_process import JOB_TIMEOUT, WebApp, own_database, running_web
+from web_process import JOB_TIMEOUT, WebApp, fire_together, replicas
 
 # Requests fired at once: half at each replica.
 BURST = 32
@@ -30,36 +26,19 @@ def post_keyed(app: WebApp, key: str, body: bytes) -> Reply:
                        headers={"Content-Type": "application/json", "Idempotency-Key": key})
 
 
-@contextmanager
-def replicas(broker, tag: str, extra_env: dict[str, str] | None = None) -> Iterator[list[WebApp]]:
-    """Two web processes on one new database, stopped (checked for panics) and the database
-    dropped on the way out."""
-    with own_database(f"rcelery_interop_idem_{broker.session_id}_{tag}") as database, \
-            running_web(broker, database, tag=f"idem-{tag}-a", extra_env=extra_env) as a, \
-            running_web(broker, database, tag=f"idem-{tag}-b", extra_env=extra_env) as b:
-        yield [a, b]
-
-
 def rows(app: WebApp, sql: str) -> str:
     return psql(sql, database=app.database, server=app.server)
 
 
 def burst(a: WebApp, b: WebApp, key: str, body: bytes) -> list[Reply]:
     """``BURST`` requests with one key and body, half at each replica, released together."""
-    start = threading.Barrier(BURST)
-
-    def fire(app: WebApp) -> Reply:
-        start.wait(timeout=30)
-        return post_keyed(app, key, body)
-
-    with ThreadPoolExecutor(BURST) as pool:
-        return list(pool.map(fire, [a, b] * (BURST // 2)))
+    return fire_together([a, b], lambda app: post_keyed(app, key, body), BURST)
 
 
 @pytest.mark.timeout(180)
 def test_a_key_fired_at_two_replicas_at_once_makes_one_job_that_runs_once(broker, spawn_rust_worker):
     queue = broker.new_queue("idem")
-    with replicas(broker, "burst") as (a, b):
+    with replicas(broker, "idem", "burst") as (a, b):
         key = f"interop-{uuid.uuid4()}"
         body = json.dumps({"task": "tasks.add", "args": [40, 2], "queue": queue}).encode()
         replies = burst(a, b, key, body)
@@ -101,7 +80,7 @@ def test_a_key_fired_at_two_replicas_at_once_makes_one_job_that_runs_once(broker
 
 @pytest.mark.timeout(180)
 def test_a_chain_fired_at_two_replicas_at_once_is_one_workflow(broker, rust):
-    with replicas(broker, "chain") as (a, b):
+    with replicas(broker, "idem", "chain") as (a, b):
         key = f"interop-chain-{uuid.uuid4()}"
         body = json.dumps({"chain": [{"task": "tasks.add", "args": [2, 3]},
                                      {"task": "tasks.mul", "args": [10]}]}).encode()
@@ -127,7 +106,7 @@ def test_a_key_answers_its_job_for_web_idempotency_ttl_then_makes_a_new_one(brok
     `web_idempotency_ttl` old (by PostgreSQL's clock, one for both replicas), then the first
     repeat after that makes a new job. The window in which a repeat makes a second job opens
     exactly at the TTL; the figures are printed (``-s``) for the README."""
-    with replicas(broker, "ttl", extra_env={"CELERY_WEB_IDEMPOTENCY_TTL": str(int(SHORT_TTL))}) as apps:
+    with replicas(broker, "idem", "ttl", extra_env={"CELERY_WEB_IDEMPOTENCY_TTL": str(int(SHORT_TTL))}) as apps:
         a = apps[0]
         key = f"interop-ttl-{uuid.uuid4()}"
         body = json.dumps({"task": "tasks.add", "args": [1, 2]}).encode()

@@ -1,14 +1,21 @@
 """Unique tasks from Python: a caller that takes the lock itself (``SET rcelery-unique:<key>
 <task id> NX EX <seconds>`` on the result backend) and sends with ``headers={"unique_key": key}``
 has the lock given back by our worker when the task ends, in success or failure; while it is
-queued or running, another caller's take is refused and names the holder."""
+queued or running, another caller's take is refused and names the holder.
+
+And from the web app: ``POST /receive`` with ``unique_for`` fired at two replicas at once is
+accepted once (202) and refused (409 naming the holder) everywhere else, until the job ends."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest
+
+from interop_helpers import psql
+from web_process import fire_together, replicas
 
 GET_TIMEOUT = 20
 PREFIX = "rcelery-unique:"
@@ -62,3 +69,39 @@ def test_our_worker_gives_back_only_the_lock_its_task_holds(broker, rust):
     time.sleep(0.2)
     assert broker.redis_results().get(PREFIX + key) == other
     broker.redis_results().delete(PREFIX + key)
+
+
+# Requests fired at once: half at each replica.
+BURST = 32
+
+
+@pytest.mark.timeout(180)
+def test_a_unique_job_fired_at_two_replicas_at_once_is_accepted_once(broker, spawn_rust_worker):
+    queue = broker.new_queue("unique")
+    with replicas(broker, "unique", "burst") as (a, b):
+        key = f"interop-{uuid.uuid4().hex}"
+        body = json.dumps({"task": "tasks.add", "args": [40, 2], "queue": queue,
+                           "unique_for": 60, "unique_key": key}).encode()
+        replies = fire_together([a, b], lambda app: app.post(raw=body), BURST)
+
+        assert sorted(reply.status for reply in replies) == [202] + [409] * (BURST - 1), replies
+        holder = next(reply for reply in replies if reply.status == 202).json()["task_id"]
+        for reply in replies:
+            if reply.status == 409:
+                answer = reply.json()
+                assert (answer["holder"], answer["status_url"]) == (holder, f"/status/{holder}"), answer
+        assert psql("SELECT count(*) FROM tasks", database=a.database, server=a.server) == "1"
+        assert broker.redis_results().get(PREFIX + key) == holder
+
+        # No worker on the queue yet: queued, so still refused. Once it has run, taken again.
+        assert b.post(raw=body).status == 409
+        spawn_rust_worker([queue], tag="unique")
+        done = a.wait_final(holder)
+        assert (done["state"], done["result"]) == ("SUCCESS", 42), done
+        wait_given_back(broker, key)
+        again = b.post(raw=body)
+        assert again.status == 202, again
+        second = again.json()["task_id"]
+        assert second != holder
+        assert b.wait_final(second)["result"] == 42
+        wait_given_back(broker, key)

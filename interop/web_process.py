@@ -7,7 +7,9 @@ import http.client
 import json
 import signal
 import subprocess
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 import time
@@ -236,6 +238,28 @@ def own_database(name: str) -> Iterator[str]:
         yield name
     finally:
         drop_database(name)
+
+
+@contextmanager
+def replicas(setup, prefix: str, tag: str, extra_env: dict[str, str] | None = None) -> Iterator[list[WebApp]]:
+    """Two web processes on one new database (``rcelery_interop_<prefix>_<id8>_<tag>``), stopped
+    (checked for panics) and the database dropped on the way out."""
+    with own_database(f"rcelery_interop_{prefix}_{setup.session_id}_{tag}") as database, \
+            running_web(setup, database, tag=f"{prefix}-{tag}-a", extra_env=extra_env) as a, \
+            running_web(setup, database, tag=f"{prefix}-{tag}-b", extra_env=extra_env) as b:
+        yield [a, b]
+
+
+def fire_together(apps: list[WebApp], send: Callable[[WebApp], Reply], count: int) -> list[Reply]:
+    """``count`` calls of ``send``, spread evenly over ``apps``, released together."""
+    start = threading.Barrier(count)
+
+    def fire(app: WebApp) -> Reply:
+        start.wait(timeout=30)
+        return send(app)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(fire, (apps * count)[:count]))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tracing::warn;
 
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
@@ -165,6 +166,18 @@ impl RedisBackend {
             .invoke_async::<i64>(&mut self.connection())
             .await?;
         Ok(())
+    }
+
+    /// Gives back the unique lock `name` ([`crate::unique`]) if task `task_id` still holds it,
+    /// so the next send of the task may go. A failure is logged, not returned: the lock then
+    /// lives until it expires, and nothing the caller could do would give it back sooner.
+    pub async fn give_back_unique_lock(&self, name: &str, task_id: &str) {
+        if let Err(error) = self
+            .delete_if_held(&crate::unique::lock_key(name), task_id)
+            .await
+        {
+            warn!(lock = %name, id = %task_id, %error, "cannot give back the unique lock; it expires");
+        }
     }
 
     /// Seconds results are kept (0: for ever).

@@ -160,8 +160,18 @@ impl Beat {
                     entry.kwargs.clone(),
                     options,
                 )
-                .await?;
-            tracing::info!(entry = %name, task = %entry.task, id = %sent.id, %due, "beat: sent");
+                .await;
+            match sent {
+                Ok(sent) => {
+                    tracing::info!(entry = %name, task = %entry.task, id = %sent.id, %due, "beat: sent")
+                }
+                // A unique task (task_annotations) whose last run still holds its lock: this run
+                // is skipped, as if sent, rather than holding up the entries after it.
+                Err(Error::NotUnique { holder, .. }) => {
+                    tracing::info!(entry = %name, task = %entry.task, %holder, %due, "beat: not sent, the task's last run is still queued or running")
+                }
+                Err(error) => return Err(error),
+            }
             self.record(name, schedule.recorded_run(due, now)).await?;
         }
         Ok(())

@@ -11,7 +11,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
-use tracing::warn;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, Confirmation, QueueDepth};
@@ -24,7 +23,7 @@ use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::sending::{self, OnError, PublishStep};
 use crate::unconfirmed::Unconfirmed;
-use crate::unique;
+use crate::unique::{self, Lock};
 
 /// Messages sent with [`Client::send_task_pipelined`] whose confirmation may be awaited at once:
 /// enough to keep RabbitMQ's confirms streaming behind the sends, few enough to bound memory.
@@ -60,10 +59,15 @@ pub struct SendOptions {
     pub unique_key: Option<String>,
 }
 
-/// The unique lock a send takes: its name, as the message's header carries it, and its life.
-struct Lock {
-    name: String,
-    seconds: u64,
+/// Per-call options of [`Client::apply_with`]: a canvas that starts with one task (a task, or a
+/// chain whose first step is a task) may be unique as [`SendOptions`] says, the lock held by that
+/// first task.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// As [`SendOptions::unique_for`], for the canvas's first task.
+    pub unique_for: Option<Duration>,
+    /// As [`SendOptions::unique_key`].
+    pub unique_key: Option<String>,
 }
 
 /// The broker connection and the events sent over it, replaced together after a failure.
@@ -155,7 +159,7 @@ impl Client {
         let (request, queue, lock) = self.request(name, args, kwargs, options)?;
         self.take(lock.as_ref(), &request).await?;
         let published = self.publish(&request, &queue).await;
-        self.give_back_unless_sent(lock.as_ref(), &request, published)
+        self.give_back_unless_sent(lock.as_ref(), &request.id, published)
             .await?;
         Ok(self.result(&request.id))
     }
@@ -178,7 +182,7 @@ impl Client {
         // comes later, to whoever awaits the confirmation.
         let sent = self.send(&request, &queue).await;
         let confirmation = self
-            .give_back_unless_sent(lock.as_ref(), &request, sent)
+            .give_back_unless_sent(lock.as_ref(), &request.id, sent)
             .await?;
         let result = self.result(&request.id);
         Ok(Sent {
@@ -194,45 +198,72 @@ impl Client {
         self.unconfirmed.flush().await
     }
 
-    /// Takes `lock` for `request`, or says which task holds it.
-    async fn take(&self, lock: Option<&Lock>, request: &TaskRequest) -> Result<()> {
-        let Some(lock) = lock else {
-            return Ok(());
-        };
+    /// The unique lock a send of task `name` with `args` and `kwargs` takes: for `unique_for`
+    /// when given, else for the task's `task_annotations` `unique_for`, named `unique_key` when
+    /// given; `None` when the send is not unique.
+    pub fn unique_lock(
+        &self,
+        name: &str,
+        args: &[Value],
+        kwargs: &Map<String, Value>,
+        unique_for: Option<Duration>,
+        unique_key: Option<String>,
+    ) -> Result<Option<Lock>> {
+        let default = self.config.unique_for(name);
+        Lock::asked(name, args, kwargs, unique_for, unique_key, default)
+            .map_err(|e| Error::InvalidOption(e.to_string()))
+    }
+
+    /// Takes `lock` for task `task_id` (of task `task`), or says which task holds it
+    /// ([`Error::NotUnique`]). A lock this task already holds is taken: sending the same task id
+    /// again (an outbox publishing its job a second time) is the same send.
+    pub async fn take_unique(&self, task: &str, lock: &Lock, task_id: &str) -> Result<()> {
         let backend = self.backend.as_ref().ok_or(Error::NoBackend)?;
         let key = unique::lock_key(&lock.name);
         match backend
-            .take_unless_held(&key, &request.id, lock.seconds)
+            .take_unless_held(&key, task_id, lock.seconds)
             .await?
         {
-            None => Ok(()),
-            Some(holder) => Err(Error::NotUnique {
-                task: request.task.clone(),
+            Some(holder) if holder != task_id => Err(Error::NotUnique {
+                task: task.to_string(),
                 lock: lock.name.clone(),
                 holder,
             }),
+            _ => Ok(()),
         }
     }
 
-    /// Passes on `sent`; when it failed, gives back the `lock` taken for `request` first, since
-    /// no worker will.
+    /// Gives back the unique lock `name` if task `task_id` holds it: the task will not be sent.
+    pub async fn give_back_unique(&self, name: &str, task_id: &str) {
+        if let Some(backend) = &self.backend {
+            backend.give_back_unique_lock(name, task_id).await;
+        }
+    }
+
+    /// Takes `lock`, if any, for `request`.
+    async fn take(&self, lock: Option<&Lock>, request: &TaskRequest) -> Result<()> {
+        match lock {
+            Some(lock) => self.take_unique(&request.task, lock, &request.id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Passes on `sent`; when it failed, gives back the `lock` taken for task `task_id` first,
+    /// since no worker will.
     async fn give_back_unless_sent<T>(
         &self,
         lock: Option<&Lock>,
-        request: &TaskRequest,
+        task_id: &str,
         sent: Result<T>,
     ) -> Result<T> {
-        if let (Err(_), Some(lock), Some(backend)) = (&sent, lock, &self.backend) {
-            let key = unique::lock_key(&lock.name);
-            if let Err(error) = backend.delete_if_held(&key, &request.id).await {
-                warn!(task = %request.task, id = %request.id, %error, "cannot give back the unique lock of a task not sent; it expires");
-            }
+        if let (Err(_), Some(lock)) = (&sent, lock) {
+            self.give_back_unique(&lock.name, task_id).await;
         }
         sent
     }
 
     /// The message of task `name`, the queue it goes to and the unique lock it takes, as
-    /// `options` say.
+    /// `options` (or the task's `task_annotations`) say.
     fn request(
         &self,
         name: &str,
@@ -240,23 +271,11 @@ impl Client {
         kwargs: Map<String, Value>,
         options: SendOptions,
     ) -> Result<(TaskRequest, String, Option<Lock>)> {
-        let lock = match (options.unique_for, options.unique_key) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(Error::InvalidOption(
-                    "unique_key needs unique_for".to_string(),
-                ))
-            }
-            (Some(unique_for), key) => Some(Lock {
-                name: key.unwrap_or_else(|| unique::lock_name(name, &args, &kwargs)),
-                seconds: unique::ttl_seconds(unique_for),
-            }),
-        };
+        let lock =
+            self.unique_lock(name, &args, &kwargs, options.unique_for, options.unique_key)?;
         let mut request = TaskRequest::new(name, args, kwargs);
         if let Some(lock) = &lock {
-            request
-                .extra_headers
-                .insert(unique::UNIQUE_KEY_HEADER.into(), lock.name.clone().into());
+            carry(&mut request, lock);
         }
         if let Some(id) = options.task_id {
             request.root_id = Some(id.clone());
@@ -291,12 +310,49 @@ impl Client {
 
     /// Sends a canvas built with [`canvas`]: a task, a chain, a group or a chord, in any
     /// nesting. Returns the results it ends with: a task's own, a chain's last step's, a group's
-    /// members', a chord's body's.
+    /// members', a chord's body's. A canvas that starts with one task is unique when that task's
+    /// `task_annotations` say so ([`Client::apply_with`]).
     pub async fn apply(&self, signature: &Signature) -> Result<Vec<AsyncResult>> {
+        self.apply_with(signature, ApplyOptions::default()).await
+    }
+
+    /// [`Client::apply`] with `options`. The lock of a unique canvas is held by its first task
+    /// and given back when that task ends, as a task sent alone: a chain is unique while its
+    /// first step is queued or running. A canvas that starts with several tasks (a group, a
+    /// chord's header) is never unique: asking is [`Error::InvalidOption`], and the tasks'
+    /// `task_annotations` are not applied to it.
+    pub async fn apply_with(
+        &self,
+        signature: &Signature,
+        options: ApplyOptions,
+    ) -> Result<Vec<AsyncResult>> {
         let invalid = |e: canvas::CanvasError| Error::InvalidOption(e.to_string());
         let signature = signature.frozen().map_err(invalid)?;
-        let steps = canvas::start(&signature).map_err(invalid)?;
-        sending::send_steps(
+        let mut steps = canvas::start(&signature).map_err(invalid)?;
+        let lock = match steps.as_mut_slice() {
+            [first] => {
+                let request = &mut first.request;
+                let lock = self.unique_lock(
+                    &request.task,
+                    &request.args,
+                    &request.kwargs,
+                    options.unique_for,
+                    options.unique_key,
+                )?;
+                if let Some(lock) = &lock {
+                    carry(request, lock);
+                    self.take_unique(&request.task, lock, &request.id).await?;
+                }
+                lock.map(|lock| (lock, request.id.clone()))
+            }
+            _ if options.unique_for.is_some() || options.unique_key.is_some() => {
+                return Err(Error::InvalidOption(
+                    "only a canvas that starts with one task can be unique".into(),
+                ))
+            }
+            _ => None,
+        };
+        let sent = sending::send_steps(
             steps,
             self.backend.as_ref(),
             &self.config,
@@ -304,7 +360,11 @@ impl Client {
             OnError::Stop,
             self,
         )
-        .await?;
+        .await;
+        match &lock {
+            Some((lock, id)) => self.give_back_unless_sent(Some(lock), id, sent).await?,
+            None => sent?,
+        }
         Ok(signature
             .final_ids()
             .iter()
@@ -435,6 +495,13 @@ impl PublishStep for Client {
     async fn publish_step(&self, request: &TaskRequest, queue: &str) -> Result<()> {
         self.publish(request, queue).await
     }
+}
+
+/// Names `lock` in `request`'s header, so the worker that ends the task gives it back.
+fn carry(request: &mut TaskRequest, lock: &Lock) {
+    request
+        .extra_headers
+        .insert(unique::UNIQUE_KEY_HEADER.into(), lock.name.clone().into());
 }
 
 /// Forgets `failed`, the connection of `current`, so the next send reconnects (unless another

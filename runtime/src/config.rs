@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -178,6 +179,10 @@ pub enum RateLimitScope {
 pub struct TaskAnnotation {
     /// `"10/s"`, `"100/m"`, `"1000/h"`: task starts allowed per unit of time on one worker.
     pub rate_limit: Option<String>,
+    /// Seconds: every send of the task from our client and web app is unique
+    /// ([`crate::unique`]) for this long unless the call asks for another duration. Read by the
+    /// senders, not the worker: the lock is taken where the task is sent.
+    pub unique_for: Option<f64>,
 }
 
 /// Every setting the worker, the client and the web app read.
@@ -228,7 +233,7 @@ pub struct CeleryConfig {
     /// delayed delivery for them as Celery's worker does (QoS is per consumer on a quorum
     /// queue either way: RabbitMQ refuses global QoS there).
     pub worker_detect_quorum_queues: bool,
-    /// Task name to per-task settings (`rate_limit`).
+    /// Task name to per-task settings (`rate_limit`, `unique_for`).
     pub task_annotations: BTreeMap<String, TaskAnnotation>,
     /// Whether each worker keeps the `rate_limit`s on its own (`"worker"`, Celery's way) or
     /// all together (`"cluster"`: needs a Redis `result_backend`, which holds the shared state).
@@ -504,9 +509,16 @@ impl CeleryConfig {
                 "worker_heartbeat_interval must be more than 0 seconds".into(),
             ));
         }
-        for annotation in self.task_annotations.values() {
+        for (task, annotation) in &self.task_annotations {
             if let Some(rate) = &annotation.rate_limit {
                 crate::rate::parse(rate)?;
+            }
+            if let Some(seconds) = annotation.unique_for {
+                if Duration::try_from_secs_f64(seconds).map_or(true, |d| d.is_zero()) {
+                    return Err(Error::Config(format!(
+                        "task_annotations {task}: unique_for must be a number of seconds above 0, not {seconds}"
+                    )));
+                }
             }
         }
         // The shared limiter lives in the result backend's Redis; without one there is nothing
@@ -585,6 +597,13 @@ impl CeleryConfig {
             .iter()
             .find(|(pattern, _)| glob_match(pattern, task_name))
             .map_or(self.task_default_queue.as_str(), |(_, route)| route.queue())
+    }
+
+    /// How long every send of `task_name` is unique for when the call does not say
+    /// (`task_annotations`' `unique_for`); `None`: only when the call asks.
+    pub fn unique_for(&self, task_name: &str) -> Option<Duration> {
+        let seconds = self.task_annotations.get(task_name)?.unique_for?;
+        Duration::try_from_secs_f64(seconds).ok()
     }
 
     /// Every queue the settings name: the default queue and each route's.
@@ -722,6 +741,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("topic"), "{error}");
+    }
+
+    #[test]
+    fn a_task_annotation_makes_every_send_of_the_task_unique_for_its_seconds() {
+        let config = CeleryConfig::from_sources(
+            r#"task_annotations = { "tasks.add" = { unique_for = 1.5 }, "tasks.mul" = { rate_limit = "1/s" } }"#,
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.unique_for("tasks.add"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(config.unique_for("tasks.mul"), None);
+        assert_eq!(config.unique_for("tasks.other"), None);
+        for bad in ["0", "-1"] {
+            let toml = format!(r#"task_annotations = {{ "t" = {{ unique_for = {bad} }} }}"#);
+            let error = CeleryConfig::from_sources(&toml, env(&[])).unwrap_err();
+            assert!(error.to_string().contains("unique_for"), "{error}");
+        }
     }
 
     #[test]

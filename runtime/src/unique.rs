@@ -7,6 +7,9 @@
 //! The lock name is the caller's own key, else the task name and a SHA-256 of its arguments as
 //! canonical JSON (object keys sorted), so that the same call made from Rust or from Python, with
 //! kwargs in any order, names the same lock.
+//!
+//! A send asks for a lock per call, or the task's `task_annotations` entry asks for it on every
+//! send of the task ([`Lock::asked`]).
 
 use std::time::Duration;
 
@@ -32,6 +35,43 @@ pub fn lock_name(name: &str, args: &[Value], kwargs: &Map<String, Value>) -> Str
 /// The Redis key of lock `name`.
 pub fn lock_key(name: &str) -> String {
     format!("{KEY_PREFIX}{name}")
+}
+
+/// The unique lock a send takes: its name, as the message's header carries it, and its life in
+/// whole seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub name: String,
+    pub seconds: u64,
+}
+
+/// Why a send's unique options name no lock.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unique_key needs unique_for (per call, or the task's task_annotations entry)")]
+pub struct KeyWithoutDuration;
+
+impl Lock {
+    /// The lock a send of task `name` with `args` and `kwargs` takes: for `unique_for` when the
+    /// call asks, else for the task's `default` (its `task_annotations` `unique_for`); named
+    /// `unique_key` when given, else after the call ([`lock_name`]). `None`: the send is not
+    /// unique.
+    pub fn asked(
+        name: &str,
+        args: &[Value],
+        kwargs: &Map<String, Value>,
+        unique_for: Option<Duration>,
+        unique_key: Option<String>,
+        default: Option<Duration>,
+    ) -> Result<Option<Self>, KeyWithoutDuration> {
+        match (unique_for.or(default), unique_key) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(KeyWithoutDuration),
+            (Some(unique_for), key) => Ok(Some(Self {
+                name: key.unwrap_or_else(|| lock_name(name, args, kwargs)),
+                seconds: ttl_seconds(unique_for),
+            })),
+        }
+    }
 }
 
 /// Whole seconds a lock held `for` lives: rounded up, at least one (Redis `EX` takes no less).
@@ -88,6 +128,45 @@ mod tests {
             name,
             "t:ce5435e4715db46c10cede3c029821664f9ebbd8bb68daf99a6e3bfded1d676f"
         );
+    }
+
+    #[test]
+    fn a_call_s_own_duration_wins_over_the_task_s_default_and_a_key_names_the_lock() {
+        let (args, none) = ([json!(1)], Map::new());
+        let asked = |unique_for: Option<u64>, key: Option<&str>, default: Option<u64>| {
+            Lock::asked(
+                "t",
+                &args,
+                &none,
+                unique_for.map(Duration::from_secs),
+                key.map(str::to_string),
+                default.map(Duration::from_secs),
+            )
+        };
+        let by_call = lock_name("t", &args, &none);
+        assert_eq!(asked(None, None, None), Ok(None));
+        assert_eq!(
+            asked(None, None, Some(60)),
+            Ok(Some(Lock {
+                name: by_call.clone(),
+                seconds: 60
+            }))
+        );
+        assert_eq!(
+            asked(Some(5), None, Some(60)),
+            Ok(Some(Lock {
+                name: by_call,
+                seconds: 5
+            }))
+        );
+        assert_eq!(
+            asked(None, Some("k"), Some(60)),
+            Ok(Some(Lock {
+                name: "k".into(),
+                seconds: 60
+            }))
+        );
+        assert_eq!(asked(None, Some("k"), None), Err(KeyWithoutDuration));
     }
 
     #[test]

@@ -34,6 +34,17 @@ pub enum Error {
     /// No job has that id.
     #[error("no job or workflow with id {0}")]
     NotFound(String),
+    /// A unique job (or a workflow's step) whose lock another task holds: that task is queued or
+    /// running.
+    #[error("`{task}` is not unique: task {holder} holds its lock `{lock}` while it is queued or running")]
+    NotUnique {
+        task: String,
+        lock: String,
+        holder: String,
+    },
+    /// The result backend, which holds unique locks, could not be reached.
+    #[error("the result backend is unavailable: {0}")]
+    BackendUnavailable(String),
     /// The broker did not take the message.
     #[error("the broker did not accept the job; it is recorded and was not sent: {0}")]
     Publish(String),
@@ -94,8 +105,10 @@ impl Error {
             Error::TooLarge(_) | Error::WorkflowTooLarge { .. } => Status::PayloadTooLarge,
             Error::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
             Error::NotFound(_) => Status::NotFound,
+            Error::NotUnique { .. } => Status::Conflict,
             Error::Publish(_)
             | Error::BrokerUnavailable(_)
+            | Error::BackendUnavailable(_)
             | Error::DatabaseUnavailable(_)
             | Error::TooManyStreams(_) => Status::ServiceUnavailable,
             Error::Database(_) | Error::Migration(_) | Error::Runtime(_) => {
@@ -111,6 +124,21 @@ pub struct ErrorBody {
     /// What was wrong; for a 500 only "internal error", for a 401 only "Unauthorized".
     #[schema(example = "unknown task `tasks.nope`")]
     pub error: String,
+}
+
+/// The body of a 409: a unique job refused, naming the task that holds its lock.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotUniqueBody {
+    #[schema(
+        example = "`tasks.add` is not unique: task f4d39611-b181-4004-85fd-6208e91cb392 holds its lock `tasks.add:5e1c…` while it is queued or running"
+    )]
+    pub error: String,
+    /// The task id of the job holding the lock (a Python caller's lock may name any text).
+    #[schema(example = "f4d39611-b181-4004-85fd-6208e91cb392")]
+    pub holder: String,
+    /// `/status/<holder>`, where that job is followed (404 when it was not sent by this API).
+    #[schema(example = "/status/f4d39611-b181-4004-85fd-6208e91cb392")]
+    pub status_url: String,
 }
 
 /// The 401 of every guarded route, described once for the API document.
@@ -135,6 +163,14 @@ pub struct DatabaseUnavailable(ErrorBody);
 impl<'r> Responder<'r, 'static> for Error {
     fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
         let status = self.status();
+        if let Error::NotUnique { holder, .. } = &self {
+            let body = NotUniqueBody {
+                error: self.to_string(),
+                status_url: crate::routes::receive::status_url(holder),
+                holder: holder.clone(),
+            };
+            return (status, Json(body)).respond_to(request);
+        }
         let message = if status == Status::InternalServerError {
             tracing::error!(error = %self, uri = %request.uri(), "request failed");
             "internal error".to_string()

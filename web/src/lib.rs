@@ -13,6 +13,7 @@
 //! - [`workflow`]: chains and groups of jobs accepted as one, and what they amount to.
 //! - [`auth`]: the optional bearer authentication of the job routes (shared token or JWT).
 //! - [`idempotency`]: `Idempotency-Key` on `POST /receive`, and forgetting expired keys.
+//! - [`unique`]: unique jobs' locks, taken before their rows commit.
 //! - [`batch`]: group commit of the rows `POST /receive` and the outbox write.
 //! - [`db`]: the async connection pool and embedded migrations.
 //! - [`error`]: the one error type and its JSON answers.
@@ -31,6 +32,7 @@ pub mod schema;
 pub mod store;
 pub mod submission;
 pub mod tracking;
+pub mod unique;
 pub mod workflow;
 
 use std::sync::Arc;

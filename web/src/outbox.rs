@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime::client::{Client, SendOptions};
+use runtime::client::{ApplyOptions, Client, SendOptions};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -228,16 +228,28 @@ impl Outbox {
 }
 
 /// Sends `job`'s message: a job of its own as a task, a workflow's step as its canvas
-/// ([`workflow::signature`]), with `rest` after it when it starts a chain.
+/// ([`workflow::signature`]), with `rest` after it when it starts a chain. A job holding a unique
+/// lock names it in its message, every time it is sent: the lock its task id already holds is
+/// taken again at once; one that expired is taken anew, unless another task took it meanwhile,
+/// which fails the publish ([`runtime::Error::NotUnique`]) as a refusal would.
 async fn send(client: &Client, job: &NewJob, rest: &[NewJob]) -> runtime::Result<()> {
+    let lock = job.lock();
+    let unique_for = lock.as_ref().map(|l| Duration::from_secs(l.seconds));
+    let unique_key = lock.map(|l| l.name);
     if let Some(signature) = workflow::signature(job, rest) {
-        return client.apply(&signature).await.map(drop);
+        let options = ApplyOptions {
+            unique_for,
+            unique_key,
+        };
+        return client.apply_with(&signature, options).await.map(drop);
     }
     let options = SendOptions {
         task_id: Some(job.task_id.to_string()),
         queue: Some(job.queue.clone()),
         eta: job.eta,
         expires_at: job.expires,
+        unique_for,
+        unique_key,
         ..SendOptions::default()
     };
     client

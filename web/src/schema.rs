@@ -32,6 +32,8 @@ diesel::table! {
         workflow_position -> Nullable<Integer>,
         publish_attempts -> Integer,
         next_attempt_at -> Nullable<Timestamptz>,
+        unique_key -> Nullable<Text>,
+        unique_for -> Nullable<BigInt>,
     }
 }
 

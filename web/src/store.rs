@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use diesel_async::scoped_futures::ScopedFutureExt;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use runtime::protocol::result::{state, ResultMeta};
+use runtime::unique::Lock;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -102,9 +103,34 @@ pub struct NewJob {
     pub workflow_id: Option<Uuid>,
     pub workflow_kind: Option<String>,
     pub workflow_position: Option<i32>,
+    /// The unique lock the job holds (its name, as the message's header carries it) and the
+    /// lock's life in seconds; both set or none.
+    pub unique_key: Option<String>,
+    pub unique_for: Option<i64>,
 }
 
 impl NewJob {
+    /// The unique lock the job holds, if any.
+    pub fn lock(&self) -> Option<Lock> {
+        Some(Lock {
+            name: self.unique_key.clone()?,
+            seconds: u64::try_from(self.unique_for?).ok()?,
+        })
+    }
+
+    /// This job holding `lock` (none: not unique).
+    pub fn holding(self, lock: Option<Lock>) -> Self {
+        let (unique_key, unique_for) = match lock {
+            Some(lock) => (Some(lock.name), i64::try_from(lock.seconds).ok()),
+            None => (None, None),
+        };
+        Self {
+            unique_key,
+            unique_for,
+            ..self
+        }
+    }
+
     /// The positional arguments as a list (a row holds a JSON array).
     pub fn args_list(&self) -> Vec<Value> {
         match &self.args {
@@ -140,6 +166,8 @@ impl NewJob {
             workflow_id: None,
             workflow_kind: None,
             workflow_position: None,
+            unique_key: None,
+            unique_for: None,
         }
     }
 }
@@ -260,19 +288,28 @@ pub enum Keyed {
 
 /// Records `jobs` (as [`insert`] does) and `key` in one transaction, unless the key (its scope
 /// and name) is held by a use not older than `ttl_seconds`: then nothing is written and that use
-/// is returned. An older use is replaced (the jobs it made are left as they are).
+/// is returned. An older use is replaced (the jobs it made are left as they are). Once the key is
+/// taken, `before_jobs` runs inside the transaction (`POST /receive` takes the jobs' unique locks
+/// there, so that a repeat of the key is answered 200, never refused by its own first's lock);
+/// its error rolls everything back and is returned.
 ///
 /// The primary key decides, not a read before the write: a concurrent call with the same key
 /// waits at the insert for this one to end, then finds the key held (or, if this one rolled
 /// back, takes it). `ON CONFLICT DO UPDATE` locks the row it conflicts with even when its
 /// `WHERE` keeps it, so the read after it sees that row, and the expiry pruning (which skips
 /// locked rows) cannot delete it in between.
-pub async fn insert_keyed(
+pub async fn insert_keyed<E, F, B>(
     connection: &mut AsyncPgConnection,
     key: &KeyUse,
     jobs: &[NewJob],
     ttl_seconds: f64,
-) -> QueryResult<Keyed> {
+    before_jobs: B,
+) -> Result<Keyed, E>
+where
+    E: From<diesel::result::Error> + Send,
+    B: FnOnce() -> F + Send,
+    F: std::future::Future<Output = Result<(), E>> + Send,
+{
     connection
         .transaction(|connection| {
             async move {
@@ -300,6 +337,7 @@ pub async fn insert_keyed(
                         .await?;
                     return Ok(Keyed::Held(held));
                 }
+                before_jobs().await?;
                 insert(connection, jobs).await?;
                 Ok(Keyed::Recorded)
             }
@@ -361,7 +399,7 @@ pub async fn claim_unpublished(
                AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id, task_name, args, kwargs, queue, eta, expires, \
-             workflow_id, workflow_kind, workflow_position",
+             workflow_id, workflow_kind, workflow_position, unique_key, unique_for",
     ))
     .bind::<diesel::sql_types::Double, _>(PUBLISH_LEASE_SECONDS)
     .bind::<diesel::sql_types::BigInt, _>(limit)

@@ -14,6 +14,9 @@ use utoipa::{PartialSchema, ToSchema};
 use crate::error::Error;
 use crate::workflow::{Kind, MAX_STEPS};
 
+/// The longest `unique_key` taken, in characters.
+pub const MAX_UNIQUE_KEY_CHARS: usize = 255;
+
 /// The longest `countdown` or `expires` taken: ten years, far past any sane schedule and far
 /// from the limits of date arithmetic.
 pub const MAX_DELAY_SECONDS: f64 = 315_360_000.0;
@@ -75,13 +78,39 @@ pub struct JobRequest {
     pub queue: Option<String>,
     pub countdown: Option<f64>,
     pub expires: Option<f64>,
+    /// Seconds the job is unique for: refused (409) while the same call (or `unique_key`) is
+    /// queued or running.
+    pub unique_for: Option<f64>,
+    /// The unique lock's name, instead of the task and its arguments.
+    pub unique_key: Option<String>,
 }
 
 /// The fields of a task call.
-const CALL_FIELDS: [&str; 6] = ["task", "args", "kwargs", "queue", "countdown", "expires"];
+const CALL_FIELDS: [&str; 8] = [
+    "task",
+    "args",
+    "kwargs",
+    "queue",
+    "countdown",
+    "expires",
+    "unique_for",
+    "unique_key",
+];
 /// The fields of a workflow's step: a chain's later steps run when the step before ends, so a
-/// delay or an expiry counted from the request would mean nothing to them.
-const STEP_FIELDS: [&str; 4] = ["task", "args", "kwargs", "queue"];
+/// delay or an expiry counted from the request would mean nothing to them. The unique fields
+/// are a group member's or a chain's first step's only ([`UNIQUE_FIELDS`]).
+const STEP_FIELDS: [&str; 6] = [
+    "task",
+    "args",
+    "kwargs",
+    "queue",
+    "unique_for",
+    "unique_key",
+];
+/// The fields that make a call unique: only a message the web app sends itself can take a lock
+/// before its row commits, and a chain's later steps are sent by the worker that ends the step
+/// before.
+const UNIQUE_FIELDS: [&str; 2] = ["unique_for", "unique_key"];
 
 impl JobRequest {
     /// The default task with `payload` as its one argument.
@@ -93,6 +122,8 @@ impl JobRequest {
             queue: None,
             countdown: None,
             expires: None,
+            unique_for: None,
+            unique_key: None,
         }
     }
 
@@ -158,6 +189,21 @@ impl JobRequest {
             },
             countdown: seconds("countdown", false)?,
             expires: seconds("expires", true)?,
+            unique_for: seconds("unique_for", true)?,
+            unique_key: match call.get("unique_key") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(key))
+                    if (1..=MAX_UNIQUE_KEY_CHARS).contains(&key.chars().count()) =>
+                {
+                    Some(key.clone())
+                }
+                Some(_) => {
+                    return Err(wrong(
+                        "unique_key",
+                        &format!("text of 1 to {MAX_UNIQUE_KEY_CHARS} characters"),
+                    ))
+                }
+            },
         })
     }
 }
@@ -216,6 +262,16 @@ impl Submission {
                     Error::Unprocessable(format!("step {index} of the {name}: {reason}"))
                 };
                 match call {
+                    Value::Object(call) if kind == Kind::Chain && index > 0 => {
+                        if let Some(field) = UNIQUE_FIELDS.iter().find(|f| call.contains_key(**f)) {
+                            return Err(in_step(format!(
+                                "`{field}` is taken by a chain's first step only: the later \
+                                 steps are sent by the worker that ends the step before"
+                            )));
+                        }
+                        JobRequest::from_call(call, accepts, &STEP_FIELDS, "a workflow step")
+                            .map_err(|e| in_step(e.to_string()))
+                    }
                     Value::Object(call) => {
                         JobRequest::from_call(call, accepts, &STEP_FIELDS, "a workflow step")
                             .map_err(|e| in_step(e.to_string()))
@@ -280,6 +336,25 @@ fn field_schema(field: &str) -> Value {
             schema["exclusiveMinimum"] = json!(0);
             schema
         }
+        "unique_for" => json!({
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "maximum": MAX_DELAY_SECONDS,
+            "description": "seconds the job is unique for: while a job of the same task and \
+                arguments (or the same `unique_key`) is queued or running, the request is 409 \
+                naming it. The lock lives in the result backend's Redis, taken before the row \
+                commits, given back by the worker when the job ends, and expires after this \
+                long whatever happens. Unset: the task's `task_annotations` `unique_for`, if \
+                any. In a workflow, a group member's or a chain's first step's only",
+        }),
+        "unique_key" => json!({
+            "type": ["string", "null"],
+            "minLength": 1,
+            "maxLength": MAX_UNIQUE_KEY_CHARS,
+            "description": "the unique lock's name, instead of the task and its arguments: \
+                jobs naming the same key are unique together. Needs `unique_for` (or the \
+                task's `task_annotations` `unique_for`; else 422)",
+        }),
         other => panic!("no schema for task call field `{other}`"),
     }
 }
@@ -341,7 +416,9 @@ pub fn body_schemas() -> Vec<(String, Value)> {
             "WorkflowStep".to_string(),
             call_schema(
                 &STEP_FIELDS,
-                "a step of a workflow: a task call without `countdown` or `expires`",
+                "a step of a workflow: a task call without `countdown` or `expires`; \
+                 `unique_for` and `unique_key` on a group's members and a chain's first step \
+                 only (422 on a chain's later steps)",
             ),
         ),
     ];
@@ -513,6 +590,54 @@ mod tests {
     }
 
     #[test]
+    fn a_task_call_may_ask_to_be_unique() {
+        let job = job(json!({"task": "tasks.add", "unique_for": 1.5, "unique_key": "k"}));
+        assert_eq!(
+            (job.unique_for, job.unique_key.as_deref()),
+            (Some(1.5), Some("k"))
+        );
+        assert_unprocessable(&[
+            (
+                json!({"task": "tasks.add", "unique_for": 0}),
+                "`unique_for` must be a number of seconds from more than 0",
+            ),
+            (
+                json!({"task": "tasks.add", "unique_key": ""}),
+                "`unique_key` must be text of 1 to 255 characters",
+            ),
+            (
+                json!({"task": "tasks.add", "unique_key": "k".repeat(256)}),
+                "`unique_key` must be text of 1 to 255 characters",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn only_a_chain_s_first_step_and_a_group_s_members_may_ask_to_be_unique() {
+        let unique = json!({"task": "tasks.add", "unique_for": 60});
+        let plain = json!({"task": "tasks.add"});
+        for body in [
+            json!({"chain": [unique.clone(), plain.clone()]}),
+            json!({"group": [plain.clone(), unique.clone()]}),
+        ] {
+            assert!(
+                Submission::from_json(body.clone(), &accepts()).is_ok(),
+                "{body}"
+            );
+        }
+        assert_unprocessable(&[
+            (
+                json!({"chain": [plain.clone(), unique]}),
+                "step 1 of the chain: `unique_for` is taken by a chain's first step only",
+            ),
+            (
+                json!({"chain": [plain, {"task": "tasks.add", "unique_key": "k"}]}),
+                "step 1 of the chain: `unique_key` is taken by a chain's first step only",
+            ),
+        ]);
+    }
+
+    #[test]
     fn any_other_payload_goes_to_the_default_task() {
         for payload in [
             json!({"document": 1}),
@@ -656,7 +781,7 @@ mod tests {
             ),
             (
                 json!({"chain": [{"task": "tasks.add", "countdown": 5}]}),
-                "step 0 of the chain: unknown field `countdown`; a workflow step takes task, args, kwargs, queue",
+                "step 0 of the chain: unknown field `countdown`; a workflow step takes task, args, kwargs, queue, unique_for, unique_key",
             ),
             (
                 json!({"chain": [{"task": "tasks.add", "args": 1}]}),

@@ -350,12 +350,7 @@ impl Worker {
         let (Some(backend), Some(Value::String(name))) = (&self.backend, header) else {
             return;
         };
-        if let Err(error) = backend
-            .delete_if_held(&unique::lock_key(name), &request.id)
-            .await
-        {
-            warn!(task = %request.task, id = %request.id, lock = %name, %error, "cannot give back the unique lock; it expires");
-        }
+        backend.give_back_unique_lock(name, &request.id).await;
     }
 
     pub(super) fn meta(

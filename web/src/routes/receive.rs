@@ -1,6 +1,7 @@
 //! `POST /receive`: records a job, answers its task id once the record commits, publishes it.
 //! With an `Idempotency-Key`, the key is recorded in the same transaction, and a repeat answers
-//! the job the key first made (200) without recording or publishing anything.
+//! the job the key first made (200) without recording or publishing anything. A unique job's lock
+//! is taken before its row commits ([`crate::unique`]): 409 naming the task that holds it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,11 +19,12 @@ use uuid::Uuid;
 
 use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
-use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
+use crate::error::{Error, ErrorBody, NotUniqueBody, Unauthorized};
 use crate::idempotency::{self, IdempotencyKey, Ttl};
 use crate::outbox::{Outbox, Recorded};
 use crate::store::{self, KeyUse, Keyed, NewJob};
 use crate::submission::{parse_submission, Accepts, JobRequest, Submission};
+use crate::unique;
 use crate::workflow::Kind;
 
 /// How long saving a group for Python's `GroupResult.restore` may hold up the answer.
@@ -132,7 +134,7 @@ pub struct Accepted {
 }
 
 /// Where the job or workflow `id` is polled.
-pub(crate) fn status_url(id: Uuid) -> String {
+pub(crate) fn status_url(id: impl std::fmt::Display) -> String {
     format!("/status/{id}")
 }
 
@@ -166,14 +168,31 @@ fn accepted_body(id: Uuid, workflow: Option<Kind>, task_ids: Vec<Uuid>) -> Accep
     }
 }
 
-/// The row that records `job` under `id`, to be published now.
-fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
+/// The row that records `job` under `id`, to be published now; holding the unique lock `job`
+/// asks for, or its task's `task_annotations` default, when `may_be_unique` (a message the app
+/// sends itself). 422 for a `unique_key` without a duration.
+fn row(job: JobRequest, id: Uuid, client: &Client, may_be_unique: bool) -> Result<NewJob, Error> {
+    let lock = match may_be_unique {
+        true => client
+            .unique_lock(
+                &job.task,
+                &job.args,
+                &job.kwargs,
+                job.unique_for.map(std::time::Duration::from_secs_f64),
+                job.unique_key.clone(),
+            )
+            .map_err(|error| match error {
+                runtime::Error::InvalidOption(reason) => Error::Unprocessable(reason),
+                other => Error::Runtime(other),
+            })?,
+        false => None,
+    };
     let now = Utc::now();
     let after = |seconds: f64| now + chrono::Duration::milliseconds((seconds * 1e3) as i64);
     let queue = job
         .queue
         .unwrap_or_else(|| client.queue_for(&job.task).to_string());
-    NewJob {
+    let row = NewJob {
         eta: job.countdown.map(after),
         expires: job.expires.map(after),
         ..NewJob::single(
@@ -183,14 +202,17 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
             Value::Object(job.kwargs),
             queue,
         )
-    }
+    };
+    Ok(row.holding(lock))
 }
 
 /// Records the job (or each step of the workflow) as PENDING and answers once the row commits:
 /// the job is durable from then on. It is published after the answer; if the broker does not
 /// take it, the outbox publishes it when the broker is back (the row keeps the reason meanwhile).
 /// With an `Idempotency-Key`, the key commits with the rows, and a repeat of it answers 200 with
-/// what the first answered, recording and publishing nothing.
+/// what the first answered, recording and publishing nothing. A unique job (`unique_for`, or its
+/// task's `task_annotations`) takes its lock before the commit and is 409 while another task
+/// holds it.
 #[utoipa::path(
     post,
     path = "/receive",
@@ -225,12 +247,16 @@ fn row(job: JobRequest, id: Uuid, client: &Client) -> NewJob {
         (status = 401, response = Unauthorized),
         (status = 413, description = "the body is over `web_body_limit`, or a workflow's steps \
             × body bytes are over `web_workflow_max_bytes`", body = ErrorBody),
+        (status = 409, description = "a unique job (`unique_for`, or the task's \
+            `task_annotations`) whose lock another task holds while it is queued or running: \
+            nothing recorded or published; `holder` names that task", body = NotUniqueBody),
         (status = 415, description = "the body is not JSON, or, with no bearer token \
             required, not typed as JSON", body = ErrorBody),
         (status = 422, description = "a task call or workflow with wrong fields, a task not \
             accepted, a queue that does not exist while `task_create_missing_queues` is \
             false, or an `Idempotency-Key` in use with another body", body = ErrorBody),
-        (status = 503, response = DatabaseUnavailable),
+        (status = 503, description = "the database is unavailable, or, for a unique job, the \
+            result backend that holds its lock", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -247,9 +273,14 @@ pub async fn receive(
     let key = key?.0;
     let Received { submission, digest } = received?;
     check_queues(&submission, client).await?;
-    let planned = Planned::of(submission, client);
+    let planned = Planned::of(submission, client)?;
     match key.zip(digest) {
-        None => planned.record(pool, outbox).await?,
+        None => {
+            let taken = unique::take(client, &planned.rows).await?;
+            taken
+                .unless_committed(planned.record(pool, outbox).await)
+                .await?
+        }
         Some((key, body_sha256)) => {
             let key = KeyUse {
                 scope: idempotency::scope(&caller),
@@ -260,9 +291,23 @@ pub async fn receive(
             };
             let mut connection = pool.get().await?;
             let ttl = ttl.0.as_secs_f64();
-            match store::insert_keyed(&mut connection, &key, &planned.rows, ttl).await? {
-                Keyed::Recorded => {}
-                Keyed::Held(held) => return repeat(&mut connection, &key, held).await,
+            // The locks are taken once the key is this request's, so a repeat of the key waits
+            // for it and is answered 200, never refused by the lock its first holds.
+            let mut taken = None;
+            let slot = &mut taken;
+            let rows = &planned.rows;
+            let take_locks = move || async move {
+                *slot = Some(unique::take(client, rows).await?);
+                Ok::<_, Error>(())
+            };
+            let keyed =
+                store::insert_keyed(&mut connection, &key, &planned.rows, ttl, take_locks).await;
+            let keyed = match taken {
+                Some(taken) => taken.unless_committed(keyed).await?,
+                None => keyed?,
+            };
+            if let Keyed::Held(held) = keyed {
+                return repeat(&mut connection, &key, held).await;
             }
         }
     }
@@ -338,33 +383,38 @@ struct Planned {
 }
 
 impl Planned {
-    fn of(submission: Submission, client: &Client) -> Self {
+    /// The rows of `submission`. The app sends a job, a group's members and a chain's first step
+    /// itself, so those may hold unique locks; a chain's later steps are sent by workers.
+    fn of(submission: Submission, client: &Client) -> Result<Self, Error> {
         match submission {
             Submission::Job(job) => {
                 let id = Uuid::new_v4();
-                Self {
+                Ok(Self {
                     id,
                     workflow: None,
-                    rows: vec![row(job, id, client)],
-                }
+                    rows: vec![row(job, id, client, true)?],
+                })
             }
             Submission::Workflow { kind, steps } => {
                 let id = Uuid::new_v4();
                 let rows = steps
                     .into_iter()
                     .enumerate()
-                    .map(|(position, step)| NewJob {
-                        workflow_id: Some(id),
-                        workflow_kind: Some(kind.name().into()),
-                        workflow_position: Some(position as i32),
-                        ..row(step, Uuid::new_v4(), client)
+                    .map(|(position, step)| {
+                        let sent_by_us = kind == Kind::Group || position == 0;
+                        Ok(NewJob {
+                            workflow_id: Some(id),
+                            workflow_kind: Some(kind.name().into()),
+                            workflow_position: Some(position as i32),
+                            ..row(step, Uuid::new_v4(), client, sent_by_us)?
+                        })
                     })
-                    .collect();
-                Self {
+                    .collect::<Result<_, Error>>()?;
+                Ok(Self {
                     id,
                     workflow: Some(kind),
                     rows,
-                }
+                })
             }
         }
     }
