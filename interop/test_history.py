@@ -7,6 +7,8 @@ cluster from its events, whoever sent or ran it, on both brokers.
   run while it is stopped, and all are in the history once it is back. On RabbitMQ the events
   wait in the monitor's queue (``x-expires``); on Redis, where events are PUB/SUB, the tasks'
   ``task-sent`` is seen before the stop and their ends are read from the result backend after.
+* Two web replicas run the monitor on one database (on RabbitMQ as two consumers of the one
+  event queue): every task is one row, ended.
 """
 
 from __future__ import annotations
@@ -186,3 +188,27 @@ def test_no_task_is_lost_while_the_monitor_is_down(broker, spawn_rust_worker):
         if amqp:
             # Every event waited in the queue, so the row is whole.
             assert all(row["received_at"] and row["started_at"] for row in rows.values())
+
+
+@pytest.mark.timeout(120)
+def test_two_monitors_share_the_work_and_record_each_task_once(broker, spawn_rust_worker):
+    """Two web replicas run the monitor on one database: on RabbitMQ they are two consumers of the
+    one event queue; on Redis each hears every event. Either way every task is one row, ended."""
+    client = events_client(broker)
+    queue = broker.new_queue("history-replicas")
+    monitor_queue, probe_queue = broker.new_queue("history-monitor-replicas"), broker.new_queue("history-probe-replicas")
+    env = monitor_env(monitor_queue)
+    with history_database(broker, "replicas") as database, \
+            running_web(broker, database, tag="history-a", extra_env=env) as first, \
+            running_web(broker, database, tag="history-b", extra_env=env) as second:
+        worker = spawn_rust_worker([queue], tag="replicas", concurrency=8, task_events=True)
+        wait_listening(second, client, probe_queue)
+        if not broker.broker_url.startswith("redis"):
+            wait_for(lambda: broker.backlog(monitor_queue).consumers == 2, TIMEOUT, interval=0.1,
+                     describe="both monitors consuming the one event queue")
+        sent = [client.send_task("tasks.add", args=(x, 1), queue=queue).id for x in range(100)]
+        for task_id in sent:
+            client.AsyncResult(task_id).get(timeout=TIMEOUT)
+        rows = wait_recorded(first, worker.hostname, dict.fromkeys(sent, "SUCCESS"), "100 tasks under two monitors")
+        assert all(row["sent_at"] and row["received_at"] and row["started_at"] for row in rows.values())
+        assert len(history(second, worker=worker.hostname)) == len(sent)
