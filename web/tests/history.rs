@@ -78,6 +78,9 @@ fn config(broker_url: &str, database: &Database) -> CeleryConfig {
         database_url: database.url.clone(),
         monitor: true,
         monitor_queue: format!("test-monitor-{}", Uuid::new_v4().simple()),
+        // The app's monitor may declare its queue again after the test deleted it: then it
+        // goes a minute after the test.
+        monitor_queue_expires: 60,
         web_sweep_interval: 1,
         ..CeleryConfig::default()
     }
@@ -244,6 +247,17 @@ async fn events_on_both_brokers_become_the_history_and_the_workers() {
         drop(client);
         if url.starts_with("amqp") {
             broker.delete_queue(&config.monitor_queue).await.unwrap();
+        } else {
+            // The record of the monitor's subscription, kept as a named one's is.
+            let redis = redis::Client::open(url).unwrap();
+            let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+            let member = format!("#\u{6}\u{16}\u{6}\u{16}{}", config.monitor_queue);
+            redis::cmd("SREM")
+                .arg("_kombu.binding.celeryev")
+                .arg(member)
+                .query_async::<()>(&mut connection)
+                .await
+                .unwrap();
         }
         broker.close().await.unwrap();
         database.drop().await;
