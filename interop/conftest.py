@@ -211,6 +211,11 @@ def _delete_queues(broker_url: str, names: list[str]) -> None:
                         continue
                     if routing_key in wanted:
                         client.pipeline().zrem("unacked_index", tag).hdel("unacked", tag).execute()
+                # A monitor's record of its subscription to `celeryev` (kept after it stops: the
+                # queue is a named one, shared), taken back as kombu takes an auto-delete queue's.
+                for member in client.smembers("_kombu.binding.celeryev"):
+                    if member.decode(errors="replace").split("\x06\x16")[-1] in wanted:
+                        client.srem("_kombu.binding.celeryev", member)
                 for name in names:
                     client.delete(
                         name,

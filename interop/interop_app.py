@@ -14,6 +14,8 @@ broker and result backend as the Rust processes under test:
   Redis ``visibility_timeout`` for the reliability tests)
 * ``INTEROP_DEFAULT_QUEUE_TYPE``  ``task_default_queue_type``: ``classic`` (default) or ``quorum``
 * ``INTEROP_DEFAULT_EXCHANGE_TYPE``  ``task_default_exchange_type``: ``direct`` (default) or ``topic``
+* ``INTEROP_TASK_EVENTS``  ``1``: the worker sends task events from the start (as ``-E``) and the
+  app sends ``task-sent``, for the monitor's tests
 * ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
   ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``, ``tasks.scaled_sum``), so this worker
   can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
@@ -123,12 +125,14 @@ def create_app(
     twin_tasks: bool = False,
     default_queue_type: str = "classic",
     default_exchange_type: str = "direct",
+    task_events: bool = False,
 ) -> Celery:
     """A Celery app with JSON only, extended results, and the ``py.*`` tasks registered.
 
     ``control_scope`` / ``strict_control`` configure its :class:`GuardedControl`;
     ``transport_options`` become ``broker_transport_options``; ``twin_tasks`` also registers
-    :func:`sleep` as ``tasks.sleep`` (the Rust task's name and contract: returns its argument).
+    :func:`sleep` as ``tasks.sleep`` (the Rust task's name and contract: returns its argument);
+    ``task_events`` sends task events (a worker's, as ``-E``, and ``task-sent``).
     """
     control = type("ScopedControl", (GuardedControl,), {"scope": tuple(control_scope), "strict": strict_control})
     celery_app = Celery(main, broker=broker_url, backend=result_backend, set_as_current=False, control=control)
@@ -153,6 +157,8 @@ def create_app(
     celery_app.task(name="py.concat")(concat)
     celery_app.task(name="py.sleep")(sleep)
     celery_app.task(name="py.xsum")(xsum)
+    if task_events:
+        celery_app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
     if transport_options:
         celery_app.conf.broker_transport_options = dict(transport_options)
     if twin_tasks:
@@ -176,4 +182,5 @@ app = create_app(
     twin_tasks=os.environ.get("INTEROP_TWIN_TASKS") == "1",
     default_queue_type=os.environ.get("INTEROP_DEFAULT_QUEUE_TYPE", "classic"),
     default_exchange_type=os.environ.get("INTEROP_DEFAULT_EXCHANGE_TYPE", "direct"),
+    task_events=os.environ.get("INTEROP_TASK_EVENTS") == "1",
 )

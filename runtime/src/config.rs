@@ -323,6 +323,17 @@ pub struct CeleryConfig {
     /// Seconds a `POST /receive` `Idempotency-Key` is kept: a repeat within it answers the job
     /// the key first made; past it the key is forgotten and a repeat makes a new job.
     pub web_idempotency_ttl: u64,
+    /// Whether the web app also runs the monitor: it follows the cluster's events (`celeryev`)
+    /// and records every task and worker in PostgreSQL (`GET /history`, `GET /workers`).
+    pub monitor: bool,
+    /// The monitor's event queue (RabbitMQ), one for all the web replicas, so each event is
+    /// recorded once and events wait there while no monitor runs.
+    pub monitor_queue: String,
+    /// Seconds `monitor_queue` and the events in it are kept after the last monitor stopped
+    /// (`x-expires`): how long the monitor may be down without losing events on RabbitMQ.
+    pub monitor_queue_expires: u64,
+    /// Days a task stays in the history (by its first event); 0 keeps it for ever.
+    pub monitor_retention_days: u64,
     /// Periodic tasks `beat` sends, by entry name.
     pub beat_schedule: BTreeMap<String, BeatEntry>,
     /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
@@ -386,6 +397,10 @@ impl Default for CeleryConfig {
             web_sweep_interval: 5,
             web_publish_max_attempts: 10,
             web_idempotency_ttl: 86_400,
+            monitor: false,
+            monitor_queue: "celeryev.monitor".into(),
+            monitor_queue_expires: 86_400,
+            monitor_retention_days: 30,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
         }
@@ -575,6 +590,16 @@ impl CeleryConfig {
         {
             return Err(Error::Config(format!(
                 "web_jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes"
+            )));
+        }
+        if let Some(problem) = crate::broker::queue_name_problem(&self.monitor_queue) {
+            return Err(Error::Config(format!("monitor_queue: {problem}")));
+        }
+        // RabbitMQ's x-expires is 32 bits of milliseconds.
+        if !(1..=u64::from(u32::MAX) / 1000).contains(&self.monitor_queue_expires) {
+            return Err(Error::Config(format!(
+                "monitor_queue_expires must be from 1 to {} seconds",
+                u32::MAX / 1000
             )));
         }
         if self.web_auth_token.as_deref() == Some("") {
@@ -779,6 +804,32 @@ mod tests {
         let err =
             CeleryConfig::from_sources(r#"task_rate_limit_scope = "node""#, env(&[])).unwrap_err();
         assert!(err.to_string().contains("node"), "{err}");
+    }
+
+    #[test]
+    fn the_monitor_is_off_by_default_switched_on_by_the_environment_and_its_queue_checked() {
+        let config = CeleryConfig::from_sources("", env(&[])).unwrap();
+        assert!(!config.monitor);
+        let config = CeleryConfig::from_sources(
+            "monitor_retention_days = 7",
+            env(&[
+                ("CELERY_MONITOR", "true"),
+                ("CELERY_MONITOR_QUEUE", "ev.mine"),
+            ]),
+        )
+        .unwrap();
+        assert!(config.monitor);
+        assert_eq!(
+            (config.monitor_queue.as_str(), config.monitor_retention_days),
+            ("ev.mine", 7)
+        );
+        for bad in [
+            r#"monitor_queue = "a b""#,
+            "monitor_queue_expires = 0",
+            "monitor_queue_expires = 5000000",
+        ] {
+            assert!(CeleryConfig::from_sources(bad, env(&[])).is_err(), "{bad}");
+        }
     }
 
     #[test]

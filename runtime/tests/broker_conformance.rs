@@ -278,6 +278,104 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
     }
 }
 
+/// A named subscription is one queue for all its subscribers: on RabbitMQ each message reaches
+/// one of them, and what is routed while none listens waits in the queue (`x-expires` keeps it)
+/// for the next; on Redis (PUB/SUB) every subscriber hears it, and nothing waits.
+#[tokio::test]
+async fn a_named_subscription_is_shared_and_on_rabbitmq_keeps_what_comes_while_away() {
+    use runtime::broker::{BrokerKind, Exchange, NamedSubscription};
+    for url in broker_urls() {
+        let broker = broker::connect(&url).await.unwrap();
+        let key = format!("test.{}", uuid::Uuid::new_v4().simple());
+        let subscription = NamedSubscription {
+            queue: unique_queue("monitor"),
+            expires_ms: 60_000,
+        };
+        let event = |n: i64| {
+            let mut message = request(n).encode();
+            message.properties.delivery_mode = 1;
+            message
+        };
+        let body = |delivery: &Delivery| delivery.message.as_ref().unwrap().body.clone();
+        let mut first = broker
+            .subscribe_named(&Exchange::EVENTS, &key, &subscription, 8)
+            .await
+            .unwrap();
+        let mut second = broker
+            .subscribe_named(&Exchange::EVENTS, &key, &subscription, 8)
+            .await
+            .unwrap();
+        let sent = event(1);
+        broker
+            .publish_to(&Exchange::EVENTS, &key, &sent)
+            .await
+            .unwrap();
+        let got = tokio::select! {
+            got = first.recv() => got,
+            got = second.recv() => got,
+        }
+        .expect("subscription ended");
+        assert_eq!(body(&got), sent.body, "{url}");
+        got.settle.ack().await.unwrap();
+        let quiet = std::time::Duration::from_millis(300);
+        let again = tokio::time::timeout(quiet, async {
+            tokio::select! {
+                got = first.recv() => got,
+                got = second.recv() => got,
+            }
+        })
+        .await;
+        match BrokerKind::of(&url).unwrap() {
+            BrokerKind::Amqp => assert!(again.is_err(), "{url}: delivered twice"),
+            BrokerKind::Redis => {
+                let other = again.expect("Redis: every subscriber hears it").unwrap();
+                assert_eq!(body(&other), sent.body);
+            }
+        }
+        drop((first, second));
+        broker.close().await.unwrap();
+        // Nobody listens now.
+        let publisher = broker::connect(&url).await.unwrap();
+        let away: Vec<_> = (2..5).map(event).collect();
+        for message in &away {
+            publisher
+                .publish_to(&Exchange::EVENTS, &key, message)
+                .await
+                .unwrap();
+        }
+        let broker = broker::connect(&url).await.unwrap();
+        let mut back = broker
+            .subscribe_named(&Exchange::EVENTS, &key, &subscription, 8)
+            .await
+            .unwrap();
+        if BrokerKind::of(&url).unwrap() == BrokerKind::Amqp {
+            for message in &away {
+                let delivery = within(10, "an event sent while away", back.recv())
+                    .await
+                    .expect("subscription ended");
+                assert_eq!(body(&delivery), message.body);
+                delivery.settle.ack().await.unwrap();
+            }
+        }
+        let later = event(5);
+        publisher
+            .publish_to(&Exchange::EVENTS, &key, &later)
+            .await
+            .unwrap();
+        let delivery = within(10, "an event sent after", back.recv())
+            .await
+            .expect("subscription ended");
+        assert_eq!(body(&delivery), later.body, "{url}");
+        delivery.settle.ack().await.unwrap();
+        drop(back);
+        if BrokerKind::of(&url).unwrap() == BrokerKind::Amqp {
+            broker.delete_queue(&subscription.queue).await.unwrap();
+        }
+        publisher.close().await.unwrap();
+        broker.close().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn redis_restores_what_a_dead_consumer_left_unacked() {
     use runtime::config::TransportOptions;

@@ -1,12 +1,14 @@
 //! The web app: jobs in over HTTP, out to Celery workers, tracked in PostgreSQL.
 //!
 //! - [`routes`]: `POST /receive`, `GET /status/<uuid>` (and its `/stream`), `GET /tasks`,
-//!   `GET /queues`, `GET /health`, `GET /metrics`, and the API's own `GET /openapi.json` and
+//!   `GET /history`, `GET /workers`, `GET /queues`, `GET /health`, `GET /metrics`, and the API's own `GET /openapi.json` and
 //!   `GET /docs`.
 //! - [`metrics`]: the Prometheus metrics of requests and the outbox.
 //! - [`management`]: RabbitMQ's management API, for `GET /queues`.
 //! - [`store`] and [`schema`]: the jobs table (Diesel, migrations in `migrations/`).
 //! - [`tracking`]: keeps rows true to the result backend, for jobs any worker runs.
+//! - [`monitor`]: with `monitor = true`, records every task and worker of the cluster from its
+//!   events (the task history).
 //! - [`outbox`]: publishes jobs the broker has not confirmed yet, so none is lost.
 //! - [`probe`]: the checks `/health` and `/metrics` answer from, on connections of their own.
 //! - [`submission`]: a `POST /receive` body read and checked, and its schema, without I/O.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod idempotency;
 pub mod management;
 pub mod metrics;
+pub mod monitor;
 pub mod outbox;
 pub mod probe;
 pub mod routes;
@@ -81,6 +84,9 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
         (None, _) => None,
     };
     let max_attempts = config.web_publish_max_attempts;
+    let monitor = config
+        .monitor
+        .then(|| (config.clone(), pool.clone(), backend.clone()));
     let probe = probe::Probe::start(&config).await;
     let client = Client::new(config).await?;
     let outbox = Arc::new(outbox::Outbox::new(
@@ -123,6 +129,13 @@ pub async fn build(config: CeleryConfig) -> Result<Rocket<Build>, Error> {
                     key_ttl,
                     sweep_interval,
                 ));
+            })
+        }))
+        .attach(AdHoc::on_liftoff("monitor", move |_| {
+            Box::pin(async move {
+                if let Some((config, pool, backend)) = monitor {
+                    monitor::start(&config, pool, backend);
+                }
             })
         }))
         .attach(AdHoc::on_liftoff("tracking", move |_| {

@@ -47,3 +47,41 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    task_history (task_id) {
+        task_id -> Uuid,
+        name -> Nullable<Text>,
+        state -> Text,
+        state_rank -> SmallInt,
+        args -> Nullable<Text>,
+        kwargs -> Nullable<Text>,
+        worker -> Nullable<Text>,
+        queue -> Nullable<Text>,
+        sent_at -> Nullable<Timestamptz>,
+        received_at -> Nullable<Timestamptz>,
+        started_at -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        runtime -> Nullable<Double>,
+        result -> Nullable<Text>,
+        exception -> Nullable<Text>,
+        traceback -> Nullable<Text>,
+        retries -> Integer,
+        root_id -> Nullable<Uuid>,
+        parent_id -> Nullable<Uuid>,
+        seen_at -> Timestamptz,
+        checked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    workers (hostname) {
+        hostname -> Text,
+        last_heartbeat -> Timestamptz,
+        freq -> Double,
+        active -> Integer,
+        processed -> BigInt,
+        online -> Bool,
+        software -> Nullable<Text>,
+    }
+}

@@ -1,4 +1,5 @@
-//! The jobs table: one row per task id, moved forward through Celery's states.
+//! The queries of the web app: the jobs table (one row per task id, moved forward through
+//! Celery's states), the idempotency keys, and the monitor's task history and workers.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -9,7 +10,7 @@ use runtime::unique::Lock;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::schema::{idempotency_keys, tasks};
+use crate::schema::{idempotency_keys, task_history, tasks, workers};
 
 /// A row of the table.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -583,10 +584,11 @@ pub async fn workflow(connection: &mut AsyncPgConnection, id: Uuid) -> QueryResu
         .await
 }
 
-/// Where a listing page starts: after the job with this creation time and id.
+/// Where a listing page starts: after the row with this time (a job's creation, a history
+/// row's first event) and id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
-    pub created_at: DateTime<Utc>,
+    pub at: DateTime<Utc>,
     pub task_id: Uuid,
 }
 
@@ -612,15 +614,11 @@ pub async fn list(
     if let Some(task) = &listing.task {
         query = query.filter(tasks::task_name.eq(task.clone()));
     }
-    if let Some(Cursor {
-        created_at,
-        task_id,
-    }) = listing.after
-    {
+    if let Some(Cursor { at, task_id }) = listing.after {
         query = query.filter(
-            tasks::created_at.lt(created_at).or(tasks::created_at
-                .eq(created_at)
-                .and(tasks::task_id.lt(task_id))),
+            tasks::created_at
+                .lt(at)
+                .or(tasks::created_at.eq(at).and(tasks::task_id.lt(task_id))),
         );
     }
     query
@@ -699,6 +697,276 @@ pub async fn unfinished(connection: &mut AsyncPgConnection, limit: i64) -> Query
         .select(tasks::task_id)
         .limit(limit)
         .load(connection)
+        .await
+}
+
+/// A task of the history, as a row holds it and as one event (or result meta) tells of it;
+/// [`record_tasks`] merges a told one into its row.
+#[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = task_history, check_for_backend(diesel::pg::Pg))]
+pub struct TaskRecord {
+    pub task_id: Uuid,
+    pub name: Option<String>,
+    pub state: String,
+    pub state_rank: i16,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    pub worker: Option<String>,
+    pub queue: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub received_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub runtime: Option<f64>,
+    pub result: Option<String>,
+    pub exception: Option<String>,
+    pub traceback: Option<String>,
+    pub retries: i32,
+    pub root_id: Option<Uuid>,
+    pub parent_id: Option<Uuid>,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// A worker as its last heartbeat (or `worker-online`/`-offline`) told of it.
+#[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = workers, check_for_backend(diesel::pg::Pg))]
+pub struct WorkerRecord {
+    pub hostname: String,
+    pub last_heartbeat: DateTime<Utc>,
+    pub freq: f64,
+    pub active: i32,
+    pub processed: i64,
+    pub online: bool,
+    pub software: Option<String>,
+}
+
+/// The rank from which a task's state is final: [`crate::monitor::event`] ranks the states.
+const FINAL_HISTORY_RANK: i16 = crate::monitor::event::FINAL_RANK;
+
+/// Merges `records` into their history rows, inserting those not there yet, in one statement:
+/// the same merge as [`crate::monitor::event::merge`] (the row is the older side), so a
+/// record applied twice, or after a later one, changes nothing it should not. The records must
+/// have distinct task ids; in task id order, concurrent writers lock rows in the same order.
+pub async fn record_tasks(
+    connection: &mut AsyncPgConnection,
+    records: &[TaskRecord],
+) -> QueryResult<()> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::{Double, Integer, Nullable, SmallInt, Text, Timestamptz};
+    use task_history as h;
+    // Whether the told state moves the row: forward, or to another state of the same rank
+    // unless the row's is final.
+    let ahead = format!(
+        "(excluded.state_rank > task_history.state_rank OR (excluded.state_rank = \
+         task_history.state_rank AND task_history.state_rank < {FINAL_HISTORY_RANK}))"
+    );
+    // The told value when it moves the row (or the row has none), else the row's.
+    let follows = |column: &str| {
+        format!(
+            "CASE WHEN {ahead} THEN coalesce(excluded.{column}, task_history.{column}) \
+             ELSE coalesce(task_history.{column}, excluded.{column}) END"
+        )
+    };
+    let first = |column: &str| format!("coalesce(task_history.{column}, excluded.{column})");
+    // least() and greatest() pass over NULLs.
+    let earliest = |column: &str| format!("least(task_history.{column}, excluded.{column})");
+    diesel::insert_into(h::table)
+        .values(records)
+        .on_conflict(h::task_id)
+        .do_update()
+        .set((
+            h::state.eq(sql::<Text>(&format!(
+                "CASE WHEN {ahead} THEN excluded.state ELSE task_history.state END"
+            ))),
+            h::state_rank.eq(sql::<SmallInt>(
+                "greatest(task_history.state_rank, excluded.state_rank)",
+            )),
+            h::name.eq(sql::<Nullable<Text>>(&first("name"))),
+            h::args.eq(sql::<Nullable<Text>>(&first("args"))),
+            h::kwargs.eq(sql::<Nullable<Text>>(&first("kwargs"))),
+            h::queue.eq(sql::<Nullable<Text>>(&first("queue"))),
+            h::root_id.eq(sql::<Nullable<diesel::sql_types::Uuid>>(&first("root_id"))),
+            h::parent_id.eq(sql::<Nullable<diesel::sql_types::Uuid>>(&first(
+                "parent_id",
+            ))),
+            h::sent_at.eq(sql::<Nullable<Timestamptz>>(&earliest("sent_at"))),
+            h::received_at.eq(sql::<Nullable<Timestamptz>>(&earliest("received_at"))),
+            h::started_at.eq(sql::<Nullable<Timestamptz>>(&earliest("started_at"))),
+            h::seen_at.eq(sql::<Timestamptz>(&earliest("seen_at"))),
+            h::worker.eq(sql::<Nullable<Text>>(&follows("worker"))),
+            h::finished_at.eq(sql::<Nullable<Timestamptz>>(&follows("finished_at"))),
+            h::runtime.eq(sql::<Nullable<Double>>(&follows("runtime"))),
+            h::result.eq(sql::<Nullable<Text>>(&follows("result"))),
+            h::exception.eq(sql::<Nullable<Text>>(&follows("exception"))),
+            h::traceback.eq(sql::<Nullable<Text>>(&follows("traceback"))),
+            h::retries.eq(sql::<Integer>(
+                "greatest(task_history.retries, excluded.retries)",
+            )),
+        ))
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// Records what workers told, each row replaced only by news at least as recent as it. The
+/// records must have distinct hostnames.
+pub async fn record_workers(
+    connection: &mut AsyncPgConnection,
+    records: &[WorkerRecord],
+) -> QueryResult<()> {
+    use diesel::query_dsl::methods::FilterDsl;
+    use diesel::upsert::excluded;
+    let newer = diesel::dsl::sql::<diesel::sql_types::Bool>(
+        "excluded.last_heartbeat >= workers.last_heartbeat",
+    );
+    let upsert = diesel::insert_into(workers::table)
+        .values(records)
+        .on_conflict(workers::hostname)
+        .do_update()
+        .set((
+            workers::last_heartbeat.eq(excluded(workers::last_heartbeat)),
+            workers::freq.eq(excluded(workers::freq)),
+            workers::active.eq(excluded(workers::active)),
+            workers::processed.eq(excluded(workers::processed)),
+            workers::online.eq(excluded(workers::online)),
+            workers::software.eq(excluded(workers::software)),
+        ));
+    FilterDsl::filter(upsert, newer)
+        .execute(connection)
+        .await
+        .map(drop)
+}
+
+/// Filters of `GET /history`.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryListing {
+    pub state: Option<String>,
+    pub name: Option<String>,
+    pub worker: Option<String>,
+    /// Only tasks first seen at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only tasks first seen before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Text the arguments (positional or keyword, as their reprs) hold, case aside.
+    pub text: Option<String>,
+    pub after: Option<Cursor>,
+    pub limit: i64,
+}
+
+/// `text` as a LIKE pattern matching it anywhere, its own `%`, `_` and `\` taken literally.
+fn containing(text: &str) -> String {
+    let escaped = text
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+/// Tasks of the history, newest first (by their first event), from the cursor on (keyset
+/// pagination).
+pub async fn history(
+    connection: &mut AsyncPgConnection,
+    listing: &HistoryListing,
+) -> QueryResult<Vec<TaskRecord>> {
+    use task_history as h;
+    let mut query = h::table.select(TaskRecord::as_select()).into_boxed();
+    if let Some(state_name) = &listing.state {
+        query = query.filter(h::state.eq(state_name.clone()));
+    }
+    if let Some(name) = &listing.name {
+        query = query.filter(h::name.eq(name.clone()));
+    }
+    if let Some(worker) = &listing.worker {
+        query = query.filter(h::worker.eq(worker.clone()));
+    }
+    if let Some(since) = listing.since {
+        query = query.filter(h::seen_at.ge(since));
+    }
+    if let Some(until) = listing.until {
+        query = query.filter(h::seen_at.lt(until));
+    }
+    if let Some(text) = &listing.text {
+        // The expression of the trigram index, so that the index serves it.
+        query = query.filter(
+            diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "(coalesce(args, '') || ' ' || coalesce(kwargs, '')) ILIKE ",
+            )
+            .bind::<diesel::sql_types::Text, _>(containing(text)),
+        );
+    }
+    if let Some(Cursor { at, task_id }) = listing.after {
+        query = query.filter(
+            h::seen_at
+                .lt(at)
+                .or(h::seen_at.eq(at).and(h::task_id.lt(task_id))),
+        );
+    }
+    query
+        .order((h::seen_at.desc(), h::task_id.desc()))
+        .limit(listing.limit)
+        .load(connection)
+        .await
+}
+
+/// Every worker of the history, by hostname.
+pub async fn workers(connection: &mut AsyncPgConnection) -> QueryResult<Vec<WorkerRecord>> {
+    workers::table
+        .order(workers::hostname)
+        .select(WorkerRecord::as_select())
+        .load(connection)
+        .await
+}
+
+/// Up to `limit` ids of history tasks not yet final and first seen after `since`, least
+/// recently checked against the result backend first, marked as checked now.
+pub async fn history_to_check(
+    connection: &mut AsyncPgConnection,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> QueryResult<Vec<Uuid>> {
+    diesel::sql_query(format!(
+        "UPDATE task_history SET checked_at = now() WHERE task_id IN (SELECT task_id \
+             FROM task_history WHERE state_rank < {FINAL_HISTORY_RANK} AND seen_at > $1 \
+             ORDER BY checked_at NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING task_id"
+    ))
+    .bind::<diesel::sql_types::Timestamptz, _>(since)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load::<CheckedId>(connection)
+    .await
+    .map(|ids| ids.into_iter().map(|id| id.task_id).collect())
+}
+
+#[derive(QueryableByName)]
+struct CheckedId {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    task_id: Uuid,
+}
+
+/// Deletes up to `limit` history tasks first seen before `before`, oldest first, skipping any
+/// a writer holds at the moment (another replica's retention, say); returns how many.
+pub async fn forget_history_before(
+    connection: &mut AsyncPgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM task_history WHERE task_id IN (SELECT task_id FROM task_history \
+             WHERE seen_at < $1 ORDER BY seen_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(before)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .execute(connection)
+    .await
+}
+
+/// Deletes the workers last heard of before `before`; returns how many.
+pub async fn forget_workers_before(
+    connection: &mut AsyncPgConnection,
+    before: DateTime<Utc>,
+) -> QueryResult<usize> {
+    diesel::delete(workers::table.filter(workers::last_heartbeat.lt(before)))
+        .execute(connection)
         .await
 }
 

@@ -111,6 +111,17 @@ impl Declaration {
         }
     }
 
+    /// A durable classic queue behind a direct exchange, as [`Declaration::celery`], that goes
+    /// `expires_ms` after its last consumer (`x-expires`): a named subscription's queue.
+    pub fn expiring(expires_ms: u32) -> Self {
+        let mut declaration = Self::celery(QueueType::Classic);
+        declaration.arguments.insert(
+            ShortString::from("x-expires"),
+            AMQPValue::LongUInt(expires_ms),
+        );
+        declaration
+    }
+
     /// Whether the queue is a quorum queue (which refuses global QoS and keeps messages on a
     /// majority of a cluster's nodes).
     pub fn is_quorum(&self) -> bool {

@@ -203,6 +203,17 @@ pub struct Subscription {
     pub message_ttl_ms: u32,
 }
 
+/// A queue of its own name shared by every subscriber of that name, which outlives them for a
+/// while (AMQP: durable, `x-expires`): a monitor's replicas share it, and what is routed to it
+/// while none runs waits there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedSubscription {
+    /// Queue name, e.g. `celeryev.monitor`.
+    pub queue: String,
+    /// `x-expires`: the queue and what it holds go this long after its last subscriber.
+    pub expires_ms: u32,
+}
+
 /// How full a queue is, as far as the broker tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct QueueDepth {
@@ -251,6 +262,20 @@ pub trait Broker: Send + Sync {
         binding_key: &str,
         subscription: &Subscription,
     ) -> Result<mpsc::Receiver<Broadcast>>;
+
+    /// Receives what `exchange` routes with `binding_key` on the named queue `subscription`, at
+    /// most `prefetch` unsettled, each delivery settled as a task's is (acked once handled, so
+    /// a subscriber that stops or dies loses nothing). RabbitMQ gives each message to one of the
+    /// queue's subscribers and keeps the queue, and what is routed to it, for `expires_ms` after
+    /// the last one left. Redis has PUB/SUB only: every subscriber gets every message, settling
+    /// does nothing, and what is published while nobody listens is lost.
+    async fn subscribe_named(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &NamedSubscription,
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Delivery>>;
 
     /// Whether the connection is usable (for health checks).
     async fn check(&self) -> Result<()>;

@@ -2,13 +2,16 @@
 
 pub mod docs;
 pub mod health;
+pub mod history;
 pub mod metrics;
 pub mod openapi;
+pub mod paging;
 pub mod queues;
 pub mod receive;
 pub mod status;
 pub mod stream;
 pub mod tasks;
+pub mod workers;
 
 /// Lists the routes once, for both Rocket and the API document, so that a route cannot be
 /// mounted and left out of the document, or documented and not mounted.
@@ -31,6 +34,8 @@ every_route!(
     status::status,
     stream::stream,
     tasks::list,
+    history::history,
+    workers::workers,
     queues::queues,
     health::health,
     metrics::metrics,

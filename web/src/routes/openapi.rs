@@ -23,6 +23,8 @@ use crate::error::{DatabaseUnavailable, Unauthorized};
     modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "submit jobs and workflows, follow them"),
+        (name = "history", description = "every task and worker of the cluster, as the monitor \
+            recorded them from its events"),
         (name = "operations", description = "health, queues and metrics"),
         (name = "api", description = "this document and its page"),
     )

@@ -1,44 +1,16 @@
 //! `GET /tasks?state=&task=&limit=&cursor=`: jobs newest first, a page at a time.
 
-use chrono::DateTime;
 use rocket::serde::json::Json;
 use rocket::State;
 use serde::Serialize;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
+use super::paging::{decode_cursor, limit_of, page, without_nul};
 use super::status::{results_within, AnswerBudget, JobView};
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
 use crate::store::{self, Cursor, Listing};
-
-const DEFAULT_LIMIT: i64 = 50;
-const MAX_LIMIT: i64 = 500;
-
-/// The opaque cursor text: creation time in microseconds and the id of the page's last job.
-fn encode_cursor(cursor: Cursor) -> String {
-    format!(
-        "{}_{}",
-        cursor.created_at.timestamp_micros(),
-        cursor.task_id.simple()
-    )
-}
-
-fn decode_cursor(text: &str) -> Result<Cursor, Error> {
-    let bad = || Error::BadRequest(format!("invalid cursor {text:?}"));
-    let (micros, id) = text.split_once('_').ok_or_else(bad)?;
-    let created_at = micros
-        .parse()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(bad)?;
-    let task_id = Uuid::parse_str(id).map_err(|_| bad())?;
-    Ok(Cursor {
-        created_at,
-        task_id,
-    })
-}
 
 /// One page of `GET /tasks`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,23 +55,9 @@ pub async fn list(
     pool: &State<Pool>,
     budget: &State<AnswerBudget>,
 ) -> Result<Json<TaskPage>, Error> {
-    let limit = match limit {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| Error::Unprocessable(format!("`limit` must be 1 to {MAX_LIMIT}")))?,
-    };
-    // PostgreSQL's text cannot hold U+0000, so no row can match such a filter; sent as a query
-    // parameter, it would fail the statement (an encoding error, not a database gone away).
-    for (name, value) in [("state", &state), ("task", &task)] {
-        if value.as_deref().is_some_and(|text| text.contains('\0')) {
-            return Err(Error::Unprocessable(format!(
-                "`{name}` may not hold the NUL character (\\u0000)"
-            )));
-        }
-    }
+    let limit = limit_of(limit)?;
+    without_nul("state", &state)?;
+    without_nul("task", &task)?;
     let listing = Listing {
         state,
         task,
@@ -108,14 +66,9 @@ pub async fn list(
     };
     let mut connection = pool.get().await?;
     let mut jobs = store::list(&mut connection, &listing).await?;
-    let next = (jobs.len() as i64 > limit).then(|| {
-        jobs.truncate(limit as usize);
-        jobs.last().map(|job| {
-            encode_cursor(Cursor {
-                created_at: job.created_at,
-                task_id: job.task_id,
-            })
-        })
+    let next = page(&mut jobs, limit, |job| Cursor {
+        at: job.created_at,
+        task_id: job.task_id,
     });
     let mut results = results_within(&mut connection, &jobs, budget.0, |_| 1).await?;
     Ok(Json(TaskPage {
@@ -126,23 +79,6 @@ pub async fn list(
                 JobView::new(job, result)
             })
             .collect(),
-        next_cursor: next.flatten(),
+        next_cursor: next,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        let cursor = Cursor {
-            created_at: DateTime::from_timestamp_micros(1_795_584_251_734_160).unwrap(),
-            task_id: Uuid::new_v4(),
-        };
-        assert_eq!(decode_cursor(&encode_cursor(cursor)).unwrap(), cursor);
-        for bad in ["", "x_y", "123", "123_not-a-uuid"] {
-            assert!(decode_cursor(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -30,7 +30,10 @@ use super::arrival::Arrivals;
 use super::declaration::{Declaration, Topology};
 use super::delayed::{self, Declare};
 use super::remembered::Remembered;
-use super::{Broadcast, Broker, Confirmation, Delivery, Exchange, QueueDepth, Subscription};
+use super::{
+    Broadcast, Broker, Confirmation, Delivery, Exchange, NamedSubscription, QueueDepth,
+    Subscription,
+};
 use crate::config::SslOptions;
 use crate::error::{Error, Result};
 use crate::protocol::amqp::{message_of, properties_of, short};
@@ -102,11 +105,18 @@ impl AmqpBroker {
     /// it is declared when it does: a queue someone else declared is used as it is, whatever
     /// its arguments.
     async fn ensure_queue(&self, queue: &str) -> Result<Declaration> {
+        self.ensure_declared(queue, self.topology.declaration(queue))
+            .await
+    }
+
+    /// Makes sure `queue` exists, declared as `declaration` says when it does not exist yet;
+    /// when it does, learns how it is declared and uses it so.
+    async fn ensure_declared(&self, queue: &str, declaration: Declaration) -> Result<Declaration> {
         if let Some(known) = self.declaration(queue) {
             return Ok(known);
         }
         short(queue, "a queue name")?;
-        let mut declaration = self.topology.declaration(queue);
+        let mut declaration = declaration;
         let mut refusals = 0;
         // Each refusal names one difference and closes its channel: a channel per attempt.
         loop {
@@ -537,6 +547,31 @@ impl Broker for AmqpBroker {
             }
         });
         Ok(receiver)
+    }
+
+    async fn subscribe_named(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &NamedSubscription,
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Delivery>> {
+        let queue = subscription.queue.as_str();
+        self.ensure_declared(queue, Declaration::expiring(subscription.expires_ms))
+            .await?;
+        let channel = self.connection.create_channel().await?;
+        self.ensure_exchange(&channel, exchange).await?;
+        channel
+            .queue_bind(
+                queue,
+                exchange.name,
+                binding_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "bound").await;
+        self.consume(&[queue.to_string()], prefetch).await
     }
 
     fn declaration(&self, queue: &str) -> Option<Declaration> {

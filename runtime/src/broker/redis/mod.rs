@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::arrival::Arrivals;
 use super::remembered::Remembered;
 use super::{
-    give_back, Broadcast, Broker, Confirmation, Delivery, Exchange, ExchangeKind, QueueDepth,
-    Subscription,
+    give_back, Acker, Broadcast, Broker, Confirmation, Delivery, Exchange, ExchangeKind,
+    NamedSubscription, QueueDepth, Settle, Subscription,
 };
 use crate::config::{SslOptions, TransportOptions};
 use crate::error::{Error, Result};
@@ -266,6 +266,70 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Follows what `exchange` publishes with `binding_key` (PUB/SUB) for the subscriber
+    /// `queue`, each message handed on as `received_as` makes it, until the receiver goes.
+    async fn listen<T: Send + 'static>(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        queue: &str,
+        received_as: impl Fn(Message) -> T + Send + 'static,
+    ) -> Result<mpsc::Receiver<T>> {
+        if exchange.kind == ExchangeKind::Direct {
+            return Err(Error::Unsupported(
+                "subscribing to a direct exchange on Redis",
+            ));
+        }
+        // Not needed for delivery, but kombu records it and tools read it.
+        let member = layout::binding_member(binding_key, queue);
+        let key = layout::binding_key(exchange.name);
+        self.connection
+            .clone()
+            .sadd::<_, _, ()>(&key, &member)
+            .await?;
+        self.subscribed.lock().await.push((key, member));
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(self.fanout_channel(exchange.name, &binding_key.replace('#', "*")))
+            .await?;
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Ok(payload) = message.get_payload::<Vec<u8>>() else {
+                    continue;
+                };
+                match envelope::decode(&payload) {
+                    Ok(received) => {
+                        if sender.send(received_as(received.message)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(channel = message.get_channel_name(), %error, "ignoring unreadable broadcast")
+                    }
+                }
+            }
+        });
+        Ok(receiver)
+    }
+}
+
+/// The settlement of a PUB/SUB message: nothing to tell Redis.
+struct Unrecorded;
+
+#[async_trait]
+impl Acker for Unrecorded {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, _requeue: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     /// The push's reply is the confirmation: awaited here, so the message's place in its list
@@ -451,48 +515,37 @@ impl Broker for RedisBroker {
         binding_key: &str,
         subscription: &Subscription,
     ) -> Result<mpsc::Receiver<Broadcast>> {
-        if exchange.kind == ExchangeKind::Direct {
-            return Err(Error::Unsupported(
-                "subscribing to a direct exchange on Redis",
-            ));
-        }
-        // Not needed for delivery, but kombu records it and tools read it.
-        let member = layout::binding_member(binding_key, &subscription.queue);
-        let key = layout::binding_key(exchange.name);
-        self.connection
-            .clone()
-            .sadd::<_, _, ()>(&key, &member)
-            .await?;
-        self.subscribed.lock().await.push((key, member));
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub
-            .psubscribe(self.fanout_channel(exchange.name, &binding_key.replace('#', "*")))
-            .await?;
-        let (sender, receiver) = mpsc::channel(256);
         let arrivals = self.arrivals.clone();
-        tokio::spawn(async move {
-            let mut messages = pubsub.into_on_message();
-            while let Some(message) = messages.next().await {
-                let Ok(payload) = message.get_payload::<Vec<u8>>() else {
-                    continue;
-                };
-                match envelope::decode(&payload) {
-                    Ok(received) => {
-                        let broadcast = Broadcast {
-                            message: received.message,
-                            arrived: arrivals.mark(),
-                        };
-                        if sender.send(broadcast).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(channel = message.get_channel_name(), %error, "ignoring unreadable broadcast")
-                    }
-                }
+        self.listen(exchange, binding_key, &subscription.queue, move |message| {
+            Broadcast {
+                message,
+                arrived: arrivals.mark(),
             }
-        });
-        Ok(receiver)
+        })
+        .await
+    }
+
+    /// PUB/SUB: no queue is kept, so `prefetch` bounds nothing and settling does nothing.
+    async fn subscribe_named(
+        &self,
+        exchange: &Exchange,
+        binding_key: &str,
+        subscription: &NamedSubscription,
+        _prefetch: u16,
+    ) -> Result<mpsc::Receiver<Delivery>> {
+        let arrivals = self.arrivals.clone();
+        let queue = subscription.queue.clone();
+        self.listen(exchange, binding_key, &subscription.queue, move |message| {
+            Delivery {
+                message: Ok(message),
+                queue: queue.clone(),
+                redelivered: false,
+                tag: "(pub/sub)".into(),
+                settle: Settle::new(Unrecorded),
+                arrival: arrivals.task(),
+            }
+        })
+        .await
     }
 
     async fn check(&self) -> Result<()> {
