@@ -592,7 +592,8 @@ impl CeleryConfig {
                 "web_jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes"
             )));
         }
-        if let Some(problem) = crate::broker::queue_name_problem(&self.monitor_queue) {
+        if let Some(problem) = crate::protocol::queue_name::queue_name_problem(&self.monitor_queue)
+        {
             return Err(Error::Config(format!("monitor_queue: {problem}")));
         }
         // RabbitMQ's x-expires is 32 bits of milliseconds.

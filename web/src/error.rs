@@ -166,7 +166,7 @@ impl<'r> Responder<'r, 'static> for Error {
         if let Error::NotUnique { holder, .. } = &self {
             let body = NotUniqueBody {
                 error: self.to_string(),
-                status_url: crate::routes::receive::status_url(holder),
+                status_url: crate::links::status_url(holder),
                 holder: holder.clone(),
             };
             return (status, Json(body)).respond_to(request);

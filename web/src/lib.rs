@@ -25,6 +25,7 @@ pub mod batch;
 pub mod db;
 pub mod error;
 pub mod idempotency;
+pub mod links;
 pub mod management;
 pub mod metrics;
 pub mod monitor;

@@ -740,11 +740,12 @@ pub struct WorkerRecord {
     pub software: Option<String>,
 }
 
-/// The rank from which a task's state is final: [`crate::monitor::event`] ranks the states.
-const FINAL_HISTORY_RANK: i16 = crate::monitor::event::FINAL_RANK;
+/// The `state_rank` of the final states (SUCCESS, FAILURE, REVOKED): nothing moves a task past
+/// them. The monitor's event mapping ranks the other states below it.
+pub const FINAL_RANK: i16 = 5;
 
 /// Merges `records` into their history rows, inserting those not there yet, in one statement:
-/// the same merge as [`crate::monitor::event::merge`] (the row is the older side), so a
+/// the same merge as the monitor's event mapping does in Rust (the row is the older side), so a
 /// record applied twice, or after a later one, changes nothing it should not. The records must
 /// have distinct task ids; in task id order, concurrent writers lock rows in the same order.
 pub async fn record_tasks(
@@ -758,7 +759,7 @@ pub async fn record_tasks(
     // unless the row's is final.
     let ahead = format!(
         "(excluded.state_rank > task_history.state_rank OR (excluded.state_rank = \
-         task_history.state_rank AND task_history.state_rank < {FINAL_HISTORY_RANK}))"
+         task_history.state_rank AND task_history.state_rank < {FINAL_RANK}))"
     );
     // The told value when it moves the row (or the row has none), else the row's.
     let follows = |column: &str| {
@@ -926,7 +927,7 @@ pub async fn history_to_check(
 ) -> QueryResult<Vec<Uuid>> {
     diesel::sql_query(format!(
         "UPDATE task_history SET checked_at = now() WHERE task_id IN (SELECT task_id \
-             FROM task_history WHERE state_rank < {FINAL_HISTORY_RANK} AND seen_at > $1 \
+             FROM task_history WHERE state_rank < {FINAL_RANK} AND seen_at > $1 \
              ORDER BY checked_at NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id"
     ))

@@ -7,11 +7,13 @@
 //! - [`kombu_redis`]: kombu's key layout of a Redis broker (lists, bindings, channels, unacked).
 //! - [`result`]: the result meta stored in the backend, states, and encoded exceptions.
 //! - [`repr`]: Python `repr()` of JSON values, for `argsrepr`/`kwargsrepr`.
+//! - [`queue_name`]: what a queue name may be, on both brokers.
 
 pub mod amqp;
 pub mod envelope;
 pub mod kombu_redis;
 pub mod message;
+pub mod queue_name;
 pub mod repr;
 pub mod result;
 

@@ -17,10 +17,7 @@ use runtime::protocol::result::{state, ResultMeta};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::store::{TaskRecord, WorkerRecord};
-
-/// The rank of the final states (SUCCESS, FAILURE, REVOKED): nothing moves a task past them.
-pub const FINAL_RANK: i16 = 5;
+use crate::store::{TaskRecord, WorkerRecord, FINAL_RANK};
 
 /// The state `task-received` records (Flower's name for it).
 pub const RECEIVED: &str = "RECEIVED";

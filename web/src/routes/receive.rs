@@ -21,6 +21,7 @@ use crate::auth::{Auth, Authorized};
 use crate::db::Pool;
 use crate::error::{Error, ErrorBody, NotUniqueBody, Unauthorized};
 use crate::idempotency::{self, IdempotencyKey, Ttl};
+use crate::links::status_url;
 use crate::outbox::{Outbox, Recorded};
 use crate::store::{self, KeyUse, Keyed, NewJob};
 use crate::submission::{parse_submission, Accepts, JobRequest, Submission};
@@ -131,11 +132,6 @@ pub enum AcceptedBody {
 pub struct Accepted {
     body: (Status, Json<AcceptedBody>),
     location: Header<'static>,
-}
-
-/// Where the job or workflow `id` is polled.
-pub(crate) fn status_url(id: impl std::fmt::Display) -> String {
-    format!("/status/{id}")
 }
 
 impl Accepted {

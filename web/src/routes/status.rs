@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::auth::Authorized;
 use crate::db::Pool;
 use crate::error::{DatabaseUnavailable, Error, ErrorBody, Unauthorized};
-use crate::routes::receive::status_url;
+use crate::links::status_url;
 use crate::store::{self, Shown};
 use crate::workflow::{self, Kind, Step};
 
