@@ -1354,19 +1354,7 @@ async fn the_sweep_reaches_past_rows_the_backend_never_reports_on() {
 
 /// Rows of `table` in the stack's database.
 async fn count_rows(stack: &Stack, table: &str) -> i64 {
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let mut connection = AsyncPgConnection::establish(&stack.config.database_url)
-        .await
-        .unwrap();
-    diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
-        .get_result::<Count>(&mut connection)
-        .await
-        .unwrap()
-        .n
+    common::count(stack, &format!("SELECT * FROM {table}")).await
 }
 
 impl Stack {

@@ -28,6 +28,23 @@ pub struct Stack {
     worker: Option<tokio::task::JoinHandle<runtime::Result<()>>>,
 }
 
+/// Rows `query` returns in the stack's database.
+pub async fn count(stack: &Stack, query: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut connection = AsyncPgConnection::establish(&stack.config.database_url)
+        .await
+        .unwrap();
+    diesel::sql_query(format!("SELECT count(*) AS n FROM ({query}) AS rows"))
+        .get_result::<Count>(&mut connection)
+        .await
+        .unwrap()
+        .n
+}
+
 pub async fn admin(sql: &str) {
     let mut connection = AsyncPgConnection::establish(&format!("{POSTGRES}/postgres"))
         .await

@@ -3,10 +3,12 @@
 //! the result backend, the retention forgets old rows in batches, and `GET /history` and
 //! `GET /workers` answer from them. Each test has a database and an event queue of its own.
 
+mod common;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use rocket::http::Status;
 use rocket::local::asynchronous::Client;
 use runtime::backend::RedisBackend;
@@ -20,22 +22,9 @@ use web::db::Pool;
 use web::monitor::{self, event, Since};
 use web::store::{self, TaskRecord};
 
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
-const BROKERS: [&str; 2] = [
-    "amqp://guest:guest@127.0.0.1:5672//",
-    "redis://127.0.0.1:6379/0",
-];
-const RESULTS: &str = "redis://127.0.0.1:6379/0";
+use common::{admin, BROKERS, POSTGRES};
 
-async fn admin(sql: &str) {
-    let mut connection = AsyncPgConnection::establish(&format!("{POSTGRES}/postgres"))
-        .await
-        .unwrap();
-    diesel::sql_query(sql)
-        .execute(&mut connection)
-        .await
-        .unwrap();
-}
+const RESULTS: &str = "redis://127.0.0.1:6379/0";
 
 /// A migrated database of its own, dropped by [`Database::drop`].
 struct Database {

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stack, BROKERS};
+use common::{count, Stack, BROKERS};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use redis::AsyncCommands;
 use rocket::http::{ContentType, Header, Status};
@@ -49,22 +49,6 @@ async fn sql(stack: &Stack, statement: &str) {
         .execute(&mut connection)
         .await
         .unwrap();
-}
-
-async fn count(stack: &Stack, query: &str) -> i64 {
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let mut connection = AsyncPgConnection::establish(&stack.config.database_url)
-        .await
-        .unwrap();
-    diesel::sql_query(format!("SELECT count(*) AS n FROM ({query}) AS rows"))
-        .get_result::<Count>(&mut connection)
-        .await
-        .unwrap()
-        .n
 }
 
 /// `POST /receive` of `body` with `Idempotency-Key: key`.
