@@ -16,6 +16,8 @@ broker and result backend as the Rust processes under test:
 * ``INTEROP_DEFAULT_EXCHANGE_TYPE``  ``task_default_exchange_type``: ``direct`` (default) or ``topic``
 * ``INTEROP_TASK_EVENTS``  ``1``: the worker sends task events from the start (as ``-E``) and the
   app sends ``task-sent``, for the monitor's tests
+* ``INTEROP_OTLP_ENDPOINT``  an OTLP/HTTP base URL: the process is traced with
+  ``opentelemetry-instrumentation-celery`` and sends its spans there (the trace tests)
 * ``INTEROP_TWIN_TASKS``  ``1``: also register Python twins of Rust task names (``tasks.sleep``,
   ``tasks.add``, ``tasks.mul``, ``tasks.xsum``, ``tasks.echo``, ``tasks.fail``, ``tasks.scaled_sum``), so this worker
   can finish what a Rust worker left, or run a canvas all in Python to compare; only workers on
@@ -172,6 +174,23 @@ def create_app(
     return celery_app
 
 
+def trace_to(endpoint: str, celery_app: Celery, service: str) -> None:
+    """Traces this process as a Python service would: ``opentelemetry-instrumentation-celery``
+    with its spans sent to ``endpoint`` over OTLP/HTTP, one at a time so a test sees each soon.
+    ``celery_app`` is made the current app: the instrumentation looks the task a message names up
+    there, and a producer span of a task it does not find is never ended."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")))
+    celery_app.set_current()
+    CeleryInstrumentor().instrument(tracer_provider=provider)
+
+
 app = create_app(
     os.environ.get("INTEROP_BROKER_URL", DEFAULT_BROKER_URL),
     os.environ.get("INTEROP_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
@@ -184,3 +203,5 @@ app = create_app(
     default_exchange_type=os.environ.get("INTEROP_DEFAULT_EXCHANGE_TYPE", "direct"),
     task_events=os.environ.get("INTEROP_TASK_EVENTS") == "1",
 )
+if os.environ.get("INTEROP_OTLP_ENDPOINT"):
+    trace_to(os.environ["INTEROP_OTLP_ENDPOINT"], app, "interop-python-worker")

@@ -44,7 +44,7 @@ FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 STATE_RANK = {"PENDING": 0, "STARTED": 1, "RETRY": 1, "SUCCESS": 3, "FAILURE": 3, "REVOKED": 3}  # else 2
 STATUS_KEYS = {
     "task_id", "task", "state", "progress", "result", "error", "worker", "retries",
-    "created_at", "started_at", "finished_at", "workflow_id", "result_truncated",
+    "created_at", "started_at", "finished_at", "workflow_id", "result_truncated", "trace_id",
 }
 WORKFLOW_KEYS = {
     "workflow_id", "workflow", "state", "progress", "result", "result_truncated", "error",

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use crate::logging::LogFormat;
+use crate::telemetry::Telemetry;
+use crate::{CeleryConfig, Result};
 
 /// Options common to `worker`, `beat`, `call` and `web`: `#[command(flatten)]` them. A binary
 /// with another default log level changes it with
@@ -22,9 +24,13 @@ pub struct Common {
 }
 
 impl Common {
-    /// Installs logging as `--loglevel` and `--log-format` ask.
-    pub fn init_logging(&self) {
-        crate::logging::init(&self.loglevel, self.log_format);
+    /// Installs logging as `--loglevel` and `--log-format` ask, and starts the span export
+    /// when `config` or the environment names a collector (`service`: the process's name in
+    /// traces). Keep what it returns until the process ends: dropping it sends the last spans.
+    pub fn init_logging(&self, config: &CeleryConfig, service: &str) -> Result<Telemetry> {
+        let telemetry = Telemetry::start(config, service)?;
+        crate::logging::init(&self.loglevel, self.log_format, &telemetry);
+        Ok(telemetry)
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::backend::RedisBackend;
 use crate::broker::{self, Broker, Confirmation, QueueDepth};
@@ -22,6 +23,7 @@ use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::sending::{self, OnError, PublishStep};
+use crate::telemetry::spans;
 use crate::unconfirmed::Unconfirmed;
 use crate::unique::{self, Lock};
 
@@ -385,7 +387,13 @@ impl Client {
             return Err(Error::MissingQueue(queue.to_string()));
         }
         let connection = self.connection().await?;
-        let confirmation = match connection.broker.send(queue, &request.encode()).await {
+        let (message, span) = spans::publishing(request);
+        let confirmation = match connection
+            .broker
+            .send(queue, &message)
+            .instrument(span)
+            .await
+        {
             Ok(confirmation) => confirmation,
             Err(error) => {
                 self.disconnect(&connection).await;

@@ -334,6 +334,10 @@ pub struct CeleryConfig {
     pub monitor_queue_expires: u64,
     /// Days a task stays in the history (by its first event); 0 keeps it for ever.
     pub monitor_retention_days: u64,
+    /// Base URL of an OpenTelemetry collector's OTLP/HTTP receiver (`http://host:4318`), where
+    /// spans go; unset, no spans are made. The standard `OTEL_EXPORTER_OTLP_ENDPOINT` variable,
+    /// when set, wins, as it does for Python services instrumented with OpenTelemetry.
+    pub otlp_endpoint: Option<String>,
     /// Periodic tasks `beat` sends, by entry name.
     pub beat_schedule: BTreeMap<String, BeatEntry>,
     /// Prefix of the Redis keys where `beat` keeps its last run times and its lock (in the
@@ -401,6 +405,7 @@ impl Default for CeleryConfig {
             monitor_queue: "celeryev.monitor".into(),
             monitor_queue_expires: 86_400,
             monitor_retention_days: 30,
+            otlp_endpoint: None,
             beat_schedule: BTreeMap::new(),
             beat_key_prefix: "celery-beat".into(),
         }

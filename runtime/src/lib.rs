@@ -59,6 +59,7 @@ pub mod sentinel;
 pub mod signals;
 pub mod stamps;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod unconfirmed;
 pub mod unique;

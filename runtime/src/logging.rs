@@ -1,10 +1,14 @@
 //! Log set-up shared by every binary: `tracing` to stderr, level from `--loglevel` or `RUST_LOG`,
-//! lines as text or as JSON (`--log-format`).
+//! lines as text or as JSON (`--log-format`), and spans to OpenTelemetry when tracing is on.
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::telemetry::Telemetry;
 
 /// How log lines are written. Text is for people; JSON (one object a line) is for log
 /// collectors, which would otherwise have to parse the text layout.
@@ -27,8 +31,8 @@ pub fn in_color() -> bool {
 }
 
 /// Installs the global subscriber. `level` is Celery's `--loglevel` (debug, info, warning, error,
-/// critical); `RUST_LOG`, when set, wins.
-pub fn init(level: &str, format: LogFormat) {
+/// critical); `RUST_LOG`, when set, wins. Spans also go to `telemetry`'s export when it has one.
+pub fn init(level: &str, format: LogFormat, telemetry: &Telemetry) {
     let level = match level.to_ascii_lowercase().as_str() {
         "warning" | "warn" => "warn",
         "critical" | "fatal" => "error",
@@ -41,19 +45,18 @@ pub fn init(level: &str, format: LogFormat) {
     // rusty-celery's app handle logs its own (unused) broker set-up at info: keep it quiet.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{level},celery=warn")));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     let color = format == LogFormat::Text && std::io::stderr().is_terminal();
     let _ = IN_COLOR.set(color);
-    match format {
-        LogFormat::Text => subscriber.with_ansi(color).init(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => lines.with_ansi(color).boxed(),
         // The event's fields sit beside `message` at the top level, so a collector indexes
         // them as they are; no colour codes even on a terminal, so every line stays JSON.
-        LogFormat::Json => subscriber
-            .json()
-            .flatten_event(true)
-            .with_ansi(false)
-            .init(),
-    }
+        LogFormat::Json => lines.json().flatten_event(true).with_ansi(false).boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
+        .with(telemetry.layer())
+        .try_init();
 }

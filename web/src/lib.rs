@@ -35,6 +35,7 @@ pub mod routes;
 pub mod schema;
 pub mod store;
 pub mod submission;
+pub mod trace;
 pub mod tracking;
 pub mod unique;
 pub mod workflow;

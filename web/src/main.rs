@@ -18,8 +18,11 @@ struct Args {
 #[rocket::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.common.init_logging();
     let config = CeleryConfig::load(Some(&args.common.config)).context("loading settings")?;
+    let _telemetry = args
+        .common
+        .init_logging(&config, "rcelery-web")
+        .context("starting the span export")?;
     if args.migrate {
         web::db::create_if_missing(&config.database_url)
             .await

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime::client::{ApplyOptions, Client, SendOptions};
+use runtime::telemetry::{propagation, spans};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::batch::{Batcher, Written};
@@ -146,7 +148,11 @@ impl Outbox {
     /// broker failure is recorded, not raised.
     async fn publish(&self, job: &NewJob, rest: &[NewJob]) -> Result<Option<Written>, Error> {
         let (pool, journal, client) = (&self.pool, &self.journal, &self.client);
-        match send(client, job, rest).await {
+        // Whenever it is published, a job continues the trace of the request that recorded it.
+        let recorded_in =
+            propagation::from_pair(job.traceparent.as_deref(), job.tracestate.as_deref());
+        let span = spans::named("publish", "internal", recorded_in);
+        match send(client, job, rest).instrument(span).await {
             Ok(()) => {
                 for step in rest {
                     journal.published.queue(step.task_id).await?;

@@ -34,6 +34,8 @@ diesel::table! {
         next_attempt_at -> Nullable<Timestamptz>,
         unique_key -> Nullable<Text>,
         unique_for -> Nullable<BigInt>,
+        traceparent -> Nullable<Text>,
+        tracestate -> Nullable<Text>,
     }
 }
 

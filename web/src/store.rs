@@ -81,6 +81,7 @@ pub struct Shown {
     pub finished_at: Option<DateTime<Utc>>,
     pub workflow_id: Option<Uuid>,
     pub workflow_kind: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 diesel::define_sql_function! {
@@ -108,6 +109,9 @@ pub struct NewJob {
     /// lock's life in seconds; both set or none.
     pub unique_key: Option<String>,
     pub unique_for: Option<i64>,
+    /// The trace the job's publish continues (W3C), when tracing is on.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 impl NewJob {
@@ -169,6 +173,8 @@ impl NewJob {
             workflow_position: None,
             unique_key: None,
             unique_for: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 }
@@ -400,7 +406,8 @@ pub async fn claim_unpublished(
                AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING task_id, task_name, args, kwargs, queue, eta, expires, \
-             workflow_id, workflow_kind, workflow_position, unique_key, unique_for",
+             workflow_id, workflow_kind, workflow_position, unique_key, unique_for, \
+             traceparent, tracestate",
     ))
     .bind::<diesel::sql_types::Double, _>(PUBLISH_LEASE_SECONDS)
     .bind::<diesel::sql_types::BigInt, _>(limit)

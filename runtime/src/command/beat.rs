@@ -24,8 +24,8 @@ pub fn main() -> Result<()> {
 
 /// Runs beat as `args` ask until a signal stops it.
 pub async fn run(args: BeatArgs) -> Result<()> {
-    args.common.init_logging();
     let config = CeleryConfig::load(Some(&args.common.config))?;
+    let _telemetry = args.common.init_logging(&config, "rcelery-beat")?;
     let beat = Beat::new(config).await?;
     beat.run(crate::signals::stop_requested()).await
 }

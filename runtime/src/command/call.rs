@@ -69,7 +69,8 @@ pub fn main() -> Result<ExitCode> {
 
 /// Sends as `args` ask and prints the ids, then the results when asked to wait.
 pub async fn run(args: CallArgs) -> Result<ExitCode> {
-    args.common.init_logging();
+    let config = CeleryConfig::load(Some(&args.common.config))?;
+    let _telemetry = args.common.init_logging(&config, "rcelery-call")?;
     let json = |text: &str, what: &str| {
         serde_json::from_str::<Value>(text)
             .map_err(|e| Error::InvalidOption(format!("{what} must be JSON: {e}")))
@@ -86,7 +87,6 @@ pub async fn run(args: CallArgs) -> Result<ExitCode> {
             ))
         }
     };
-    let config = CeleryConfig::load(Some(&args.common.config))?;
     let client = Client::connect(config).await?;
     let options = SendOptions {
         queue: args.queue,

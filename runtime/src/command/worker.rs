@@ -58,8 +58,8 @@ pub fn main(registry: fn() -> Registry) -> Result<()> {
 
 /// Runs a worker node as `args` ask, over the tasks of `registry`.
 pub async fn run(args: WorkerArgs, registry: fn() -> Registry) -> Result<()> {
-    args.common.init_logging();
     let mut config = CeleryConfig::load(Some(&args.common.config))?;
+    let _telemetry = args.common.init_logging(&config, "rcelery-worker")?;
     config.worker_send_task_events |= args.task_events;
     if let Some(concurrency) = args.concurrency {
         config.worker_concurrency = concurrency;

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{json, Map, Value};
-use tracing::{error, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
 
 use super::outcome::failure_meta;
 use super::{fields, Worker};
@@ -17,13 +18,32 @@ use crate::progress::TaskContext;
 use crate::protocol::repr::{repr, repr_args};
 use crate::protocol::result::{state, ExceptionInfo};
 use crate::protocol::TaskRequest;
-use crate::registry::Outcome;
+use crate::registry::{Handler, Outcome};
+use crate::telemetry::spans;
 
 /// How a run ended, beyond the task's own outcome.
 enum Ending {
     Ran(Outcome),
     Terminated,
     TimedOut(f64),
+}
+
+impl Ending {
+    /// The state the run ended in, as Celery's instrumentation names it in a run's span: a
+    /// retry that has none left ends in FAILURE, told when that is known.
+    fn state(&self) -> &'static str {
+        match self {
+            Ending::Ran(Outcome::Success(_)) => state::SUCCESS,
+            Ending::Ran(Outcome::Retry { .. }) => state::RETRY,
+            Ending::Ran(Outcome::Rejected { .. }) => "REJECTED",
+            // Celery's Task.replace ends the run with Ignore.
+            Ending::Ran(Outcome::Replaced(_)) => "IGNORED",
+            Ending::Terminated => state::REVOKED,
+            Ending::Ran(Outcome::Failure(_) | Outcome::Panicked(_)) | Ending::TimedOut(_) => {
+                state::FAILURE
+            }
+        }
+    }
 }
 
 /// A time limit in seconds, as a message, a canvas option or a setting gives it: none unless
@@ -132,19 +152,36 @@ impl Worker {
             settle_with(settle.ack(), &tag).await;
             return;
         }
+        let span = spans::run(&request, &self.hostname, &queue);
+        self.run_to_end(&request, &queue, &tag, settle, handler, terminate)
+            .instrument(span)
+            .await;
+    }
+
+    /// Runs `request`, whose slot is held, within its time limits; stores and announces its
+    /// end, sends what follows it, and settles its message.
+    async fn run_to_end(
+        &self,
+        request: &TaskRequest,
+        queue: &str,
+        tag: &str,
+        settle: Settle,
+        handler: Arc<dyn Handler>,
+        terminate: CancellationToken,
+    ) {
         let options = handler.options();
-        let settle = self.ack_early(settle, &tag, &options).await;
+        let settle = self.ack_early(settle, tag, &options).await;
         self.state.activate(&request.id, settle.is_none());
         self.events.task("task-started", &request.id, Map::new());
-        let stores = self.stores(&request);
+        let stores = self.stores(request);
         if stores && self.config.task_track_started {
             let started = json!({"pid": std::process::id(), "hostname": self.hostname});
-            self.store(self.meta(&request, &queue, state::STARTED, started))
+            self.store(self.meta(request, queue, state::STARTED, started))
                 .await;
         }
-        let (context, updates) = TaskContext::new(&request);
+        let (context, updates) = TaskContext::new(request);
         let asked = context.clone();
-        let (hard, soft) = self.time_limits(&request, &options);
+        let (hard, soft) = self.time_limits(request, &options);
         let soft_timer = soft.map(|soft| {
             let context = context.clone();
             tokio::spawn(async move {
@@ -161,14 +198,14 @@ impl Worker {
         let began = Instant::now();
         // The states the task reports are written beside its run, in this same future: an
         // async task's report goes out at its next await.
-        let reporting = self.report_states(&request, &queue, updates, stores);
+        let reporting = self.report_states(request, queue, updates, stores);
         tokio::pin!(reporting);
         let mut reported = false;
         // Losing a race drops the task's future, which aborts async task code; blocking code
         // cannot be stopped from outside, so its thread is abandoned and its slot freed.
         let run = async {
             tokio::select! {
-                outcome = handler.run(self.app.clone(), &request, &self.hostname, context) => Ending::Ran(outcome),
+                outcome = handler.run(self.app.clone(), request, &self.hostname, context) => Ending::Ran(outcome),
                 () = terminate.cancelled() => Ending::Terminated,
                 () = hard_deadline => Ending::TimedOut(hard.unwrap_or_default().as_secs_f64()),
             }
@@ -201,12 +238,13 @@ impl Worker {
         // the task sends it while it runs (a send that fails is logged).
         self.send_next(sent).await;
         let ending = match ending {
-            Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(&request, added, outcome).await),
+            Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(request, added, outcome).await),
             stopped => stopped,
         };
         // Set when the task rejected its message: settled so instead of acked.
         let mut rejected = None;
         // Whether the final state is on record (or none is wanted).
+        spans::ended(ending.state());
         let ended = match ending {
             Ending::Ran(Outcome::Success(value)) => {
                 info!(task = %request.task, id = %request.id, runtime, result = %value, "task succeeded");
@@ -215,18 +253,18 @@ impl Worker {
                     &request.id,
                     fields(json!({"result": repr(&value), "runtime": runtime})),
                 );
-                self.succeed(&request, &queue, value).await
+                self.succeed(request, queue, value).await
             }
             Ending::Ran(Outcome::Failure(exc)) => {
                 error!(task = %request.task, id = %request.id, runtime, exception = %exc.repr(), "task failed");
-                self.fail(&request, &queue, exc).await
+                self.fail(request, queue, exc).await
             }
             Ending::Ran(Outcome::Rejected { exc, requeue }) => {
                 warn!(task = %request.task, id = %request.id, requeue, exception = %exc.repr(), "task rejected its message");
                 rejected = Some(requeue);
                 // A requeued message runs again and stores its state then; one dropped never
                 // runs again, so its end is stored now, as Celery's worker does.
-                let stored = requeue || self.fail(&request, &queue, exc).await;
+                let stored = requeue || self.fail(request, queue, exc).await;
                 self.events.task(
                     "task-rejected",
                     &request.id,
@@ -245,10 +283,10 @@ impl Worker {
             Ending::Ran(Outcome::Panicked(message)) => {
                 error!(task = %request.task, id = %request.id, %message, "task run lost");
                 let exc = ExceptionInfo::new("billiard.exceptions", "WorkerLostError", message);
-                self.fail(&request, &queue, exc).await
+                self.fail(request, queue, exc).await
             }
             Ending::Ran(Outcome::Replaced(replacement)) => {
-                self.replace(&request, &queue, replacement).await
+                self.replace(request, queue, replacement).await
             }
             Ending::Ran(Outcome::Retry { eta, exc, next }) => {
                 let max_retries = next
@@ -256,18 +294,19 @@ impl Worker {
                     .or(options.max_retries)
                     .unwrap_or(DEFAULT_MAX_RETRIES);
                 if request.retries >= max_retries {
+                    spans::ended(state::FAILURE);
                     error!(task = %request.task, id = %request.id, retries = request.retries, exception = %exc.repr(), "task failed after its last retry");
-                    self.fail(&request, &queue, exc).await
+                    self.fail(request, queue, exc).await
                 } else {
                     let eta = eta.unwrap_or_else(|| backoff(request.retries, &options));
-                    self.retry(&request, &queue, eta, exc, next).await
+                    self.retry(request, queue, eta, exc, next).await
                 }
             }
             Ending::TimedOut(limit) => {
                 error!(task = %request.task, id = %request.id, limit, "task stopped at its hard time limit");
                 self.fail(
-                    &request,
-                    &queue,
+                    request,
+                    queue,
                     ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", limit.to_string()),
                 )
                 .await
@@ -280,17 +319,17 @@ impl Worker {
                     fields(json!({"terminated": true, "signum": 15, "expired": false})),
                 );
                 let exc = ExceptionInfo::celery("TaskRevokedError", "terminated");
-                self.revoke(&request, &queue, exc).await
+                self.revoke(request, queue, exc).await
             }
         };
         match (settle, rejected) {
-            (Some(settle), Some(requeue)) => settle_with(settle.reject(requeue), &tag).await,
-            (Some(settle), None) if ended => settle_with(settle.ack(), &tag).await,
+            (Some(settle), Some(requeue)) => settle_with(settle.reject(requeue), tag).await,
+            (Some(settle), None) if ended => settle_with(settle.ack(), tag).await,
             // With acks_late, a run whose end is not on record goes back to the broker and runs
             // again: a duplicate run is better than a caller waiting for ever.
             (Some(settle), None) => {
                 warn!(task = %request.task, id = %request.id, "giving the message back: its run did not end on record");
-                settle_with(settle.reject(true), &tag).await;
+                settle_with(settle.reject(true), tag).await;
             }
             (None, _) => {}
         }

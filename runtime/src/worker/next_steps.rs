@@ -1,6 +1,6 @@
 //! Sending what follows a task: the steps the canvas planner returns, and a task's replacement.
 
-use tracing::{error, info};
+use tracing::{error, info, Instrument};
 
 use super::Worker;
 use crate::canvas::{Next, Signature};
@@ -9,6 +9,7 @@ use crate::protocol::result::ExceptionInfo;
 use crate::protocol::TaskRequest;
 use crate::replace;
 use crate::sending::{self, OnError, PublishStep};
+use crate::telemetry::spans;
 
 impl Worker {
     /// Publishes the tasks a finished task sends (see [`sending::send_steps`]); `false` when
@@ -61,6 +62,7 @@ impl Worker {
 
 impl PublishStep for Worker {
     async fn publish_step(&self, request: &TaskRequest, queue: &str) -> Result<()> {
-        self.broker.publish(queue, &request.encode()).await
+        let (message, span) = spans::publishing(request);
+        self.broker.publish(queue, &message).instrument(span).await
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::{json, Value};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use super::{fields, Worker};
 use crate::canvas;
@@ -15,6 +15,7 @@ use crate::progress::{TaskContext, Updates};
 use crate::protocol::result::{state, ExceptionInfo, Extended, ResultMeta};
 use crate::protocol::TaskRequest;
 use crate::registry::{self, NextRun, Outcome};
+use crate::telemetry::spans;
 use crate::unique;
 
 /// Tries of one result write, 0.1 s apart and doubling: about 6 s in all.
@@ -225,7 +226,8 @@ impl Worker {
         if let Some(expires) = next.expires {
             again.expires = Some(Utc::now() + crate::raise::seconds_from_now(expires));
         }
-        match self.broker.publish(queue, &again.encode()).await {
+        let (message, span) = spans::publishing(&again);
+        match self.broker.publish(queue, &message).instrument(span).await {
             Ok(()) => {
                 self.metrics.ended(&request.task, Ended::Retried);
                 true

@@ -12,8 +12,10 @@ use rocket::http::{ContentType, Header, Status};
 use rocket::serde::json::Json;
 use rocket::{Request, State};
 use runtime::client::Client;
+use runtime::telemetry::{spans, Context};
 use serde::Serialize;
 use serde_json::Value;
+use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -25,6 +27,7 @@ use crate::links::status_url;
 use crate::outbox::{Outbox, Recorded};
 use crate::store::{self, KeyUse, Keyed, NewJob};
 use crate::submission::{parse_submission, Accepts, JobRequest, Submission};
+use crate::trace::ServerSpan;
 use crate::unique;
 use crate::workflow::Kind;
 
@@ -257,6 +260,7 @@ fn row(job: JobRequest, id: Uuid, client: &Client, may_be_unique: bool) -> Resul
     security(("bearer" = [])),
 )]
 #[rocket::post("/receive", data = "<received>")]
+#[allow(clippy::too_many_arguments)] // one per guard, as Rocket hands them over
 pub async fn receive(
     caller: Authorized,
     key: Result<IdempotencyKey, Error>,
@@ -265,54 +269,63 @@ pub async fn receive(
     outbox: &State<Arc<Outbox>>,
     client: &State<Client>,
     ttl: &State<Ttl>,
+    served_in: ServerSpan,
 ) -> Result<Accepted, Error> {
-    let key = key?.0;
-    let Received { submission, digest } = received?;
-    check_queues(&submission, client).await?;
-    let planned = Planned::of(submission, client)?;
-    match key.zip(digest) {
-        None => {
-            let taken = unique::take(client, &planned.rows).await?;
-            taken
-                .unless_committed(planned.record(pool, outbox).await)
-                .await?
-        }
-        Some((key, body_sha256)) => {
-            let key = KeyUse {
-                scope: idempotency::scope(&caller),
-                key,
-                body_sha256,
-                task_id: planned.id,
-                workflow_kind: planned.workflow.map(|kind| kind.name().into()),
-            };
-            let mut connection = pool.get().await?;
-            let ttl = ttl.0.as_secs_f64();
-            // The locks are taken once the key is this request's, so a repeat of the key waits
-            // for it and is answered 200, never refused by the lock its first holds.
-            let mut taken = None;
-            let slot = &mut taken;
-            let rows = &planned.rows;
-            let take_locks = move || async move {
-                *slot = Some(unique::take(client, rows).await?);
-                Ok::<_, Error>(())
-            };
-            let keyed =
-                store::insert_keyed(&mut connection, &key, &planned.rows, ttl, take_locks).await;
-            let keyed = match taken {
-                Some(taken) => taken.unless_committed(keyed).await?,
-                None => keyed?,
-            };
-            if let Keyed::Held(held) = keyed {
-                return repeat(&mut connection, &key, held).await;
+    let span = served_in.0;
+    let recorded_in = spans::context_of(&span);
+    async move {
+        let key = key?.0;
+        let Received { submission, digest } = received?;
+        check_queues(&submission, client).await?;
+        let planned = Planned::of(submission, client, recorded_in)?;
+        let insert = || spans::named("insert", "internal", Context::new());
+        match key.zip(digest) {
+            None => {
+                let taken = unique::take(client, &planned.rows).await?;
+                let recorded = planned.record(pool, outbox).instrument(insert()).await;
+                taken.unless_committed(recorded).await?
+            }
+            Some((key, body_sha256)) => {
+                let key = KeyUse {
+                    scope: idempotency::scope(&caller),
+                    key,
+                    body_sha256,
+                    task_id: planned.id,
+                    workflow_kind: planned.workflow.map(|kind| kind.name().into()),
+                };
+                let mut connection = pool.get().await?;
+                let ttl = ttl.0.as_secs_f64();
+                // The locks are taken once the key is this request's, so a repeat of the key waits
+                // for it and is answered 200, never refused by the lock its first holds.
+                let mut taken = None;
+                let slot = &mut taken;
+                let rows = &planned.rows;
+                let take_locks = move || async move {
+                    *slot = Some(unique::take(client, rows).await?);
+                    Ok::<_, Error>(())
+                };
+                let keyed =
+                    store::insert_keyed(&mut connection, &key, &planned.rows, ttl, take_locks)
+                        .instrument(insert())
+                        .await;
+                let keyed = match taken {
+                    Some(taken) => taken.unless_committed(keyed).await?,
+                    None => keyed?,
+                };
+                if let Keyed::Held(held) = keyed {
+                    return repeat(&mut connection, &key, held).await;
+                }
             }
         }
+        // Committed: the job is durable and will run, so the answer is 202 from here on, whatever
+        // the broker does (a 503 now would make the client send the same work twice).
+        Ok(Accepted::with(
+            Status::Accepted,
+            planned.publish_after_answer(outbox, client).await,
+        ))
     }
-    // Committed: the job is durable and will run, so the answer is 202 from here on, whatever
-    // the broker does (a 503 now would make the client send the same work twice).
-    Ok(Accepted::with(
-        Status::Accepted,
-        planned.publish_after_answer(outbox, client).await,
-    ))
+    .instrument(span)
+    .await
 }
 
 /// The answer to `key` found held by `held`: 200 with what its first request was answered, or
@@ -381,7 +394,24 @@ struct Planned {
 impl Planned {
     /// The rows of `submission`. The app sends a job, a group's members and a chain's first step
     /// itself, so those may hold unique locks; a chain's later steps are sent by workers.
-    fn of(submission: Submission, client: &Client) -> Result<Self, Error> {
+    /// Each row keeps `recorded_in`, the trace its publish continues.
+    fn of(
+        submission: Submission,
+        client: &Client,
+        recorded_in: Option<(String, Option<String>)>,
+    ) -> Result<Self, Error> {
+        let mut planned = Self::untraced(submission, client)?;
+        if let Some((traceparent, tracestate)) = recorded_in {
+            for row in &mut planned.rows {
+                row.traceparent = Some(traceparent.clone());
+                row.tracestate = tracestate.clone();
+            }
+        }
+        Ok(planned)
+    }
+
+    /// The rows of `submission`, in no trace yet.
+    fn untraced(submission: Submission, client: &Client) -> Result<Self, Error> {
         match submission {
             Submission::Job(job) => {
                 let id = Uuid::new_v4();

@@ -12,6 +12,7 @@ use diesel_async::AsyncPgConnection;
 use rocket::serde::json::Json;
 use rocket::State;
 use runtime::protocol::result::state;
+use runtime::telemetry::propagation;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -92,6 +93,10 @@ pub struct JobView {
     /// The workflow this job is a step of.
     #[schema(required = true)]
     pub workflow_id: Option<Uuid>,
+    /// The OpenTelemetry trace the job's request, publish and runs are in (32 hex digits),
+    /// when the web app traces.
+    #[schema(required = true, example = "4bf92f3577b34da6a3ce929d0e0e4736")]
+    pub trace_id: Option<String>,
 }
 
 /// What `/status` answers for a workflow: its kind, what it amounts to, and its steps in order
@@ -228,6 +233,7 @@ impl JobView {
             started_at: job.started_at,
             finished_at: job.finished_at,
             workflow_id: job.workflow_id,
+            trace_id: job.traceparent.as_deref().and_then(propagation::trace_id),
         }
     }
 

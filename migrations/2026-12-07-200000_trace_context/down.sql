@@ -1,0 +1,3 @@
+ALTER TABLE tasks
+    DROP COLUMN tracestate,
+    DROP COLUMN traceparent;

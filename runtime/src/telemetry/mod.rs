@@ -1,0 +1,97 @@
+//! OpenTelemetry traces: the OTLP export's set-up, and the switch every span site reads.
+//!
+//! Tracing is on when a collector is named: the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) variable, else the `otlp_endpoint` setting. Off, no span
+//! is made and no message is given a context, at the cost of one load per span site. On, the
+//! `tracing` spans of [`spans`] are bridged to OpenTelemetry and sent over OTLP/HTTP (protobuf)
+//! in batches from the SDK's own thread, whose queue drops spans when full: a slow or
+//! unreachable collector costs its warnings and those spans, never a task's time.
+
+pub mod propagation;
+pub mod spans;
+
+pub use opentelemetry::Context;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::{CeleryConfig, Error, Result};
+
+/// Whether spans are made: set once, by [`Telemetry::start`] finding a collector.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process traces.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// The variables that name a collector by themselves, as OpenTelemetry's SDKs read them.
+const ENDPOINT_VARIABLES: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// The process's span export, while it lives: dropping it sends the spans still queued.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Starts the export when a collector is named (see the module's doc); `service` names the
+    /// process in the traces unless `OTEL_SERVICE_NAME` does.
+    pub fn start(config: &CeleryConfig, service: &str) -> Result<Self> {
+        let from_environment = ENDPOINT_VARIABLES
+            .iter()
+            .any(|name| std::env::var(name).is_ok_and(|value| !value.is_empty()));
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+        let exporter = match (&config.otlp_endpoint, from_environment) {
+            (_, true) => exporter,
+            // The setting is the base URL, as the variable is; the traces' path goes after it.
+            (Some(base), false) => {
+                exporter.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')))
+            }
+            (None, false) => return Ok(Self { provider: None }),
+        };
+        let exporter = exporter
+            .build()
+            .map_err(|error| Error::Config(format!("OTLP exporter: {error}")))?;
+        let resource = match std::env::var("OTEL_SERVICE_NAME") {
+            Ok(name) if !name.is_empty() => Resource::builder().build(),
+            _ => Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        ENABLED.store(true, Ordering::Relaxed);
+        Ok(Self {
+            provider: Some(provider),
+        })
+    }
+
+    /// The `tracing` layer that turns spans into OpenTelemetry ones, when tracing is on.
+    pub fn layer<S>(&self) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>
+    where
+        S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    {
+        let tracer = self.provider.as_ref()?.tracer("rcelery");
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(error) = provider.shutdown() {
+                tracing::warn!(%error, "spans not all sent at exit");
+            }
+        }
+    }
+}
