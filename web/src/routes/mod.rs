@@ -11,6 +11,7 @@ pub mod receive;
 pub mod status;
 pub mod stream;
 pub mod tasks;
+pub mod throughput;
 pub mod workers;
 
 /// Lists the routes once, for both Rocket and the API document, so that a route cannot be
@@ -35,6 +36,7 @@ every_route!(
     stream::stream,
     tasks::list,
     history::history,
+    throughput::throughput,
     workers::workers,
     queues::queues,
     health::health,
