@@ -12,6 +12,7 @@ pub mod status;
 pub mod stream;
 pub mod tasks;
 pub mod throughput;
+pub mod ui;
 pub mod workers;
 
 /// Lists the routes once, for both Rocket and the API document, so that a route cannot be
@@ -43,4 +44,5 @@ every_route!(
     metrics::metrics,
     openapi::openapi_json,
     docs::docs,
+    ui::ui,
 );
