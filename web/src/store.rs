@@ -916,6 +916,39 @@ pub async fn history(
         .await
 }
 
+/// How many tasks of one name the history first saw in one minute.
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+pub struct MinuteCount {
+    /// Null for tasks whose name no event told yet.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub name: Option<String>,
+    /// The minute's start.
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub minute: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub tasks: i64,
+}
+
+/// Tasks of the history first seen from `since` to before `until`, counted per name and
+/// minute, by name then minute; minutes without a task are left out. By first event, as the
+/// listing's `since` and `until` filter, so that a minute's count is what that listing holds,
+/// and the time index serves it.
+pub async fn minute_counts(
+    connection: &mut AsyncPgConnection,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> QueryResult<Vec<MinuteCount>> {
+    diesel::sql_query(
+        "SELECT name, date_trunc('minute', seen_at) AS minute, count(*) AS tasks \
+         FROM task_history WHERE seen_at >= $1 AND seen_at < $2 \
+         GROUP BY name, minute ORDER BY name, minute",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(since)
+    .bind::<diesel::sql_types::Timestamptz, _>(until)
+    .load(connection)
+    .await
+}
+
 /// Every worker of the history, by hostname.
 pub async fn workers(connection: &mut AsyncPgConnection) -> QueryResult<Vec<WorkerRecord>> {
     workers::table

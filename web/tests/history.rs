@@ -477,3 +477,147 @@ async fn retention_forgets_in_batches_and_pages_and_filters_hold() {
     drop(client);
     database.drop().await;
 }
+
+/// A series of `GET /history/throughput`: its name, total, and minutes (RFC 3339 in UTC) with
+/// their counts.
+type SeriesSeen = (Value, i64, Vec<(String, i64)>);
+
+/// The series of a `GET /history/throughput` answer.
+fn series_of(answer: &Value) -> Vec<SeriesSeen> {
+    let minute = |m: &Value| {
+        let at = DateTime::parse_from_rfc3339(m["minute"].as_str().unwrap()).unwrap();
+        (at.to_utc().to_rfc3339(), m["tasks"].as_i64().unwrap())
+    };
+    answer["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let minutes = s["minutes"].as_array().unwrap();
+            (
+                s["name"].clone(),
+                s["total"].as_i64().unwrap(),
+                minutes.iter().map(minute).collect(),
+            )
+        })
+        .collect()
+}
+
+/// `GET /history/throughput` counts each name's tasks per minute of their first event: a
+/// minute's count is what `GET /history` lists for that name and minute; the last hour by
+/// default, from a whole minute; a window that is empty or over a day is refused.
+#[tokio::test]
+async fn throughput_counts_each_names_tasks_per_minute_as_the_listing_holds_them() {
+    use chrono::{Duration, DurationRound};
+    let database = Database::create().await;
+    let whole = |time: DateTime<Utc>| time.duration_trunc(Duration::minutes(1)).unwrap();
+    let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let (first, second) = (
+        whole(now - Duration::minutes(30)),
+        whole(now - Duration::minutes(29)),
+    );
+    let mut records = vec![
+        record_at(first, "tasks.add", "w@h", "SUCCESS"),
+        record_at(first + Duration::seconds(59), "tasks.add", "w@h", "FAILURE"),
+        record_at(second, "tasks.add", "w@h", "SUCCESS"),
+        record_at(
+            second + Duration::seconds(30),
+            "tasks.mul",
+            "w@h",
+            "SUCCESS",
+        ),
+        record_at(now - Duration::hours(2), "tasks.add", "w@h", "SUCCESS"),
+        record_at(now, "tasks.mul", "w@h", "STARTED"),
+    ];
+    let mut nameless = record_at(second + Duration::seconds(1), "-", "w@h", "STARTED");
+    nameless.name = None;
+    records.push(nameless);
+    records.sort_by_key(|r| r.task_id);
+    store::record_tasks(&mut database.pool.get().await.unwrap(), &records)
+        .await
+        .unwrap();
+    let config = CeleryConfig {
+        database_url: database.url.clone(),
+        result_backend: Some(RESULTS.into()),
+        ..CeleryConfig::default()
+    };
+    let client = Client::tracked(web::build(config).await.unwrap())
+        .await
+        .unwrap();
+    let encoded = |time: DateTime<Utc>| time.to_rfc3339().replace('+', "%2B");
+    let text = |time: DateTime<Utc>| time.to_rfc3339();
+
+    let (status, answer) = get(&client, "/history/throughput").await;
+    assert_eq!(status, Status::Ok, "{answer}");
+    assert_eq!(
+        series_of(&answer),
+        [
+            (
+                json!("tasks.add"),
+                3,
+                vec![(text(first), 2), (text(second), 1)]
+            ),
+            (
+                json!("tasks.mul"),
+                2,
+                vec![(text(second), 1), (text(whole(now)), 1)]
+            ),
+            (json!(null), 1, vec![(text(second), 1)]),
+        ]
+    );
+    let since = DateTime::parse_from_rfc3339(answer["since"].as_str().unwrap()).unwrap();
+    assert_eq!(since, whole(since.to_utc()), "{answer}");
+
+    // A minute's count is the listing's for that name and minute.
+    let (_, page) = get(
+        &client,
+        &format!(
+            "/history?name=tasks.add&since={}&until={}",
+            encoded(first),
+            encoded(second)
+        ),
+    )
+    .await;
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2, "{page}");
+
+    // `since` goes down to its minute; `until` is where the window ends.
+    let (status, answer) = get(
+        &client,
+        &format!(
+            "/history/throughput?since={}&until={}",
+            encoded(first + Duration::seconds(30)),
+            encoded(second + Duration::seconds(1))
+        ),
+    )
+    .await;
+    assert_eq!(status, Status::Ok, "{answer}");
+    assert_eq!(answer["since"], json!(first), "{answer}");
+    assert_eq!(
+        series_of(&answer),
+        [(
+            json!("tasks.add"),
+            3,
+            vec![(text(first), 2), (text(second), 1)]
+        )]
+    );
+    let (_, answer) = get(
+        &client,
+        &format!(
+            "/history/throughput?since={}",
+            encoded(now - Duration::hours(3))
+        ),
+    )
+    .await;
+    assert_eq!(series_of(&answer)[0].1, 4, "{answer}");
+
+    for bad in [
+        format!("since={}&until={}", encoded(second), encoded(first)),
+        format!("since={}", encoded(now - Duration::hours(25))),
+        "until=yesterday".to_string(),
+    ] {
+        let (status, _) = get(&client, &format!("/history/throughput?{bad}")).await;
+        assert_eq!(status, Status::UnprocessableEntity, "{bad}");
+    }
+    drop(client);
+    database.drop().await;
+}

@@ -102,8 +102,9 @@ pub struct HistoryPage {
     pub next_cursor: Option<String>,
 }
 
-/// An RFC 3339 time of a query parameter; 422 for anything else.
-fn time_of(name: &str, text: Option<&str>) -> Result<Option<DateTime<Utc>>, Error> {
+/// An RFC 3339 time of a query parameter; 422 for anything else (also read by
+/// `GET /history/throughput`).
+pub fn time_of(name: &str, text: Option<&str>) -> Result<Option<DateTime<Utc>>, Error> {
     text.map(|text| {
         DateTime::parse_from_rfc3339(text)
             .map(|time| time.to_utc())

@@ -11,6 +11,8 @@ pub mod receive;
 pub mod status;
 pub mod stream;
 pub mod tasks;
+pub mod throughput;
+pub mod ui;
 pub mod workers;
 
 /// Lists the routes once, for both Rocket and the API document, so that a route cannot be
@@ -35,10 +37,12 @@ every_route!(
     stream::stream,
     tasks::list,
     history::history,
+    throughput::throughput,
     workers::workers,
     queues::queues,
     health::health,
     metrics::metrics,
     openapi::openapi_json,
     docs::docs,
+    ui::ui,
 );
