@@ -37,7 +37,8 @@ test: services venv
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	bash scripts/chromium.sh
-	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q interop
+	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q -n 2 --dist loadgroup -m "not alone" interop
+	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/pytest -q -m alone interop
 	.venv/bin/pytest -q bench/test_cpu.py
 	RCELERY_BIN_DIR=$(BIN_DIR) .venv/bin/python conformance/suite/run.py --broker redis \
 		--file test_inspect.py --file test_tasks.py

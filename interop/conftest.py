@@ -468,3 +468,24 @@ def spawn_rust_worker(broker: BrokerSetup):
     finally:
         for handle in started:
             stop_rust_worker(handle)
+
+
+# `make test` runs the suite in two pytest-xdist processes (`-n 2 --dist loadgroup -m "not alone"`),
+# then the files of ALONE by themselves (`-m alone`): each of those loads the machine on purpose
+# (chaos, a RabbitMQ cluster, Sentinel failovers) and measures what is lost against its own
+# windows, which a neighbour's load would stretch. Files sharing a resource no two runs may use
+# at once run in one process: the isolated Redis database (`isolated_broker`) is one per machine.
+ALONE = {"test_chaos.py", "test_cluster.py", "test_sentinel.py"}
+SERIAL_GROUPS = {"test_lease.py": "isolated-redis", "test_reliability.py": "isolated-redis"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks each test for `make test`'s two runs: ``alone`` for the files of ALONE; and a
+    pytest-xdist group per file (or per SERIAL_GROUPS entry), so that under ``--dist loadgroup``
+    a file's tests run in one process, in order, as they do without xdist."""
+    for item in items:
+        name = item.path.name
+        if name in ALONE:
+            item.add_marker(pytest.mark.alone)
+        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(name, name)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make a headless Chromium available for the interop screenshot test (Flower's workers page).
+# Make a headless Chromium available for the interop screenshot tests (Flower's workers page, /ui).
 # Installs the Debian package `chromium` when no Chromium is found and we are root; otherwise says
 # what to do and exits 0 (the screenshot test then skips, naming the reason).
 # A Chromium elsewhere can be named with CHROMIUM=/path/to/chrome.
@@ -24,13 +24,13 @@ if path=$(find_chromium); then
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    log "not installed and not root: the Flower screenshot test will be skipped."
+    log "not installed and not root: the screenshot tests (Flower, /ui) will be skipped."
     log "install it with: sudo apt-get install chromium   (or set CHROMIUM=/path/to/chrome)"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    log "not installed and no apt-get here: the Flower screenshot test will be skipped."
+    log "not installed and no apt-get here: the screenshot tests (Flower, /ui) will be skipped."
     log "install Chromium with your package manager (or set CHROMIUM=/path/to/chrome)"
     exit 0
 fi

@@ -856,12 +856,17 @@ mod tests {
                     "CELERY_BROKER_TRANSPORT_OPTIONS",
                     r#"{"visibility_timeout": 5}"#,
                 ),
+                ("CELERY_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
                 ("CELERY_NOT_A_SETTING", "ignored"),
                 ("PATH", "/bin"),
             ]),
         )
         .unwrap();
         assert_eq!(config.worker_concurrency, 16);
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
         assert!(config.task_acks_late);
         assert_eq!(
             config.result_backend.as_deref(),

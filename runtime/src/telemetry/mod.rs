@@ -36,6 +36,31 @@ const ENDPOINT_VARIABLES: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
 
+/// Where spans go.
+#[derive(Debug, PartialEq, Eq)]
+enum Destination {
+    /// Nowhere: tracing is off.
+    Nowhere,
+    /// Where the standard variables say.
+    Environment,
+    /// To this OTLP/HTTP traces URL.
+    Url(String),
+}
+
+impl Destination {
+    /// The variables, when they name a collector, win over the setting (a base URL, as the
+    /// variable is, with the traces' path put after it).
+    fn of(setting: Option<&str>, named_by_environment: bool) -> Self {
+        match (setting, named_by_environment) {
+            (_, true) => Destination::Environment,
+            (Some(base), false) => {
+                Destination::Url(format!("{}/v1/traces", base.trim_end_matches('/')))
+            }
+            (None, false) => Destination::Nowhere,
+        }
+    }
+}
+
 /// The process's span export, while it lives: dropping it sends the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -45,17 +70,16 @@ impl Telemetry {
     /// Starts the export when a collector is named (see the module's doc); `service` names the
     /// process in the traces unless `OTEL_SERVICE_NAME` does.
     pub fn start(config: &CeleryConfig, service: &str) -> Result<Self> {
-        let from_environment = ENDPOINT_VARIABLES
+        let named_by_environment = ENDPOINT_VARIABLES
             .iter()
             .any(|name| std::env::var(name).is_ok_and(|value| !value.is_empty()));
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
-        let exporter = match (&config.otlp_endpoint, from_environment) {
-            (_, true) => exporter,
-            // The setting is the base URL, as the variable is; the traces' path goes after it.
-            (Some(base), false) => {
-                exporter.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')))
-            }
-            (None, false) => return Ok(Self { provider: None }),
+        let exporter = match Destination::of(config.otlp_endpoint.as_deref(), named_by_environment)
+        {
+            Destination::Nowhere => return Ok(Self { provider: None }),
+            // The exporter reads the variables itself, as every OpenTelemetry SDK does.
+            Destination::Environment => exporter,
+            Destination::Url(url) => exporter.with_endpoint(url),
         };
         let exporter = exporter
             .build()
@@ -93,5 +117,24 @@ impl Drop for Telemetry {
                 tracing::warn!(%error, "spans not all sent at exit");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_standard_variables_win_over_the_setting_and_without_either_nothing_is_traced() {
+        assert_eq!(Destination::of(None, false), Destination::Nowhere);
+        assert_eq!(
+            Destination::of(Some("http://127.0.0.1:4318/"), false),
+            Destination::Url("http://127.0.0.1:4318/v1/traces".into())
+        );
+        assert_eq!(
+            Destination::of(Some("http://127.0.0.1:4318"), true),
+            Destination::Environment
+        );
+        assert_eq!(Destination::of(None, true), Destination::Environment);
     }
 }
