@@ -613,8 +613,9 @@ def _status_events(web: WebApp, path: str, timeout: float = JOB_TIMEOUT) -> list
 
 @pytest.mark.timeout(60)
 def test_status_stream_pushes_progress_and_ends_after_the_final_state(web, rust):
+    # 400 ms a step: room for the tracker to push each step while the machine runs other tests
     total = 5
-    task_id = web.submit({"task": "tasks.progress", "args": [total, 200]})
+    task_id = web.submit({"task": "tasks.progress", "args": [total, 400]})
     events = _status_events(web, f"/status/{task_id}/stream")
     assert events, "no event at all"
     assert all(set(event) == STATUS_KEYS and event["task_id"] == task_id for event in events), events

@@ -53,6 +53,18 @@ impl Database {
         rows.into_iter().find(|row| row.task_id == id)
     }
 
+    /// The web app over this database (no monitor), to ask its routes.
+    async fn app(&self) -> Client {
+        let config = CeleryConfig {
+            database_url: self.url.clone(),
+            result_backend: Some(RESULTS.into()),
+            ..CeleryConfig::default()
+        };
+        Client::tracked(web::build(config).await.unwrap())
+            .await
+            .unwrap()
+    }
+
     async fn drop(self) {
         drop(self.pool);
         admin(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).await;
@@ -427,14 +439,7 @@ async fn retention_forgets_in_batches_and_pages_and_filters_hold() {
         .unwrap();
     assert_eq!(deleted, 25);
 
-    let config = CeleryConfig {
-        database_url: database.url.clone(),
-        result_backend: Some(RESULTS.into()),
-        ..CeleryConfig::default()
-    };
-    let client = Client::tracked(web::build(config).await.unwrap())
-        .await
-        .unwrap();
+    let client = database.app().await;
     recent.sort_by_key(|r| std::cmp::Reverse((r.seen_at, r.task_id)));
     let mut seen = Vec::new();
     let mut uri = "/history?limit=3".to_string();
@@ -536,14 +541,7 @@ async fn throughput_counts_each_names_tasks_per_minute_as_the_listing_holds_them
     store::record_tasks(&mut database.pool.get().await.unwrap(), &records)
         .await
         .unwrap();
-    let config = CeleryConfig {
-        database_url: database.url.clone(),
-        result_backend: Some(RESULTS.into()),
-        ..CeleryConfig::default()
-    };
-    let client = Client::tracked(web::build(config).await.unwrap())
-        .await
-        .unwrap();
+    let client = database.app().await;
     let encoded = |time: DateTime<Utc>| time.to_rfc3339().replace('+', "%2B");
     let text = |time: DateTime<Utc>| time.to_rfc3339();
 
