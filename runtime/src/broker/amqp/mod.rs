@@ -273,18 +273,19 @@ impl AmqpBroker {
         channel
             .exchange_declare(queue, kind, exchange, FieldTable::default())
             .await?;
-        channel
-            .queue_bind(
-                queue,
-                queue,
-                queue,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        bind(&channel, queue, queue, queue).await?;
         let _ = channel.close(200, "declared").await;
         Ok(())
     }
+}
+
+/// Binds `queue` to `exchange` under `key`, with no options or arguments, as every binding we
+/// make is.
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+    let options = QueueBindOptions::default();
+    channel
+        .queue_bind(queue, exchange, key, options, FieldTable::default())
+        .await
 }
 
 /// Declares one thing of native delayed delivery's topology.
@@ -314,11 +315,7 @@ async fn apply(channel: &Channel, step: &Declare) -> lapin::Result<()> {
             queue,
             exchange,
             key,
-        } => {
-            channel
-                .queue_bind(queue, exchange, key, QueueBindOptions::default(), none())
-                .await
-        }
+        } => bind(channel, queue, exchange, key).await,
         Declare::BindExchange {
             destination,
             source,
@@ -507,15 +504,7 @@ impl Broker for AmqpBroker {
         };
         let queue = subscription.queue.as_str();
         channel.queue_declare(queue, private, arguments).await?;
-        channel
-            .queue_bind(
-                queue,
-                exchange.name,
-                binding_key,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        bind(&channel, queue, exchange.name, binding_key).await?;
         let no_ack = BasicConsumeOptions {
             no_ack: true,
             ..Default::default()
@@ -561,15 +550,7 @@ impl Broker for AmqpBroker {
             .await?;
         let channel = self.connection.create_channel().await?;
         self.ensure_exchange(&channel, exchange).await?;
-        channel
-            .queue_bind(
-                queue,
-                exchange.name,
-                binding_key,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        bind(&channel, queue, exchange.name, binding_key).await?;
         let _ = channel.close(200, "bound").await;
         self.consume(&[queue.to_string()], prefetch).await
     }
