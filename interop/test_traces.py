@@ -6,7 +6,8 @@ receiver in the test process (:mod:`otlp_receiver`).
   app's request, insert and publish, then each step's ``apply_async/<task>`` and ``run/<task>``,
   the Python worker's made by ``opentelemetry-instrumentation-celery``. ``/status`` names it.
 * A Python client instrumented with ``opentelemetry-instrumentation-celery`` calling a Rust task:
-  our ``run/<task>`` is a child of the client's ``apply_async/<task>``.
+  our ``run/<task>`` is a child of the client's ``apply_async/<task>``, from a worker that logs
+  only warnings.
 * A collector that does not answer costs log lines, not tasks.
 """
 
@@ -131,7 +132,10 @@ def test_a_request_and_its_chain_across_python_and_rust_are_one_trace(broker: Br
 def test_a_rust_run_is_a_child_of_an_instrumented_python_clients_send(broker: BrokerSetup, receiver,
                                                                       spawn_rust_worker):
     rust_queue = broker.new_queue("trace-client")
-    spawn_rust_worker([rust_queue], tag="trace-client", extra_env=traced(receiver.endpoint))
+    # Logging warnings only (but the ready line the fixture waits for): the log level must not
+    # turn spans off.
+    quiet = {"RUST_LOG": "warn,runtime::worker=info"}
+    spawn_rust_worker([rust_queue], tag="trace-client", extra_env={**traced(receiver.endpoint), **quiet})
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))

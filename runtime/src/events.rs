@@ -1,9 +1,10 @@
 //! Celery events on the `celeryev` exchange, so Flower and `celery events` see our workers.
 //!
-//! Events are queued on a bounded buffer and published by a background task, so a busy worker
-//! never waits on monitoring: when the buffer is full an event is dropped and counted, never
-//! the task held up. `worker-*` events are always sent; `task-*` events only while task events
-//! are enabled (`-E`, `worker_send_task_events`, or the `enable_events` control command).
+//! Events are queued on a bounded buffer and published by a background task, many at once, so
+//! a busy worker never waits on monitoring: when the buffer is full an event is dropped and
+//! logged, never the task held up. `worker-*` events are always sent; `task-*` events only
+//! while task events are enabled (`-E`, `worker_send_task_events`, or the `enable_events`
+//! control command).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,8 @@ use crate::protocol::{Message, Properties};
 
 /// Events buffered before new ones are dropped.
 const BUFFER: usize = 10_000;
+/// Events published together at most.
+const BATCH: usize = 512;
 
 /// The seconds since the epoch, as Celery's `time.time()`.
 pub fn timestamp() -> f64 {
@@ -61,7 +64,8 @@ pub struct Events {
     /// Taken by `close`, which ends the publisher once it has drained the buffer.
     buffer: Mutex<Option<mpsc::Sender<Value>>>,
     publisher: Mutex<Option<JoinHandle<()>>>,
-    dropped: AtomicU64,
+    /// Events dropped because the buffer was full; the publisher tells them in its log.
+    dropped: Arc<AtomicU64>,
 }
 
 impl Events {
@@ -72,38 +76,21 @@ impl Events {
         clock: Arc<Clock>,
         task_events: bool,
     ) -> Arc<Self> {
-        let (buffer, mut pending) = mpsc::channel::<Value>(BUFFER);
-        let header = hostname.to_string();
-        let publisher = tokio::spawn(async move {
-            while let Some(event) = pending.recv().await {
-                let routing_key = event["type"].as_str().unwrap_or("").replace('-', ".");
-                let message = Message {
-                    content_type: JSON.into(),
-                    content_encoding: "utf-8".into(),
-                    headers: [("hostname".to_string(), json!(header))]
-                        .into_iter()
-                        .collect(),
-                    properties: Properties {
-                        delivery_mode: 1,
-                        ..Properties::default()
-                    },
-                    body: serde_json::to_vec(&event).expect("events are JSON"),
-                };
-                if let Err(error) = broker
-                    .publish_to(&Exchange::EVENTS, &routing_key, &message)
-                    .await
-                {
-                    tracing::warn!(%error, event = %routing_key, "cannot send event");
-                }
-            }
-        });
+        let (buffer, pending) = mpsc::channel::<Value>(BUFFER);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let publisher = tokio::spawn(publish(
+            broker,
+            hostname.to_string(),
+            pending,
+            dropped.clone(),
+        ));
         Arc::new(Self {
             hostname: hostname.to_string(),
             clock,
             task_events: AtomicBool::new(task_events),
             buffer: Mutex::new(Some(buffer)),
             publisher: Mutex::new(Some(publisher)),
-            dropped: AtomicU64::new(0),
+            dropped,
         })
     }
 
@@ -124,11 +111,6 @@ impl Events {
     /// Whether task events are on.
     pub fn task_events(&self) -> bool {
         self.task_events.load(Ordering::SeqCst)
-    }
-
-    /// Events dropped because the buffer was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Sends a `task-*` event for task `uuid`, if task events are on.
@@ -155,6 +137,54 @@ impl Events {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Publishes what `pending` holds until it closes: all that waits at once in one
+/// [`Broker::publish_all_to`] (on Redis one round trip, so the publisher keeps up with a busy
+/// worker), and says how many events were dropped since it last looked.
+async fn publish(
+    broker: Arc<dyn Broker>,
+    hostname: String,
+    mut pending: mpsc::Receiver<Value>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut events = Vec::with_capacity(BATCH);
+    let mut told = 0;
+    while pending.recv_many(&mut events, BATCH).await > 0 {
+        let messages: Vec<(String, Message)> = events
+            .drain(..)
+            .map(|event| message_of(&hostname, event))
+            .collect();
+        if let Err(error) = broker.publish_all_to(&Exchange::EVENTS, &messages).await {
+            tracing::warn!(%error, events = messages.len(), "cannot send events");
+        }
+        let now = dropped.load(Ordering::Relaxed);
+        if now > told {
+            tracing::warn!(
+                dropped = now - told,
+                "events dropped: the event buffer was full"
+            );
+            told = now;
+        }
+    }
+}
+
+/// `event` as its message on `celeryev`, with its routing key (`task-started`: `task.started`).
+fn message_of(hostname: &str, event: Value) -> (String, Message) {
+    let routing_key = event["type"].as_str().unwrap_or("").replace('-', ".");
+    let message = Message {
+        content_type: JSON.into(),
+        content_encoding: "utf-8".into(),
+        headers: [("hostname".to_string(), json!(hostname))]
+            .into_iter()
+            .collect(),
+        properties: Properties {
+            delivery_mode: 1,
+            ..Properties::default()
+        },
+        body: serde_json::to_vec(&event).expect("events are JSON"),
+    };
+    (routing_key, message)
 }
 
 /// Celery's `utcoffset`: hours west of UTC, as Python's `time.timezone / 3600`.

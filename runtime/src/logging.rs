@@ -54,9 +54,10 @@ pub fn init(level: &str, format: LogFormat, telemetry: &Telemetry) {
         // them as they are; no colour codes even on a terminal, so every line stays JSON.
         LogFormat::Json => lines.json().flatten_event(true).with_ansi(false).boxed(),
     };
+    // Each layer filters for itself: the log level chooses lines, not spans, so a process that
+    // logs only warnings still traces.
     let _ = tracing_subscriber::registry()
-        .with(lines)
-        .with(filter)
+        .with(lines.with_filter(filter))
         .with(telemetry.layer())
         .try_init();
 }

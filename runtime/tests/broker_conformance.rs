@@ -278,6 +278,44 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
     }
 }
 
+/// Many broadcasts published together (a worker's events) all arrive, in order.
+#[tokio::test]
+async fn broadcasts_published_together_all_arrive_in_order() {
+    use runtime::broker::{Exchange, Subscription};
+    for url in broker_urls() {
+        let broker = broker::connect(&url).await.unwrap();
+        let key = format!("test.{}", uuid::Uuid::new_v4().simple());
+        let subscription = Subscription {
+            queue: unique_queue("events-together"),
+            expires_ms: 60_000,
+            message_ttl_ms: 5_000,
+        };
+        let mut received = broker
+            .subscribe(&Exchange::EVENTS, &key, &subscription)
+            .await
+            .unwrap();
+        let messages: Vec<_> = (0..300)
+            .map(|n| {
+                let mut message = request(n).encode();
+                message.properties.delivery_mode = 1;
+                (key.clone(), message)
+            })
+            .collect();
+        broker
+            .publish_all_to(&Exchange::EVENTS, &messages)
+            .await
+            .unwrap();
+        for (_, sent) in &messages {
+            let got = within(10, "a broadcast", received.recv())
+                .await
+                .expect("subscription ended")
+                .message;
+            assert_eq!(got.body, sent.body, "{url}");
+        }
+        broker.close().await.unwrap();
+    }
+}
+
 /// A named subscription is one queue for all its subscribers: on RabbitMQ each message reaches
 /// one of them, and what is routed while none listens waits in the queue (`x-expires` keeps it)
 /// for the next; on Redis (PUB/SUB) every subscriber hears it, and nothing waits.

@@ -223,6 +223,19 @@ pub trait Broker: Send + Sync {
         message: &Message,
     ) -> Result<()>;
 
+    /// Publishes `messages`, each with its routing key, to `exchange` in order, as
+    /// [`Broker::publish_to`] publishes one; a broker that can sends them in one round trip.
+    async fn publish_all_to(
+        &self,
+        exchange: &Exchange,
+        messages: &[(String, Message)],
+    ) -> Result<()> {
+        for (routing_key, message) in messages {
+            self.publish_to(exchange, routing_key, message).await?;
+        }
+        Ok(())
+    }
+
     /// Receives what `exchange` routes with `binding_key` to the private queue `subscription`.
     /// Messages need no ack; the channel closes when the connection is lost.
     async fn subscribe(

@@ -4,8 +4,8 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) variable, else the `otlp_endpoint` setting. Off, no span
 //! is made and no message is given a context, at the cost of one load per span site. On, the
 //! `tracing` spans of [`spans`] are bridged to OpenTelemetry and sent over OTLP/HTTP (protobuf)
-//! in batches from the SDK's own thread, whose queue drops spans when full: a slow or
-//! unreachable collector costs its warnings and those spans, never a task's time.
+//! in batches from the SDK's own thread, whose queue ([`QUEUE`] spans) drops spans when full: a
+//! slow or unreachable collector costs its warnings and those spans, never a task's time.
 
 pub mod propagation;
 pub mod spans;
@@ -16,9 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
 
 use crate::{CeleryConfig, Error, Result};
 
@@ -35,6 +39,28 @@ const ENDPOINT_VARIABLES: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
+
+/// Spans held for export unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise. The SDK's 2,048 is
+/// a fraction of a second of a busy worker's runs, and spans past it are lost; one waiting
+/// costs a few hundred bytes.
+const QUEUE: usize = 32_768;
+/// Spans a request carries unless `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says otherwise: the SDK's
+/// thread sends one request at a time, so larger ones keep up with more spans a second.
+const BATCH: usize = 2_048;
+
+/// The batching: the SDK's, from the `OTEL_BSP_*` variables, with our queue and batch sizes
+/// where the variables name none.
+fn batch_config() -> BatchConfig {
+    let unset = |name| std::env::var_os(name).is_none();
+    let mut config = BatchConfigBuilder::default();
+    if unset("OTEL_BSP_MAX_QUEUE_SIZE") {
+        config = config.with_max_queue_size(QUEUE);
+    }
+    if unset("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+        config = config.with_max_export_batch_size(BATCH);
+    }
+    config.build()
+}
 
 /// Where spans go.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,8 +116,11 @@ impl Telemetry {
                 .with_service_name(service.to_string())
                 .build(),
         };
+        let batches = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(batch_config())
+            .build();
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(batches)
             .with_resource(resource)
             .build();
         ENABLED.store(true, Ordering::Relaxed);
@@ -100,13 +129,20 @@ impl Telemetry {
         })
     }
 
-    /// The `tracing` layer that turns spans into OpenTelemetry ones, when tracing is on.
-    pub fn layer<S>(&self) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>
+    /// The `tracing` layer that turns the spans of [`spans`] into OpenTelemetry ones, when
+    /// tracing is on. It takes those spans only, whatever the log level: log lines are not
+    /// exported, nor the SDK's own warnings (which would feed back into the export).
+    pub fn layer<S>(&self) -> Option<impl Layer<S>>
     where
         S: tracing::Subscriber + for<'span> LookupSpan<'span>,
     {
         let tracer = self.provider.as_ref()?.tracer("rcelery");
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        let ours = Targets::new().with_target(module_path!(), tracing::Level::INFO);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(ours),
+        )
     }
 }
 

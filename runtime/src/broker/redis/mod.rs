@@ -330,6 +330,17 @@ impl Acker for Unrecorded {
     }
 }
 
+/// `message` in kombu's envelope, as published to `exchange` (`""`: a queue's own) with
+/// `routing_key`.
+fn enveloped(message: &Message, exchange: &str, routing_key: &str) -> String {
+    let info = DeliveryInfo {
+        exchange: exchange.to_string(),
+        routing_key: routing_key.to_string(),
+        redelivered: false,
+    };
+    envelope::encode(message, info).1
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     /// The push's reply is the confirmation: awaited here, so the message's place in its list
@@ -337,12 +348,7 @@ impl Broker for RedisBroker {
     async fn send(&self, queue: &str, message: &Message) -> Result<Confirmation> {
         self.still_master()?;
         self.bind(queue).await?;
-        let info = DeliveryInfo {
-            exchange: String::new(),
-            routing_key: queue.to_string(),
-            redelivered: false,
-        };
-        let (_, text) = envelope::encode(message, info);
+        let text = enveloped(message, "", queue);
         let list = layout::list_for(queue, message.properties.priority);
         self.connection
             .clone()
@@ -486,13 +492,8 @@ impl Broker for RedisBroker {
         routing_key: &str,
         message: &Message,
     ) -> Result<()> {
-        let info = DeliveryInfo {
-            exchange: exchange.name.to_string(),
-            routing_key: routing_key.to_string(),
-            redelivered: false,
-        };
-        let (_, text) = envelope::encode(message, info);
         self.still_master()?;
+        let text = enveloped(message, exchange.name, routing_key);
         let mut connection = self.connection.clone();
         match exchange.kind {
             ExchangeKind::Fanout | ExchangeKind::Topic => {
@@ -506,6 +507,33 @@ impl Broker for RedisBroker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// To a fanout or topic exchange (events), every `PUBLISH` in one pipeline: one round trip
+    /// however many messages.
+    async fn publish_all_to(
+        &self,
+        exchange: &Exchange,
+        messages: &[(String, Message)],
+    ) -> Result<()> {
+        if exchange.kind == ExchangeKind::Direct {
+            for (routing_key, message) in messages {
+                self.publish_to(exchange, routing_key, message).await?;
+            }
+            return Ok(());
+        }
+        self.still_master()?;
+        let mut pipeline = redis::pipe();
+        for (routing_key, message) in messages {
+            let channel = self.fanout_channel(exchange.name, routing_key);
+            pipeline
+                .publish(channel, enveloped(message, exchange.name, routing_key))
+                .ignore();
+        }
+        pipeline
+            .query_async::<()>(&mut self.connection.clone())
+            .await?;
         Ok(())
     }
 
