@@ -112,4 +112,8 @@ def section(rec: Recorder, measured: str) -> list[str]:
                      f"{spread([s['events_per_task'] for s in runs])} | {spread([s['value'] for s in runs])} | "
                      f"{median([s['lag_s'] for s in runs]):.2f} | {spread([s['value'] for s in cpu])} | "
                      f"{spread([s['postgres_cpu_per_10k_events'] for s in cpu if 'postgres_cpu_per_10k_events' in s])} |")
+    if any(s["final"] < s["tasks"] for s in rec.samples if s["bench"] == "monitor_events_per_s"):
+        lines += ["", "Fewer final rows than tasks: events were lost before the monitor recorded them, and the wait "
+                      "ran to its bound (the larger of 60 s and a second per 200 tasks); the rate counts the events recorded over "
+                      "that whole wait. Whether the worker or the monitor lost them, this table cannot tell."]
     return lines + [""]
