@@ -80,7 +80,7 @@ bench: services release
 	bash scripts/tool.sh wrk
 	cd bench && ../.venv/bin/python bench.py
 
-# The same, one small repetition of everything (about 2 minutes).
+# The same, one small repetition of everything (about 3 minutes).
 bench-quick: services release
 	bash scripts/venv.sh bench/requirements.txt
 	bash scripts/tool.sh wrk

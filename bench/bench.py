@@ -11,6 +11,11 @@ request costs, whatever share of the machine the broker takes. Raw samples go to
 Services: the local RabbitMQ (queues named ``bench-<id>``), Redis databases 11 (broker) and 10
 (results) of this benchmark alone (flushed), PostgreSQL databases ``rcelery_bench_*``.
 
+Beside them, issue #20's figures, each part in a module of its own: what tracing costs
+(``tracing.py``), what the monitor records and costs (``monitor.py``), and the task history's
+queries on a table of 10 million rows (``history.py``). ``--only tracing,history`` runs some
+parts alone (``workers`` is the side-by-side above).
+
 ``--quick`` runs one repetition of everything, small (under 3 minutes).
 """
 
@@ -21,6 +26,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -66,13 +72,17 @@ class Plan:
     concurrencies: list[int]
     processes: list[int]
     loaded_queue: int  # messages queued for the memory-under-load run
+    monitor_tasks: int  # tasks a run of the monitor's bench records
+    history_rows: int  # rows seeded for the history's query plans
 
 
 FULL = Plan(reps=3, seconds=8.0, rtt_calls=2000, publish_count=5000, http_seconds=10,
             python_pools=[("prefork", 2), ("threads", 8), ("gevent", 64)],
-            concurrencies=[1, 8, 64, 512], processes=[1, 2, 4], loaded_queue=100_000)
+            concurrencies=[1, 8, 64, 512], processes=[1, 2, 4], loaded_queue=100_000,
+            monitor_tasks=20_000, history_rows=10_000_000)
 QUICK = Plan(reps=1, seconds=1.0, rtt_calls=200, publish_count=500, http_seconds=2,
-             python_pools=[("prefork", 2)], concurrencies=[8, 64], processes=[1, 2], loaded_queue=10_000)
+             python_pools=[("prefork", 2)], concurrencies=[8, 64], processes=[1, 2], loaded_queue=10_000,
+             monitor_tasks=2_000, history_rows=1_000_000)
 
 
 class Recorder:
@@ -166,18 +176,25 @@ def base_env(**extra: str) -> dict:
     return env
 
 
+def worker_log(tag: str, queue: str) -> Path:
+    return RESULTS / "logs" / f"{tag}-{queue}.log"
+
+
 @contextmanager
-def worker(system: str, broker: str, queue: str, concurrency: int, results: bool, tag: str) -> Iterator[subprocess.Popen]:
-    """A Rust worker (``system`` ``rust``) or a Python one (``python-<pool>``) on ``queue``."""
+def worker(system: str, broker: str, queue: str, concurrency: int, results: bool, tag: str,
+           extra_env: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
+    """A Rust worker (``system`` ``rust``) or a Python one (``python-<pool>``) on ``queue``; a
+    Rust one with ``extra_env`` added to its environment and ``flags`` to its arguments."""
     node = f"bench-{tag}-{uuid.uuid4().hex[:6]}@%h"
-    log = RESULTS / "logs" / f"{tag}-{queue}.log"
+    log = worker_log(tag, queue)
     if system == "rust":
-        env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
-                       CELERY_TASK_ACKS_LATE="true", CELERY_TASK_TRACK_STARTED="false",
-                       CELERY_RESULT_EXTENDED="false", CELERY_TASK_IGNORE_RESULT=str(not results).lower())
+        env = base_env(**{"CELERY_BROKER_URL": BROKERS[broker], "CELERY_RESULT_BACKEND": RESULTS_URL,
+                          "CELERY_TASK_ACKS_LATE": "true", "CELERY_TASK_TRACK_STARTED": "false",
+                          "CELERY_RESULT_EXTENDED": "false", "CELERY_TASK_IGNORE_RESULT": str(not results).lower(),
+                          **(extra_env or {})})
         # Info level, as the Python worker: both log a line per task.
         argv = [str(BIN / "worker"), "--config", str(REPO / "celeryconfig.toml"), "-Q", queue,
-                "-c", str(concurrency), "-n", node, "--loglevel", "info"]
+                "-c", str(concurrency), "-n", node, "--loglevel", "info", *flags]
         with process(argv, env, lambda text: " ready." in text, log) as proc:
             yield proc
         return
@@ -242,19 +259,23 @@ def loadgen(broker: str, queue: str, count: int, *args: str) -> dict:
 # 1, 6, 7. Draining a full queue
 
 
-def drain(broker: str, system: str, concurrency: int, results: bool, count: int, processes: int = 1) -> dict:
-    """Fills a queue with ``count`` ``tasks.add``, starts ``processes`` workers and times how long
+def drain(broker: str, system: str, concurrency: int, results: bool, count: int, processes: int = 1,
+          extra_env: dict[str, str] | None = None) -> dict:
+    """Fills a queue with ``count`` ``tasks.add``, starts ``processes`` workers (a Rust one with
+    ``extra_env``) and times how long
     they take to empty it. Returns tasks/s, the largest RSS seen and the RSS over time (MB, all
     processes), and the CPU-seconds the workers (all processes) and each service used from the
     start of the timing until the workers went quiet, with ``cpu_tasks``, the tasks still queued
-    at that start. What a worker took before then is left out of both, but for the prefetched
-    tasks it had not run yet: in the CPU time only, they overstate it by at most a prefetch."""
+    at that start, and the workers' logs. What a worker took before then is left out of both, but
+    for the prefetched tasks it had not run yet: in the CPU time only, they overstate it by at
+    most a prefetch."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     redis.Redis.from_url(RESULTS_URL).flushdb()
     loadgen(broker, queue, count, "publish", *([] if results else ["--ignore-result"]))
     trace: list[float] = []
     with ExitStack() as stack:
-        procs = [stack.enter_context(worker(system, broker, queue, concurrency, results, f"{system}-{i}"))
+        procs = [stack.enter_context(worker(system, broker, queue, concurrency, results, f"{system}-{i}",
+                                            extra_env))
                  for i in range(processes)]
         meter = CpuMeter({"worker": [p.pid for p in procs], **server_pids()})
         cpu_tasks = depth(broker, queue)
@@ -274,7 +295,8 @@ def drain(broker: str, system: str, concurrency: int, results: bool, count: int,
     delete_queue(broker, queue)
     seconds = done - began
     return {"per_second": count / seconds, "seconds": seconds, "peak_rss_mb": max(trace), "rss_trace": trace,
-            "cpu": cpu, "cpu_tasks": cpu_tasks}
+            "cpu": cpu, "cpu_tasks": cpu_tasks,
+            "logs": [worker_log(f"{system}-{i}", queue) for i in range(processes)]}
 
 
 def sized(rate_guess: float, plan: Plan) -> int:
@@ -473,17 +495,21 @@ def http_ok(port: int, path: str) -> bool:
 
 
 @contextmanager
-def web_app(system: str, broker: str, queue: str) -> Iterator[tuple[subprocess.Popen, int]]:
+def web_app(system: str, broker: str, queue: str, extra_env: dict[str, str] | None = None,
+            database: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """Our web app (``rust``) or the Flask twin (``python-flask``) on a database of its own,
-    publishing to ``queue``; yields the process and its port."""
-    database = f"rcelery_bench_{system.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
+    publishing to ``queue``; yields the process and its port. Ours with ``extra_env`` added to
+    its environment, and on ``database`` when given (one the caller made, and drops)."""
+    own = database is None
+    database = database or f"rcelery_bench_{system.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
     port = free_port()
-    psql(f"CREATE DATABASE {database}")
+    if own:
+        psql(f"CREATE DATABASE {database}")
     if system == "rust":
-        env = base_env(CELERY_BROKER_URL=BROKERS[broker], CELERY_RESULT_BACKEND=RESULTS_URL,
-                       CELERY_DATABASE_URL=f"{POSTGRES}/{database}", CELERY_TASK_DEFAULT_QUEUE=queue,
-                       ROCKET_PORT=str(port), ROCKET_ADDRESS="127.0.0.1", ROCKET_LOG_LEVEL="critical",
-                       RUST_LOG="warn")
+        env = base_env(**{"CELERY_BROKER_URL": BROKERS[broker], "CELERY_RESULT_BACKEND": RESULTS_URL,
+                          "CELERY_DATABASE_URL": f"{POSTGRES}/{database}", "CELERY_TASK_DEFAULT_QUEUE": queue,
+                          "ROCKET_PORT": str(port), "ROCKET_ADDRESS": "127.0.0.1", "ROCKET_LOG_LEVEL": "critical",
+                          "RUST_LOG": "warn", **(extra_env or {})})
         argv = [str(BIN / "web"), "--config", str(REPO / "celeryconfig.toml")]
         cwd = None
     else:
@@ -498,7 +524,8 @@ def web_app(system: str, broker: str, queue: str) -> Iterator[tuple[subprocess.P
                      cwd=cwd) as proc:
             yield proc, port
     finally:
-        psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        if own:
+            psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def bench_receive(rec: Recorder, plan: Plan, broker: str) -> None:
@@ -722,28 +749,81 @@ def charts(rec: Recorder, plan: Plan) -> None:
         plt.close(fig)
 
 
+def with_sections(text: str, sections: list[list[str]]) -> str:
+    """The report ``text`` with each of ``sections`` in place of its section of the same title
+    (its first line, a ``## `` heading), or after the others if it has none."""
+    blocks = re.split(r"(?m)^(?=## )", text)
+    for section in sections:
+        titled = [i for i, block in enumerate(blocks) if block.split("\n", 1)[0] == section[0]]
+        if titled:
+            blocks[titled[0]] = "\n".join(section) + "\n"
+        else:
+            blocks[-1] = blocks[-1].rstrip("\n") + "\n\n"
+            blocks.append("\n".join(section) + "\n")
+    return "".join(blocks)
+
+
+# What `--only` picks from: the side-by-side benches above, and issue #20's parts, each in a
+# module of its own with `run(rec, plan)` and `section(rec, measured)`.
+PARTS = ("workers", "tracing", "monitor", "history")
+
+
+def parts_of(text: str) -> list[str]:
+    parts = text.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no part {', '.join(sorted(unknown))}; parts: {', '.join(PARTS)}")
+    return parts
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", type=parts_of, default=list(PARTS), metavar="PART,...",
+                        help=f"run only these of {', '.join(PARTS)}. Without `workers`, their sections take "
+                             "the place of the same sections in RESULTS.md, the rest of it kept, and the samples "
+                             "go to results/samples-<parts>.jsonl")
     args = parser.parse_args()
+    # The parts' modules import this one by name: let them have it, not a second copy of it.
+    sys.modules.setdefault("bench", sys.modules[__name__])
+    import history
+    import monitor
+    import tracing
+    modules = {"tracing": tracing, "monitor": monitor, "history": history}
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
-    rec = Recorder(RESULTS / "samples.jsonl")
+    whole = "workers" in args.only
+    rec = Recorder(RESULTS / ("samples.jsonl" if whole else f"samples-{'-'.join(args.only)}.jsonl"))
     for db in (REDIS_BROKER_DB, REDIS_RESULTS_DB):
         redis.Redis(db=db).flushdb()
-    for broker in BROKERS:
-        print(f"== {broker}", flush=True)
-        bench_idle_memory(rec, broker)
-        bench_loaded_memory(rec, plan, broker)
-        bench_ceiling(rec, plan, broker)
-        bench_throughput(rec, plan, broker)
-        bench_rtt(rec, plan, broker)
-        bench_publish(rec, plan, broker)
-        bench_receive(rec, plan, broker)
-        bench_scaling(rec, plan, broker)
-    charts(rec, plan)
-    (BENCH_DIR / "RESULTS.md").write_text(report(rec, plan, args.quick, started))
-    print(f"bench: wrote {BENCH_DIR / 'RESULTS.md'} in {time.monotonic() - started:.0f} s")
+    if whole:
+        for broker in BROKERS:
+            print(f"== {broker}", flush=True)
+            bench_idle_memory(rec, broker)
+            bench_loaded_memory(rec, plan, broker)
+            bench_ceiling(rec, plan, broker)
+            bench_throughput(rec, plan, broker)
+            bench_rtt(rec, plan, broker)
+            bench_publish(rec, plan, broker)
+            bench_receive(rec, plan, broker)
+            bench_scaling(rec, plan, broker)
+    sections = []
+    for part in (part for part in PARTS if part in modules and part in args.only):
+        began = utc_now()
+        modules[part].run(rec, plan)
+        measured = f"{began}–{utc_now()[11:]} UTC by `{' '.join(['bench.py', *sys.argv[1:]])}`"
+        sections.append(modules[part].section(rec, measured))
+    path = BENCH_DIR / "RESULTS.md"
+    if whole:
+        charts(rec, plan)
+        path.write_text(with_sections(report(rec, plan, args.quick, started), sections))
+    else:
+        path.write_text(with_sections(path.read_text() if path.exists() else "", sections))
+    print(f"bench: wrote {path} in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

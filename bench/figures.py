@@ -11,13 +11,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def spread(values: list[float]) -> str:
-    """``median (min–max)``, or the one value; thousands separated from 100 up, else two
-    decimals."""
+def spread(values: list[float], whole: bool = False) -> str:
+    """``median (min–max)``, or the one value; thousands separated from 100 up (or always, for
+    ``whole`` numbers such as counts), else two decimals."""
     if not values:
         return "–"
     med = statistics.median(values)
-    fmt = (lambda v: f"{v:,.0f}") if med >= 100 else (lambda v: f"{v:.2f}")
+    fmt = (lambda v: f"{v:,.0f}") if med >= 100 or whole else (lambda v: f"{v:.2f}")
     if len(values) == 1:
         return fmt(med)
     return f"{fmt(med)} ({fmt(min(values))}–{fmt(max(values))})"
