@@ -244,21 +244,29 @@ async fn a_queue_python_declared_with_other_arguments_is_used_as_it_is() {
     let _ = python.close(200, "done").await;
 }
 
+/// A subscription to the events exchange under a routing key of its own, and that key.
+async fn events_subscription(
+    broker: &dyn broker::Broker,
+) -> (String, tokio::sync::mpsc::Receiver<broker::Broadcast>) {
+    let key = format!("test.{}", uuid::Uuid::new_v4().simple());
+    let subscription = broker::Subscription {
+        queue: unique_queue("events"),
+        expires_ms: 60_000,
+        message_ttl_ms: 5_000,
+    };
+    let received = broker
+        .subscribe(&broker::Exchange::EVENTS, &key, &subscription)
+        .await
+        .unwrap();
+    (key, received)
+}
+
 #[tokio::test]
 async fn broadcasts_reach_subscribers_of_their_routing_key() {
-    use runtime::broker::{Exchange, Subscription};
+    use runtime::broker::Exchange;
     for url in broker_urls() {
         let broker = broker::connect(&url).await.unwrap();
-        let key = format!("test.{}", uuid::Uuid::new_v4().simple());
-        let subscription = Subscription {
-            queue: unique_queue("events"),
-            expires_ms: 60_000,
-            message_ttl_ms: 5_000,
-        };
-        let mut received = broker
-            .subscribe(&Exchange::EVENTS, &key, &subscription)
-            .await
-            .unwrap();
+        let (key, mut received) = events_subscription(broker.as_ref()).await;
         let mut message = request(5).encode();
         message.properties.delivery_mode = 1;
         broker
@@ -281,19 +289,10 @@ async fn broadcasts_reach_subscribers_of_their_routing_key() {
 /// Many broadcasts published together (a worker's events) all arrive, in order.
 #[tokio::test]
 async fn broadcasts_published_together_all_arrive_in_order() {
-    use runtime::broker::{Exchange, Subscription};
+    use runtime::broker::Exchange;
     for url in broker_urls() {
         let broker = broker::connect(&url).await.unwrap();
-        let key = format!("test.{}", uuid::Uuid::new_v4().simple());
-        let subscription = Subscription {
-            queue: unique_queue("events-together"),
-            expires_ms: 60_000,
-            message_ttl_ms: 5_000,
-        };
-        let mut received = broker
-            .subscribe(&Exchange::EVENTS, &key, &subscription)
-            .await
-            .unwrap();
+        let (key, mut received) = events_subscription(broker.as_ref()).await;
         let messages: Vec<_> = (0..300)
             .map(|n| {
                 let mut message = request(n).encode();
