@@ -241,10 +241,10 @@ impl Worker {
             Ending::Ran(outcome) => Ending::Ran(self.add_to_chord(request, added, outcome).await),
             stopped => stopped,
         };
+        spans::ended(ending.state());
         // Set when the task rejected its message: settled so instead of acked.
         let mut rejected = None;
         // Whether the final state is on record (or none is wanted).
-        spans::ended(ending.state());
         let ended = match ending {
             Ending::Ran(Outcome::Success(value)) => {
                 info!(task = %request.task, id = %request.id, runtime, result = %value, "task succeeded");
