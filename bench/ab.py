@@ -19,27 +19,27 @@ import argparse
 import statistics
 from pathlib import Path
 
-import bench
+import harness
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
-    parser.add_argument("--broker", choices=list(bench.BROKERS), action="append")
+    parser.add_argument("--broker", choices=list(harness.BROKERS), action="append")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=60_000)
     args = parser.parse_args()
     builds = {"old": args.old, "new": args.new}
-    (bench.RESULTS / "logs").mkdir(parents=True, exist_ok=True)
-    for broker in args.broker or list(bench.BROKERS):
+    (harness.RESULTS / "logs").mkdir(parents=True, exist_ok=True)
+    for broker in args.broker or list(harness.BROKERS):
         for results in (False, True):
             runs: dict[str, list[dict]] = {name: [] for name in builds}
             for rep in range(args.reps):
                 order = list(builds) if rep % 2 == 0 else list(reversed(builds))
                 for name in order:
-                    bench.BIN = builds[name]
-                    runs[name].append(bench.drain(broker, "rust", 8, results, args.tasks))
+                    harness.BIN = builds[name]
+                    runs[name].append(harness.drain(broker, "rust", 8, results, args.tasks))
             mode = "stored" if results else "ignored"
             figures = {}
             for name, done in runs.items():

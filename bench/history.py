@@ -30,8 +30,8 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 from psycopg import sql as pgsql
 
-from bench import BIN, POSTGRES, REPO, Plan, Recorder, base_env, psql, web_app
 from figures import median, spread
+from harness import BIN, POSTGRES, REPO, Plan, Recorder, base_env, psql, web_app
 
 DATABASE = "rcelery_bench_history"
 PAGE = 50  # the route's default page; it asks for one more row to know whether a next exists

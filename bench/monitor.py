@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 import psycopg
 import redis
 
-from bench import (BROKERS, POSTGRES, RESULTS_URL, Plan, Recorder, delete_queue, loadgen, per, psql, server_pids,
-                   web_app, worker)
 from figures import median, spread
+from harness import (BROKERS, POSTGRES, RESULTS_URL, Plan, Recorder, delete_queue, loadgen, per, psql, server_pids,
+                     web_app, worker)
 from proctree import CpuMeter
 
 # A heartbeat a second, so that the monitor is seen hearing the worker soon after it starts.

@@ -28,9 +28,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("BENCH_BIN_DIR", str(BENCH_DIR.parent / "target" / "profiling"))
 sys.path.insert(0, str(BENCH_DIR))
 
-import bench  # noqa: E402  (needs BENCH_BIN_DIR set first)
+import harness  # noqa: E402  (needs BENCH_BIN_DIR set first)
 
-OUT = bench.RESULTS / "profile"
+OUT = harness.RESULTS / "profile"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Where a sampled leaf frame belongs, by the first pattern it holds (order matters).
@@ -157,19 +157,19 @@ def summary(title: str, found: dict, work: str) -> str:
 
 def profile_worker(broker: str, tasks: int) -> str:
     queue = f"profile-{uuid.uuid4().hex[:8]}"
-    bench.redis.Redis.from_url(bench.RESULTS_URL).flushdb()
-    bench.loadgen(broker, queue, tasks, "publish")
+    harness.redis.Redis.from_url(harness.RESULTS_URL).flushdb()
+    harness.loadgen(broker, queue, tasks, "publish")
     name = f"worker-{broker}"
-    results = bench.redis.Redis.from_url(bench.RESULTS_URL)
-    with bench.worker("rust", broker, queue, 8, True, "profile") as proc:
+    results = harness.redis.Redis.from_url(harness.RESULTS_URL)
+    with harness.worker("rust", broker, queue, 8, True, "profile") as proc:
         with recorded(proc.pid, name) as found:
             done_before = results.dbsize()  # while perf attached
             deadline = time.monotonic() + 600
-            while bench.depth(broker, queue) or results.dbsize() < tasks:
+            while harness.depth(broker, queue) or results.dbsize() < tasks:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the worker did not drain {queue}")
                 time.sleep(0.05)
-    bench.delete_queue(broker, queue)
+    harness.delete_queue(broker, queue)
     found["name"] = name
     timed = tasks - done_before
     return summary(f"Worker on {broker}, results stored", found,
@@ -180,10 +180,10 @@ def profile_worker(broker: str, tasks: int) -> str:
 def profile_receive(broker: str, seconds: int) -> str:
     queue = f"profile-web-{uuid.uuid4().hex[:8]}"
     name = f"receive-{broker}"
-    with bench.web_app("rust", broker, queue) as (proc, port):
+    with harness.web_app("rust", broker, queue) as (proc, port):
         with recorded(proc.pid, name) as found:
-            run = bench.wrk(port, 64, seconds)
-    bench.delete_queue(broker, queue)
+            run = harness.wrk(port, 64, seconds)
+    harness.delete_queue(broker, queue)
     found["name"] = name
     return summary(f"`POST /receive` on {broker}", found,
                    f"{run['requests']:,} requests at 64 connections ({run['per_second']:,.0f}/s)")
@@ -193,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=60_000)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--broker", choices=list(bench.BROKERS), action="append",
+    parser.add_argument("--broker", choices=list(harness.BROKERS), action="append",
                         help="profile on this broker only (repeatable; default: each)")
     args = parser.parse_args()
     sections = [
@@ -205,7 +205,7 @@ def main() -> None:
         "What the figures mean: [docs/performance.md](../docs/performance.md).",
         "",
     ]
-    for broker in args.broker or bench.BROKERS:
+    for broker in args.broker or harness.BROKERS:
         print(f"== {broker}", flush=True)
         sections.append(f"## {broker}\n")
         sections.append(profile_worker(broker, args.tasks))

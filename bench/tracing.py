@@ -17,9 +17,9 @@ import uuid
 
 import redis
 
-from bench import (BROKERS, REPO, RESULTS_URL, Plan, Recorder, delete_queue, drain, free_port, per, purge_queue,
-                   server_pids, sized, web_app, wrk)
 from figures import median, spread
+from harness import (BROKERS, REPO, RESULTS_URL, Plan, Recorder, delete_queue, drain, free_port, per, purge_queue,
+                     server_pids, sized, web_app, wrk)
 from proctree import CpuMeter
 
 sys.path.insert(0, str(REPO / "interop"))
